@@ -1,0 +1,242 @@
+#include "bench/fetch_bench.h"
+
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <filesystem>
+#include <numeric>
+#include <optional>
+#include <random>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "common/units.h"
+#include "storage/file_store.h"
+#include "testing/pattern.h"
+
+namespace lazyblock {
+namespace {
+
+constexpr uint64_t kChunkSize = 4 * 1024 * 1024;
+constexpr uint64_t kPatternSeed = 42;
+const std::string kKey = "bench/object";
+
+// E2B's published figures for its Go chunkers (avg and worst, ms), from the
+// benchmark this one reproduces.
+struct SeedFigures {
+  std::string_view profile;
+  FetchStrategy strategy;
+  double avg_ms;
+  double worst_ms;
+};
+constexpr SeedFigures kSeedFigures[] = {
+    {"gcs", FetchStrategy::kStreaming, 42.8, 63.3},
+    {"gcs", FetchStrategy::kFull, 66.3, 68.3},
+    {"nfs", FetchStrategy::kStreaming, 6.0, 10.4},
+    {"nfs", FetchStrategy::kFull, 13.8, 15.5},
+};
+
+double seconds_to_us(double seconds) { return seconds * 1e6; }
+
+// A scratch directory removed with its contents when this goes away.
+class ScratchDir {
+ public:
+  static Result<ScratchDir> create() {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string pattern = std::string(tmp != nullptr && *tmp ? tmp : "/tmp") +
+                          "/lazyblock-bench-XXXXXX";
+    if (::mkdtemp(pattern.data()) == nullptr) {
+      return posix_error("create a scratch directory", errno);
+    }
+    return ScratchDir(pattern);
+  }
+  ScratchDir(ScratchDir&& other) noexcept : path_(std::move(other.path_)) { other.path_.clear(); }
+  ~ScratchDir() {
+    std::error_code ignored;  // best effort: a leftover temp dir is no failure
+    if (!path_.empty()) std::filesystem::remove_all(path_, ignored);
+  }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  explicit ScratchDir(std::filesystem::path path) : path_(std::move(path)) {}
+  std::filesystem::path path_;
+};
+
+double percentile(std::vector<double> sorted, double fraction) {
+  if (sorted.empty()) return 0;
+  // Nearest rank.
+  const size_t rank = static_cast<size_t>(std::ceil(fraction * static_cast<double>(sorted.size())));
+  return sorted[std::clamp<size_t>(rank, 1, sorted.size()) - 1];
+}
+
+double model_seconds(const FetchBenchOptions& o, FetchStrategy strategy, uint64_t offset) {
+  const double ttfb = std::chrono::duration<double>(o.profile.ttfb).count();
+  const double bw = o.profile.bytes_per_second;
+  const uint64_t chunk_start = align_down(offset, kChunkSize);
+  const uint64_t chunk_end = std::min(o.object_size, chunk_start + kChunkSize);
+  const uint64_t end = std::min(offset + o.block, o.object_size);
+  switch (strategy) {
+    case FetchStrategy::kFull: return ttfb + static_cast<double>(chunk_end - chunk_start) / bw;
+    case FetchStrategy::kStreaming: return ttfb + static_cast<double>(end - chunk_start) / bw;
+  }
+  return 0;
+}
+
+// Runs every iteration of one strategy; fills the latencies (seconds).
+Status run_strategy(const FetchBenchOptions& o, FetchStrategy strategy,
+                    const std::shared_ptr<ObjectStore>& store, const std::filesystem::path& cache_dir,
+                    const std::vector<uint64_t>& offsets, std::vector<double>* latencies,
+                    ChunkerStats* traffic) {
+  ChunkerOptions chunker_options;
+  chunker_options.strategy = strategy;
+  chunker_options.block_size = 4096;
+  chunker_options.chunk_size = kChunkSize;
+  chunker_options.cache_dir = cache_dir;
+  for (int iteration = 0; iteration < o.iterations; ++iteration) {
+    Result<std::unique_ptr<Chunker>> chunker =
+        make_chunker(store, kKey, o.object_size, chunker_options);
+    if (!chunker) return chunker.status();
+    std::barrier start(o.callers);
+    std::vector<double> iteration_latencies(o.callers);
+    std::vector<Status> statuses(o.callers);
+    std::vector<std::thread> callers;
+    for (int caller = 0; caller < o.callers; ++caller) {
+      callers.emplace_back([&, caller] {
+        const uint64_t offset = offsets[iteration * o.callers + caller];
+        std::vector<std::byte> buffer(o.block);
+        start.arrive_and_wait();
+        const auto begin = Clock::now();
+        Result<size_t> got = (*chunker)->read_at(buffer, offset);
+        const auto end = Clock::now();
+        iteration_latencies[caller] = std::chrono::duration<double>(end - begin).count();
+        if (!got) {
+          statuses[caller] = got.status();
+        } else if (testing::first_pattern_mismatch(kPatternSeed, offset,
+                                                   std::span(buffer).first(*got)) != *got) {
+          statuses[caller] = Status::corruption(fmt::format("wrong bytes read at {}", offset));
+        }
+      });
+    }
+    for (std::thread& t : callers) t.join();
+    for (const Status& status : statuses) LB_RETURN_IF_ERROR(status);
+    latencies->insert(latencies->end(), iteration_latencies.begin(), iteration_latencies.end());
+    // Untimed: let the chunk finish arriving, so its traffic is counted whole
+    // and the next iteration starts on a quiet machine.
+    Result<std::span<const std::byte>> whole = (*chunker)->slice(0, o.object_size);
+    if (!whole) return whole.status();
+    const ChunkerStats stats = (*chunker)->stats();
+    traffic->requests += stats.requests;
+    traffic->bytes += stats.bytes;
+  }
+  return Status::ok();
+}
+
+}  // namespace
+
+Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
+                                         const std::function<void(std::string_view)>& progress) {
+  if (options.iterations < 1 || options.callers < 1 || options.block == 0 ||
+      options.block > options.object_size || options.strategies.empty()) {
+    return Status::invalid_argument(
+        "bench fetch needs at least one strategy, iteration and caller, and a block no larger "
+        "than the object");
+  }
+  // Sleep with nanosecond precision rather than the default 50 µs slack: the
+  // simulated store's pacing is part of what is measured. Threads started from
+  // here inherit it.
+  ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+
+  Result<ScratchDir> scratch = ScratchDir::create();
+  if (!scratch) return scratch.status();
+  std::filesystem::create_directories(scratch->path() / "store");
+  Result<std::shared_ptr<FileStore>> files = FileStore::open(scratch->path() / "store");
+  if (!files) return files.status();
+  LB_RETURN_IF_ERROR((*files)->put(
+      kKey, testing::make_pattern(kPatternSeed, 0, options.object_size), IoContext{}));
+  auto store = std::make_shared<SimulateStore>(*files, options.profile);
+
+  // One offset per caller per iteration, block-aligned, the same for every
+  // strategy.
+  std::mt19937_64 rng(options.seed);
+  std::uniform_int_distribution<uint64_t> block_index(0, options.object_size / options.block - 1);
+  std::vector<uint64_t> offsets(static_cast<size_t>(options.iterations) * options.callers);
+  for (uint64_t& offset : offsets) offset = block_index(rng) * options.block;
+
+  FetchBenchReport report;
+  report.options = options;
+  report.limit_us = seconds_to_us(std::chrono::duration<double>(options.profile.ttfb).count() +
+                                  static_cast<double>(options.block) /
+                                      options.profile.bytes_per_second);
+  for (FetchStrategy strategy : options.strategies) {
+    if (progress) progress(fetch_strategy_name(strategy));
+    std::vector<double> latencies;
+    ChunkerStats traffic;
+    LB_RETURN_IF_ERROR(run_strategy(options, strategy, store, scratch->path(), offsets,
+                                    &latencies, &traffic));
+    std::sort(latencies.begin(), latencies.end());
+    StrategyResult result;
+    result.strategy = strategy;
+    double model = 0;
+    for (uint64_t offset : offsets) model += model_seconds(options, strategy, offset);
+    result.model_us = seconds_to_us(model / static_cast<double>(offsets.size()));
+    result.avg_us = seconds_to_us(std::accumulate(latencies.begin(), latencies.end(), 0.0) /
+                                  static_cast<double>(latencies.size()));
+    result.p50_us = seconds_to_us(percentile(latencies, 0.50));
+    result.p99_us = seconds_to_us(percentile(latencies, 0.99));
+    result.worst_us = seconds_to_us(latencies.back());
+    result.requests_per_iter = static_cast<double>(traffic.requests) / options.iterations;
+    result.bytes_per_iter = static_cast<double>(traffic.bytes) / options.iterations;
+    report.results.push_back(result);
+  }
+  return report;
+}
+
+std::string format_fetch_report(const FetchBenchReport& report) {
+  const FetchBenchOptions& o = report.options;
+  std::string out = fmt::format(
+      "bench fetch: profile {} ({}), {} object, {} callers x {} iterations, {}-byte reads, "
+      "seed {}\n"
+      "physical limit (TTFB + block/BW): {:.2f} ms\n\n",
+      o.profile_name, o.profile.to_string(), format_size(o.object_size), o.callers, o.iterations,
+      o.block, o.seed, report.limit_us / 1000);
+  out += fmt::format("{:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9}   {}\n", "strategy",
+                     "model ms", "avg ms", "p50 ms", "p99 ms", "worst ms", "avg/model", "req/it",
+                     "MiB/it", "E2B seed avg / worst ms");
+  for (const StrategyResult& r : report.results) {
+    std::string seed = "-";
+    for (const SeedFigures& figures : kSeedFigures) {
+      if (figures.profile == o.profile_name && figures.strategy == r.strategy) {
+        seed = fmt::format("{:.1f} / {:.1f}", figures.avg_ms, figures.worst_ms);
+      }
+    }
+    out += fmt::format("{:<10} {:>9.2f} {:>9.2f} {:>9.2f} {:>9.2f} {:>9.2f} {:>10.3f} {:>8.1f} "
+                       "{:>9.2f}   {}\n",
+                       fetch_strategy_name(r.strategy), r.model_us / 1000, r.avg_us / 1000,
+                       r.p50_us / 1000, r.p99_us / 1000, r.worst_us / 1000, r.avg_us / r.model_us,
+                       r.requests_per_iter, r.bytes_per_iter / kMiB, seed);
+  }
+  return out;
+}
+
+nlohmann::json fetch_report_json(const FetchBenchReport& report) {
+  nlohmann::json results = nlohmann::json::array();
+  for (const StrategyResult& r : report.results) {
+    results.push_back({{"strategy", fetch_strategy_name(r.strategy)},
+                       {"model_us", r.model_us},
+                       {"avg_us", r.avg_us},
+                       {"p50_us", r.p50_us},
+                       {"p99_us", r.p99_us},
+                       {"worst_us", r.worst_us},
+                       {"requests_per_iter", r.requests_per_iter},
+                       {"bytes_per_iter", r.bytes_per_iter}});
+  }
+  return {{"profile", report.options.profile_name},
+          {"limit_us", report.limit_us},
+          {"results", std::move(results)}};
+}
+
+}  // namespace lazyblock

@@ -1,0 +1,69 @@
+// `lazyblock bench fetch`: cold-read latency of the fetch strategies, as
+// E2B's BenchmarkRandomAccess measures it.
+//
+// One object (4 MiB of pattern data) in a file store behind the simulate
+// layer; per iteration a fresh cold chunker, and `callers` threads released
+// together, each reading one `block` at an offset taken from a sequence drawn
+// once from `seed`, so every strategy sees the same offsets. Each read's bytes
+// are checked. After the callers return, the iteration waits for the chunk to
+// finish arriving (untimed) so that upstream traffic is counted whole.
+//
+// Beside each measured figure the report gives the strategy's model latency
+// (full: TTFB + chunk/BW; streaming: TTFB + (offset in chunk + block)/BW,
+// averaged over the offsets drawn) and the physical limit, TTFB + block/BW.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "chunk/chunker.h"
+#include "common/status.h"
+#include "storage/simulate_store.h"
+
+namespace lazyblock {
+
+struct FetchBenchOptions {
+  std::string profile_name;  // as typed: "gcs", "nfs", "ttfb=5ms,bw=1GB/s"
+  SimulateProfile profile;
+  std::vector<FetchStrategy> strategies;
+  int iterations = 100;
+  int callers = 3;
+  uint64_t block = 4096;
+  uint64_t seed = 42;
+  uint64_t object_size = 4 * 1024 * 1024;
+};
+
+struct StrategyResult {
+  FetchStrategy strategy;
+  double model_us = 0;
+  double avg_us = 0;
+  double p50_us = 0;
+  double p99_us = 0;
+  double worst_us = 0;
+  double requests_per_iter = 0;
+  double bytes_per_iter = 0;
+};
+
+struct FetchBenchReport {
+  FetchBenchOptions options;
+  double limit_us = 0;
+  std::vector<StrategyResult> results;
+};
+
+// Runs the benchmark; `progress` (may be empty) hears of each strategy as it
+// starts. Fails if a read fails or returns wrong bytes.
+Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
+                                         const std::function<void(std::string_view)>& progress);
+
+// The human table, with E2B's published figures beside ours for the profiles
+// it measured.
+std::string format_fetch_report(const FetchBenchReport& report);
+
+// The JSON document of DESIGN.md.
+nlohmann::json fetch_report_json(const FetchBenchReport& report);
+
+}  // namespace lazyblock

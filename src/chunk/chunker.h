@@ -1,0 +1,88 @@
+// Chunker: serves reads of one immutable object through a local block cache,
+// fetching the 4 MiB chunks it lacks from a store.
+//
+// Data flow: read_at/slice/write_to -> is every block of the range cached?
+// yes: served from the cache map without a lock. No: for each chunk the range
+// touches, join the fetch of that chunk already in flight, or start one (never
+// two of one chunk at once), and wait until the fetch has cached the blocks of
+// the range, or has failed, or its deadline has passed. The fetch strategy
+// decides only how streams are scheduled and when waiters are woken:
+//   full       one stream per chunk; blocks are published and waiters woken
+//              when the whole chunk has arrived (E2B's FullFetchChunker).
+//   streaming  one stream per chunk from its first missing block; blocks are
+//              published as they arrive and each waiter is woken as soon as
+//              its own range is in (E2B's StreamingChunker).
+// Errors: a failed fetch wakes all its waiters; each returns OK if the bytes it
+// needs arrived before the failure, else the fetch's error. Nothing is marked
+// cached that was not wholly written, so a later read fetches again.
+//
+// The object's size may be unknown at creation: the first fetch learns it
+// from the range response, and the cache is created then. Reads past the end
+// are clipped; empty reads never touch the store.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "common/byte_sink.h"
+#include "common/status.h"
+#include "storage/object_store.h"
+
+namespace lazyblock {
+
+enum class FetchStrategy { kFull, kStreaming };
+
+// "full" or "streaming".
+Result<FetchStrategy> parse_fetch_strategy(std::string_view name);
+std::string_view fetch_strategy_name(FetchStrategy strategy);
+
+struct ChunkerOptions {
+  FetchStrategy strategy = FetchStrategy::kStreaming;
+  uint64_t block_size = 4096;           // unit of caching
+  uint64_t chunk_size = 4 * 1024 * 1024;  // unit of fetching; a multiple of block_size
+  std::chrono::nanoseconds fetch_timeout = std::chrono::seconds(60);  // deadline per fetch
+  std::filesystem::path cache_dir;  // where the cache file lives; empty: $TMPDIR or /tmp
+};
+
+// Counters of upstream traffic and of callers waiting, for benchmarks,
+// metrics and tests.
+struct ChunkerStats {
+  uint64_t requests = 0;  // range streams opened (including failed opens)
+  uint64_t bytes = 0;     // bytes received from the store
+  uint64_t waiting = 0;   // callers waiting on a fetch right now
+};
+
+class Chunker {
+ public:
+  virtual ~Chunker() = default;
+
+  // The object's size (learned from the store if not yet known).
+  virtual Result<uint64_t> size() = 0;
+
+  // A view of [offset, offset + length) clipped to the object's end, valid
+  // for the chunker's lifetime. Waits until those bytes are cached.
+  virtual Result<std::span<const std::byte>> slice(uint64_t offset, uint64_t length) = 0;
+
+  // Copies [offset, offset + buffer.size()) clipped to the object's end into
+  // `buffer`; returns the count copied (less than asked only at the end).
+  virtual Result<size_t> read_at(std::span<std::byte> buffer, uint64_t offset) = 0;
+
+  // Writes the whole object to `sink` in order.
+  virtual Status write_to(ByteSink& sink) = 0;
+
+  virtual ChunkerStats stats() const = 0;
+};
+
+// A chunker for the object `key` of `store`. `size`, when given, saves the
+// first fetch from having to learn it. Fails on inconsistent options.
+Result<std::unique_ptr<Chunker>> make_chunker(std::shared_ptr<ObjectStore> store, std::string key,
+                                              std::optional<uint64_t> size,
+                                              ChunkerOptions options);
+
+}  // namespace lazyblock

@@ -1,0 +1,205 @@
+#include "chunk/fetching_chunker.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "common/units.h"
+
+namespace lazyblock {
+namespace {
+
+// Chunks kept in flight ahead of the one write_to is writing out.
+constexpr uint64_t kWriteAheadChunks = 4;
+
+}  // namespace
+
+Result<FetchStrategy> parse_fetch_strategy(std::string_view name) {
+  if (name == "full") return FetchStrategy::kFull;
+  if (name == "streaming") return FetchStrategy::kStreaming;
+  return Status::invalid_argument(
+      fmt::format("unknown fetch strategy '{}' (expected full or streaming)", name));
+}
+
+std::string_view fetch_strategy_name(FetchStrategy strategy) {
+  switch (strategy) {
+    case FetchStrategy::kFull: return "full";
+    case FetchStrategy::kStreaming: return "streaming";
+  }
+  return "unknown";
+}
+
+Result<std::unique_ptr<Chunker>> make_chunker(std::shared_ptr<ObjectStore> store, std::string key,
+                                              std::optional<uint64_t> size,
+                                              ChunkerOptions options) {
+  if (options.block_size == 0 || options.chunk_size == 0 ||
+      options.chunk_size % options.block_size != 0) {
+    return Status::invalid_argument(
+        fmt::format("chunk size {} must be a positive multiple of the block size {}",
+                    options.chunk_size, options.block_size));
+  }
+  if (options.fetch_timeout <= std::chrono::nanoseconds::zero()) {
+    return Status::invalid_argument("the fetch timeout must be positive");
+  }
+  auto chunker = std::make_unique<FetchingChunker>(std::move(store), std::move(key),
+                                                   std::move(options));
+  if (size) LB_RETURN_IF_ERROR(chunker->set_size(*size));
+  return std::unique_ptr<Chunker>(std::move(chunker));
+}
+
+FetchingChunker::FetchingChunker(std::shared_ptr<ObjectStore> store, std::string key,
+                                 ChunkerOptions options) {
+  context_.store = std::move(store);
+  context_.key = std::move(key);
+  context_.options = std::move(options);
+}
+
+FetchingChunker::~FetchingChunker() {
+  context_.stop.request_stop();
+  tasks_.wait();
+}
+
+Status FetchingChunker::set_size(uint64_t size) {
+  std::lock_guard lock(context_.mu);
+  return context_.cache_for_size_locked(size).status();
+}
+
+Result<uint64_t> FetchingChunker::size() {
+  if (BlockCache* cache = context_.cache.load(std::memory_order_acquire)) return cache->size();
+  return stat_size();
+}
+
+Result<uint64_t> FetchingChunker::stat_size() {
+  const IoContext io{Clock::now() + context_.options.fetch_timeout, context_.stop.get_token()};
+  Result<uint64_t> size = context_.store->stat(context_.key, io);
+  if (!size) return size.status();
+  std::lock_guard lock(context_.mu);
+  Result<BlockCache*> cache = context_.cache_for_size_locked(*size);
+  if (!cache) return cache.status();
+  return (*cache)->size();
+}
+
+Result<uint64_t> FetchingChunker::learn_size(uint64_t offset) {
+  if (BlockCache* cache = context_.cache.load(std::memory_order_acquire)) return cache->size();
+  std::unique_lock lock(context_.mu);
+  for (;;) {
+    if (BlockCache* cache = context_.cache.load(std::memory_order_acquire)) return cache->size();
+    // With the size unknown there is always a session to wait on: one in
+    // flight for this chunk, or a new one.
+    std::shared_ptr<FetchSession> session = start_fetch_locked(offset / context_.options.chunk_size);
+    const bool in_time = context_.size_learned.wait_until(lock, session->deadline(), [&] {
+      return context_.cache.load(std::memory_order_acquire) != nullptr ||
+             session->finished_locked();
+    });
+    if (context_.cache.load(std::memory_order_acquire) != nullptr) continue;
+    if (!in_time) {
+      return Status::timeout(fmt::format("size of {}: no answer by the deadline", context_.key));
+    }
+    const Status& status = session->status_locked();
+    if (status.code() == StatusCode::kOutOfRange) {
+      // The offset lies past the end: only a stat() can tell where the end is.
+      lock.unlock();
+      return stat_size();
+    }
+    if (!status.is_ok()) return status;
+  }
+}
+
+std::shared_ptr<FetchSession> FetchingChunker::start_fetch_locked(uint64_t chunk) {
+  if (auto it = context_.sessions.find(chunk); it != context_.sessions.end()) return it->second;
+  const uint64_t chunk_size = context_.options.chunk_size;
+  uint64_t begin = chunk * chunk_size;
+  uint64_t end = begin + chunk_size;
+  if (BlockCache* cache = context_.cache.load(std::memory_order_acquire)) {
+    end = std::min(end, cache->size());
+    begin = cache->first_uncached(begin, end);
+    if (begin >= end) return nullptr;
+  }
+  auto session = std::make_shared<FetchSession>(context_, chunk, begin, end,
+                                                Clock::now() + context_.options.fetch_timeout);
+  context_.sessions.emplace(chunk, session);
+  tasks_.spawn([session] { session->run(); });
+  return session;
+}
+
+Status FetchingChunker::fetch_range(uint64_t offset, uint64_t end) {
+  BlockCache* cache = context_.cache.load(std::memory_order_acquire);
+  if (cache->is_cached(offset, end)) return Status::ok();
+  const uint64_t chunk_size = context_.options.chunk_size;
+  const uint64_t first = offset / chunk_size;
+  const uint64_t last = (end - 1) / chunk_size;
+  std::unique_lock lock(context_.mu);
+  // Start every chunk's fetch before waiting on any, so that they overlap.
+  for (uint64_t chunk = first; chunk <= last; ++chunk) start_fetch_locked(chunk);
+  for (uint64_t chunk = first; chunk <= last; ++chunk) {
+    const uint64_t begin = std::max(offset, chunk * chunk_size);
+    const uint64_t stop = std::min(end, (chunk + 1) * chunk_size);
+    // A session that ended without error has cached its whole range; one
+    // that failed returns its error; so this loop ends.
+    while (!cache->is_cached(begin, stop)) {
+      std::shared_ptr<FetchSession> session = start_fetch_locked(chunk);
+      if (!session) continue;
+      if (session->deadline() <= Clock::now()) {
+        // A fetch past its deadline is ending with a timeout that is not
+        // this caller's: let it go, then fetch afresh.
+        if (!session->wait_until_finished(lock,
+                                          Clock::now() + context_.options.fetch_timeout)) {
+          return Status::timeout(fmt::format(
+              "fetch of {} at {}: an earlier fetch of its chunk overran its deadline and has "
+              "not ended", context_.key, begin));
+        }
+        continue;
+      }
+      LB_RETURN_IF_ERROR(session->wait_for(lock, begin, stop));
+    }
+  }
+  return Status::ok();
+}
+
+Result<std::span<const std::byte>> FetchingChunker::slice(uint64_t offset, uint64_t length) {
+  if (length == 0) return std::span<const std::byte>();
+  Result<uint64_t> size = learn_size(offset);
+  if (!size) return size.status();
+  if (offset >= *size) return std::span<const std::byte>();
+  const uint64_t end = length > *size - offset ? *size : offset + length;
+  LB_RETURN_IF_ERROR(fetch_range(offset, end));
+  return context_.cache.load(std::memory_order_acquire)->slice(offset, end - offset);
+}
+
+Result<size_t> FetchingChunker::read_at(std::span<std::byte> buffer, uint64_t offset) {
+  Result<std::span<const std::byte>> bytes = slice(offset, buffer.size());
+  if (!bytes) return bytes.status();
+  if (!bytes->empty()) std::memcpy(buffer.data(), bytes->data(), bytes->size());
+  return bytes->size();
+}
+
+Status FetchingChunker::write_to(ByteSink& sink) {
+  Result<uint64_t> size = learn_size(0);
+  if (!size) return size.status();
+  BlockCache* cache = context_.cache.load(std::memory_order_acquire);
+  const uint64_t chunk_size = context_.options.chunk_size;
+  const uint64_t chunks = div_round_up(*size, chunk_size);
+  for (uint64_t chunk = 0; chunk < chunks; ++chunk) {
+    {
+      std::lock_guard lock(context_.mu);
+      for (uint64_t ahead = chunk + 1; ahead < std::min(chunks, chunk + kWriteAheadChunks);
+           ++ahead) {
+        start_fetch_locked(ahead);
+      }
+    }
+    const uint64_t begin = chunk * chunk_size;
+    const uint64_t end = std::min(*size, begin + chunk_size);
+    LB_RETURN_IF_ERROR(fetch_range(begin, end));
+    LB_RETURN_IF_ERROR(sink.write(cache->slice(begin, end - begin)));
+  }
+  return Status::ok();
+}
+
+ChunkerStats FetchingChunker::stats() const {
+  return {context_.requests.load(std::memory_order_relaxed),
+          context_.bytes.load(std::memory_order_relaxed),
+          context_.waiting.load(std::memory_order_relaxed)};
+}
+
+}  // namespace lazyblock

@@ -1,0 +1,104 @@
+// lazyblock bench fetch: see bench/fetch_bench.h.
+#include <unistd.h>
+
+#include <cstdio>
+#include <memory>
+#include <sstream>
+
+#include "bench/fetch_bench.h"
+#include "cli/commands.h"
+#include "cli/flags.h"
+#include "common/units.h"
+
+namespace lazyblock::cli {
+namespace {
+
+struct FetchBenchFlags {
+  std::string profile;
+  std::string strategies = "full,streaming";
+  int iterations = 50;
+  int callers = 3;
+  std::string block = "4096";
+  uint64_t seed = 42;
+  bool json = false;
+  std::string log_level = "warn";
+};
+
+Result<FetchBenchOptions> fetch_bench_options(const FetchBenchFlags& flags) {
+  FetchBenchOptions options;
+  Result<SimulateProfile> profile = SimulateProfile::parse(flags.profile);
+  if (!profile) return profile.status();
+  options.profile_name = flags.profile;
+  options.profile = *profile;
+  std::stringstream names(flags.strategies);
+  for (std::string name; std::getline(names, name, ',');) {
+    Result<FetchStrategy> strategy = parse_fetch_strategy(name);
+    if (!strategy) return strategy.status();
+    options.strategies.push_back(*strategy);
+  }
+  Result<uint64_t> block = parse_size(flags.block);
+  if (!block) return block.status();
+  options.block = *block;
+  options.iterations = flags.iterations;
+  options.callers = flags.callers;
+  options.seed = flags.seed;
+  return options;
+}
+
+int run_fetch_bench_command(const FetchBenchFlags& flags) {
+  if (Status s = apply_log_level(flags.log_level); !s.is_ok()) return report_failure(s);
+  Result<FetchBenchOptions> options = fetch_bench_options(flags);
+  if (!options) return report_failure(options.status());
+  const bool show_progress = ::isatty(STDERR_FILENO) == 1;
+  Result<FetchBenchReport> report =
+      run_fetch_bench(*options, [show_progress](std::string_view strategy) {
+        if (show_progress) {
+          std::fprintf(stderr, "bench fetch: running %.*s...\n",
+                       static_cast<int>(strategy.size()), strategy.data());
+        }
+      });
+  if (!report) return report_failure(report.status().with_context("bench fetch"));
+  if (flags.json) {
+    std::printf("%s\n", fetch_report_json(*report).dump(2).c_str());
+  } else {
+    std::printf("%s", format_fetch_report(*report).c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+CommandRunner add_bench_command(CLI::App& app) {
+  CLI::App* bench = app.add_subcommand("bench", "Measure lazyblock against its physical limits");
+  bench->require_subcommand(1);
+
+  auto fetch_flags = std::make_shared<FetchBenchFlags>();
+  CLI::App* fetch = bench->add_subcommand(
+      "fetch",
+      "Cold-read latency of the fetch strategies: concurrent callers each read one block of a "
+      "4 MiB object behind a simulated store, a fresh cold cache per iteration");
+  fetch->add_option("--profile", fetch_flags->profile,
+                    "gcs (20ms, 100MB/s), nfs (1ms, 500MB/s) or ttfb=MS,bw=MBPS")
+      ->required();
+  fetch->add_option("--strategy", fetch_flags->strategies, "Comma-separated strategies")
+      ->capture_default_str();
+  fetch->add_option("--iterations", fetch_flags->iterations, "Cold chunkers per strategy")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  fetch->add_option("--callers", fetch_flags->callers, "Concurrent readers per iteration")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  fetch->add_option("--block", fetch_flags->block, "Bytes each caller reads")
+      ->capture_default_str();
+  fetch->add_option("--seed", fetch_flags->seed, "Seed of the offset sequence")
+      ->capture_default_str();
+  fetch->add_flag("--json", fetch_flags->json, "Print one JSON document instead of the table");
+  add_log_flag(*fetch, fetch_flags->log_level);
+
+  return [fetch, fetch_flags]() -> int {
+    if (fetch->parsed()) return run_fetch_bench_command(*fetch_flags);
+    return kExitUsage;
+  };
+}
+
+}  // namespace lazyblock::cli

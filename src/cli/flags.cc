@@ -1,0 +1,75 @@
+#include "cli/flags.h"
+
+#include <cstdio>
+
+#include "common/log.h"
+#include "common/units.h"
+
+namespace lazyblock::cli {
+
+void add_store_flags(CLI::App& command, StoreFlags& flags) {
+  command.add_option("--store", flags.store, "Where the objects live: file:///DIR")
+      ->required();
+  command
+      .add_option("--fetch", flags.fetch,
+                  "Fetch strategy: streaming (wake each reader as its bytes arrive) or full "
+                  "(wait for whole 4 MiB chunks)")
+      ->capture_default_str();
+  command.add_option("--simulate", flags.simulate,
+                     "Make the store behave like a remote one: gcs, nfs or ttfb=20ms,bw=100MB/s");
+  command.add_option("--faults", flags.faults,
+                     "Inject faults (testing): fail-open, fail-after=N, stall-after=N, short=N, "
+                     "size=N, comma-separated");
+  command
+      .add_option("--timeout", flags.timeout,
+                  "Deadline of each chunk fetch, e.g. 250ms, 5s, 2m")
+      ->capture_default_str();
+}
+
+void add_log_flag(CLI::App& command, std::string& level) {
+  command.add_option("--log-level", level, "debug, info, warn, error or off")
+      ->capture_default_str();
+}
+
+Status apply_log_level(const std::string& level) {
+  Result<LogLevel> parsed = parse_log_level(level);
+  if (!parsed) return parsed.status();
+  set_log_level(*parsed);
+  return Status::ok();
+}
+
+Result<ChunkerOptions> chunker_options(const StoreFlags& flags) {
+  ChunkerOptions options;
+  Result<FetchStrategy> strategy = parse_fetch_strategy(flags.fetch);
+  if (!strategy) return strategy.status();
+  options.strategy = *strategy;
+  Result<std::chrono::nanoseconds> timeout = parse_duration(flags.timeout);
+  if (!timeout) return timeout.status();
+  if (timeout->count() <= 0) return Status::invalid_argument("--timeout must be positive");
+  options.fetch_timeout = *timeout;
+  return options;
+}
+
+Result<StoreStackOptions> store_stack_options(const StoreFlags& flags) {
+  StoreStackOptions options;
+  if (!flags.simulate.empty()) {
+    Result<SimulateProfile> profile = SimulateProfile::parse(flags.simulate);
+    if (!profile) return profile.status();
+    options.simulate = *profile;
+  }
+  if (!flags.faults.empty()) {
+    Result<FaultSpec> faults = FaultSpec::parse(flags.faults);
+    if (!faults) return faults.status();
+    options.faults = *faults;
+  }
+  return options;
+}
+
+int report_failure(const Status& status) {
+  const bool usage = status.code() == StatusCode::kInvalidArgument;
+  std::fprintf(stderr, "lazyblock: %s: %s\n", usage ? "usage" : "error",
+               status.message().c_str());
+  return usage ? kExitUsage : kExitError;
+}
+
+}  // namespace lazyblock::cli

@@ -1,0 +1,42 @@
+// Flags shared by the lazyblock commands, and how their text becomes options.
+#pragma once
+
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "chunk/chunker.h"
+#include "common/status.h"
+#include "storage/store_url.h"
+
+namespace lazyblock::cli {
+
+// Exit statuses (DESIGN.md): 1 for an operational error, 2 for a usage error.
+constexpr int kExitError = 1;
+constexpr int kExitUsage = 2;
+
+// The flags every command that reads a store takes, as typed.
+struct StoreFlags {
+  std::string store;
+  std::string fetch = "streaming";
+  std::string simulate;
+  std::string faults;
+  std::string timeout = "60s";
+};
+
+void add_store_flags(CLI::App& command, StoreFlags& flags);
+
+// --log-level, for every command.
+void add_log_flag(CLI::App& command, std::string& level);
+Status apply_log_level(const std::string& level);
+
+// The options the flags stand for; kInvalidArgument (a usage error) if any
+// is malformed.
+Result<ChunkerOptions> chunker_options(const StoreFlags& flags);
+Result<StoreStackOptions> store_stack_options(const StoreFlags& flags);
+
+// Prints `status` as "lazyblock: error: ..." (or "lazyblock: usage: ..." for
+// kInvalidArgument) and returns the exit status it calls for.
+int report_failure(const Status& status);
+
+}  // namespace lazyblock::cli

@@ -1,0 +1,77 @@
+// FaultStore: a layer that breaks the store it wraps in the ways remote
+// storage breaks, for tests (and `--faults` on the command line).
+//
+// The faults in force are a FaultSpec that tests may change at any time with
+// set(); a stream takes the spec in force when it is opened. Faults:
+//   fail-open         open_range fails (kUnavailable, "injected fault").
+//   fail-after=N      a stream fails (kUnavailable) once it has delivered N bytes.
+//   stall-after=N     a stream stops delivering once it has delivered N bytes,
+//                     until its deadline or stop, or until release_stalls().
+//   short=N           the object's data ends at offset N although its reported
+//                     size is unchanged: streams end early, cleanly, as a
+//                     truncated HTTP body does.
+//   size=N            stat() and object_size() report N instead of the real size.
+// Spec text: comma-separated, e.g. "fail-after=1048576" or "short=100,size=200";
+// "" or "none" for no faults.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "storage/object_store.h"
+
+namespace lazyblock {
+
+struct FaultSpec {
+  bool fail_open = false;
+  std::optional<uint64_t> fail_after;
+  std::optional<uint64_t> stall_after;
+  std::optional<uint64_t> short_object;
+  std::optional<uint64_t> reported_size;
+
+  static Result<FaultSpec> parse(std::string_view text);
+  std::string to_string() const;
+};
+
+class FaultStore final : public StoreLayer {
+ public:
+  FaultStore(std::shared_ptr<ObjectStore> inner, FaultSpec spec = {});
+
+  // Replaces the faults in force for streams opened from now on.
+  void set(FaultSpec spec);
+  // Lets every stream that is stalled now, or stalls later under the spec it
+  // was opened with, go on delivering.
+  void release_stalls();
+  // Blocks until at least `count` streams have reached their stall point
+  // (counted since construction): lets a test act at a known point of a fetch.
+  void wait_for_stalls(int count);
+
+  // How many open_range calls reached this layer (including failed ones).
+  int opens() const;
+
+  Result<uint64_t> stat(const std::string& key, const IoContext& io) override;
+  Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
+                                                  uint64_t length, const IoContext& io) override;
+  std::string describe() const override;
+
+ private:
+  class Reader;
+
+  // Holds a stream at its stall point until release_stalls(), its deadline
+  // (kTimeout) or its stop (kCancelled).
+  Status stall(const IoContext& io, const std::string& key);
+
+  mutable std::mutex mu_;
+  std::condition_variable_any cv_;
+  FaultSpec spec_;            // guarded by mu_
+  bool stalls_released_ = false;  // guarded by mu_
+  int stalls_reached_ = 0;    // guarded by mu_
+  int opens_ = 0;             // guarded by mu_
+};
+
+}  // namespace lazyblock

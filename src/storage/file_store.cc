@@ -1,0 +1,188 @@
+#include "storage/file_store.h"
+
+#include <fcntl.h>
+#include <linux/openat2.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+
+#include <fmt/format.h>
+
+namespace lazyblock {
+namespace {
+
+// Refuses keys that could name something outside the root before any system
+// call sees them; openat2(RESOLVE_BENEATH) then also refuses symlinks that
+// lead out.
+Status check_key(const std::string& key) {
+  if (key.empty() || key.front() == '/' || key.back() == '/') {
+    return Status::invalid_argument(fmt::format("invalid key '{}': must be a relative path", key));
+  }
+  size_t start = 0;
+  while (start <= key.size()) {
+    const size_t slash = std::min(key.find('/', start), key.size());
+    const std::string_view part(key.data() + start, slash - start);
+    if (part.empty() || part == "." || part == "..") {
+      return Status::invalid_argument(
+          fmt::format("invalid key '{}': empty, '.' and '..' components are not allowed", key));
+    }
+    start = slash + 1;
+  }
+  if (key.find('\0') != std::string::npos) {
+    return Status::invalid_argument("invalid key: contains a NUL byte");
+  }
+  return Status::ok();
+}
+
+// Opens `path` beneath the directory `dir_fd`, never leaving it.
+int open_beneath(int dir_fd, const std::string& path, uint64_t flags, uint64_t mode = 0) {
+  open_how how{};
+  how.flags = flags | O_CLOEXEC;
+  how.mode = mode;
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+  return static_cast<int>(::syscall(SYS_openat2, dir_fd, path.c_str(), &how, sizeof(how)));
+}
+
+Status open_error(const std::string& key, int err) {
+  if (err == ENOENT || err == ENOTDIR) return Status::not_found("object not found: " + key);
+  if (err == EXDEV) {
+    return Status::invalid_argument(fmt::format("invalid key '{}': leads outside the store", key));
+  }
+  return posix_error("open " + key, err);
+}
+
+class FileRangeReader final : public RangeReader {
+ public:
+  FileRangeReader(int fd, std::string key, uint64_t offset, uint64_t length, uint64_t object_size)
+      : fd_(fd),
+        key_(std::move(key)),
+        position_(offset),
+        end_(offset + length),
+        length_(length),
+        object_size_(object_size) {}
+  ~FileRangeReader() override { ::close(fd_); }
+
+  Result<size_t> read(std::span<std::byte> buffer) override {
+    const uint64_t want = std::min<uint64_t>(buffer.size(), end_ - position_);
+    if (want == 0) return size_t{0};
+    for (;;) {
+      const ssize_t n = ::pread(fd_, buffer.data(), want, static_cast<off_t>(position_));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return posix_error(fmt::format("read {} at {}", key_, position_), errno);
+      position_ += static_cast<uint64_t>(n);
+      return static_cast<size_t>(n);
+    }
+  }
+  uint64_t object_size() const override { return object_size_; }
+  uint64_t range_length() const override { return length_; }
+
+ private:
+  const int fd_;
+  const std::string key_;
+  uint64_t position_;
+  const uint64_t end_;
+  const uint64_t length_;
+  const uint64_t object_size_;
+};
+
+}  // namespace
+
+Result<std::shared_ptr<FileStore>> FileStore::open(const std::filesystem::path& root) {
+  const int fd = ::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    if (err == ENOENT || err == ENOTDIR) {
+      return Status::not_found(fmt::format("store directory {} does not exist", root.string()));
+    }
+    return posix_error("open store directory " + root.string(), err);
+  }
+  return std::shared_ptr<FileStore>(new FileStore(root, fd));
+}
+
+FileStore::FileStore(std::filesystem::path root, int root_fd)
+    : root_(std::move(root)), root_fd_(root_fd) {}
+
+FileStore::~FileStore() { ::close(root_fd_); }
+
+Result<uint64_t> FileStore::stat(const std::string& key, const IoContext&) {
+  LB_RETURN_IF_ERROR(check_key(key));
+  const int fd = open_beneath(root_fd_, key, O_PATH);
+  if (fd < 0) return open_error(key, errno);
+  struct stat st {};
+  const int rc = ::fstat(fd, &st);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) return posix_error("stat " + key, err);
+  if (!S_ISREG(st.st_mode)) return Status::not_found("object not found: " + key);
+  return static_cast<uint64_t>(st.st_size);
+}
+
+Result<std::unique_ptr<RangeReader>> FileStore::open_range(const std::string& key,
+                                                           uint64_t offset, uint64_t length,
+                                                           const IoContext&) {
+  LB_RETURN_IF_ERROR(check_key(key));
+  const int fd = open_beneath(root_fd_, key, O_RDONLY);
+  if (fd < 0) return open_error(key, errno);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return Status::not_found("object not found: " + key);
+  }
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (offset > size) {
+    ::close(fd);
+    return Status::out_of_range(
+        fmt::format("range of {} starts at {}, past its end at {}", key, offset, size));
+  }
+  const uint64_t clipped = std::min(length, size - offset);
+  return std::unique_ptr<RangeReader>(new FileRangeReader(fd, key, offset, clipped, size));
+}
+
+Status FileStore::put(const std::string& key, std::span<const std::byte> data, const IoContext&) {
+  LB_RETURN_IF_ERROR(check_key(key));
+  // Create the parent directories one by one beneath the root.
+  for (size_t slash = key.find('/'); slash != std::string::npos; slash = key.find('/', slash + 1)) {
+    const std::string dir = key.substr(0, slash);
+    if (::mkdirat(root_fd_, dir.c_str(), 0755) != 0 && errno != EEXIST) {
+      return posix_error("create directory " + dir + " in " + root_.string(), errno);
+    }
+  }
+  // Write a temporary file beside the target, then rename it into place.
+  static std::atomic<uint64_t> puts{0};
+  const std::string temp = fmt::format("{}.tmp-{}-{}", key, ::getpid(), puts.fetch_add(1));
+  const int fd = open_beneath(root_fd_, temp, O_WRONLY | O_CREAT | O_EXCL, 0644);
+  if (fd < 0) return open_error(temp, errno);
+  size_t done = 0;
+  Status status;
+  while (done < data.size()) {
+    const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      status = posix_error("write " + key, errno);
+      break;
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::close(fd) != 0 && status.is_ok()) status = posix_error("close " + key, errno);
+  if (status.is_ok() && ::renameat(root_fd_, temp.c_str(), root_fd_, key.c_str()) != 0) {
+    status = posix_error("rename into " + key, errno);
+  }
+  if (!status.is_ok()) ::unlinkat(root_fd_, temp.c_str(), 0);
+  return status;
+}
+
+Status FileStore::remove(const std::string& key, const IoContext&) {
+  LB_RETURN_IF_ERROR(check_key(key));
+  if (::unlinkat(root_fd_, key.c_str(), 0) != 0) {
+    if (errno == ENOENT) return Status::not_found("object not found: " + key);
+    return posix_error("remove " + key, errno);
+  }
+  return Status::ok();
+}
+
+std::string FileStore::describe() const { return "file://" + root_.string(); }
+
+}  // namespace lazyblock

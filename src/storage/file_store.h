@@ -1,0 +1,38 @@
+// FileStore: objects as files under a root directory (file://DIR).
+//
+// Keys are relative paths ("BUILD/memfile"); a key that is absolute, holds a
+// ".." or empty component, or resolves (through symlinks) outside the root is
+// refused with kInvalidArgument. put() writes a temporary file beside the
+// target and renames it into place, so readers never see a partial object.
+#pragma once
+
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "storage/object_store.h"
+
+namespace lazyblock {
+
+class FileStore final : public ObjectStore {
+ public:
+  // Fails if `root` is not an existing directory.
+  static Result<std::shared_ptr<FileStore>> open(const std::filesystem::path& root);
+  ~FileStore() override;
+
+  Result<uint64_t> stat(const std::string& key, const IoContext& io) override;
+  Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
+                                                  uint64_t length, const IoContext& io) override;
+  Status put(const std::string& key, std::span<const std::byte> data,
+             const IoContext& io) override;
+  Status remove(const std::string& key, const IoContext& io) override;
+  std::string describe() const override;
+
+ private:
+  FileStore(std::filesystem::path root, int root_fd);
+
+  const std::filesystem::path root_;
+  const int root_fd_;  // O_PATH descriptor of the root: keys resolve beneath it
+};
+
+}  // namespace lazyblock

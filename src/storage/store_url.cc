@@ -1,0 +1,33 @@
+#include "storage/store_url.h"
+
+#include <fmt/format.h>
+
+#include "storage/file_store.h"
+
+namespace lazyblock {
+
+Result<std::shared_ptr<ObjectStore>> open_store(const std::string& url,
+                                                const StoreStackOptions& options) {
+  const size_t colon = url.find("://");
+  const std::string scheme = colon == std::string::npos ? "" : url.substr(0, colon);
+  std::shared_ptr<ObjectStore> store;
+  if (scheme == "file") {
+    const std::string path = url.substr(colon + 3);
+    if (path.empty()) return Status::invalid_argument("store URL file:// names no directory");
+    Result<std::shared_ptr<FileStore>> files = FileStore::open(path);
+    if (!files) return files.status();
+    store = *files;
+  } else if (scheme == "http" || scheme == "https" || scheme == "s3" || scheme == "gs") {
+    return Status::invalid_argument(
+        fmt::format("store URL {}: {}:// stores are not built in yet; use file:///DIR", url,
+                    scheme));
+  } else {
+    return Status::invalid_argument(
+        fmt::format("invalid store URL '{}' (expected file:///DIR)", url));
+  }
+  if (options.faults) store = std::make_shared<FaultStore>(store, *options.faults);
+  if (options.simulate) store = std::make_shared<SimulateStore>(store, *options.simulate);
+  return store;
+}
+
+}  // namespace lazyblock

@@ -1,0 +1,26 @@
+// Opening a store stack from the command line's words: a store URL, then the
+// layers the flags ask for, innermost first: faults, then simulate.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "storage/fault_store.h"
+#include "storage/object_store.h"
+#include "storage/simulate_store.h"
+
+namespace lazyblock {
+
+struct StoreStackOptions {
+  std::optional<SimulateProfile> simulate;  // --simulate
+  std::optional<FaultSpec> faults;          // --faults
+};
+
+// "file:///abs/dir" or "file://relative/dir" -> FileStore. Other schemes
+// (http, https, s3, gs) are refused with a message saying they are not built
+// in yet; anything else is kInvalidArgument naming the accepted forms.
+Result<std::shared_ptr<ObjectStore>> open_store(const std::string& url,
+                                                const StoreStackOptions& options = {});
+
+}  // namespace lazyblock

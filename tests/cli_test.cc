@@ -1,0 +1,192 @@
+// The lazyblock command run as a user runs it: exit statuses, messages,
+// byte-exact output.
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/units.h"
+#include "storage/file_store.h"
+#include "testing/pattern.h"
+
+namespace lazyblock {
+namespace {
+
+struct Outcome {
+  int status = -1;  // exit status
+  std::string out;
+  std::string err;
+};
+
+std::string slurp(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// Runs the lazyblock binary with `args`, stdout and stderr to files in `dir`.
+Outcome run_lazyblock(const std::filesystem::path& dir, std::vector<std::string> args) {
+  const std::filesystem::path out = dir / "stdout";
+  const std::filesystem::path err = dir / "stderr";
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const int out_fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    const int err_fd = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ::dup2(out_fd, STDOUT_FILENO);
+    ::dup2(err_fd, STDERR_FILENO);
+    std::vector<char*> argv;
+    std::string binary = LAZYBLOCK_BINARY;
+    argv.push_back(binary.data());
+    for (std::string& arg : args) argv.push_back(arg.data());
+    argv.push_back(nullptr);
+    ::execv(binary.c_str(), argv.data());
+    ::_exit(127);
+  }
+  int wait_status = 0;
+  ::waitpid(pid, &wait_status, 0);
+  Outcome run;
+  run.status = WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : 128 + WTERMSIG(wait_status);
+  run.out = slurp(out);
+  run.err = slurp(err);
+  return run;
+}
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::path(::testing::TempDir()) /
+           ("cli_test_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_ / "store");
+    store_url_ = "file://" + (dir_ / "store").string();
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  std::string put_object(const std::string& key, uint64_t size) {
+    Result<std::shared_ptr<FileStore>> store = FileStore::open(dir_ / "store");
+    EXPECT_TRUE(store);
+    std::vector<std::byte> data = testing::make_pattern(9, 0, size);
+    EXPECT_TRUE((*store)->put(key, data, IoContext{}).is_ok());
+    return std::string(reinterpret_cast<const char*>(data.data()), data.size());
+  }
+
+  std::filesystem::path dir_;
+  std::string store_url_;
+};
+
+TEST_F(CliTest, CatWritesTheObjectToAFile) {
+  const std::string expected = put_object("b1/memfile", 9 * kMiB + 4321);
+  for (const char* fetch : {"full", "streaming"}) {
+    const std::filesystem::path output = dir_ / (std::string("out-") + fetch);
+    Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b1/memfile", "--fetch",
+                                   fetch, "-o", output.string()});
+    ASSERT_EQ(run.status, 0) << run.err;
+    EXPECT_TRUE(slurp(output) == expected) << "output differs from the object (" << fetch << ")";
+  }
+}
+
+TEST_F(CliTest, CatWritesTheObjectToStdout) {
+  const std::string expected = put_object("b1/rootfs.ext4", 5 * kMiB + 1);
+  Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b1/rootfs.ext4"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  EXPECT_TRUE(run.out == expected) << "stdout differs from the object";
+}
+
+TEST_F(CliTest, CatThroughASimulatedStore) {
+  const std::string expected = put_object("obj", 2 * kMiB);
+  Outcome run = run_lazyblock(
+      dir_, {"cat", "--store", store_url_, "--key", "obj", "--simulate", "ttfb=1ms,bw=1GB/s"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  EXPECT_TRUE(run.out == expected);
+}
+
+TEST_F(CliTest, MissingKeyIsAnErrorNamingTheKey) {
+  Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "no/such/object"});
+  EXPECT_EQ(run.status, 1);
+  EXPECT_NE(run.err.find("object not found: no/such/object"), std::string::npos) << run.err;
+  EXPECT_TRUE(run.out.empty());
+}
+
+TEST_F(CliTest, FailedFetchLeavesNoOutputFile) {
+  put_object("obj", 6 * kMiB);
+  const std::filesystem::path output = dir_ / "out";
+  Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "--faults",
+                                 "fail-after=1MiB", "-o", output.string()});
+  EXPECT_EQ(run.status, 1);
+  EXPECT_NE(run.err.find("obj"), std::string::npos) << run.err;
+  EXPECT_NE(run.err.find("injected fault"), std::string::npos) << run.err;
+  EXPECT_FALSE(std::filesystem::exists(output));
+  for (const auto& entry : std::filesystem::directory_iterator(dir_)) {
+    EXPECT_EQ(entry.path().filename().string().find(".out.partial"), std::string::npos)
+        << "temporary file left behind: " << entry.path();
+  }
+}
+
+TEST_F(CliTest, StalledFetchEndsAtTheTimeout) {
+  put_object("obj", 2 * kMiB);
+  Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "--faults",
+                                 "stall-after=1MiB", "--timeout", "200ms"});
+  EXPECT_EQ(run.status, 1);
+  EXPECT_NE(run.err.find("deadline"), std::string::npos) << run.err;
+  EXPECT_TRUE(run.out.empty()) << "no byte of a chunk that did not arrive whole is written";
+}
+
+TEST_F(CliTest, UsageErrorsExitWithTwo) {
+  EXPECT_EQ(run_lazyblock(dir_, {"cat", "--key", "x"}).status, 2);  // no --store
+  EXPECT_EQ(run_lazyblock(dir_, {"frobnicate"}).status, 2);
+  Outcome bad_strategy =
+      run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "x", "--fetch", "psychic"});
+  EXPECT_EQ(bad_strategy.status, 2);
+  EXPECT_NE(bad_strategy.err.find("psychic"), std::string::npos) << bad_strategy.err;
+  EXPECT_EQ(run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "x", "--timeout", "soon"})
+                .status,
+            2);
+  EXPECT_EQ(run_lazyblock(dir_, {"bench", "fetch", "--profile", "moon"}).status, 2);
+}
+
+TEST_F(CliTest, HelpExplainsTheCommands) {
+  Outcome run = run_lazyblock(dir_, {"--help"});
+  EXPECT_EQ(run.status, 0);
+  EXPECT_NE(run.out.find("cat"), std::string::npos);
+  EXPECT_NE(run.out.find("bench"), std::string::npos);
+  Outcome cat_help = run_lazyblock(dir_, {"cat", "--help"});
+  EXPECT_EQ(cat_help.status, 0);
+  EXPECT_NE(cat_help.out.find("--key"), std::string::npos) << cat_help.out;
+}
+
+TEST_F(CliTest, BenchFetchJsonHasTheDocumentedShape) {
+  Outcome run = run_lazyblock(dir_, {"bench", "fetch", "--profile", "ttfb=1ms,bw=2GB/s", "--strategy",
+                                 "full,streaming", "--iterations", "3", "--json"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  const nlohmann::json doc = nlohmann::json::parse(run.out);
+  EXPECT_EQ(doc.at("profile"), "ttfb=1ms,bw=2GB/s");
+  const double limit = doc.at("limit_us");
+  EXPECT_DOUBLE_EQ(limit, 1000 + 4096 / 2e9 * 1e6);
+  ASSERT_EQ(doc.at("results").size(), 2u);
+  EXPECT_EQ(doc["results"][0].at("strategy"), "full");
+  EXPECT_EQ(doc["results"][1].at("strategy"), "streaming");
+  for (const nlohmann::json& result : doc["results"]) {
+    // Each iteration fetched its one chunk once, whole.
+    EXPECT_EQ(result.at("requests_per_iter"), 1.0);
+    EXPECT_EQ(result.at("bytes_per_iter"), 4.0 * kMiB);
+    EXPECT_GE(result.at("model_us").get<double>(), limit);
+    for (const char* field : {"avg_us", "p50_us", "p99_us", "worst_us"}) {
+      EXPECT_GT(result.at(field).get<double>(), 0) << field;
+    }
+    EXPECT_LE(result.at("p50_us").get<double>(), result.at("worst_us").get<double>());
+  }
+  // The full strategy's model is TTFB + chunk / BW.
+  EXPECT_DOUBLE_EQ(doc["results"][0].at("model_us").get<double>(), 1000 + 4.0 * kMiB / 2e9 * 1e6);
+}
+
+}  // namespace
+}  // namespace lazyblock
