@@ -1,0 +1,53 @@
+#include "storage/store_url.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+namespace lazyblock {
+namespace {
+
+TEST(StoreUrlTest, FileUrlsOpenAFileStore) {
+  const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) /
+                                    ("store_url_test_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  Result<std::shared_ptr<ObjectStore>> store = open_store("file://" + dir.string());
+  ASSERT_TRUE(store) << store.status().to_string();
+  EXPECT_EQ((*store)->describe(), "file://" + dir.string());
+
+  StoreStackOptions layers;
+  layers.simulate = SimulateProfile{std::chrono::milliseconds(20), 100e6};
+  layers.faults = FaultSpec{};
+  layers.faults->fail_open = true;
+  Result<std::shared_ptr<ObjectStore>> stacked = open_store("file://" + dir.string(), layers);
+  ASSERT_TRUE(stacked);
+  // Faults innermost, simulation on top.
+  EXPECT_EQ((*stacked)->describe(), "simulate(ttfb=20ms,bw=100MB/s) over faults(fail-open) over "
+                                    "file://" + dir.string());
+  std::filesystem::remove_all(dir);
+}
+
+TEST(StoreUrlTest, MissingDirectoryIsNotFound) {
+  Result<std::shared_ptr<ObjectStore>> store = open_store("file:///nonexistent/lazyblock");
+  ASSERT_FALSE(store);
+  EXPECT_EQ(store.status().code(), StatusCode::kNotFound);
+}
+
+TEST(StoreUrlTest, OtherSchemesAreRefusedClearly) {
+  for (const char* url : {"http://127.0.0.1/x", "s3://bucket/prefix", "gs://bucket"}) {
+    Result<std::shared_ptr<ObjectStore>> store = open_store(url);
+    ASSERT_FALSE(store) << url;
+    EXPECT_EQ(store.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(store.status().message().find("not built in yet"), std::string::npos)
+        << store.status().message();
+  }
+  for (const char* url : {"", "/data", "ftp://x", "file://"}) {
+    Result<std::shared_ptr<ObjectStore>> store = open_store(url);
+    ASSERT_FALSE(store) << url;
+    EXPECT_EQ(store.status().code(), StatusCode::kInvalidArgument) << url;
+  }
+}
+
+}  // namespace
+}  // namespace lazyblock
