@@ -27,10 +27,10 @@ build: deps
 
 run: build
 	@echo "== lazyblock bench fetch, simulated GCS"
-	@build/lazyblock bench fetch --profile gcs --strategy full,streaming --iterations 20
+	@build/lazyblock bench fetch --profile gcs --strategy full,streaming,split --iterations 20
 	@echo
 	@echo "== lazyblock bench fetch, simulated NFS"
-	@build/lazyblock bench fetch --profile nfs --strategy full,streaming --iterations 20
+	@build/lazyblock bench fetch --profile nfs --strategy full,streaming,split --iterations 20
 
 test: test-plain test-asan test-tsan
 

@@ -1,5 +1,7 @@
 #include "bench/fetch_bench.h"
 
+#include "bench/bench_util.h"
+
 #include <sys/prctl.h>
 #include <unistd.h>
 
@@ -42,37 +44,6 @@ constexpr SeedFigures kSeedFigures[] = {
 
 double seconds_to_us(double seconds) { return seconds * 1e6; }
 
-// A scratch directory removed with its contents when this goes away.
-class ScratchDir {
- public:
-  static Result<ScratchDir> create() {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string pattern = std::string(tmp != nullptr && *tmp ? tmp : "/tmp") +
-                          "/lazyblock-bench-XXXXXX";
-    if (::mkdtemp(pattern.data()) == nullptr) {
-      return posix_error("create a scratch directory", errno);
-    }
-    return ScratchDir(pattern);
-  }
-  ScratchDir(ScratchDir&& other) noexcept : path_(std::move(other.path_)) { other.path_.clear(); }
-  ~ScratchDir() {
-    std::error_code ignored;  // best effort: a leftover temp dir is no failure
-    if (!path_.empty()) std::filesystem::remove_all(path_, ignored);
-  }
-  const std::filesystem::path& path() const { return path_; }
-
- private:
-  explicit ScratchDir(std::filesystem::path path) : path_(std::move(path)) {}
-  std::filesystem::path path_;
-};
-
-double percentile(std::vector<double> sorted, double fraction) {
-  if (sorted.empty()) return 0;
-  // Nearest rank.
-  const size_t rank = static_cast<size_t>(std::ceil(fraction * static_cast<double>(sorted.size())));
-  return sorted[std::clamp<size_t>(rank, 1, sorted.size()) - 1];
-}
-
 double model_seconds(const FetchBenchOptions& o, FetchStrategy strategy, uint64_t offset) {
   const double ttfb = std::chrono::duration<double>(o.profile.ttfb).count();
   const double bw = o.profile.bytes_per_second;
@@ -82,6 +53,7 @@ double model_seconds(const FetchBenchOptions& o, FetchStrategy strategy, uint64_
   switch (strategy) {
     case FetchStrategy::kFull: return ttfb + static_cast<double>(chunk_end - chunk_start) / bw;
     case FetchStrategy::kStreaming: return ttfb + static_cast<double>(end - chunk_start) / bw;
+    case FetchStrategy::kSplit: return ttfb + static_cast<double>(end - offset) / bw;
   }
   return 0;
 }
@@ -96,6 +68,8 @@ Status run_strategy(const FetchBenchOptions& o, FetchStrategy strategy,
   chunker_options.block_size = 4096;
   chunker_options.chunk_size = kChunkSize;
   chunker_options.cache_dir = cache_dir;
+  chunker_options.expected_ttfb = o.profile.ttfb;
+  chunker_options.expected_bandwidth = o.profile.bytes_per_second;
   for (int iteration = 0; iteration < o.iterations; ++iteration) {
     Result<std::unique_ptr<Chunker>> chunker =
         make_chunker(store, kKey, o.object_size, chunker_options);

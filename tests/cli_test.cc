@@ -85,7 +85,7 @@ class CliTest : public ::testing::Test {
 
 TEST_F(CliTest, CatWritesTheObjectToAFile) {
   const std::string expected = put_object("b1/memfile", 9 * kMiB + 4321);
-  for (const char* fetch : {"full", "streaming"}) {
+  for (const char* fetch : {"full", "streaming", "split"}) {
     const std::filesystem::path output = dir_ / (std::string("out-") + fetch);
     Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b1/memfile", "--fetch",
                                    fetch, "-o", output.string()});
@@ -165,27 +165,51 @@ TEST_F(CliTest, HelpExplainsTheCommands) {
 
 TEST_F(CliTest, BenchFetchJsonHasTheDocumentedShape) {
   Outcome run = run_lazyblock(dir_, {"bench", "fetch", "--profile", "ttfb=1ms,bw=2GB/s", "--strategy",
-                                 "full,streaming", "--iterations", "3", "--json"});
+                                 "full,streaming,split", "--iterations", "3", "--json"});
   ASSERT_EQ(run.status, 0) << run.err;
   const nlohmann::json doc = nlohmann::json::parse(run.out);
   EXPECT_EQ(doc.at("profile"), "ttfb=1ms,bw=2GB/s");
   const double limit = doc.at("limit_us");
   EXPECT_DOUBLE_EQ(limit, 1000 + 4096 / 2e9 * 1e6);
-  ASSERT_EQ(doc.at("results").size(), 2u);
+  ASSERT_EQ(doc.at("results").size(), 3u);
   EXPECT_EQ(doc["results"][0].at("strategy"), "full");
   EXPECT_EQ(doc["results"][1].at("strategy"), "streaming");
+  EXPECT_EQ(doc["results"][2].at("strategy"), "split");
   for (const nlohmann::json& result : doc["results"]) {
-    // Each iteration fetched its one chunk once, whole.
-    EXPECT_EQ(result.at("requests_per_iter"), 1.0);
+    // Each iteration fetched its one chunk whole, no byte twice; full and
+    // streaming in one request, split in at most one more per caller.
     EXPECT_EQ(result.at("bytes_per_iter"), 4.0 * kMiB);
+    const double requests = result.at("requests_per_iter");
+    if (result.at("strategy") == "split") {
+      EXPECT_GE(requests, 1.0);
+      EXPECT_LE(requests, 4.0);
+    } else {
+      EXPECT_EQ(requests, 1.0);
+    }
     EXPECT_GE(result.at("model_us").get<double>(), limit);
     for (const char* field : {"avg_us", "p50_us", "p99_us", "worst_us"}) {
       EXPECT_GT(result.at(field).get<double>(), 0) << field;
     }
     EXPECT_LE(result.at("p50_us").get<double>(), result.at("worst_us").get<double>());
   }
-  // The full strategy's model is TTFB + chunk / BW.
+  // The full strategy's model is TTFB + chunk / BW; split's is the limit.
   EXPECT_DOUBLE_EQ(doc["results"][0].at("model_us").get<double>(), 1000 + 4.0 * kMiB / 2e9 * 1e6);
+  EXPECT_DOUBLE_EQ(doc["results"][2].at("model_us").get<double>(), limit);
+}
+
+TEST_F(CliTest, BenchHitJsonHasTheDocumentedShape) {
+  Outcome run = run_lazyblock(dir_, {"bench", "hit", "--json"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  const nlohmann::json doc = nlohmann::json::parse(run.out);
+  ASSERT_EQ(doc.at("results").size(), 4u);
+  for (const nlohmann::json& result : doc["results"]) {
+    const std::string name = result.at("name");
+    EXPECT_TRUE(name == "slice" || name == "read_at") << name;
+    const int threads = result.at("threads");
+    EXPECT_TRUE(threads == 1 || threads == 2);
+    EXPECT_GT(result.at("median_ns").get<double>(), 0);
+    EXPECT_GE(result.at("p99_ns").get<double>(), result.at("median_ns").get<double>());
+  }
 }
 
 }  // namespace

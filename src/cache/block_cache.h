@@ -19,7 +19,7 @@
 //
 // Thread safety: any number of readers and writers at once, provided no two
 // writers write the same block and nobody writes a cached block (the chunker's
-// fetch sessions guarantee both).
+// fetch streams guarantee both).
 #pragma once
 
 #include <cstddef>

@@ -3,17 +3,23 @@
 //
 // Data flow: read_at/slice/write_to -> is every block of the range cached?
 // yes: served from the cache map without a lock. No: for each chunk the range
-// touches, join the fetch of that chunk already in flight, or start one (never
-// two of one chunk at once), and wait until the fetch has cached the blocks of
-// the range, or has failed, or its deadline has passed. The fetch strategy
-// decides only how streams are scheduled and when waiters are woken:
+// touches, make sure a stream is fetching each missing block (never two
+// streams for one block), and wait until the blocks of the range are cached,
+// or a stream that was to deliver them has failed, or the deadline has
+// passed. The fetch strategy decides only how streams are scheduled and when
+// waiters are woken:
 //   full       one stream per chunk; blocks are published and waiters woken
 //              when the whole chunk has arrived (E2B's FullFetchChunker).
 //   streaming  one stream per chunk from its first missing block; blocks are
 //              published as they arrive and each waiter is woken as soon as
 //              its own range is in (E2B's StreamingChunker).
-// Errors: a failed fetch wakes all its waiters; each returns OK if the bytes it
-// needs arrived before the failure, else the fetch's error. Nothing is marked
+//   split      as streaming, but a waiter whose bytes a running stream would
+//              bring later than a new request would (judged from the store's
+//              observed time to first byte and bandwidth) gets a new stream
+//              from its block on, and the running stream is cut there, so
+//              that no byte is fetched twice and the chunk still completes.
+// Errors: a failed stream wakes the waiters it was to serve; each returns OK
+// if the bytes it needs arrived before the failure, else the stream's error. Nothing is marked
 // cached that was not wholly written, so a later read fetches again.
 //
 // The object's size may be unknown at creation: the first fetch learns it
@@ -36,18 +42,27 @@
 
 namespace lazyblock {
 
-enum class FetchStrategy { kFull, kStreaming };
+enum class FetchStrategy { kFull, kStreaming, kSplit };
 
-// "full" or "streaming".
+// "full", "streaming" or "split".
 Result<FetchStrategy> parse_fetch_strategy(std::string_view name);
 std::string_view fetch_strategy_name(FetchStrategy strategy);
 
 struct ChunkerOptions {
-  FetchStrategy strategy = FetchStrategy::kStreaming;
+  FetchStrategy strategy = FetchStrategy::kSplit;  // the fastest in bench fetch
   uint64_t block_size = 4096;           // unit of caching
   uint64_t chunk_size = 4 * 1024 * 1024;  // unit of fetching; a multiple of block_size
   std::chrono::nanoseconds fetch_timeout = std::chrono::seconds(60);  // deadline per fetch
   std::filesystem::path cache_dir;  // where the cache file lives; empty: $TMPDIR or /tmp
+
+  // split: at most this many streams fill one chunk at once, and this many
+  // run in the whole chunker, counting every strategy's streams.
+  int max_streams_per_chunk = 8;
+  int max_streams = 64;
+  // First guesses at the store's time to first byte and per-stream bandwidth,
+  // refined by what streams observe; the split strategy plans with them.
+  std::chrono::nanoseconds expected_ttfb = std::chrono::milliseconds(20);
+  double expected_bandwidth = 100e6;  // bytes per second
 };
 
 // Counters of upstream traffic and of callers waiting, for benchmarks,
@@ -56,6 +71,7 @@ struct ChunkerStats {
   uint64_t requests = 0;  // range streams opened (including failed opens)
   uint64_t bytes = 0;     // bytes received from the store
   uint64_t waiting = 0;   // callers waiting on a fetch right now
+  uint64_t streams = 0;   // streams running right now
 };
 
 class Chunker {

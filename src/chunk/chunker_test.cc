@@ -124,9 +124,14 @@ TEST_P(ChunkerTest, ConcurrentReadersOfOverlappingAndDisjointRanges) {
   }
   for (std::thread& t : readers) t.join();
   EXPECT_EQ(failures.load(), 0);
-  // Every chunk was fetched exactly once, however the readers raced.
-  EXPECT_EQ(c->stats().requests, 4u);
+  // No byte was fetched twice, however the readers raced; with one stream
+  // per chunk, every chunk was fetched exactly once.
   EXPECT_EQ(c->stats().bytes, size_);
+  if (GetParam() == FetchStrategy::kSplit) {
+    EXPECT_LE(c->stats().requests, 4u * options().max_streams_per_chunk);
+  } else {
+    EXPECT_EQ(c->stats().requests, 4u);
+  }
 }
 
 TEST_P(ChunkerTest, ManyWaitersOnOneChunkShareOneFetch) {
@@ -143,7 +148,15 @@ TEST_P(ChunkerTest, ManyWaitersOnOneChunkShareOneFetch) {
   }
   for (std::thread& t : readers) t.join();
   EXPECT_EQ(failures.load(), 0);
-  EXPECT_EQ(c->stats().requests, 1u);
+  EXPECT_TRUE(read_and_check(*c, 0, kChunk).is_ok());  // waits for every stream
+  EXPECT_EQ(c->stats().bytes, kChunk);
+  if (GetParam() == FetchStrategy::kSplit) {
+    // Streams that end make room for new ones: at most one per reader, and
+    // one that started the chunk (SplitKeepsToItsStreamBound checks the bound).
+    EXPECT_LE(c->stats().requests, 33u);
+  } else {
+    EXPECT_EQ(c->stats().requests, 1u);
+  }
 }
 
 TEST_P(ChunkerTest, WaiterArrivingMidStreamJoinsTheFetch) {
@@ -154,7 +167,7 @@ TEST_P(ChunkerTest, WaiterArrivingMidStreamJoinsTheFetch) {
   auto c = chunker(size_);
   std::thread first([&] { EXPECT_TRUE(read_and_check(*c, 3 * kMiB, 4096).is_ok()); });
   faults_->wait_for_stalls(1);  // the stream has delivered its first MiB
-  if (GetParam() == FetchStrategy::kStreaming) {
+  if (GetParam() != FetchStrategy::kFull) {
     // Streaming publishes blocks as they arrive: this is served while the
     // stream is still stalled.
     EXPECT_TRUE(read_and_check(*c, 512 * kKiB, 4096).is_ok());
@@ -164,7 +177,12 @@ TEST_P(ChunkerTest, WaiterArrivingMidStreamJoinsTheFetch) {
   first.join();
   second.join();
   EXPECT_TRUE(read_and_check(*c, 0, kChunk).is_ok());
-  EXPECT_EQ(c->stats().requests, 1u);
+  // Split may have given each later reader a stream of its own.
+  if (GetParam() == FetchStrategy::kSplit) {
+    EXPECT_LE(c->stats().requests, 3u);
+  } else {
+    EXPECT_EQ(c->stats().requests, 1u);
+  }
   EXPECT_EQ(c->stats().bytes, kChunk);
 }
 
@@ -184,6 +202,11 @@ class GatedStore final : public StoreLayer {
   void wait_until_held_at(uint64_t bytes) {
     std::unique_lock lock(mu_);
     cv_.wait(lock, [&] { return held_at_ == bytes; });
+  }
+  // Blocks until `count` streams wait at the gate at once.
+  void wait_until_streams_held(int count) {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return held_streams_ >= count; });
   }
 
   Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
@@ -205,8 +228,10 @@ class GatedStore final : public StoreLayer {
         // The end of the range is reported as it comes: only bytes are held.
         if (delivered_ >= gate_.limit_ && delivered_ < inner_->range_length()) {
           gate_.held_at_ = delivered_;
+          ++gate_.held_streams_;
           gate_.cv_.notify_all();
           gate_.cv_.wait(lock, io_.stop, [&] { return delivered_ < gate_.limit_; });
+          --gate_.held_streams_;
           if (io_.stop.stop_requested()) return Status::cancelled("gated read: stopped");
         }
         allowed = gate_.limit_ > delivered_ ? gate_.limit_ - delivered_ : buffer.size();
@@ -229,11 +254,17 @@ class GatedStore final : public StoreLayer {
   std::condition_variable_any cv_;
   uint64_t limit_ = 0;                // guarded by mu_
   uint64_t held_at_ = UINT64_MAX;     // guarded by mu_
+  int held_streams_ = 0;              // guarded by mu_
 };
 
 // Waits until `count` callers of `chunker` are waiting on fetches.
 void wait_for_waiters(Chunker& chunker, uint64_t count) {
   while (chunker.stats().waiting != count) std::this_thread::yield();
+}
+
+// Waits until every stream of `chunker` has ended.
+void wait_for_streams_to_end(Chunker& chunker) {
+  while (chunker.stats().streams != 0) std::this_thread::yield();
 }
 
 TEST_F(ChunkerFixture, StreamingWakesEachWaiterAsTheStreamPassesIt) {
@@ -281,7 +312,10 @@ TEST_F(ChunkerFixture, FullWakesWaitersOnlyOnceTheWholeChunkIsIn) {
   EXPECT_EQ(c.stats().waiting, 0u);
 }
 
-TEST_P(ChunkerTest, FetchFailingHalfWayFailsItsWaitersAndCachesOnlyWhatArrived) {
+// Tests that follow one stream through a chunk: full and streaming.
+class SingleStreamChunkerTest : public ChunkerTest {};
+
+TEST_P(SingleStreamChunkerTest, FetchFailingHalfWayFailsItsWaitersAndCachesOnlyWhatArrived) {
   put_object(kChunk);
   // files <- gate (holds the stream until every waiter has joined) <- faults
   auto gate = std::make_shared<GatedStore>(files_);
@@ -328,7 +362,7 @@ TEST_P(ChunkerTest, FetchFailingHalfWayFailsItsWaitersAndCachesOnlyWhatArrived) 
   EXPECT_EQ(c.stats().bytes - bytes, 2 * kMiB);
 }
 
-TEST_P(ChunkerTest, StallPastTheDeadlineTimesOutThenRecovers) {
+TEST_P(SingleStreamChunkerTest, StallPastTheDeadlineTimesOutThenRecovers) {
   put_object(kChunk);
   FaultSpec stall;
   stall.stall_after = 1 * kMiB;
@@ -443,6 +477,7 @@ TEST_P(ChunkerTest, TruncatedStreamIsAnErrorAndCachesNothingPastIt) {
   Result<size_t> got = c->read_at(buffer, 2 * kMiB);
   ASSERT_FALSE(got);
   EXPECT_EQ(got.status().code(), StatusCode::kCorruption) << got.status().to_string();
+  wait_for_streams_to_end(*c);  // under split, a sibling stream may still be failing
   faults_->set(FaultSpec{});
   const uint64_t bytes = c->stats().bytes;
   EXPECT_TRUE(read_and_check(*c, 0, kChunk).is_ok());
@@ -528,11 +563,161 @@ TEST_P(ChunkerTest, ACallerGivesUpAtTheDeadlineEvenIfTheStoreHangs) {
   made->reset();
 }
 
+// Split: a far reader gets a stream of its own, cut from the running one.
+class SplitChunkerTest : public ChunkerFixture {
+ protected:
+  void SetUp() override {
+    strategy_ = FetchStrategy::kSplit;
+    ChunkerFixture::SetUp();
+    put_object(kChunk);
+    // files <- gate (holds streams at a known byte) <- faults
+    gate_ = std::make_shared<GatedStore>(files_);
+    split_faults_ = std::make_shared<FaultStore>(gate_);
+    Result<std::unique_ptr<Chunker>> made = make_chunker(split_faults_, kKey, size_, options());
+    ASSERT_TRUE(made);
+    chunker_ = std::move(made).value();
+  }
+
+  // Starts a reader of one block at `offset`; it records its status.
+  std::thread read_block(uint64_t offset, Status* status) {
+    return std::thread([this, offset, status] { *status = read_and_check(*chunker_, offset, 4096); });
+  }
+
+  std::shared_ptr<GatedStore> gate_;
+  std::shared_ptr<FaultStore> split_faults_;
+  std::unique_ptr<Chunker> chunker_;
+};
+
+TEST_F(SplitChunkerTest, AFarReaderGetsItsOwnStreamAndNothingIsFetchedTwice) {
+  Status near_status, far_status;
+  std::thread near = read_block(4096, &near_status);
+  wait_for_waiters(*chunker_, 1);
+  gate_->wait_until_held_at(0);
+  std::thread far = read_block(3 * kMiB, &far_status);
+  gate_->wait_until_streams_held(2);  // the far reader's stream is open
+  EXPECT_EQ(chunker_->stats().requests, 2u);
+  gate_->open_to(kChunk);
+  near.join();
+  far.join();
+  EXPECT_TRUE(near_status.is_ok()) << near_status.to_string();
+  EXPECT_TRUE(far_status.is_ok()) << far_status.to_string();
+  EXPECT_TRUE(read_and_check(*chunker_, 0, kChunk).is_ok());
+  EXPECT_EQ(chunker_->stats().requests, 2u);
+  EXPECT_EQ(chunker_->stats().bytes, kChunk);
+}
+
+TEST_F(SplitChunkerTest, ReadersOnBothSidesOfASplitBoundary) {
+  Status statuses[4];
+  std::vector<std::thread> readers;
+  readers.push_back(read_block(0, &statuses[0]));
+  wait_for_waiters(*chunker_, 1);
+  gate_->wait_until_held_at(0);
+  readers.push_back(read_block(3 * kMiB, &statuses[1]));  // splits at 3 MiB
+  wait_for_waiters(*chunker_, 2);
+  readers.push_back(read_block(3 * kMiB - 4096, &statuses[2]));  // just below the cut
+  readers.push_back(read_block(3 * kMiB + 8192, &statuses[3]));  // just above it
+  wait_for_waiters(*chunker_, 4);
+  gate_->open_to(kChunk);
+  for (std::thread& t : readers) t.join();
+  for (const Status& status : statuses) EXPECT_TRUE(status.is_ok()) << status.to_string();
+  EXPECT_TRUE(read_and_check(*chunker_, 0, kChunk).is_ok());
+  EXPECT_EQ(chunker_->stats().bytes, kChunk);
+  EXPECT_LE(chunker_->stats().requests, 4u);
+}
+
+TEST_F(SplitChunkerTest, ASplitStreamFailingWhileItsSiblingSucceeds) {
+  Status near_status, far_status;
+  std::thread near = read_block(4096, &near_status);
+  gate_->wait_until_held_at(0);  // the first stream is open, without faults
+  FaultSpec fail;
+  fail.fail_after = 0;  // streams opened from now on fail at once
+  split_faults_->set(fail);
+  // The far reader's stream fails while the first still waits at the gate.
+  std::thread far = read_block(3 * kMiB + 4096, &far_status);
+  far.join();
+  EXPECT_EQ(far_status.code(), StatusCode::kUnavailable) << far_status.to_string();
+  gate_->open_to(kChunk);
+  near.join();
+  EXPECT_TRUE(near_status.is_ok()) << near_status.to_string();
+  // Once the fault clears, the far block is fetched again; still no byte twice.
+  split_faults_->set(FaultSpec{});
+  EXPECT_TRUE(read_and_check(*chunker_, 0, kChunk).is_ok());
+  EXPECT_EQ(chunker_->stats().bytes, kChunk);
+}
+
+TEST_F(SplitChunkerTest, BothStreamsFailing) {
+  FaultSpec fail;
+  fail.fail_after = 0;
+  split_faults_->set(fail);
+  gate_->open_to(kChunk);
+  Status near_status, far_status;
+  std::thread near = read_block(4096, &near_status);
+  std::thread far = read_block(3 * kMiB + 4096, &far_status);
+  near.join();
+  far.join();
+  EXPECT_EQ(near_status.code(), StatusCode::kUnavailable) << near_status.to_string();
+  EXPECT_EQ(far_status.code(), StatusCode::kUnavailable) << far_status.to_string();
+  wait_for_streams_to_end(*chunker_);
+  split_faults_->set(FaultSpec{});
+  EXPECT_TRUE(read_and_check(*chunker_, 0, kChunk).is_ok());
+}
+
+TEST_F(ChunkerFixture, SplitStreamsStallingPastTheDeadline) {
+  strategy_ = FetchStrategy::kSplit;
+  put_object(kChunk);
+  FaultSpec stall;
+  stall.stall_after = 0;
+  faults_->set(stall);
+  auto c = chunker(size_, std::chrono::milliseconds(200));
+  Status near_status, far_status;
+  std::thread near([&] { near_status = read_and_check(*c, 0, 4096); });
+  std::thread far([&] { far_status = read_and_check(*c, 3 * kMiB, 4096); });
+  near.join();
+  far.join();
+  EXPECT_EQ(near_status.code(), StatusCode::kTimeout) << near_status.to_string();
+  EXPECT_EQ(far_status.code(), StatusCode::kTimeout) << far_status.to_string();
+  wait_for_streams_to_end(*c);
+  faults_->set(FaultSpec{});
+  EXPECT_TRUE(read_and_check(*c, 0, kChunk).is_ok());
+}
+
+TEST_F(ChunkerFixture, SplitKeepsToItsStreamBound) {
+  strategy_ = FetchStrategy::kSplit;
+  put_object(kChunk);
+  auto gate = std::make_shared<GatedStore>(files_);
+  ChunkerOptions o = options();
+  o.max_streams_per_chunk = 3;
+  Result<std::unique_ptr<Chunker>> made = make_chunker(gate, kKey, size_, o);
+  ASSERT_TRUE(made);
+  Chunker& c = **made;
+  std::vector<std::thread> readers;
+  std::atomic<int> failures{0};
+  for (uint64_t i = 0; i < 16; ++i) {
+    readers.emplace_back([&, i] {
+      if (!read_and_check(c, (1023 - i * 61) * 4096, 4096).is_ok()) ++failures;
+    });
+  }
+  wait_for_waiters(c, 16);
+  EXPECT_LE(c.stats().requests, 3u);
+  gate->open_to(kChunk);
+  for (std::thread& t : readers) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_TRUE(read_and_check(c, 0, kChunk).is_ok());
+  EXPECT_LE(c.stats().requests, 3u);
+  EXPECT_EQ(c.stats().bytes, kChunk);
+}
+
+std::string strategy_name(const ::testing::TestParamInfo<FetchStrategy>& info) {
+  return std::string(fetch_strategy_name(info.param));
+}
+
 INSTANTIATE_TEST_SUITE_P(Strategies, ChunkerTest,
+                         ::testing::Values(FetchStrategy::kFull, FetchStrategy::kStreaming,
+                                           FetchStrategy::kSplit),
+                         strategy_name);
+INSTANTIATE_TEST_SUITE_P(Strategies, SingleStreamChunkerTest,
                          ::testing::Values(FetchStrategy::kFull, FetchStrategy::kStreaming),
-                         [](const ::testing::TestParamInfo<FetchStrategy>& info) {
-                           return std::string(fetch_strategy_name(info.param));
-                         });
+                         strategy_name);
 
 }  // namespace
 }  // namespace lazyblock

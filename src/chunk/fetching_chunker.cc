@@ -18,14 +18,16 @@ constexpr uint64_t kWriteAheadChunks = 4;
 Result<FetchStrategy> parse_fetch_strategy(std::string_view name) {
   if (name == "full") return FetchStrategy::kFull;
   if (name == "streaming") return FetchStrategy::kStreaming;
+  if (name == "split") return FetchStrategy::kSplit;
   return Status::invalid_argument(
-      fmt::format("unknown fetch strategy '{}' (expected full or streaming)", name));
+      fmt::format("unknown fetch strategy '{}' (expected full, streaming or split)", name));
 }
 
 std::string_view fetch_strategy_name(FetchStrategy strategy) {
   switch (strategy) {
     case FetchStrategy::kFull: return "full";
     case FetchStrategy::kStreaming: return "streaming";
+    case FetchStrategy::kSplit: return "split";
   }
   return "unknown";
 }
@@ -42,6 +44,11 @@ Result<std::unique_ptr<Chunker>> make_chunker(std::shared_ptr<ObjectStore> store
   if (options.fetch_timeout <= std::chrono::nanoseconds::zero()) {
     return Status::invalid_argument("the fetch timeout must be positive");
   }
+  if (options.max_streams_per_chunk < 1 || options.max_streams < 1 ||
+      options.expected_bandwidth <= 0 || options.expected_ttfb.count() < 0) {
+    return Status::invalid_argument(
+        "stream bounds must be at least 1, and the expected link sane (bandwidth > 0)");
+  }
   auto chunker = std::make_unique<FetchingChunker>(std::move(store), std::move(key),
                                                    std::move(options));
   if (size) LB_RETURN_IF_ERROR(chunker->set_size(*size));
@@ -53,6 +60,9 @@ FetchingChunker::FetchingChunker(std::shared_ptr<ObjectStore> store, std::string
   context_.store = std::move(store);
   context_.key = std::move(key);
   context_.options = std::move(options);
+  context_.tasks = &tasks_;
+  context_.estimate = {std::chrono::duration<double>(context_.options.expected_ttfb).count(),
+                       context_.options.expected_bandwidth};
 }
 
 FetchingChunker::~FetchingChunker() {
@@ -85,18 +95,20 @@ Result<uint64_t> FetchingChunker::learn_size(uint64_t offset) {
   std::unique_lock lock(context_.mu);
   for (;;) {
     if (BlockCache* cache = context_.cache.load(std::memory_order_acquire)) return cache->size();
-    // With the size unknown there is always a session to wait on: one in
-    // flight for this chunk, or a new one.
-    std::shared_ptr<FetchSession> session = start_fetch_locked(offset / context_.options.chunk_size);
-    const bool in_time = context_.size_learned.wait_until(lock, session->deadline(), [&] {
-      return context_.cache.load(std::memory_order_acquire) != nullptr ||
-             session->finished_locked();
-    });
+    // The first stream of a chunk learns the size: one in flight for this
+    // chunk, or a new one.
+    std::shared_ptr<ChunkFetch> fetch = fetch_locked(offset / context_.options.chunk_size);
+    fetch->cover_locked(offset, offset);
+    const bool in_time = context_.size_learned.wait_until(
+        lock, Clock::now() + context_.options.fetch_timeout, [&] {
+          return context_.cache.load(std::memory_order_acquire) != nullptr ||
+                 fetch->finished_locked();
+        });
     if (context_.cache.load(std::memory_order_acquire) != nullptr) continue;
     if (!in_time) {
       return Status::timeout(fmt::format("size of {}: no answer by the deadline", context_.key));
     }
-    const Status& status = session->status_locked();
+    const Status& status = fetch->last_error_locked();
     if (status.code() == StatusCode::kOutOfRange) {
       // The offset lies past the end: only a stat() can tell where the end is.
       lock.unlock();
@@ -106,21 +118,21 @@ Result<uint64_t> FetchingChunker::learn_size(uint64_t offset) {
   }
 }
 
-std::shared_ptr<FetchSession> FetchingChunker::start_fetch_locked(uint64_t chunk) {
-  if (auto it = context_.sessions.find(chunk); it != context_.sessions.end()) return it->second;
+std::shared_ptr<ChunkFetch> FetchingChunker::fetch_locked(uint64_t chunk) {
+  std::shared_ptr<ChunkFetch>& fetch = context_.fetches[chunk];
+  if (!fetch) fetch = std::make_shared<ChunkFetch>(context_, chunk);
+  return fetch;
+}
+
+void FetchingChunker::prefetch_locked(uint64_t chunk) {
   const uint64_t chunk_size = context_.options.chunk_size;
   uint64_t begin = chunk * chunk_size;
   uint64_t end = begin + chunk_size;
   if (BlockCache* cache = context_.cache.load(std::memory_order_acquire)) {
     end = std::min(end, cache->size());
-    begin = cache->first_uncached(begin, end);
-    if (begin >= end) return nullptr;
+    if (cache->is_cached(begin, end)) return;
   }
-  auto session = std::make_shared<FetchSession>(context_, chunk, begin, end,
-                                                Clock::now() + context_.options.fetch_timeout);
-  context_.sessions.emplace(chunk, session);
-  tasks_.spawn([session] { session->run(); });
-  return session;
+  fetch_locked(chunk)->cover_locked(begin, end);
 }
 
 Status FetchingChunker::fetch_range(uint64_t offset, uint64_t end) {
@@ -130,28 +142,19 @@ Status FetchingChunker::fetch_range(uint64_t offset, uint64_t end) {
   const uint64_t first = offset / chunk_size;
   const uint64_t last = (end - 1) / chunk_size;
   std::unique_lock lock(context_.mu);
-  // Start every chunk's fetch before waiting on any, so that they overlap.
-  for (uint64_t chunk = first; chunk <= last; ++chunk) start_fetch_locked(chunk);
+  // Start every chunk's streams before waiting on any, so that they overlap.
   for (uint64_t chunk = first; chunk <= last; ++chunk) {
     const uint64_t begin = std::max(offset, chunk * chunk_size);
     const uint64_t stop = std::min(end, (chunk + 1) * chunk_size);
-    // A session that ended without error has cached its whole range; one
-    // that failed returns its error; so this loop ends.
+    if (!cache->is_cached(begin, stop)) fetch_locked(chunk)->cover_locked(begin, stop);
+  }
+  for (uint64_t chunk = first; chunk <= last; ++chunk) {
+    const uint64_t begin = std::max(offset, chunk * chunk_size);
+    const uint64_t stop = std::min(end, (chunk + 1) * chunk_size);
+    // Each round either caches the range, fails, or ends every stream of the
+    // chunk (then the next round fetches afresh), so this loop ends.
     while (!cache->is_cached(begin, stop)) {
-      std::shared_ptr<FetchSession> session = start_fetch_locked(chunk);
-      if (!session) continue;
-      if (session->deadline() <= Clock::now()) {
-        // A fetch past its deadline is ending with a timeout that is not
-        // this caller's: let it go, then fetch afresh.
-        if (!session->wait_until_finished(lock,
-                                          Clock::now() + context_.options.fetch_timeout)) {
-          return Status::timeout(fmt::format(
-              "fetch of {} at {}: an earlier fetch of its chunk overran its deadline and has "
-              "not ended", context_.key, begin));
-        }
-        continue;
-      }
-      LB_RETURN_IF_ERROR(session->wait_for(lock, begin, stop));
+      LB_RETURN_IF_ERROR(fetch_locked(chunk)->wait_for(lock, begin, stop));
     }
   }
   return Status::ok();
@@ -185,7 +188,7 @@ Status FetchingChunker::write_to(ByteSink& sink) {
       std::lock_guard lock(context_.mu);
       for (uint64_t ahead = chunk + 1; ahead < std::min(chunks, chunk + kWriteAheadChunks);
            ++ahead) {
-        start_fetch_locked(ahead);
+        prefetch_locked(ahead);
       }
     }
     const uint64_t begin = chunk * chunk_size;
@@ -197,9 +200,11 @@ Status FetchingChunker::write_to(ByteSink& sink) {
 }
 
 ChunkerStats FetchingChunker::stats() const {
+  std::lock_guard lock(context_.mu);
   return {context_.requests.load(std::memory_order_relaxed),
           context_.bytes.load(std::memory_order_relaxed),
-          context_.waiting.load(std::memory_order_relaxed)};
+          context_.waiting.load(std::memory_order_relaxed),
+          static_cast<uint64_t>(context_.streams)};
 }
 
 }  // namespace lazyblock

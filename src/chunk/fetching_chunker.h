@@ -1,5 +1,5 @@
 // FetchingChunker: the Chunker over an ObjectStore, for every fetch strategy.
-// See chunker.h for the behaviour and fetch_session.h for the streams.
+// See chunker.h for the behaviour and chunk_fetch.h for the streams.
 #pragma once
 
 #include <memory>
@@ -7,7 +7,8 @@
 #include <string>
 
 #include "chunk/chunker.h"
-#include "chunk/fetch_session.h"
+#include "chunk/chunk_fetch.h"
+#include "chunk/fetch_context.h"
 #include "common/task_group.h"
 
 namespace lazyblock {
@@ -34,14 +35,17 @@ class FetchingChunker final : public Chunker {
   Result<uint64_t> learn_size(uint64_t offset);
   // Makes every block of [offset, end) cached (end <= size).
   Status fetch_range(uint64_t offset, uint64_t end);
-  // Starts a fetch of `chunk` unless it is cached or being fetched; returns
-  // the session in flight, if any. Requires context_.mu held.
-  std::shared_ptr<FetchSession> start_fetch_locked(uint64_t chunk);
+  // The fetch of `chunk` in flight, or a new one (with no stream yet).
+  // Requires context_.mu held.
+  std::shared_ptr<ChunkFetch> fetch_locked(uint64_t chunk);
+  // Starts fetching the missing blocks of `chunk` that no stream covers.
+  // Requires context_.mu held.
+  void prefetch_locked(uint64_t chunk);
   // Caches the object's size from stat() (one round trip, no data).
   Result<uint64_t> stat_size();
 
-  FetchContext context_;
-  TaskGroup tasks_;  // the sessions' threads; declared last, so waited for first
+  mutable FetchContext context_;
+  TaskGroup tasks_;  // the streams' threads; declared last, so waited for first
 };
 
 }  // namespace lazyblock

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "bench/fetch_bench.h"
+#include "bench/hit_bench.h"
 #include "cli/commands.h"
 #include "cli/flags.h"
 #include "common/units.h"
@@ -15,7 +16,7 @@ namespace {
 
 struct FetchBenchFlags {
   std::string profile;
-  std::string strategies = "full,streaming";
+  std::string strategies = "full,streaming,split";
   int iterations = 50;
   int callers = 3;
   std::string block = "4096";
@@ -66,6 +67,23 @@ int run_fetch_bench_command(const FetchBenchFlags& flags) {
   return 0;
 }
 
+struct HitBenchFlags {
+  bool json = false;
+  std::string log_level = "warn";
+};
+
+int run_hit_bench_command(const HitBenchFlags& flags) {
+  if (Status s = apply_log_level(flags.log_level); !s.is_ok()) return report_failure(s);
+  Result<HitBenchReport> report = run_hit_bench();
+  if (!report) return report_failure(report.status().with_context("bench hit"));
+  if (flags.json) {
+    std::printf("%s\n", hit_report_json(*report).dump(2).c_str());
+  } else {
+    std::printf("%s", format_hit_report(*report).c_str());
+  }
+  return 0;
+}
+
 }  // namespace
 
 CommandRunner add_bench_command(CLI::App& app) {
@@ -95,8 +113,15 @@ CommandRunner add_bench_command(CLI::App& app) {
   fetch->add_flag("--json", fetch_flags->json, "Print one JSON document instead of the table");
   add_log_flag(*fetch, fetch_flags->log_level);
 
-  return [fetch, fetch_flags]() -> int {
+  auto hit_flags = std::make_shared<HitBenchFlags>();
+  CLI::App* hit = bench->add_subcommand(
+      "hit", "Cost of reads whose blocks are cached: slice and read_at of 4 KiB, 1 and 2 threads");
+  hit->add_flag("--json", hit_flags->json, "Print one JSON document instead of the table");
+  add_log_flag(*hit, hit_flags->log_level);
+
+  return [fetch, fetch_flags, hit, hit_flags]() -> int {
     if (fetch->parsed()) return run_fetch_bench_command(*fetch_flags);
+    if (hit->parsed()) return run_hit_bench_command(*hit_flags);
     return kExitUsage;
   };
 }

@@ -12,8 +12,9 @@ void add_store_flags(CLI::App& command, StoreFlags& flags) {
       ->required();
   command
       .add_option("--fetch", flags.fetch,
-                  "Fetch strategy: streaming (wake each reader as its bytes arrive) or full "
-                  "(wait for whole 4 MiB chunks)")
+                  "Fetch strategy: split (a far reader gets a stream of its own), streaming "
+                  "(one stream per chunk, each reader woken as its bytes arrive) or full (wait "
+                  "for whole 4 MiB chunks)")
       ->capture_default_str();
   command.add_option("--simulate", flags.simulate,
                      "Make the store behave like a remote one: gcs, nfs or ttfb=20ms,bw=100MB/s");
@@ -47,6 +48,13 @@ Result<ChunkerOptions> chunker_options(const StoreFlags& flags) {
   if (!timeout) return timeout.status();
   if (timeout->count() <= 0) return Status::invalid_argument("--timeout must be positive");
   options.fetch_timeout = *timeout;
+  if (!flags.simulate.empty()) {
+    // The simulated link is the best first guess of the link.
+    Result<SimulateProfile> profile = SimulateProfile::parse(flags.simulate);
+    if (!profile) return profile.status();
+    options.expected_ttfb = profile->ttfb;
+    options.expected_bandwidth = profile->bytes_per_second;
+  }
   return options;
 }
 

@@ -18,7 +18,7 @@ constexpr int kExitUsage = 2;
 // The flags every command that reads a store takes, as typed.
 struct StoreFlags {
   std::string store;
-  std::string fetch = "streaming";
+  std::string fetch = "split";
   std::string simulate;
   std::string faults;
   std::string timeout = "60s";

@@ -1,0 +1,143 @@
+#include "bench/hit_bench.h"
+
+#include "bench/bench_util.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <random>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "chunk/chunker.h"
+#include "common/units.h"
+#include "storage/file_store.h"
+#include "testing/pattern.h"
+
+namespace lazyblock {
+namespace {
+
+constexpr uint64_t kObjectSize = 64 * kMiB;
+constexpr uint64_t kBlock = 4096;
+constexpr int kCallsPerSample = 16;
+constexpr int kSamplesPerThread = 20000;
+const std::string kKey = "bench/hit";
+
+// Times `kSamplesPerThread` samples of `kCallsPerSample` calls of `call` in
+// each of `threads` threads; returns per-call nanoseconds, one per sample.
+template <typename Call>
+Result<std::vector<double>> time_calls(int threads, Call call) {
+  std::vector<std::vector<double>> per_thread(threads);
+  std::vector<Status> statuses(threads);
+  std::barrier start(threads);
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] {
+      std::mt19937_64 rng(t + 1);
+      std::vector<uint64_t> offsets(kCallsPerSample);
+      per_thread[t].reserve(kSamplesPerThread);
+      start.arrive_and_wait();
+      for (int s = 0; s < kSamplesPerThread; ++s) {
+        for (uint64_t& offset : offsets) offset = rng() % (kObjectSize / kBlock) * kBlock;
+        const auto begin = std::chrono::steady_clock::now();
+        for (uint64_t offset : offsets) {
+          if (Status status = call(offset); !status.is_ok()) {
+            statuses[t] = status;
+            return;
+          }
+        }
+        const auto end = std::chrono::steady_clock::now();
+        per_thread[t].push_back(std::chrono::duration<double, std::nano>(end - begin).count() /
+                                kCallsPerSample);
+      }
+    });
+  }
+  for (std::thread& worker : workers) worker.join();
+  for (const Status& status : statuses) LB_RETURN_IF_ERROR(status);
+  std::vector<double> all;
+  for (const std::vector<double>& samples : per_thread) {
+    all.insert(all.end(), samples.begin(), samples.end());
+  }
+  std::sort(all.begin(), all.end());
+  return all;
+}
+
+}  // namespace
+
+Result<HitBenchReport> run_hit_bench() {
+  Result<ScratchDir> scratch = ScratchDir::create();
+  if (!scratch) return scratch.status();
+  const std::filesystem::path& dir = scratch->path();
+  Result<std::shared_ptr<FileStore>> files = FileStore::open(dir);
+  if (!files) return files.status();
+  LB_RETURN_IF_ERROR((*files)->put(kKey, testing::make_pattern(1, 0, kObjectSize), IoContext{}));
+  ChunkerOptions options;
+  options.cache_dir = dir;
+  Result<std::unique_ptr<Chunker>> chunker = make_chunker(*files, kKey, kObjectSize, options);
+  if (!chunker) return chunker.status();
+  Chunker& c = **chunker;
+  // Warm: every block cached.
+  Result<std::span<const std::byte>> whole = c.slice(0, kObjectSize);
+  if (!whole) return whole.status();
+
+  HitBenchReport report;
+  for (int threads : {1, 2}) {
+    // slice: a view; touch its first byte so that the call is not optimised
+    // into nothing and the page is really mapped.
+    std::atomic<uint64_t> sink{0};
+    Result<std::vector<double>> slice_ns = time_calls(threads, [&](uint64_t offset) {
+      Result<std::span<const std::byte>> view = c.slice(offset, kBlock);
+      if (!view) return view.status();
+      sink.fetch_add(static_cast<uint64_t>((*view)[0]), std::memory_order_relaxed);
+      return Status::ok();
+    });
+    if (!slice_ns) return slice_ns.status();
+    report.results.push_back(
+        {"slice", threads, percentile(*slice_ns, 0.5), percentile(*slice_ns, 0.99)});
+
+    Result<std::vector<double>> read_ns = time_calls(threads, [&](uint64_t offset) {
+      thread_local std::vector<std::byte> buffer(kBlock);
+      Result<size_t> got = c.read_at(buffer, offset);
+      if (!got) return got.status();
+      return Status::ok();
+    });
+    if (!read_ns) return read_ns.status();
+    report.results.push_back(
+        {"read_at", threads, percentile(*read_ns, 0.5), percentile(*read_ns, 0.99)});
+  }
+  if (c.stats().requests != div_round_up(kObjectSize, options.chunk_size)) {
+    return Status::io_error("bench hit: a cached read went to the store");
+  }
+  return report;
+}
+
+std::string format_hit_report(const HitBenchReport& report) {
+  std::string out = fmt::format(
+      "bench hit: cached {}-byte reads of a {} object ({} calls per timed sample)\n\n"
+      "{:<8} {:>7} {:>10} {:>10}\n",
+      kBlock, format_size(kObjectSize), kCallsPerSample, "call", "threads", "median ns",
+      "p99 ns");
+  for (const HitResult& r : report.results) {
+    out += fmt::format("{:<8} {:>7} {:>10.0f} {:>10.0f}\n", r.name, r.threads, r.median_ns,
+                       r.p99_ns);
+  }
+  return out;
+}
+
+nlohmann::json hit_report_json(const HitBenchReport& report) {
+  nlohmann::json results = nlohmann::json::array();
+  for (const HitResult& r : report.results) {
+    results.push_back({{"name", r.name},
+                       {"threads", r.threads},
+                       {"median_ns", r.median_ns},
+                       {"p99_ns", r.p99_ns}});
+  }
+  return {{"results", std::move(results)}};
+}
+
+}  // namespace lazyblock

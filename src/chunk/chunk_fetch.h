@@ -1,0 +1,134 @@
+// ChunkFetch: the streams filling one chunk of the cache, and the callers
+// waiting on them. Shared by every fetch strategy.
+//
+// A stream reads [begin, end) of the chunk from the store in batches and
+// writes each batch to the cache as it arrives (skipping blocks already
+// cached, so a cached block is never written twice), then publishes: blocks
+// wholly written are marked cached and waiters whose ranges are now cached are
+// woken. `full` publishes once, when its stream ends; `streaming` and `split`
+// after every batch, and stop each read at the next waiter's end so that it
+// is woken the moment its bytes are in.
+//
+// Every uncached block a caller needs is covered by exactly one running
+// stream: a caller starts streams for the gaps (from the first missing block
+// of the gap to the next stream or the chunk's end). Under `split`, a caller
+// whose bytes the covering stream would bring later than a new request would
+// cuts that stream at a block boundary past what it has in flight, and starts
+// a new stream from there to the old end. A stream past its deadline is cut
+// the same way, so that a new caller never inherits its timeout.
+//
+// When a stream ends it publishes what it wrote whole; if it failed, each
+// waiter that needed one of the blocks it did not deliver gets its error.
+// When the last stream ends the fetch leaves the chunker's table.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "chunk/fetch_context.h"
+#include "common/status.h"
+
+namespace lazyblock {
+
+class FetchStream;
+
+class ChunkFetch : public std::enable_shared_from_this<ChunkFetch> {
+ public:
+  ChunkFetch(FetchContext& context, uint64_t chunk);
+
+  // Waits until every block of [begin, end) (within this chunk, within the
+  // object, whose size is known) is cached, scheduling streams as the
+  // strategy says. `lock` holds context.mu. OK once the range is cached or
+  // when every stream has ended without delivering it (the caller looks
+  // again); else the error of a stream that was to deliver part of the range,
+  // or kTimeout.
+  Status wait_for(std::unique_lock<std::mutex>& lock, uint64_t begin, uint64_t end);
+
+  // Starts streams for the uncached blocks of [begin, end) that no stream
+  // covers; with the object's size unknown, a stream for the whole chunk if
+  // none runs. Requires context.mu held.
+  void cover_locked(uint64_t begin, uint64_t end);
+
+  // Requires context.mu held.
+  bool finished_locked() const { return streams_.empty(); }
+  // The error of the last stream that failed, if any. Requires context.mu.
+  const Status& last_error_locked() const { return last_error_; }
+
+ private:
+  friend class FetchStream;
+
+  struct Waiter {
+    uint64_t begin;
+    uint64_t end;
+    Clock::time_point since;  // when it began to wait
+    bool done = false;
+    Status status;  // set with done
+  };
+
+  // Under `split`, cuts the stream that covers the first missing block of
+  // [begin, end) if a new stream would bring the range sooner.
+  void maybe_split_locked(uint64_t begin, uint64_t end);
+  void start_stream_locked(uint64_t begin, uint64_t end);
+  // The running stream whose range holds `offset`, or nullptr.
+  FetchStream* stream_covering_locked(uint64_t offset) const;
+  // Ends the waits of waiters whose ranges are cached.
+  void wake_cached_locked();
+  // The end of the first waiter ending in (position, limit], or `limit`.
+  uint64_t next_wake_locked(uint64_t position, uint64_t limit) const;
+  // Called by a stream when it is over, with the status it ended with.
+  void stream_ended(FetchStream& stream, const Status& status);
+
+  FetchContext& context_;
+  const uint64_t chunk_;
+
+  // State below is protected by context_.mu.
+  std::condition_variable cv_;
+  std::vector<std::shared_ptr<FetchStream>> streams_;  // running
+  std::multimap<uint64_t, Waiter*> waiters_;           // by the end of their range
+  Status last_error_;
+};
+
+// One range stream of a chunk fetch. Runs on a thread of its own.
+class FetchStream {
+ public:
+  FetchStream(std::shared_ptr<ChunkFetch> fetch, uint64_t begin, uint64_t end,
+              Clock::time_point deadline);
+
+  // Streams the range to its (possibly cut) end, then reports to the fetch.
+  void run();
+
+ private:
+  friend class ChunkFetch;
+
+  Status stream();
+  // Records that bytes up to `position` have arrived; marks the blocks
+  // wholly written and wakes waiters if `publish` (always at the end).
+  void advance(uint64_t position, bool publish);
+
+  const std::shared_ptr<ChunkFetch> fetch_;
+  FetchContext& context_;
+  const uint64_t begin_;
+  const Clock::time_point deadline_;
+  const IoContext io_;
+  const std::string name_;  // "KEY [begin, end)" for messages
+  const Clock::time_point opened_at_;
+
+  // Owned by the stream's thread.
+  BlockCache* cache_ = nullptr;
+  uint64_t marked_;  // blocks [begin_, marked_) are marked cached
+
+  // State below is protected by context.mu (written by the stream's thread,
+  // read by callers planning streams).
+  uint64_t requested_end_;  // the end asked of the store (clipped to the object)
+  uint64_t end_;            // where the stream stops: requested_end_ or a cut
+  uint64_t position_;       // bytes [begin_, position_) have arrived
+  uint64_t reading_until_;  // the end of the read in flight
+  std::optional<Clock::time_point> first_byte_at_;
+};
+
+}  // namespace lazyblock
