@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
@@ -291,6 +292,11 @@ Status FetchStream::stream() {
       reading_until_ = position + want;
     }
     LB_RETURN_IF_ERROR(io_.check("fetch " + name_));
+    if (want == kReadBatch && context_.waiting.load(std::memory_order_relaxed) > 0) {
+      // No one waits on this batch while someone waits elsewhere: let the
+      // threads that serve them have the CPU first.
+      std::this_thread::yield();
+    }
     Result<size_t> got = reader.read(batch.first(want));
     if (!got) return got.status().with_context("fetch " + name_);
     if (*got == 0) {
