@@ -19,6 +19,7 @@
 #include "common/units.h"
 #include "storage/file_store.h"
 #include "testing/pattern.h"
+#include "testing/scratch_dir.h"
 
 namespace lazyblock {
 namespace {
@@ -124,7 +125,7 @@ Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
   // here inherit it.
   ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
 
-  Result<ScratchDir> scratch = ScratchDir::create();
+  Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
   if (!scratch) return scratch.status();
   std::filesystem::create_directories(scratch->path() / "store");
   Result<std::shared_ptr<FileStore>> files = FileStore::open(scratch->path() / "store");

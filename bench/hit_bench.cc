@@ -18,6 +18,7 @@
 #include "common/units.h"
 #include "storage/file_store.h"
 #include "testing/pattern.h"
+#include "testing/scratch_dir.h"
 
 namespace lazyblock {
 namespace {
@@ -70,7 +71,7 @@ Result<std::vector<double>> time_calls(int threads, Call call) {
 }  // namespace
 
 Result<HitBenchReport> run_hit_bench() {
-  Result<ScratchDir> scratch = ScratchDir::create();
+  Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
   if (!scratch) return scratch.status();
   const std::filesystem::path& dir = scratch->path();
   Result<std::shared_ptr<FileStore>> files = FileStore::open(dir);

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <optional>
 #include <fstream>
 #include <iterator>
 #include <string>
@@ -17,6 +18,7 @@
 #include "common/units.h"
 #include "storage/file_store.h"
 #include "testing/pattern.h"
+#include "testing/scratch_dir.h"
 
 namespace lazyblock {
 namespace {
@@ -62,14 +64,13 @@ Outcome run_lazyblock(const std::filesystem::path& dir, std::vector<std::string>
 class CliTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = std::filesystem::path(::testing::TempDir()) /
-           ("cli_test_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::remove_all(dir_);
+    Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
+    ASSERT_TRUE(scratch) << scratch.status().to_string();
+    scratch_ = std::move(scratch).value();
+    dir_ = scratch_->path();
     std::filesystem::create_directories(dir_ / "store");
     store_url_ = "file://" + (dir_ / "store").string();
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   std::string put_object(const std::string& key, uint64_t size) {
     Result<std::shared_ptr<FileStore>> store = FileStore::open(dir_ / "store");
@@ -79,6 +80,7 @@ class CliTest : public ::testing::Test {
     return std::string(reinterpret_cast<const char*>(data.data()), data.size());
   }
 
+  std::optional<testing::ScratchDir> scratch_;
   std::filesystem::path dir_;
   std::string store_url_;
 };

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <filesystem>
+#include <optional>
 #include <random>
 #include <thread>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "storage/fault_store.h"
 #include "storage/file_store.h"
 #include "testing/pattern.h"
+#include "testing/scratch_dir.h"
 
 namespace lazyblock {
 
@@ -34,10 +36,10 @@ const std::string kKey = "build/memfile";
 class ChunkerFixture : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = std::filesystem::path(::testing::TempDir()) /
-           ("chunker_test_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::remove_all(dir_);
+    Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
+    ASSERT_TRUE(scratch) << scratch.status().to_string();
+    scratch_ = std::move(scratch).value();
+    dir_ = scratch_->path();
     std::filesystem::create_directories(dir_ / "root");
     std::filesystem::create_directories(dir_ / "cache");
     Result<std::shared_ptr<FileStore>> files = FileStore::open(dir_ / "root");
@@ -45,7 +47,6 @@ class ChunkerFixture : public ::testing::Test {
     files_ = *files;
     faults_ = std::make_shared<FaultStore>(files_);
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   void put_object(uint64_t size) {
     size_ = size;
@@ -82,6 +83,7 @@ class ChunkerFixture : public ::testing::Test {
   }
 
   FetchStrategy strategy_ = FetchStrategy::kStreaming;
+  std::optional<testing::ScratchDir> scratch_;
   std::filesystem::path dir_;
   std::shared_ptr<FileStore> files_;
   std::shared_ptr<FaultStore> faults_;

@@ -4,12 +4,14 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include "common/units.h"
 #include "storage/file_store.h"
 #include "testing/pattern.h"
+#include "testing/scratch_dir.h"
 
 namespace lazyblock {
 namespace {
@@ -45,16 +47,14 @@ TEST(FaultSpecTest, RejectsUnknownFaultsAndBadNumbers) {
 class FaultStoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = std::filesystem::path(::testing::TempDir()) /
-           ("fault_store_test_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::remove_all(dir_);
-    std::filesystem::create_directories(dir_);
+    Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
+    ASSERT_TRUE(scratch) << scratch.status().to_string();
+    scratch_ = std::move(scratch).value();
+    dir_ = scratch_->path();
     files_ = *FileStore::open(dir_);
     ASSERT_TRUE(files_->put("obj", make_pattern(21, 0, kObjectSize), IoContext{}).is_ok());
     store_ = std::make_shared<FaultStore>(files_);
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   // Reads the range [offset, offset + length) to its end or first error;
   // returns the bytes that arrived and the error, if any.
@@ -73,6 +73,7 @@ class FaultStoreTest : public ::testing::Test {
   }
 
   static constexpr uint64_t kObjectSize = 100000;
+  std::optional<testing::ScratchDir> scratch_;
   std::filesystem::path dir_;
   std::shared_ptr<FileStore> files_;
   std::shared_ptr<FaultStore> store_;

@@ -4,10 +4,12 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <optional>
 #include <fstream>
 #include <vector>
 
 #include "testing/pattern.h"
+#include "testing/scratch_dir.h"
 
 namespace lazyblock {
 namespace {
@@ -18,16 +20,15 @@ using testing::make_pattern;
 class FileStoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = std::filesystem::path(::testing::TempDir()) /
-           ("file_store_test_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::remove_all(dir_);
+    Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
+    ASSERT_TRUE(scratch) << scratch.status().to_string();
+    scratch_ = std::move(scratch).value();
+    dir_ = scratch_->path();
     std::filesystem::create_directories(dir_ / "root");
     Result<std::shared_ptr<FileStore>> opened = FileStore::open(dir_ / "root");
     ASSERT_TRUE(opened) << opened.status().to_string();
     store_ = *opened;
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   // Reads the whole range through `reader`, in reads of at most `step` bytes.
   static std::vector<std::byte> drain(RangeReader& reader, size_t step = 1000) {
@@ -41,6 +42,7 @@ class FileStoreTest : public ::testing::Test {
     }
   }
 
+  std::optional<testing::ScratchDir> scratch_;
   std::filesystem::path dir_;
   std::shared_ptr<FileStore> store_;
 };

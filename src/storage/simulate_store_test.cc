@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <optional>
 #include <stop_token>
 #include <thread>
 #include <vector>
@@ -11,6 +12,7 @@
 #include "common/units.h"
 #include "storage/file_store.h"
 #include "testing/pattern.h"
+#include "testing/scratch_dir.h"
 
 namespace lazyblock {
 namespace {
@@ -56,16 +58,15 @@ TEST(SimulateProfileTest, RejectsNonsense) {
 class SimulateStoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = std::filesystem::path(::testing::TempDir()) /
-           ("simulate_store_test_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::remove_all(dir_);
-    std::filesystem::create_directories(dir_);
+    Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
+    ASSERT_TRUE(scratch) << scratch.status().to_string();
+    scratch_ = std::move(scratch).value();
+    dir_ = scratch_->path();
     files_ = *FileStore::open(dir_);
     ASSERT_TRUE(files_->put("obj", make_pattern(11, 0, 4 * kMiB), IoContext{}).is_ok());
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
+  std::optional<testing::ScratchDir> scratch_;
   std::filesystem::path dir_;
   std::shared_ptr<FileStore> files_;
 };
