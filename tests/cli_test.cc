@@ -214,5 +214,18 @@ TEST_F(CliTest, BenchHitJsonHasTheDocumentedShape) {
   }
 }
 
+TEST_F(CliTest, BenchSeqJsonHasTheDocumentedShape) {
+  Outcome run = run_lazyblock(dir_, {"bench", "seq", "--profile", "ttfb=1ms,bw=1GB/s", "--size",
+                                     "37MiB", "--parallel", "3", "--json"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  const nlohmann::json doc = nlohmann::json::parse(run.out);
+  EXPECT_EQ(doc.at("profile"), "ttfb=1ms,bw=1GB/s");
+  EXPECT_EQ(doc.at("size"), 37 * kMiB);
+  EXPECT_DOUBLE_EQ(doc.at("limit_mb_per_s").get<double>(), 3 * 1000.0);
+  EXPECT_GT(doc.at("mb_per_s").get<double>(), 0);
+  // Every chunk fetched (split may cut a chunk into more streams).
+  EXPECT_GE(doc.at("requests").get<uint64_t>(), 10u);
+}
+
 }  // namespace
 }  // namespace lazyblock

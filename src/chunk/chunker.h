@@ -59,6 +59,10 @@ struct ChunkerOptions {
   // run in the whole chunker, counting every strategy's streams.
   int max_streams_per_chunk = 8;
   int max_streams = 64;
+  // write_to keeps this many chunks in flight (the one being written out and
+  // those after it), so that a whole-object read runs at several streams'
+  // bandwidth.
+  int write_parallelism = 8;
   // First guesses at the store's time to first byte and per-stream bandwidth,
   // refined by what streams observe; the split strategy plans with them.
   std::chrono::nanoseconds expected_ttfb = std::chrono::milliseconds(20);

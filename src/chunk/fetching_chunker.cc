@@ -8,12 +8,6 @@
 #include "common/units.h"
 
 namespace lazyblock {
-namespace {
-
-// Chunks kept in flight ahead of the one write_to is writing out.
-constexpr uint64_t kWriteAheadChunks = 4;
-
-}  // namespace
 
 Result<FetchStrategy> parse_fetch_strategy(std::string_view name) {
   if (name == "full") return FetchStrategy::kFull;
@@ -45,6 +39,7 @@ Result<std::unique_ptr<Chunker>> make_chunker(std::shared_ptr<ObjectStore> store
     return Status::invalid_argument("the fetch timeout must be positive");
   }
   if (options.max_streams_per_chunk < 1 || options.max_streams < 1 ||
+      options.write_parallelism < 1 ||
       options.expected_bandwidth <= 0 || options.expected_ttfb.count() < 0) {
     return Status::invalid_argument(
         "stream bounds must be at least 1, and the expected link sane (bandwidth > 0)");
@@ -186,7 +181,8 @@ Status FetchingChunker::write_to(ByteSink& sink) {
   for (uint64_t chunk = 0; chunk < chunks; ++chunk) {
     {
       std::lock_guard lock(context_.mu);
-      for (uint64_t ahead = chunk + 1; ahead < std::min(chunks, chunk + kWriteAheadChunks);
+      const uint64_t window = static_cast<uint64_t>(context_.options.write_parallelism);
+      for (uint64_t ahead = chunk + 1; ahead < std::min(chunks, chunk + window);
            ++ahead) {
         prefetch_locked(ahead);
       }

@@ -7,6 +7,7 @@
 
 #include "bench/fetch_bench.h"
 #include "bench/hit_bench.h"
+#include "bench/seq_bench.h"
 #include "cli/commands.h"
 #include "cli/flags.h"
 #include "common/units.h"
@@ -84,6 +85,39 @@ int run_hit_bench_command(const HitBenchFlags& flags) {
   return 0;
 }
 
+struct SeqBenchFlags {
+  std::string profile;
+  std::string size = "1GiB";
+  int parallelism = 8;
+  std::string fetch = "split";
+  bool json = false;
+  std::string log_level = "warn";
+};
+
+int run_seq_bench_command(const SeqBenchFlags& flags) {
+  if (Status s = apply_log_level(flags.log_level); !s.is_ok()) return report_failure(s);
+  SeqBenchOptions options;
+  Result<SimulateProfile> profile = SimulateProfile::parse(flags.profile);
+  if (!profile) return report_failure(profile.status());
+  options.profile_name = flags.profile;
+  options.profile = *profile;
+  Result<uint64_t> size = parse_size(flags.size);
+  if (!size) return report_failure(size.status());
+  options.size = *size;
+  options.parallelism = flags.parallelism;
+  Result<FetchStrategy> strategy = parse_fetch_strategy(flags.fetch);
+  if (!strategy) return report_failure(strategy.status());
+  options.strategy = *strategy;
+  Result<SeqBenchReport> report = run_seq_bench(options);
+  if (!report) return report_failure(report.status().with_context("bench seq"));
+  if (flags.json) {
+    std::printf("%s\n", seq_report_json(*report).dump(2).c_str());
+  } else {
+    std::printf("%s", format_seq_report(*report).c_str());
+  }
+  return 0;
+}
+
 }  // namespace
 
 CommandRunner add_bench_command(CLI::App& app) {
@@ -119,9 +153,24 @@ CommandRunner add_bench_command(CLI::App& app) {
   hit->add_flag("--json", hit_flags->json, "Print one JSON document instead of the table");
   add_log_flag(*hit, hit_flags->log_level);
 
-  return [fetch, fetch_flags, hit, hit_flags]() -> int {
+  auto seq_flags = std::make_shared<SeqBenchFlags>();
+  CLI::App* seq = bench->add_subcommand(
+      "seq", "Cold sequential read of a whole object behind a simulated store, in MB/s");
+  seq->add_option("--profile", seq_flags->profile,
+                  "gcs (20ms, 100MB/s), nfs (1ms, 500MB/s) or ttfb=MS,bw=MBPS")
+      ->required();
+  seq->add_option("--size", seq_flags->size, "Object size, e.g. 1GiB")->capture_default_str();
+  seq->add_option("--parallel", seq_flags->parallelism, "Chunks kept in flight")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  seq->add_option("--fetch", seq_flags->fetch, "Fetch strategy")->capture_default_str();
+  seq->add_flag("--json", seq_flags->json, "Print one JSON document instead of the line");
+  add_log_flag(*seq, seq_flags->log_level);
+
+  return [fetch, fetch_flags, hit, hit_flags, seq, seq_flags]() -> int {
     if (fetch->parsed()) return run_fetch_bench_command(*fetch_flags);
     if (hit->parsed()) return run_hit_bench_command(*hit_flags);
+    if (seq->parsed()) return run_seq_bench_command(*seq_flags);
     return kExitUsage;
   };
 }

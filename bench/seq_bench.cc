@@ -1,0 +1,124 @@
+#include "bench/seq_bench.h"
+
+#include <sys/prctl.h>
+
+#include <fstream>
+
+#include <fmt/format.h>
+
+#include "common/units.h"
+#include "storage/file_store.h"
+#include "testing/pattern.h"
+#include "testing/scratch_dir.h"
+
+namespace lazyblock {
+namespace {
+
+constexpr uint64_t kPatternSeed = 5;
+const std::string kKey = "bench/seq";
+
+// Counts what it is given; the timed pass keeps the sink out of the figure.
+class CountingSink final : public ByteSink {
+ public:
+  Status write(std::span<const std::byte> data) override {
+    bytes += data.size();
+    return Status::ok();
+  }
+  uint64_t bytes = 0;
+};
+
+// Checks what it is given against the pattern.
+class VerifyingSink final : public ByteSink {
+ public:
+  Status write(std::span<const std::byte> data) override {
+    const size_t bad = testing::first_pattern_mismatch(kPatternSeed, offset, data);
+    if (bad != data.size()) {
+      return Status::corruption(fmt::format("bench seq: wrong byte at offset {}", offset + bad));
+    }
+    offset += data.size();
+    return Status::ok();
+  }
+  uint64_t offset = 0;
+};
+
+// Writes the pattern object straight to the store's directory, in pieces,
+// so that a large object need not sit in memory whole.
+Status write_object(const std::filesystem::path& path, uint64_t size) {
+  std::filesystem::create_directories(path.parent_path());
+  std::ofstream out(path, std::ios::binary);
+  constexpr uint64_t kPiece = 16 * kMiB;
+  for (uint64_t offset = 0; offset < size; offset += kPiece) {
+    const std::vector<std::byte> piece =
+        testing::make_pattern(kPatternSeed, offset, std::min(kPiece, size - offset));
+    out.write(reinterpret_cast<const char*>(piece.data()), static_cast<std::streamsize>(piece.size()));
+  }
+  out.close();
+  if (!out) return Status::io_error("bench seq: cannot write the object to " + path.string());
+  return Status::ok();
+}
+
+}  // namespace
+
+Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
+  if (options.size == 0 || options.parallelism < 1) {
+    return Status::invalid_argument("bench seq needs a size > 0 and --parallel >= 1");
+  }
+  ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);  // as in bench fetch: precise pacing
+  Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
+  if (!scratch) return scratch.status();
+  LB_RETURN_IF_ERROR(write_object(scratch->path() / "store" / kKey, options.size));
+  Result<std::shared_ptr<FileStore>> files = FileStore::open(scratch->path() / "store");
+  if (!files) return files.status();
+  auto store = std::make_shared<SimulateStore>(*files, options.profile);
+
+  ChunkerOptions chunker_options;
+  chunker_options.strategy = options.strategy;
+  chunker_options.write_parallelism = options.parallelism;
+  chunker_options.cache_dir = scratch->path();
+  chunker_options.expected_ttfb = options.profile.ttfb;
+  chunker_options.expected_bandwidth = options.profile.bytes_per_second;
+  Result<std::unique_ptr<Chunker>> chunker =
+      make_chunker(store, kKey, options.size, chunker_options);
+  if (!chunker) return chunker.status();
+
+  CountingSink counted;
+  const auto begin = Clock::now();
+  LB_RETURN_IF_ERROR((*chunker)->write_to(counted));
+  const double seconds = std::chrono::duration<double>(Clock::now() - begin).count();
+  if (counted.bytes != options.size) {
+    return Status::corruption(fmt::format("bench seq: wrote {} of {} bytes", counted.bytes,
+                                          options.size));
+  }
+  VerifyingSink verified;  // untimed, from the cache
+  LB_RETURN_IF_ERROR((*chunker)->write_to(verified));
+
+  SeqBenchReport report;
+  report.options = options;
+  report.seconds = seconds;
+  report.mb_per_s = static_cast<double>(options.size) / 1e6 / seconds;
+  report.limit_mb_per_s = options.parallelism * options.profile.bytes_per_second / 1e6;
+  report.requests = (*chunker)->stats().requests;
+  return report;
+}
+
+std::string format_seq_report(const SeqBenchReport& report) {
+  const SeqBenchOptions& o = report.options;
+  return fmt::format(
+      "bench seq: cold write_to of a {} object, profile {} ({}), {} chunks in flight, {}\n"
+      "{:.0f} MB/s in {:.2f} s ({:.0f}% of the limit {:.0f} MB/s = {} streams x {:.0f} MB/s), "
+      "{} requests, output byte-exact\n",
+      format_size(o.size), o.profile_name, o.profile.to_string(), o.parallelism,
+      fetch_strategy_name(o.strategy), report.mb_per_s, report.seconds,
+      100 * report.mb_per_s / report.limit_mb_per_s, report.limit_mb_per_s, o.parallelism,
+      o.profile.bytes_per_second / 1e6, report.requests);
+}
+
+nlohmann::json seq_report_json(const SeqBenchReport& report) {
+  return {{"profile", report.options.profile_name},
+          {"size", report.options.size},
+          {"mb_per_s", report.mb_per_s},
+          {"limit_mb_per_s", report.limit_mb_per_s},
+          {"requests", report.requests}};
+}
+
+}  // namespace lazyblock

@@ -1,0 +1,38 @@
+// `lazyblock bench seq`: a cold whole-object read (write_to) through a
+// simulated store, in MB/s (10^6 bytes), beside its limit: the chunks kept in
+// flight times the per-stream bandwidth. The output is checked byte for byte
+// in a second, untimed pass.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "chunk/chunker.h"
+#include "common/status.h"
+#include "storage/simulate_store.h"
+
+namespace lazyblock {
+
+struct SeqBenchOptions {
+  std::string profile_name;
+  SimulateProfile profile;
+  uint64_t size = 1ULL << 30;
+  int parallelism = 8;
+  FetchStrategy strategy = FetchStrategy::kSplit;
+};
+
+struct SeqBenchReport {
+  SeqBenchOptions options;
+  double seconds = 0;
+  double mb_per_s = 0;
+  double limit_mb_per_s = 0;
+  uint64_t requests = 0;
+};
+
+Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options);
+std::string format_seq_report(const SeqBenchReport& report);
+nlohmann::json seq_report_json(const SeqBenchReport& report);
+
+}  // namespace lazyblock
