@@ -73,7 +73,7 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
 
   ChunkerOptions chunker_options;
   chunker_options.strategy = options.strategy;
-  chunker_options.write_parallelism = options.parallelism;
+  chunker_options.readahead_streams = options.parallelism;
   chunker_options.cache_dir = scratch->path();
   chunker_options.expected_ttfb = options.profile.ttfb;
   chunker_options.expected_bandwidth = options.profile.bytes_per_second;
@@ -104,7 +104,7 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
 std::string format_seq_report(const SeqBenchReport& report) {
   const SeqBenchOptions& o = report.options;
   return fmt::format(
-      "bench seq: cold write_to of a {} object, profile {} ({}), {} chunks in flight, {}\n"
+      "bench seq: cold write_to of a {} object, profile {} ({}), {} streams, {}\n"
       "{:.0f} MB/s in {:.2f} s ({:.0f}% of the limit {:.0f} MB/s = {} streams x {:.0f} MB/s), "
       "{} requests, output byte-exact\n",
       format_size(o.size), o.profile_name, o.profile.to_string(), o.parallelism,

@@ -111,6 +111,14 @@ TEST_F(CliTest, CatThroughASimulatedStore) {
   EXPECT_TRUE(run.out == expected);
 }
 
+TEST_F(CliTest, CatWithFewStreamsAndNoReadahead) {
+  const std::string expected = put_object("obj", 9 * kMiB + 7);
+  Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "--parallel",
+                                     "1", "--no-readahead"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  EXPECT_TRUE(run.out == expected);
+}
+
 TEST_F(CliTest, MissingKeyIsAnErrorNamingTheKey) {
   Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "no/such/object"});
   EXPECT_EQ(run.status, 1);
@@ -153,6 +161,9 @@ TEST_F(CliTest, UsageErrorsExitWithTwo) {
                 .status,
             2);
   EXPECT_EQ(run_lazyblock(dir_, {"bench", "fetch", "--profile", "moon"}).status, 2);
+  EXPECT_EQ(run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "x", "--parallel", "0"})
+                .status,
+            2);
 }
 
 TEST_F(CliTest, HelpExplainsTheCommands) {

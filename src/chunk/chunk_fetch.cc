@@ -143,6 +143,7 @@ void ChunkFetch::start_stream_locked(uint64_t begin, uint64_t end) {
                                               Clock::now() + context_.options.fetch_timeout);
   streams_.push_back(stream);
   ++context_.streams;
+  ++context_.busy_streams;
   context_.tasks->spawn([stream] { stream->run(); });
 }
 
@@ -177,6 +178,10 @@ uint64_t ChunkFetch::next_wake_locked(uint64_t position, uint64_t limit) const {
 void ChunkFetch::stream_ended(FetchStream& stream, const Status& status) {
   std::lock_guard lock(context_.mu);
   --context_.streams;
+  if (stream.busy_) {
+    stream.busy_ = false;
+    --context_.busy_streams;
+  }
   std::erase_if(streams_, [&](const std::shared_ptr<FetchStream>& s) { return s.get() == &stream; });
   BlockCache* cache = context_.cache.load(std::memory_order_acquire);
   if (cache != nullptr) wake_cached_locked();
@@ -211,6 +216,7 @@ void ChunkFetch::stream_ended(FetchStream& stream, const Status& status) {
   }
   cv_.notify_all();
   context_.size_learned.notify_all();
+  context_.pump_readahead_locked();
 }
 
 FetchStream::FetchStream(std::shared_ptr<ChunkFetch> fetch, uint64_t begin, uint64_t end,
@@ -343,6 +349,17 @@ void FetchStream::advance(uint64_t position, bool publish) {
   std::lock_guard lock(context_.mu);
   position_ = position;
   if (publish) fetch_->wake_cached_locked();
+  release_if_ending_locked();
+}
+
+void FetchStream::release_if_ending_locked() {
+  if (!busy_) return;
+  const LinkEstimate& link = context_.estimate;
+  const double rest_seconds = static_cast<double>(end_ - position_) / link.bytes_per_second;
+  if (rest_seconds > link.ttfb_seconds) return;
+  busy_ = false;
+  --context_.busy_streams;
+  context_.pump_readahead_locked();
 }
 
 }  // namespace lazyblock

@@ -109,6 +109,10 @@ class FetchStream {
   // Records that bytes up to `position` have arrived; marks the blocks
   // wholly written and wakes waiters if `publish` (always at the end).
   void advance(uint64_t position, bool publish);
+  // Stops counting as busy once the rest of the stream will take less than
+  // a new request's time to first byte, and lets readahead start the next.
+  // Requires context.mu held.
+  void release_if_ending_locked();
 
   const std::shared_ptr<ChunkFetch> fetch_;
   FetchContext& context_;
@@ -129,6 +133,7 @@ class FetchStream {
   uint64_t position_;       // bytes [begin_, position_) have arrived
   uint64_t reading_until_;  // the end of the read in flight
   std::optional<Clock::time_point> first_byte_at_;
+  bool busy_ = true;  // counted in context.busy_streams (see fetch_context.h)
 };
 
 }  // namespace lazyblock

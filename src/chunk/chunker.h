@@ -59,10 +59,15 @@ struct ChunkerOptions {
   // run in the whole chunker, counting every strategy's streams.
   int max_streams_per_chunk = 8;
   int max_streams = 64;
-  // write_to keeps this many chunks in flight (the one being written out and
-  // those after it), so that a whole-object read runs at several streams'
-  // bandwidth.
-  int write_parallelism = 8;
+  // Sequential reads (write_to, and runs of read_at/slice each starting where
+  // the last ended) keep this many streams transferring ahead of the reader:
+  // the next chunk's request goes out one time-to-first-byte before a stream
+  // ends, so the wait for its first byte overlaps the others' transfers.
+  int readahead_streams = 8;
+  // Whether runs of sequential read_at/slice grow a readahead window (from
+  // 1 MiB, doubling per read up to 2 x readahead_streams chunks). Random reads
+  // never read ahead; write_to always does.
+  bool readahead = true;
   // First guesses at the store's time to first byte and per-stream bandwidth,
   // refined by what streams observe; the split strategy plans with them.
   std::chrono::nanoseconds expected_ttfb = std::chrono::milliseconds(20);

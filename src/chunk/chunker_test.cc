@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <filesystem>
@@ -570,6 +571,101 @@ TEST_P(ChunkerTest, ACallerGivesUpAtTheDeadlineEvenIfTheStoreHangs) {
   made->reset();
 }
 
+// A store layer that records where each range stream starts.
+class RecordingStore final : public StoreLayer {
+ public:
+  using StoreLayer::StoreLayer;
+  Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
+                                                  uint64_t length, const IoContext& io) override {
+    {
+      std::lock_guard lock(mu_);
+      opened_at_.push_back(offset);
+    }
+    return StoreLayer::open_range(key, offset, length, io);
+  }
+  // The chunks whose first byte a stream started at, sorted.
+  std::vector<uint64_t> chunks_opened() {
+    std::lock_guard lock(mu_);
+    std::vector<uint64_t> chunks;
+    for (uint64_t offset : opened_at_) {
+      if (offset % kChunk == 0) chunks.push_back(offset / kChunk);
+    }
+    std::sort(chunks.begin(), chunks.end());
+    return chunks;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<uint64_t> opened_at_;  // guarded by mu_
+};
+
+class ReadaheadTest : public ChunkerTest {
+ protected:
+  // A chunker over a recording store, with readahead on or off.
+  std::unique_ptr<Chunker> recorded_chunker(bool readahead) {
+    recorder_ = std::make_shared<RecordingStore>(files_);
+    ChunkerOptions o = options();
+    o.readahead = readahead;
+    Result<std::unique_ptr<Chunker>> made = make_chunker(recorder_, kKey, size_, o);
+    EXPECT_TRUE(made) << made.status().to_string();
+    return made ? std::move(made).value() : nullptr;
+  }
+  std::shared_ptr<RecordingStore> recorder_;
+};
+
+TEST_P(ReadaheadTest, SequentialReadsFetchTheChunksAhead) {
+  put_object(8 * kChunk);
+  auto c = recorded_chunker(/*readahead=*/true);
+  // Eight sequential 64 KiB reads, all inside chunk 0: the window grows from
+  // 1 MiB by doubling to 128 MiB, far past chunk 0.
+  for (uint64_t offset = 0; offset < 8 * 64 * kKiB; offset += 64 * kKiB) {
+    ASSERT_TRUE(read_and_check(*c, offset, 64 * kKiB).is_ok());
+  }
+  wait_for_streams_to_end(*c);
+  // Readahead runs at most 2 x readahead_streams chunks ahead: all 8 here.
+  EXPECT_EQ(recorder_->chunks_opened(), (std::vector<uint64_t>{0, 1, 2, 3, 4, 5, 6, 7}));
+  EXPECT_TRUE(read_and_check(*c, 0, size_).is_ok());
+  EXPECT_EQ(c->stats().bytes, size_);  // nothing fetched twice
+}
+
+TEST_P(ReadaheadTest, SequentialReadsWithReadaheadOffFetchOnlyWhatIsRead) {
+  put_object(8 * kChunk);
+  auto c = recorded_chunker(/*readahead=*/false);
+  for (uint64_t offset = 0; offset < 8 * 64 * kKiB; offset += 64 * kKiB) {
+    ASSERT_TRUE(read_and_check(*c, offset, 64 * kKiB).is_ok());
+  }
+  wait_for_streams_to_end(*c);
+  EXPECT_EQ(recorder_->chunks_opened(), (std::vector<uint64_t>{0}));
+}
+
+TEST_P(ReadaheadTest, RandomReadsDoNotReadAhead) {
+  put_object(8 * kChunk);
+  auto c = recorded_chunker(/*readahead=*/true);
+  // Each read starts elsewhere than the last ended, even where chunks follow
+  // each other (chunk 2, then chunk 3).
+  for (uint64_t chunk : {5, 2, 3, 0}) {
+    ASSERT_TRUE(read_and_check(*c, chunk * kChunk + 8192, 4096).is_ok());
+  }
+  wait_for_streams_to_end(*c);
+  EXPECT_EQ(recorder_->chunks_opened(), (std::vector<uint64_t>{0, 2, 3, 5}));
+}
+
+TEST_P(ReadaheadTest, ARandomReadEndsASequentialRun) {
+  put_object(8 * kChunk);
+  auto c = recorded_chunker(/*readahead=*/true);
+  // Two sequential reads at the end of chunk 5 (window 1 MiB after the
+  // second, which reaches into chunk 6), then a jump back: the window starts
+  // over, so the reads at chunk 1 reach no further than chunk 1.
+  ASSERT_TRUE(read_and_check(*c, 6 * kChunk - 8192, 4096).is_ok());
+  ASSERT_TRUE(read_and_check(*c, 6 * kChunk - 4096, 4096).is_ok());
+  wait_for_streams_to_end(*c);
+  EXPECT_EQ(recorder_->chunks_opened(), (std::vector<uint64_t>{5, 6}));
+  ASSERT_TRUE(read_and_check(*c, 1 * kChunk, 4096).is_ok());
+  ASSERT_TRUE(read_and_check(*c, 1 * kChunk + 4096, 4096).is_ok());
+  wait_for_streams_to_end(*c);
+  EXPECT_EQ(recorder_->chunks_opened(), (std::vector<uint64_t>{1, 5, 6}));
+}
+
 // Split: a far reader gets a stream of its own, cut from the running one.
 class SplitChunkerTest : public ChunkerFixture {
  protected:
@@ -722,6 +818,10 @@ std::string strategy_name(const ::testing::TestParamInfo<FetchStrategy>& info) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Strategies, ChunkerTest,
+                         ::testing::Values(FetchStrategy::kFull, FetchStrategy::kStreaming,
+                                           FetchStrategy::kSplit),
+                         strategy_name);
+INSTANTIATE_TEST_SUITE_P(Strategies, ReadaheadTest,
                          ::testing::Values(FetchStrategy::kFull, FetchStrategy::kStreaming,
                                            FetchStrategy::kSplit),
                          strategy_name);

@@ -1,8 +1,11 @@
 #include "chunk/fetch_context.h"
 
+#include <algorithm>
 #include <cstdlib>
 
 #include <fmt/format.h>
+
+#include "chunk/chunk_fetch.h"
 
 namespace lazyblock {
 namespace {
@@ -34,6 +37,35 @@ Result<BlockCache*> FetchContext::cache_for_size_locked(uint64_t size) {
   cache.store(cache_owner.get(), std::memory_order_release);
   size_learned.notify_all();
   return cache_owner.get();
+}
+
+std::shared_ptr<ChunkFetch> FetchContext::fetch_locked(uint64_t chunk) {
+  std::shared_ptr<ChunkFetch>& fetch = fetches[chunk];
+  if (!fetch) fetch = std::make_shared<ChunkFetch>(*this, chunk);
+  return fetch;
+}
+
+void FetchContext::read_ahead_locked(uint64_t from, uint64_t until) {
+  if (readahead_from < from || readahead_from > until) readahead_from = from;
+  readahead_end = until;
+  pump_readahead_locked();
+}
+
+void FetchContext::pump_readahead_locked() {
+  BlockCache* blocks = cache.load(std::memory_order_acquire);
+  if (blocks == nullptr) return;
+  const uint64_t chunk_size = options.chunk_size;
+  const uint64_t end = std::min(readahead_end, blocks->size());
+  while (readahead_from < end && busy_streams < options.readahead_streams &&
+         streams < options.max_streams) {
+    const uint64_t chunk = readahead_from / chunk_size;
+    const uint64_t chunk_begin = chunk * chunk_size;
+    const uint64_t chunk_end = std::min(chunk_begin + chunk_size, blocks->size());
+    if (!blocks->is_cached(chunk_begin, chunk_end)) {
+      fetch_locked(chunk)->cover_locked(chunk_begin, chunk_end);
+    }
+    readahead_from = chunk_end;
+  }
 }
 
 void FetchContext::observe_ttfb_locked(double seconds) {

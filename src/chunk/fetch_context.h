@@ -51,10 +51,31 @@ struct FetchContext {
   int streams = 0;                                          // running, all chunks
   LinkEstimate estimate;
 
+  // Readahead: chunks overlapping [readahead_from, readahead_end) are still
+  // to be handed to streams. Streams are started while fewer than
+  // options.readahead_streams are busy: a stream is busy from its start until
+  // it is one time to first byte from its end (or ends), so a new request's
+  // wait for its first byte overlaps the running streams' transfers.
+  uint64_t readahead_from = 0;
+  uint64_t readahead_end = 0;
+  int busy_streams = 0;
+
   // The cache for an object of `size` bytes: created on the first call; a
   // later call with another size is an error (the object changed under us).
   // Requires mu held.
   Result<BlockCache*> cache_for_size_locked(uint64_t size);
+
+  // The fetch of `chunk` in flight, or a new one (with no stream yet).
+  // Requires mu held.
+  std::shared_ptr<ChunkFetch> fetch_locked(uint64_t chunk);
+
+  // Reads ahead over [from, until): restarts at `from` unless the readahead
+  // in progress already lies within [from, until), then starts streams as
+  // pump_readahead_locked does. Requires mu held and the cache created.
+  void read_ahead_locked(uint64_t from, uint64_t until);
+  // Starts streams for the next chunks of the readahead range while fewer
+  // than options.readahead_streams are busy. Requires mu held.
+  void pump_readahead_locked();
 
   // Folds what one stream saw into the estimate. Require mu held.
   void observe_ttfb_locked(double seconds);

@@ -8,6 +8,20 @@
 #include "common/units.h"
 
 namespace lazyblock {
+namespace {
+
+// Sequential reads start reading ahead this far past their end, and double
+// it with each further sequential read (as mountpoint-s3 does from ~1 MiB).
+constexpr uint64_t kFirstReadaheadWindow = 1 * kMiB;
+
+// Readahead runs at most this far ahead of the reader: enough chunks to keep
+// readahead_streams streams transferring while the next requests wait for
+// their first bytes.
+uint64_t max_readahead_window(const ChunkerOptions& options) {
+  return 2 * static_cast<uint64_t>(options.readahead_streams) * options.chunk_size;
+}
+
+}  // namespace
 
 Result<FetchStrategy> parse_fetch_strategy(std::string_view name) {
   if (name == "full") return FetchStrategy::kFull;
@@ -39,7 +53,7 @@ Result<std::unique_ptr<Chunker>> make_chunker(std::shared_ptr<ObjectStore> store
     return Status::invalid_argument("the fetch timeout must be positive");
   }
   if (options.max_streams_per_chunk < 1 || options.max_streams < 1 ||
-      options.write_parallelism < 1 ||
+      options.readahead_streams < 1 ||
       options.expected_bandwidth <= 0 || options.expected_ttfb.count() < 0) {
     return Status::invalid_argument(
         "stream bounds must be at least 1, and the expected link sane (bandwidth > 0)");
@@ -92,7 +106,7 @@ Result<uint64_t> FetchingChunker::learn_size(uint64_t offset) {
     if (BlockCache* cache = context_.cache.load(std::memory_order_acquire)) return cache->size();
     // The first stream of a chunk learns the size: one in flight for this
     // chunk, or a new one.
-    std::shared_ptr<ChunkFetch> fetch = fetch_locked(offset / context_.options.chunk_size);
+    std::shared_ptr<ChunkFetch> fetch = context_.fetch_locked(offset / context_.options.chunk_size);
     fetch->cover_locked(offset, offset);
     const bool in_time = context_.size_learned.wait_until(
         lock, Clock::now() + context_.options.fetch_timeout, [&] {
@@ -113,21 +127,28 @@ Result<uint64_t> FetchingChunker::learn_size(uint64_t offset) {
   }
 }
 
-std::shared_ptr<ChunkFetch> FetchingChunker::fetch_locked(uint64_t chunk) {
-  std::shared_ptr<ChunkFetch>& fetch = context_.fetches[chunk];
-  if (!fetch) fetch = std::make_shared<ChunkFetch>(context_, chunk);
-  return fetch;
-}
-
-void FetchingChunker::prefetch_locked(uint64_t chunk) {
-  const uint64_t chunk_size = context_.options.chunk_size;
-  uint64_t begin = chunk * chunk_size;
-  uint64_t end = begin + chunk_size;
-  if (BlockCache* cache = context_.cache.load(std::memory_order_acquire)) {
-    end = std::min(end, cache->size());
-    if (cache->is_cached(begin, end)) return;
+void FetchingChunker::note_read(uint64_t offset, uint64_t end) {
+  if (!context_.options.readahead) return;
+  const uint64_t previous_end = last_read_end_.load(std::memory_order_relaxed);
+  last_read_end_.store(end, std::memory_order_relaxed);
+  if (offset != previous_end) {
+    if (readahead_window_.load(std::memory_order_relaxed) != 0) {
+      readahead_window_.store(0, std::memory_order_relaxed);
+    }
+    return;
   }
-  fetch_locked(chunk)->cover_locked(begin, end);
+  const uint64_t window = std::min(
+      std::max(kFirstReadaheadWindow, 2 * readahead_window_.load(std::memory_order_relaxed)),
+      max_readahead_window(context_.options));
+  readahead_window_.store(window, std::memory_order_relaxed);
+  // Readahead starts whole chunks: the lock is needed only when the window's
+  // end has moved into another chunk.
+  const uint64_t until_chunk = (end + window - 1) / context_.options.chunk_size;
+  if (readahead_until_chunk_.exchange(until_chunk, std::memory_order_relaxed) == until_chunk) {
+    return;
+  }
+  std::lock_guard lock(context_.mu);
+  context_.read_ahead_locked(end, end + window);
 }
 
 Status FetchingChunker::fetch_range(uint64_t offset, uint64_t end) {
@@ -141,7 +162,7 @@ Status FetchingChunker::fetch_range(uint64_t offset, uint64_t end) {
   for (uint64_t chunk = first; chunk <= last; ++chunk) {
     const uint64_t begin = std::max(offset, chunk * chunk_size);
     const uint64_t stop = std::min(end, (chunk + 1) * chunk_size);
-    if (!cache->is_cached(begin, stop)) fetch_locked(chunk)->cover_locked(begin, stop);
+    if (!cache->is_cached(begin, stop)) context_.fetch_locked(chunk)->cover_locked(begin, stop);
   }
   for (uint64_t chunk = first; chunk <= last; ++chunk) {
     const uint64_t begin = std::max(offset, chunk * chunk_size);
@@ -149,7 +170,7 @@ Status FetchingChunker::fetch_range(uint64_t offset, uint64_t end) {
     // Each round either caches the range, fails, or ends every stream of the
     // chunk (then the next round fetches afresh), so this loop ends.
     while (!cache->is_cached(begin, stop)) {
-      LB_RETURN_IF_ERROR(fetch_locked(chunk)->wait_for(lock, begin, stop));
+      LB_RETURN_IF_ERROR(context_.fetch_locked(chunk)->wait_for(lock, begin, stop));
     }
   }
   return Status::ok();
@@ -161,6 +182,7 @@ Result<std::span<const std::byte>> FetchingChunker::slice(uint64_t offset, uint6
   if (!size) return size.status();
   if (offset >= *size) return std::span<const std::byte>();
   const uint64_t end = length > *size - offset ? *size : offset + length;
+  note_read(offset, end);
   LB_RETURN_IF_ERROR(fetch_range(offset, end));
   return context_.cache.load(std::memory_order_acquire)->slice(offset, end - offset);
 }
@@ -178,17 +200,14 @@ Status FetchingChunker::write_to(ByteSink& sink) {
   BlockCache* cache = context_.cache.load(std::memory_order_acquire);
   const uint64_t chunk_size = context_.options.chunk_size;
   const uint64_t chunks = div_round_up(*size, chunk_size);
+  const uint64_t window = max_readahead_window(context_.options);
   for (uint64_t chunk = 0; chunk < chunks; ++chunk) {
-    {
-      std::lock_guard lock(context_.mu);
-      const uint64_t window = static_cast<uint64_t>(context_.options.write_parallelism);
-      for (uint64_t ahead = chunk + 1; ahead < std::min(chunks, chunk + window);
-           ++ahead) {
-        prefetch_locked(ahead);
-      }
-    }
     const uint64_t begin = chunk * chunk_size;
     const uint64_t end = std::min(*size, begin + chunk_size);
+    {
+      std::lock_guard lock(context_.mu);
+      context_.read_ahead_locked(begin, begin + window);
+    }
     LB_RETURN_IF_ERROR(fetch_range(begin, end));
     LB_RETURN_IF_ERROR(sink.write(cache->slice(begin, end - begin)));
   }

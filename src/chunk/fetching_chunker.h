@@ -2,6 +2,7 @@
 // See chunker.h for the behaviour and chunk_fetch.h for the streams.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <optional>
 #include <string>
@@ -35,16 +36,18 @@ class FetchingChunker final : public Chunker {
   Result<uint64_t> learn_size(uint64_t offset);
   // Makes every block of [offset, end) cached (end <= size).
   Status fetch_range(uint64_t offset, uint64_t end);
-  // The fetch of `chunk` in flight, or a new one (with no stream yet).
-  // Requires context_.mu held.
-  std::shared_ptr<ChunkFetch> fetch_locked(uint64_t chunk);
-  // Starts fetching the missing blocks of `chunk` that no stream covers.
-  // Requires context_.mu held.
-  void prefetch_locked(uint64_t chunk);
+  // Grows or resets the readahead window for a read of [offset, end), and
+  // reads ahead if the window has moved into a chunk not yet asked for.
+  void note_read(uint64_t offset, uint64_t end);
   // Caches the object's size from stat() (one round trip, no data).
   Result<uint64_t> stat_size();
 
   mutable FetchContext context_;
+  // Sequential-read detection; read and written without a lock, so that a
+  // hit stays lock-free (a lost update only delays or resets readahead).
+  std::atomic<uint64_t> last_read_end_{UINT64_MAX};
+  std::atomic<uint64_t> readahead_window_{0};  // 0: the last read was not sequential
+  std::atomic<uint64_t> readahead_until_chunk_{UINT64_MAX};  // the last window's end chunk
   TaskGroup tasks_;  // the streams' threads; declared last, so waited for first
 };
 

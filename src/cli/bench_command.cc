@@ -160,7 +160,7 @@ CommandRunner add_bench_command(CLI::App& app) {
                   "gcs (20ms, 100MB/s), nfs (1ms, 500MB/s) or ttfb=MS,bw=MBPS")
       ->required();
   seq->add_option("--size", seq_flags->size, "Object size, e.g. 1GiB")->capture_default_str();
-  seq->add_option("--parallel", seq_flags->parallelism, "Chunks kept in flight")
+  seq->add_option("--parallel", seq_flags->parallelism, "Streams kept transferring (the next request goes out one first-byte time before a stream ends)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   seq->add_option("--fetch", seq_flags->fetch, "Fetch strategy")->capture_default_str();

@@ -25,6 +25,13 @@ void add_store_flags(CLI::App& command, StoreFlags& flags) {
       .add_option("--timeout", flags.timeout,
                   "Deadline of each chunk fetch, e.g. 250ms, 5s, 2m")
       ->capture_default_str();
+  command
+      .add_option("--parallel", flags.parallel,
+                  "Streams a sequential read keeps transferring ahead of the reader")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  command.add_flag("--no-readahead", flags.no_readahead,
+                   "Do not read ahead of runs of sequential reads (whole-object copies still do)");
 }
 
 void add_log_flag(CLI::App& command, std::string& level) {
@@ -48,6 +55,8 @@ Result<ChunkerOptions> chunker_options(const StoreFlags& flags) {
   if (!timeout) return timeout.status();
   if (timeout->count() <= 0) return Status::invalid_argument("--timeout must be positive");
   options.fetch_timeout = *timeout;
+  options.readahead_streams = flags.parallel;
+  options.readahead = !flags.no_readahead;
   if (!flags.simulate.empty()) {
     // The simulated link is the best first guess of the link.
     Result<SimulateProfile> profile = SimulateProfile::parse(flags.simulate);

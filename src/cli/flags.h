@@ -22,6 +22,8 @@ struct StoreFlags {
   std::string simulate;
   std::string faults;
   std::string timeout = "60s";
+  int parallel = 8;
+  bool no_readahead = false;
 };
 
 void add_store_flags(CLI::App& command, StoreFlags& flags);
