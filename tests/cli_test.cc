@@ -119,6 +119,19 @@ TEST_F(CliTest, CatWithFewStreamsAndNoReadahead) {
   EXPECT_TRUE(run.out == expected);
 }
 
+TEST_F(CliTest, TransientFailuresAreRetriedAndStreamsResumed) {
+  const std::string expected = put_object("obj", 6 * kMiB + 3);
+  // The first three streams break after 100 KiB each.
+  Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "--faults",
+                                     "fail-after=100KiB,times=3"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  EXPECT_TRUE(run.out == expected);
+  Outcome no_retry = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj",
+                                          "--faults", "fail-after=100KiB,times=3", "--retry", "0"});
+  EXPECT_EQ(no_retry.status, 1);
+  EXPECT_NE(no_retry.err.find("injected fault"), std::string::npos) << no_retry.err;
+}
+
 TEST_F(CliTest, MissingKeyIsAnErrorNamingTheKey) {
   Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "no/such/object"});
   EXPECT_EQ(run.status, 1);
@@ -129,8 +142,9 @@ TEST_F(CliTest, MissingKeyIsAnErrorNamingTheKey) {
 TEST_F(CliTest, FailedFetchLeavesNoOutputFile) {
   put_object("obj", 6 * kMiB);
   const std::filesystem::path output = dir_ / "out";
+  // Every stream breaks after 1 MiB; without retries, the copy fails.
   Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "--faults",
-                                 "fail-after=1MiB", "-o", output.string()});
+                                     "fail-after=1MiB", "--retry", "0", "-o", output.string()});
   EXPECT_EQ(run.status, 1);
   EXPECT_NE(run.err.find("obj"), std::string::npos) << run.err;
   EXPECT_NE(run.err.find("injected fault"), std::string::npos) << run.err;

@@ -20,11 +20,17 @@ void add_store_flags(CLI::App& command, StoreFlags& flags) {
                      "Make the store behave like a remote one: gcs, nfs or ttfb=20ms,bw=100MB/s");
   command.add_option("--faults", flags.faults,
                      "Inject faults (testing): fail-open, fail-after=N, stall-after=N, short=N, "
-                     "size=N, comma-separated");
+                     "size=N, times=N (only the first N calls), comma-separated");
   command
       .add_option("--timeout", flags.timeout,
                   "Deadline of each chunk fetch, e.g. 250ms, 5s, 2m")
       ->capture_default_str();
+  command
+      .add_option("--retry", flags.retry,
+                  "Retries of a transient failure (connection reset, 5xx, SlowDown, truncated "
+                  "response), with capped exponential backoff; streams resume where they broke")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   command
       .add_option("--parallel", flags.parallel,
                   "Streams a sequential read keeps transferring ahead of the reader")
@@ -73,6 +79,11 @@ Result<StoreStackOptions> store_stack_options(const StoreFlags& flags) {
     Result<SimulateProfile> profile = SimulateProfile::parse(flags.simulate);
     if (!profile) return profile.status();
     options.simulate = *profile;
+  }
+  if (flags.retry > 0) {
+    RetryPolicy retry;
+    retry.retries = flags.retry;
+    options.retry = retry;
   }
   if (!flags.faults.empty()) {
     Result<FaultSpec> faults = FaultSpec::parse(flags.faults);

@@ -23,6 +23,7 @@ struct StoreFlags {
   std::string faults;
   std::string timeout = "60s";
   int parallel = 8;
+  int retry = 3;
   bool no_readahead = false;
 };
 

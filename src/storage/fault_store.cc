@@ -83,10 +83,11 @@ Result<FaultSpec> FaultSpec::parse(std::string_view text) {
     if (name == "stall-after") field = &spec.stall_after;
     if (name == "short") field = &spec.short_object;
     if (name == "size") field = &spec.reported_size;
+    if (name == "times") field = &spec.times;
     if (field == nullptr || equals == std::string_view::npos) {
       return Status::invalid_argument(fmt::format(
-          "invalid fault '{}' (expected fail-open, fail-after=N, stall-after=N, short=N or "
-          "size=N)",
+          "invalid fault '{}' (expected fail-open, fail-after=N, stall-after=N, short=N, "
+          "size=N or times=N)",
           item));
     }
     Result<uint64_t> value = parse_size(item.substr(equals + 1));
@@ -106,6 +107,7 @@ std::string FaultSpec::to_string() const {
   if (stall_after) items.push_back(fmt::format("stall-after={}", *stall_after));
   if (short_object) items.push_back(fmt::format("short={}", *short_object));
   if (reported_size) items.push_back(fmt::format("size={}", *reported_size));
+  if (times) items.push_back(fmt::format("times={}", *times));
   return items.empty() ? "none" : fmt::format("{}", fmt::join(items, ","));
 }
 
@@ -115,6 +117,14 @@ FaultStore::FaultStore(std::shared_ptr<ObjectStore> inner, FaultSpec spec)
 void FaultStore::set(FaultSpec spec) {
   std::lock_guard lock(mu_);
   spec_ = std::move(spec);
+  faulted_calls_ = 0;
+}
+
+FaultSpec FaultStore::spec_for_call() {
+  std::lock_guard lock(mu_);
+  if (spec_.times && faulted_calls_ >= *spec_.times) return FaultSpec{};
+  ++faulted_calls_;
+  return spec_;
 }
 
 void FaultStore::release_stalls() {
@@ -149,11 +159,7 @@ Status FaultStore::stall(const IoContext& io, const std::string& key) {
 }
 
 Result<uint64_t> FaultStore::stat(const std::string& key, const IoContext& io) {
-  FaultSpec spec;
-  {
-    std::lock_guard lock(mu_);
-    spec = spec_;
-  }
+  const FaultSpec spec = spec_for_call();
   if (spec.fail_open) return Status::unavailable("injected fault: stat " + key);
   Result<uint64_t> size = StoreLayer::stat(key, io);
   if (size && spec.reported_size) return *spec.reported_size;
@@ -163,10 +169,9 @@ Result<uint64_t> FaultStore::stat(const std::string& key, const IoContext& io) {
 Result<std::unique_ptr<RangeReader>> FaultStore::open_range(const std::string& key,
                                                             uint64_t offset, uint64_t length,
                                                             const IoContext& io) {
-  FaultSpec spec;
+  const FaultSpec spec = spec_for_call();
   {
     std::lock_guard lock(mu_);
-    spec = spec_;
     ++opens_;
   }
   if (spec.fail_open) {

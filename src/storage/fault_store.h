@@ -11,6 +11,9 @@
 //                     size is unchanged: streams end early, cleanly, as a
 //                     truncated HTTP body does.
 //   size=N            stat() and object_size() report N instead of the real size.
+//   times=N           the faults above hit only the first N calls (streams
+//                     opened, stats) after the spec is set; later ones run
+//                     clean, as with a flaky link (for retry tests).
 // Spec text: comma-separated, e.g. "fail-after=1048576" or "short=100,size=200";
 // "" or "none" for no faults.
 #pragma once
@@ -33,6 +36,7 @@ struct FaultSpec {
   std::optional<uint64_t> stall_after;
   std::optional<uint64_t> short_object;
   std::optional<uint64_t> reported_size;
+  std::optional<uint64_t> times;
 
   static Result<FaultSpec> parse(std::string_view text);
   std::string to_string() const;
@@ -62,6 +66,9 @@ class FaultStore final : public StoreLayer {
  private:
   class Reader;
 
+  // The spec a new stream or stat call gets: the one in force, or none once
+  // `times` calls have had it.
+  FaultSpec spec_for_call();
   // Holds a stream at its stall point until release_stalls(), its deadline
   // (kTimeout) or its stop (kCancelled).
   Status stall(const IoContext& io, const std::string& key);
@@ -72,6 +79,7 @@ class FaultStore final : public StoreLayer {
   bool stalls_released_ = false;  // guarded by mu_
   int stalls_reached_ = 0;    // guarded by mu_
   int opens_ = 0;             // guarded by mu_
+  uint64_t faulted_calls_ = 0;  // calls under spec_ so far; guarded by mu_
 };
 
 }  // namespace lazyblock

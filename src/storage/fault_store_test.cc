@@ -21,14 +21,16 @@ using testing::make_pattern;
 
 TEST(FaultSpecTest, ParsesEveryFault) {
   Result<FaultSpec> spec =
-      FaultSpec::parse("fail-open,fail-after=1MiB,stall-after=4096,short=100,size=200");
+      FaultSpec::parse("fail-open,fail-after=1MiB,stall-after=4096,short=100,size=200,times=3");
   ASSERT_TRUE(spec) << spec.status().to_string();
   EXPECT_TRUE(spec->fail_open);
   EXPECT_EQ(spec->fail_after, kMiB);
   EXPECT_EQ(spec->stall_after, 4096u);
   EXPECT_EQ(spec->short_object, 100u);
   EXPECT_EQ(spec->reported_size, 200u);
-  EXPECT_EQ(spec->to_string(), "fail-open,fail-after=1048576,stall-after=4096,short=100,size=200");
+  EXPECT_EQ(spec->times, 3u);
+  EXPECT_EQ(spec->to_string(),
+            "fail-open,fail-after=1048576,stall-after=4096,short=100,size=200,times=3");
   EXPECT_EQ(FaultSpec::parse("none")->to_string(), "none");
   EXPECT_EQ(FaultSpec::parse("")->to_string(), "none");
 }
@@ -105,6 +107,19 @@ TEST_F(FaultStoreTest, FailAfterDeliversExactlyThatManyBytesFirst) {
   EXPECT_EQ(status.code(), StatusCode::kUnavailable) << status.to_string();
   ASSERT_EQ(bytes.size(), 12345u);
   EXPECT_EQ(first_pattern_mismatch(21, 1000, bytes), bytes.size());
+}
+
+TEST_F(FaultStoreTest, TimesLimitsTheFaultsToTheFirstCalls) {
+  store_->set(*FaultSpec::parse("fail-after=100,times=2"));
+  EXPECT_EQ(read_range(0, 5000).second.code(), StatusCode::kUnavailable);
+  EXPECT_EQ(read_range(0, 5000).second.code(), StatusCode::kUnavailable);
+  auto [bytes, status] = read_range(0, 5000);
+  EXPECT_TRUE(status.is_ok()) << status.to_string();
+  EXPECT_EQ(bytes.size(), 5000u);
+  // Setting a spec starts the count again.
+  store_->set(*FaultSpec::parse("fail-open,times=1"));
+  EXPECT_EQ(store_->stat("obj", IoContext{}).status().code(), StatusCode::kUnavailable);
+  EXPECT_TRUE(store_->stat("obj", IoContext{}));
 }
 
 TEST_F(FaultStoreTest, ShortObjectEndsStreamsCleanlyButEarly) {

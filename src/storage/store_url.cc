@@ -27,6 +27,8 @@ Result<std::shared_ptr<ObjectStore>> open_store(const std::string& url,
   }
   if (options.faults) store = std::make_shared<FaultStore>(store, *options.faults);
   if (options.simulate) store = std::make_shared<SimulateStore>(store, *options.simulate);
+  // Above the simulated link: a retry pays its time to first byte again.
+  if (options.retry) store = std::make_shared<RetryStore>(store, *options.retry);
   return store;
 }
 

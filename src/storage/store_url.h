@@ -1,5 +1,5 @@
 // Opening a store stack from the command line's words: a store URL, then the
-// layers the flags ask for, innermost first: faults, then simulate.
+// layers the flags ask for, innermost first: faults, simulate, retry.
 #pragma once
 
 #include <memory>
@@ -8,6 +8,7 @@
 
 #include "storage/fault_store.h"
 #include "storage/object_store.h"
+#include "storage/retry_store.h"
 #include "storage/simulate_store.h"
 
 namespace lazyblock {
@@ -15,6 +16,7 @@ namespace lazyblock {
 struct StoreStackOptions {
   std::optional<SimulateProfile> simulate;  // --simulate
   std::optional<FaultSpec> faults;          // --faults
+  std::optional<RetryPolicy> retry;         // --retry
 };
 
 // "file:///abs/dir" or "file://relative/dir" -> FileStore. Other schemes

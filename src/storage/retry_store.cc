@@ -1,0 +1,167 @@
+#include "storage/retry_store.h"
+
+#include <algorithm>
+#include <random>
+
+#include <fmt/format.h>
+
+#include "common/log.h"
+
+namespace lazyblock {
+namespace {
+
+// Full jitter (a delay drawn uniformly from [0, cap)): of the usual backoff
+// schemes, the one that spreads a crowd of failing clients best.
+std::chrono::nanoseconds jittered_delay(const RetryPolicy& policy, int attempt) {
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  const int doublings = std::min(attempt - 1, 30);
+  const auto cap = std::min(policy.max_delay, policy.base_delay * (int64_t{1} << doublings));
+  if (cap.count() <= 0) return std::chrono::nanoseconds::zero();
+  return std::chrono::nanoseconds(
+      std::uniform_int_distribution<int64_t>(0, cap.count() - 1)(rng));
+}
+
+}  // namespace
+
+bool is_transient(const Status& status) { return status.code() == StatusCode::kUnavailable; }
+
+class RetryStore::Reader final : public RangeReader {
+ public:
+  Reader(RetryStore& store, std::string key, uint64_t offset, std::unique_ptr<RangeReader> inner,
+         IoContext io, int failures)
+      : store_(store),
+        key_(std::move(key)),
+        offset_(offset),
+        object_size_(inner->object_size()),
+        range_length_(inner->range_length()),
+        io_(std::move(io)),
+        inner_(std::move(inner)),
+        failures_(failures) {}
+
+  Result<size_t> read(std::span<std::byte> buffer) override {
+    for (;;) {
+      Result<size_t> got = inner_->read(buffer);
+      if (got && *got > 0) {
+        delivered_ += *got;
+        failures_ = 0;
+        return got;
+      }
+      if (got && delivered_ >= range_length_) return got;  // the end, as promised
+      const Status failure =
+          got ? Status::unavailable(fmt::format("read {}: the response ended after {} of {} bytes",
+                                                key_, delivered_, range_length_))
+              : got.status();
+      const Status verdict = store_.before_retry(++failures_, failure, name(), io_);
+      if (!verdict.is_ok()) {
+        // An early end stays an early end (the caller checks the length);
+        // an error is reported as it came, or as the backoff's timeout.
+        if (got && verdict.code() == StatusCode::kUnavailable) return got;
+        return verdict;
+      }
+      Result<std::unique_ptr<RangeReader>> reopened = store_.open_with_retries(
+          key_, offset_ + delivered_, range_length_ - delivered_, io_, &failures_);
+      if (!reopened) return reopened.status();
+      if ((*reopened)->object_size() != object_size_) {
+        return Status::corruption(fmt::format("read {}: the object's size changed from {} to {} "
+                                              "bytes between attempts",
+                                              key_, object_size_, (*reopened)->object_size()));
+      }
+      inner_ = std::move(reopened).value();
+    }
+  }
+
+  uint64_t object_size() const override { return object_size_; }
+  uint64_t range_length() const override { return range_length_; }
+
+ private:
+  std::string name() const {
+    return fmt::format("read {} [{}, +{})", key_, offset_ + delivered_, range_length_ - delivered_);
+  }
+
+  RetryStore& store_;
+  const std::string key_;
+  const uint64_t offset_;
+  const uint64_t object_size_;
+  const uint64_t range_length_;
+  const IoContext io_;
+  std::unique_ptr<RangeReader> inner_;
+  uint64_t delivered_ = 0;
+  int failures_;  // in a row, without a byte delivered
+};
+
+RetryStore::RetryStore(std::shared_ptr<ObjectStore> inner, RetryPolicy policy)
+    : StoreLayer(std::move(inner)), policy_(policy) {}
+
+Status RetryStore::before_retry(int attempt, const Status& failure, const std::string& what,
+                                const IoContext& io) {
+  if (!is_transient(failure)) return failure;
+  if (attempt > policy_.retries) {
+    if (policy_.retries > 0) {
+      log(LogLevel::kWarn, "{}: giving up after {} retries: {}", what, policy_.retries,
+          failure.message());
+    }
+    return failure;
+  }
+  const std::chrono::nanoseconds delay = jittered_delay(policy_, attempt);
+  log(LogLevel::kInfo, "{}: retry {} of {} in {:.1f} ms after: {}", what, attempt,
+      policy_.retries, std::chrono::duration<double, std::milli>(delay).count(),
+      failure.message());
+  retries_.fetch_add(1, std::memory_order_relaxed);
+  return io.sleep_until(Clock::now() + delay, what + " (backing off to retry)");
+}
+
+Result<std::unique_ptr<RangeReader>> RetryStore::open_with_retries(const std::string& key,
+                                                                   uint64_t offset,
+                                                                   uint64_t length,
+                                                                   const IoContext& io,
+                                                                   int* failures) {
+  for (;;) {
+    Result<std::unique_ptr<RangeReader>> opened = StoreLayer::open_range(key, offset, length, io);
+    if (opened) return opened;
+    LB_RETURN_IF_ERROR(before_retry(++*failures, opened.status(),
+                                    fmt::format("open {} at {}", key, offset), io));
+  }
+}
+
+Result<uint64_t> RetryStore::stat(const std::string& key, const IoContext& io) {
+  for (int failures = 1;; ++failures) {
+    Result<uint64_t> size = StoreLayer::stat(key, io);
+    if (size) return size;
+    LB_RETURN_IF_ERROR(before_retry(failures, size.status(), "stat " + key, io));
+  }
+}
+
+Result<std::unique_ptr<RangeReader>> RetryStore::open_range(const std::string& key,
+                                                            uint64_t offset, uint64_t length,
+                                                            const IoContext& io) {
+  int failures = 0;
+  Result<std::unique_ptr<RangeReader>> opened =
+      open_with_retries(key, offset, length, io, &failures);
+  if (!opened) return opened.status();
+  return std::unique_ptr<RangeReader>(
+      new Reader(*this, key, offset, std::move(opened).value(), io, failures));
+}
+
+Status RetryStore::put(const std::string& key, std::span<const std::byte> data,
+                       const IoContext& io) {
+  // Objects are immutable, so storing the same bytes again is harmless.
+  for (int failures = 1;; ++failures) {
+    const Status status = StoreLayer::put(key, data, io);
+    if (status.is_ok()) return status;
+    LB_RETURN_IF_ERROR(before_retry(failures, status, "put " + key, io));
+  }
+}
+
+Status RetryStore::remove(const std::string& key, const IoContext& io) {
+  for (int failures = 1;; ++failures) {
+    const Status status = StoreLayer::remove(key, io);
+    if (status.is_ok()) return status;
+    LB_RETURN_IF_ERROR(before_retry(failures, status, "remove " + key, io));
+  }
+}
+
+std::string RetryStore::describe() const {
+  return fmt::format("retry({}) over {}", policy_.retries, StoreLayer::describe());
+}
+
+}  // namespace lazyblock

@@ -1,0 +1,70 @@
+// RetryStore: a layer that retries what fails for a passing reason.
+//
+// Transient failures (kUnavailable: a connection reset, a 5xx, 429 or 503
+// SlowDown, a stalled or truncated response) are retried after a capped
+// exponential backoff with full jitter, so that many clients failing at once
+// do not retry in step. Anything else (kNotFound, kOutOfRange, kCorruption,
+// an authorization error, the deadline, a stop) fails at once.
+//
+// A stream that fails, or ends before the length it promised, is resumed
+// from the first byte it did not deliver, with a new range request; the
+// reader's caller sees one unbroken stream. The object must keep its size
+// across attempts (objects are immutable): a different size is kCorruption.
+// `retries` bounds the attempts after a failure with no byte delivered in
+// between, so a long stream over a flaky link can survive many failures as
+// long as each attempt makes progress. Every wait honours the IoContext.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "storage/object_store.h"
+
+namespace lazyblock {
+
+struct RetryPolicy {
+  int retries = 3;  // attempts after a failure, per call or per stream without progress
+  std::chrono::nanoseconds base_delay = std::chrono::milliseconds(50);
+  std::chrono::nanoseconds max_delay = std::chrono::seconds(2);
+};
+
+// Whether a failure is worth another attempt.
+bool is_transient(const Status& status);
+
+class RetryStore final : public StoreLayer {
+ public:
+  RetryStore(std::shared_ptr<ObjectStore> inner, RetryPolicy policy);
+
+  Result<uint64_t> stat(const std::string& key, const IoContext& io) override;
+  Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
+                                                  uint64_t length, const IoContext& io) override;
+  Status put(const std::string& key, std::span<const std::byte> data,
+             const IoContext& io) override;
+  Status remove(const std::string& key, const IoContext& io) override;
+  std::string describe() const override;
+
+  // Attempts made after a failure, since construction (for tests and metrics).
+  uint64_t retries() const { return retries_.load(std::memory_order_relaxed); }
+
+ private:
+  class Reader;
+
+  // After the `attempt`-th failure in a row (from 1) of `what`: kept (OK,
+  // having slept the backoff) if the failure is transient and attempts are
+  // left, else the failure itself, or kTimeout/kCancelled if the deadline or
+  // a stop came during the backoff.
+  Status before_retry(int attempt, const Status& failure, const std::string& what,
+                      const IoContext& io);
+  // Opens [offset, offset + length) of `key`, retrying transient failures.
+  Result<std::unique_ptr<RangeReader>> open_with_retries(const std::string& key, uint64_t offset,
+                                                         uint64_t length, const IoContext& io,
+                                                         int* failures);
+
+  const RetryPolicy policy_;
+  std::atomic<uint64_t> retries_{0};
+};
+
+}  // namespace lazyblock
