@@ -132,6 +132,25 @@ TEST_F(CliTest, TransientFailuresAreRetriedAndStreamsResumed) {
   EXPECT_NE(no_retry.err.find("injected fault"), std::string::npos) << no_retry.err;
 }
 
+TEST_F(CliTest, ASecondProcessReadsFromTheCacheDirWithoutTheStore) {
+  const std::string expected = put_object("b/memfile", 9 * kMiB + 4097);
+  const std::string cache_dir = (dir_ / "chunks").string();
+  Outcome first = run_lazyblock(
+      dir_, {"cat", "--store", store_url_, "--key", "b/memfile", "--cache-dir", cache_dir});
+  ASSERT_EQ(first.status, 0) << first.err;
+  EXPECT_TRUE(first.out == expected);
+  // Every request to the store now fails: the cache must serve it all.
+  Outcome second = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b/memfile",
+                                        "--cache-dir", cache_dir, "--faults", "fail-open",
+                                        "--retry", "0"});
+  ASSERT_EQ(second.status, 0) << second.err;
+  EXPECT_TRUE(second.out == expected);
+  // Without the cache, the same command fails: the faults are real.
+  Outcome uncached = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b/memfile",
+                                          "--faults", "fail-open", "--retry", "0"});
+  EXPECT_EQ(uncached.status, 1);
+}
+
 TEST_F(CliTest, MissingKeyIsAnErrorNamingTheKey) {
   Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "no/such/object"});
   EXPECT_EQ(run.status, 1);

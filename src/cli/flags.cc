@@ -25,6 +25,14 @@ void add_store_flags(CLI::App& command, StoreFlags& flags) {
       .add_option("--timeout", flags.timeout,
                   "Deadline of each chunk fetch, e.g. 250ms, 5s, 2m")
       ->capture_default_str();
+  command.add_option("--cache-dir", flags.cache_dir,
+                     "Persistent chunk cache shared by processes (a local disk or an NFS mount): "
+                     "chunks read are kept there, whole and checksummed, and served from there "
+                     "next time");
+  command
+      .add_option("--cache-size", flags.cache_size,
+                  "Bound of --cache-dir; the least recently used chunks go first")
+      ->capture_default_str();
   command
       .add_option("--retry", flags.retry,
                   "Retries of a transient failure (connection reset, 5xx, SlowDown, truncated "
@@ -84,6 +92,15 @@ Result<StoreStackOptions> store_stack_options(const StoreFlags& flags) {
     RetryPolicy retry;
     retry.retries = flags.retry;
     options.retry = retry;
+  }
+  if (!flags.cache_dir.empty()) {
+    DiskCacheOptions cache;
+    cache.dir = flags.cache_dir;
+    cache.chunk_size = ChunkerOptions{}.chunk_size;  // so that a chunker's chunk is one file
+    Result<uint64_t> size = parse_size(flags.cache_size);
+    if (!size) return size.status().with_context("--cache-size");
+    cache.max_bytes = *size;
+    options.disk_cache = cache;
   }
   if (!flags.faults.empty()) {
     Result<FaultSpec> faults = FaultSpec::parse(flags.faults);

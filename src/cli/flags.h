@@ -24,6 +24,8 @@ struct StoreFlags {
   std::string timeout = "60s";
   int parallel = 8;
   int retry = 3;
+  std::string cache_dir;
+  std::string cache_size = "16GiB";
   bool no_readahead = false;
 };
 

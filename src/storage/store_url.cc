@@ -29,6 +29,12 @@ Result<std::shared_ptr<ObjectStore>> open_store(const std::string& url,
   if (options.simulate) store = std::make_shared<SimulateStore>(store, *options.simulate);
   // Above the simulated link: a retry pays its time to first byte again.
   if (options.retry) store = std::make_shared<RetryStore>(store, *options.retry);
+  // Outermost: a chunk in the directory costs no request below.
+  if (options.disk_cache) {
+    Result<std::shared_ptr<DiskCacheStore>> cached = DiskCacheStore::open(store, *options.disk_cache);
+    if (!cached) return cached.status();
+    store = *cached;
+  }
   return store;
 }
 

@@ -1,11 +1,13 @@
 // Opening a store stack from the command line's words: a store URL, then the
-// layers the flags ask for, innermost first: faults, simulate, retry.
+// layers the flags ask for, innermost first: faults, simulate, retry,
+// cache-dir.
 #pragma once
 
 #include <memory>
 #include <optional>
 #include <string>
 
+#include "storage/disk_cache_store.h"
 #include "storage/fault_store.h"
 #include "storage/object_store.h"
 #include "storage/retry_store.h"
@@ -17,6 +19,7 @@ struct StoreStackOptions {
   std::optional<SimulateProfile> simulate;  // --simulate
   std::optional<FaultSpec> faults;          // --faults
   std::optional<RetryPolicy> retry;         // --retry
+  std::optional<DiskCacheOptions> disk_cache;  // --cache-dir, --cache-size
 };
 
 // "file:///abs/dir" or "file://relative/dir" -> FileStore. Other schemes
