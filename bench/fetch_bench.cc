@@ -59,9 +59,18 @@ double model_seconds(const FetchBenchOptions& o, FetchStrategy strategy, uint64_
   return 0;
 }
 
+// Where the benchmark reads: a store, a key, the object's size, and how to
+// tell the right bytes from wrong ones.
+struct Workload {
+  std::shared_ptr<ObjectStore> store;
+  std::string key;
+  uint64_t object_size = 0;
+  std::function<bool(uint64_t offset, std::span<const std::byte> bytes)> bytes_are_right;
+};
+
 // Runs every iteration of one strategy; fills the latencies (seconds).
-Status run_strategy(const FetchBenchOptions& o, FetchStrategy strategy,
-                    const std::shared_ptr<ObjectStore>& store, const std::filesystem::path& cache_dir,
+Status run_strategy(const FetchBenchOptions& o, FetchStrategy strategy, const Workload& workload,
+                    const std::filesystem::path& cache_dir,
                     const std::vector<uint64_t>& offsets, std::vector<double>* latencies,
                     ChunkerStats* traffic) {
   ChunkerOptions chunker_options;
@@ -73,7 +82,7 @@ Status run_strategy(const FetchBenchOptions& o, FetchStrategy strategy,
   chunker_options.expected_bandwidth = o.profile.bytes_per_second;
   for (int iteration = 0; iteration < o.iterations; ++iteration) {
     Result<std::unique_ptr<Chunker>> chunker =
-        make_chunker(store, kKey, o.object_size, chunker_options);
+        make_chunker(workload.store, workload.key, workload.object_size, chunker_options);
     if (!chunker) return chunker.status();
     std::barrier start(o.callers);
     std::vector<double> iteration_latencies(o.callers);
@@ -90,8 +99,7 @@ Status run_strategy(const FetchBenchOptions& o, FetchStrategy strategy,
         iteration_latencies[caller] = std::chrono::duration<double>(end - begin).count();
         if (!got) {
           statuses[caller] = got.status();
-        } else if (testing::first_pattern_mismatch(kPatternSeed, offset,
-                                                   std::span(buffer).first(*got)) != *got) {
+        } else if (!workload.bytes_are_right(offset, std::span(buffer).first(*got))) {
           statuses[caller] = Status::corruption(fmt::format("wrong bytes read at {}", offset));
         }
       });
@@ -110,30 +118,46 @@ Status run_strategy(const FetchBenchOptions& o, FetchStrategy strategy,
   return Status::ok();
 }
 
-}  // namespace
-
-Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
-                                         const std::function<void(std::string_view)>& progress) {
-  if (options.iterations < 1 || options.callers < 1 || options.block == 0 ||
-      options.block > options.object_size || options.strategies.empty()) {
-    return Status::invalid_argument(
-        "bench fetch needs at least one strategy, iteration and caller, and a block no larger "
-        "than the object");
+// The link to a real store, measured: the median time to first byte and
+// bandwidth of a few reads of the first `length` bytes of `key`, which are
+// left in `copy`.
+Result<SimulateProfile> measure_link(ObjectStore& store, const std::string& key, uint64_t length,
+                                     std::vector<std::byte>* copy) {
+  constexpr int kProbes = 3;
+  std::vector<double> ttfbs, bandwidths;
+  copy->resize(length);
+  for (int probe = 0; probe < kProbes; ++probe) {
+    const IoContext io{Clock::now() + std::chrono::seconds(60), {}};
+    const auto opened_at = Clock::now();
+    Result<std::unique_ptr<RangeReader>> reader = store.open_range(key, 0, length, io);
+    if (!reader) return reader.status().with_context("measuring the link");
+    const auto first_byte_at = Clock::now();  // a response's headers come with its first byte
+    uint64_t done = 0;
+    while (done < length) {
+      Result<size_t> got = (*reader)->read(std::span(*copy).subspan(done));
+      if (!got) return got.status().with_context("measuring the link");
+      if (*got == 0) {
+        return Status::corruption(fmt::format("measuring the link: {} ended after {} of {} bytes",
+                                              key, done, length));
+      }
+      done += *got;
+    }
+    const auto done_at = Clock::now();
+    ttfbs.push_back(std::chrono::duration<double>(first_byte_at - opened_at).count());
+    bandwidths.push_back(static_cast<double>(length) /
+                         std::max(1e-9, std::chrono::duration<double>(done_at - first_byte_at)
+                                            .count()));
   }
-  // Sleep with nanosecond precision rather than the default 50 µs slack: the
-  // simulated store's pacing is part of what is measured. Threads started from
-  // here inherit it.
-  ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+  std::sort(ttfbs.begin(), ttfbs.end());
+  std::sort(bandwidths.begin(), bandwidths.end());
+  return SimulateProfile{std::chrono::duration_cast<std::chrono::nanoseconds>(
+                             std::chrono::duration<double>(ttfbs[kProbes / 2])),
+                         bandwidths[kProbes / 2]};
+}
 
-  Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
-  if (!scratch) return scratch.status();
-  std::filesystem::create_directories(scratch->path() / "store");
-  Result<std::shared_ptr<FileStore>> files = FileStore::open(scratch->path() / "store");
-  if (!files) return files.status();
-  LB_RETURN_IF_ERROR((*files)->put(
-      kKey, testing::make_pattern(kPatternSeed, 0, options.object_size), IoContext{}));
-  auto store = std::make_shared<SimulateStore>(*files, options.profile);
-
+Result<FetchBenchReport> run_measured(const FetchBenchOptions& options, const Workload& workload,
+                                      const std::filesystem::path& cache_dir,
+                                      const std::function<void(std::string_view)>& progress) {
   // One offset per caller per iteration, block-aligned, the same for every
   // strategy.
   std::mt19937_64 rng(options.seed);
@@ -150,8 +174,8 @@ Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
     if (progress) progress(fetch_strategy_name(strategy));
     std::vector<double> latencies;
     ChunkerStats traffic;
-    LB_RETURN_IF_ERROR(run_strategy(options, strategy, store, scratch->path(), offsets,
-                                    &latencies, &traffic));
+    LB_RETURN_IF_ERROR(
+        run_strategy(options, strategy, workload, cache_dir, offsets, &latencies, &traffic));
     std::sort(latencies.begin(), latencies.end());
     StrategyResult result;
     result.strategy = strategy;
@@ -170,6 +194,60 @@ Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
   return report;
 }
 
+}  // namespace
+
+Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
+                                         const std::function<void(std::string_view)>& progress) {
+  if (options.iterations < 1 || options.callers < 1 || options.block == 0 ||
+      (!options.store && options.block > options.object_size) || options.strategies.empty()) {
+    return Status::invalid_argument(
+        "bench fetch needs at least one strategy, iteration and caller, and a block no larger "
+        "than the object");
+  }
+  // Sleep with nanosecond precision rather than the default 50 µs slack: the
+  // simulated store's pacing is part of what is measured. Threads started from
+  // here inherit it.
+  ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+
+  Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
+  if (!scratch) return scratch.status();
+  FetchBenchOptions measured = options;
+  Workload workload;
+  std::vector<std::byte> copy;  // of a real store's sampled bytes
+  if (options.store) {
+    Result<uint64_t> size = options.store->stat(options.key, IoContext{});
+    if (!size) return size.status();
+    if (*size < options.block) {
+      return Status::invalid_argument(fmt::format("{} has {} bytes, less than one {}-byte read",
+                                                  options.key, *size, options.block));
+    }
+    measured.object_size = std::min(*size, kChunkSize);
+    Result<SimulateProfile> link = measure_link(*options.store, options.key,
+                                                measured.object_size, &copy);
+    if (!link) return link.status();
+    measured.profile = *link;
+    measured.profile_name = "measured";
+    workload = {options.store, options.key, *size,
+                [&copy](uint64_t offset, std::span<const std::byte> bytes) {
+                  return std::equal(bytes.begin(), bytes.end(),
+                                    copy.begin() + static_cast<ptrdiff_t>(offset));
+                }};
+  } else {
+    std::filesystem::create_directories(scratch->path() / "store");
+    Result<std::shared_ptr<FileStore>> files = FileStore::open(scratch->path() / "store");
+    if (!files) return files.status();
+    LB_RETURN_IF_ERROR((*files)->put(
+        kKey, testing::make_pattern(kPatternSeed, 0, options.object_size), IoContext{}));
+    workload = {std::make_shared<SimulateStore>(*files, options.profile), kKey,
+                options.object_size, [](uint64_t offset, std::span<const std::byte> bytes) {
+                  return testing::first_pattern_mismatch(kPatternSeed, offset, bytes) ==
+                         bytes.size();
+                }};
+  }
+  return run_measured(measured, workload, scratch->path(), progress);
+}
+
+
 std::string format_fetch_report(const FetchBenchReport& report) {
   const FetchBenchOptions& o = report.options;
   std::string out = fmt::format(
@@ -178,6 +256,11 @@ std::string format_fetch_report(const FetchBenchReport& report) {
       "physical limit (TTFB + block/BW): {:.2f} ms\n\n",
       o.profile_name, o.profile.to_string(), format_size(o.object_size), o.callers, o.iterations,
       o.block, o.seed, report.limit_us / 1000);
+  if (o.store) {
+    out = fmt::format("store {}, key {} (reads in its first {})\n", o.store->describe(), o.key,
+                      format_size(o.object_size)) +
+          out;
+  }
   out += fmt::format("{:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9}   {}\n", "strategy",
                      "model ms", "avg ms", "p50 ms", "p99 ms", "worst ms", "avg/model", "req/it",
                      "MiB/it", "E2B seed avg / worst ms");
@@ -209,9 +292,17 @@ nlohmann::json fetch_report_json(const FetchBenchReport& report) {
                        {"requests_per_iter", r.requests_per_iter},
                        {"bytes_per_iter", r.bytes_per_iter}});
   }
-  return {{"profile", report.options.profile_name},
-          {"limit_us", report.limit_us},
-          {"results", std::move(results)}};
+  nlohmann::json document = {{"profile", report.options.profile_name},
+                              {"limit_us", report.limit_us},
+                              {"results", std::move(results)}};
+  if (report.options.store) {
+    document["store"] = report.options.store->describe();
+    document["key"] = report.options.key;
+    document["ttfb_us"] =
+        seconds_to_us(std::chrono::duration<double>(report.options.profile.ttfb).count());
+    document["mb_per_s"] = report.options.profile.bytes_per_second / 1e6;
+  }
+  return document;
 }
 
 }  // namespace lazyblock

@@ -2,7 +2,7 @@
 // E2B's BenchmarkRandomAccess measures it.
 //
 // One object (4 MiB of pattern data) in a file store behind the simulate
-// layer; per iteration a fresh cold chunker, and `callers` threads released
+// layer, or a real store's object (see FetchBenchOptions::store); per iteration a fresh cold chunker, and `callers` threads released
 // together, each reading one `block` at an offset taken from a sequence drawn
 // once from `seed`, so every strategy sees the same offsets. Each read's bytes
 // are checked. After the callers return, the iteration waits for the chunk to
@@ -22,13 +22,20 @@
 
 #include "chunk/chunker.h"
 #include "common/status.h"
+#include "storage/object_store.h"
 #include "storage/simulate_store.h"
 
 namespace lazyblock {
 
 struct FetchBenchOptions {
-  std::string profile_name;  // as typed: "gcs", "nfs", "ttfb=5ms,bw=1GB/s"
-  SimulateProfile profile;
+  std::string profile_name;  // as typed: "gcs", "nfs", "ttfb=5ms,bw=1GB/s"; "measured" for a store
+  SimulateProfile profile;   // for a real store: measured by run_fetch_bench
+  // A real store instead of the simulated one: the reads fall in the first
+  // 4 MiB of `key` (or all of it, if smaller), checked against a copy read
+  // before the run; the link's TTFB and bandwidth are measured by a few
+  // whole-chunk reads first.
+  std::shared_ptr<ObjectStore> store;
+  std::string key;
   std::vector<FetchStrategy> strategies;
   int iterations = 100;
   int callers = 3;

@@ -272,5 +272,27 @@ TEST_F(CliTest, BenchSeqJsonHasTheDocumentedShape) {
   EXPECT_GE(doc.at("requests").get<uint64_t>(), 10u);
 }
 
+TEST_F(CliTest, BenchFetchAgainstARealStore) {
+  put_object("obj", 5 * kMiB);
+  Outcome run = run_lazyblock(dir_, {"bench", "fetch", "--store", store_url_, "--key", "obj",
+                                     "--strategy", "streaming,split", "--iterations", "3",
+                                     "--json"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  const nlohmann::json doc = nlohmann::json::parse(run.out);
+  EXPECT_EQ(doc.at("profile"), "measured");
+  EXPECT_EQ(doc.at("key"), "obj");
+  EXPECT_GT(doc.at("mb_per_s").get<double>(), 0);
+  ASSERT_EQ(doc.at("results").size(), 2u);
+  EXPECT_EQ(doc.at("results")[1].at("strategy"), "split");
+  // Nothing fetched twice: each iteration reads the first 4 MiB once.
+  EXPECT_DOUBLE_EQ(doc.at("results")[1].at("bytes_per_iter").get<double>(), 4.0 * kMiB);
+
+  EXPECT_EQ(run_lazyblock(dir_, {"bench", "fetch", "--store", store_url_}).status, 2);  // no key
+  EXPECT_EQ(run_lazyblock(dir_, {"bench", "fetch"}).status, 2);  // neither store nor profile
+  Outcome missing = run_lazyblock(dir_, {"bench", "fetch", "--store", store_url_, "--key", "nope"});
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_NE(missing.err.find("object not found: nope"), std::string::npos) << missing.err;
+}
+
 }  // namespace
 }  // namespace lazyblock

@@ -11,12 +11,15 @@
 #include "cli/commands.h"
 #include "cli/flags.h"
 #include "common/units.h"
+#include "storage/store_url.h"
 
 namespace lazyblock::cli {
 namespace {
 
 struct FetchBenchFlags {
   std::string profile;
+  std::string store;
+  std::string key;
   std::string strategies = "full,streaming,split";
   int iterations = 50;
   int callers = 3;
@@ -28,10 +31,21 @@ struct FetchBenchFlags {
 
 Result<FetchBenchOptions> fetch_bench_options(const FetchBenchFlags& flags) {
   FetchBenchOptions options;
-  Result<SimulateProfile> profile = SimulateProfile::parse(flags.profile);
-  if (!profile) return profile.status();
-  options.profile_name = flags.profile;
-  options.profile = *profile;
+  if (flags.profile.empty() == flags.store.empty()) {
+    return Status::invalid_argument("bench fetch needs either --profile or --store (with --key)");
+  }
+  if (!flags.store.empty()) {
+    if (flags.key.empty()) return Status::invalid_argument("bench fetch --store needs --key");
+    Result<std::shared_ptr<ObjectStore>> store = open_store(flags.store);
+    if (!store) return store.status();
+    options.store = *store;
+    options.key = flags.key;
+  } else {
+    Result<SimulateProfile> profile = SimulateProfile::parse(flags.profile);
+    if (!profile) return profile.status();
+    options.profile_name = flags.profile;
+    options.profile = *profile;
+  }
   std::stringstream names(flags.strategies);
   for (std::string name; std::getline(names, name, ',');) {
     Result<FetchStrategy> strategy = parse_fetch_strategy(name);
@@ -128,10 +142,13 @@ CommandRunner add_bench_command(CLI::App& app) {
   CLI::App* fetch = bench->add_subcommand(
       "fetch",
       "Cold-read latency of the fetch strategies: concurrent callers each read one block of a "
-      "4 MiB object behind a simulated store, a fresh cold cache per iteration");
+      "4 MiB object behind a simulated (or a real) store, a fresh cold cache per iteration");
   fetch->add_option("--profile", fetch_flags->profile,
-                    "gcs (20ms, 100MB/s), nfs (1ms, 500MB/s) or ttfb=MS,bw=MBPS")
-      ->required();
+                    "Simulated store: gcs (20ms, 100MB/s), nfs (1ms, 500MB/s) or ttfb=MS,bw=MBPS");
+  fetch->add_option("--store", fetch_flags->store,
+                    "A real store instead (file://, http(s)://, s3://, gs://): reads fall in the "
+                    "first 4 MiB of --key; its link is measured first");
+  fetch->add_option("--key", fetch_flags->key, "The object to read, with --store");
   fetch->add_option("--strategy", fetch_flags->strategies, "Comma-separated strategies")
       ->capture_default_str();
   fetch->add_option("--iterations", fetch_flags->iterations, "Cold chunkers per strategy")

@@ -109,7 +109,7 @@ Result<SimulateProfile> SimulateProfile::parse(std::string_view text) {
 std::string SimulateProfile::to_string() const {
   const double ms = std::chrono::duration<double, std::milli>(ttfb).count();
   const double mb = bytes_per_second / 1e6;
-  return fmt::format("ttfb={}ms,bw={}MB/s", ms, mb);
+  return fmt::format("ttfb={:.4g}ms,bw={:.4g}MB/s", ms, mb);
 }
 
 SimulateStore::SimulateStore(std::shared_ptr<ObjectStore> inner, SimulateProfile profile)
