@@ -101,6 +101,12 @@ class Chunker {
   // Writes the whole object to `sink` in order.
   virtual Status write_to(ByteSink& sink) = 0;
 
+  // Asks for [offset, offset + length) to be fetched ahead of its reads,
+  // without waiting: queued behind earlier requests and started as
+  // readahead is (readahead_streams at a time). Failures surface to whoever
+  // reads those bytes. Ranges past the end are ignored.
+  virtual void prefetch(uint64_t offset, uint64_t length) = 0;
+
   virtual ChunkerStats stats() const = 0;
 };
 

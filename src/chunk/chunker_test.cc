@@ -666,6 +666,34 @@ TEST_P(ReadaheadTest, ARandomReadEndsASequentialRun) {
   EXPECT_EQ(recorder_->chunks_opened(), (std::vector<uint64_t>{1, 5, 6}));
 }
 
+TEST_P(ReadaheadTest, PrefetchFetchesTheRangesAskedForWithoutWaiting) {
+  put_object(8 * kChunk);
+  auto c = recorded_chunker(/*readahead=*/false);
+  c->prefetch(3 * kChunk, 10);
+  c->prefetch(5 * kChunk, 2 * kChunk - 4096);  // chunks 5 and 6
+  c->prefetch(100 * kChunk, kChunk);           // past the end: ignored
+  wait_for_streams_to_end(*c);
+  EXPECT_EQ(recorder_->chunks_opened(), (std::vector<uint64_t>{3, 5, 6}));
+  EXPECT_EQ(c->stats().bytes, 3 * kChunk);  // whole chunks, as every fetch
+  // Now cached: reading them asks the store for nothing.
+  EXPECT_TRUE(read_and_check(*c, 3 * kChunk, kChunk).is_ok());
+  EXPECT_TRUE(read_and_check(*c, 5 * kChunk, 2 * kChunk).is_ok());
+  EXPECT_EQ(c->stats().requests, 3u);
+}
+
+TEST_P(ReadaheadTest, PrefetchOnAChunkerThatDoesNotKnowTheSizeYet) {
+  put_object(3 * kChunk);
+  recorder_ = std::make_shared<RecordingStore>(files_);
+  ChunkerOptions o = options();
+  o.readahead = false;
+  Result<std::unique_ptr<Chunker>> made = make_chunker(recorder_, kKey, std::nullopt, o);
+  ASSERT_TRUE(made);
+  (*made)->prefetch(2 * kChunk, kChunk);
+  wait_for_streams_to_end(**made);
+  EXPECT_EQ(recorder_->chunks_opened(), (std::vector<uint64_t>{2}));
+  EXPECT_EQ(*(*made)->size(), size_);
+}
+
 // Split: a far reader gets a stream of its own, cut from the running one.
 class SplitChunkerTest : public ChunkerFixture {
  protected:

@@ -66,6 +66,19 @@ void FetchContext::pump_readahead_locked() {
     }
     readahead_from = chunk_end;
   }
+  while (!prefetches.empty() && busy_streams < options.readahead_streams &&
+         streams < options.max_streams) {
+    auto& [begin, stop] = prefetches.front();
+    const uint64_t range_end = std::min(stop, blocks->size());
+    if (begin >= range_end) {
+      prefetches.pop_front();
+      continue;
+    }
+    const uint64_t chunk = begin / chunk_size;
+    const uint64_t part_end = std::min(range_end, (chunk + 1) * chunk_size);
+    if (!blocks->is_cached(begin, part_end)) fetch_locked(chunk)->cover_locked(begin, part_end);
+    begin = part_end;
+  }
 }
 
 void FetchContext::observe_ttfb_locked(double seconds) {

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -58,6 +59,8 @@ struct FetchContext {
   // wait for its first byte overlaps the running streams' transfers.
   uint64_t readahead_from = 0;
   uint64_t readahead_end = 0;
+  // Ranges asked for by prefetch(), started after the readahead range.
+  std::deque<std::pair<uint64_t, uint64_t>> prefetches;
   int busy_streams = 0;
 
   // The cache for an object of `size` bytes: created on the first call; a
@@ -73,8 +76,9 @@ struct FetchContext {
   // in progress already lies within [from, until), then starts streams as
   // pump_readahead_locked does. Requires mu held and the cache created.
   void read_ahead_locked(uint64_t from, uint64_t until);
-  // Starts streams for the next chunks of the readahead range while fewer
-  // than options.readahead_streams are busy. Requires mu held.
+  // Starts streams for the next chunks of the readahead range, then of the
+  // prefetched ranges, while fewer than options.readahead_streams are busy.
+  // Requires mu held.
   void pump_readahead_locked();
 
   // Folds what one stream saw into the estimate. Require mu held.

@@ -214,6 +214,18 @@ Status FetchingChunker::write_to(ByteSink& sink) {
   return Status::ok();
 }
 
+void FetchingChunker::prefetch(uint64_t offset, uint64_t length) {
+  if (length == 0) return;
+  std::lock_guard lock(context_.mu);
+  if (context_.cache.load(std::memory_order_acquire) == nullptr) {
+    // The size is unknown: the first chunk's stream learns it, and the range
+    // waits its turn behind that.
+    context_.fetch_locked(offset / context_.options.chunk_size)->cover_locked(offset, offset);
+  }
+  context_.prefetches.emplace_back(offset, offset + std::min(length, UINT64_MAX - offset));
+  context_.pump_readahead_locked();
+}
+
 ChunkerStats FetchingChunker::stats() const {
   std::lock_guard lock(context_.mu);
   return {context_.requests.load(std::memory_order_relaxed),

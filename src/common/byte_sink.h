@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <span>
 #include <string>
 
@@ -15,18 +16,24 @@ class ByteSink {
   virtual ~ByteSink() = default;
   // Writes all of `data` or fails. Called from one thread at a time.
   virtual Status write(std::span<const std::byte> data) = 0;
+  // Writes `count` zero bytes. Sinks that can leave a hole instead (a
+  // regular file) do so: an exported disk stays sparse where it reads zeros.
+  virtual Status write_zeros(uint64_t count);
 };
 
 // Writes to a file descriptor it does not own, retrying short writes and
 // EINTR. `name` names the destination in error messages.
 class FdSink final : public ByteSink {
  public:
-  FdSink(int fd, std::string name) : fd_(fd), name_(std::move(name)) {}
+  FdSink(int fd, std::string name);
   Status write(std::span<const std::byte> data) override;
+  // On a regular file, extends it past the zeros and seeks there (a hole).
+  Status write_zeros(uint64_t count) override;
 
  private:
   const int fd_;
   const std::string name_;
+  const bool regular_file_;
 };
 
 }  // namespace lazyblock
