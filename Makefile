@@ -1,16 +1,21 @@
 # lazyblock: `make run` and `make test` are the two commands of the README.
 #   make build   install what is missing, build build/lazyblock and the tests
 #   make run     build, then run the main job: bench fetch on both profiles
-#   make test    build, run every test, then again under ASan+UBSan and TSan
+#   make test    build, run every test, then again under ASan+UBSan and TSan,
+#                then fuzz the header parser for a while
+#   make fuzz    fuzz the header parser (FUZZ_SECONDS, default 60) with libFuzzer
 #   make clean   remove the build trees
 
+SHELL := /bin/bash
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 SANITIZER_ENV = ASAN_OPTIONS=halt_on_error=1:detect_leaks=1 \
                 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
                 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
 
-.PHONY: deps build run test test-plain test-asan test-tsan clean
+FUZZ_SECONDS ?= 60
+
+.PHONY: deps build run test test-plain test-asan test-tsan test-fuzz fuzz clean
 
 deps:
 	@scripts/install-deps
@@ -32,7 +37,7 @@ run: build
 	@echo "== lazyblock bench fetch, simulated NFS"
 	@build/lazyblock bench fetch --profile nfs --strategy full,streaming,split --iterations 20
 
-test: test-plain test-asan test-tsan
+test: test-plain test-asan test-tsan test-fuzz
 
 test-plain: build
 	@echo "== tests (build/)"
@@ -50,7 +55,22 @@ test-tsan: deps
 	@cmake --build build-tsan -j $(JOBS)
 	@$(SANITIZER_ENV) ctest --test-dir build-tsan --output-on-failure -j $(JOBS)
 
+# The header parser under libFuzzer: crashes stop the run (and `make test`);
+# the corpus grows in build-fuzz/, seeded from fuzz/corpus/.
+fuzz: deps
+	@echo "== fuzzing the header parser for $(FUZZ_SECONDS) s (build-fuzz/)"
+	$(call configure,build-fuzz,RelWithDebInfo,-DCMAKE_CXX_COMPILER=clang++ -DLAZYBLOCK_FUZZ=ON)
+	@cmake --build build-fuzz --target header_fuzz -j $(JOBS)
+	@mkdir -p build-fuzz/corpus/header
+	@build-fuzz/fuzz/header_fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -artifact_prefix=build-fuzz/ build-fuzz/corpus/header fuzz/corpus/header 2>&1 \
+	    | grep -E "DONE|number_of_executed_units|ERROR|SUMMARY|deadly|Test unit written|==[0-9]+=="; \
+	    exit $${PIPESTATUS[0]}
+
+test-fuzz:
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=30
+
 clean:
-	rm -rf build build-asan build-tsan
+	rm -rf build build-asan build-tsan build-fuzz
 
 , := ,

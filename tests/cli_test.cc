@@ -1,15 +1,9 @@
 // The lazyblock command run as a user runs it: exit statuses, messages,
 // byte-exact output.
-#include <fcntl.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <optional>
-#include <fstream>
-#include <iterator>
 #include <string>
 #include <vector>
 
@@ -19,47 +13,10 @@
 #include "storage/file_store.h"
 #include "testing/pattern.h"
 #include "testing/scratch_dir.h"
+#include "tests/cli_runner.h"
 
 namespace lazyblock {
 namespace {
-
-struct Outcome {
-  int status = -1;  // exit status
-  std::string out;
-  std::string err;
-};
-
-std::string slurp(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-// Runs the lazyblock binary with `args`, stdout and stderr to files in `dir`.
-Outcome run_lazyblock(const std::filesystem::path& dir, std::vector<std::string> args) {
-  const std::filesystem::path out = dir / "stdout";
-  const std::filesystem::path err = dir / "stderr";
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    const int out_fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    const int err_fd = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    ::dup2(out_fd, STDOUT_FILENO);
-    ::dup2(err_fd, STDERR_FILENO);
-    std::vector<char*> argv;
-    std::string binary = LAZYBLOCK_BINARY;
-    argv.push_back(binary.data());
-    for (std::string& arg : args) argv.push_back(arg.data());
-    argv.push_back(nullptr);
-    ::execv(binary.c_str(), argv.data());
-    ::_exit(127);
-  }
-  int wait_status = 0;
-  ::waitpid(pid, &wait_status, 0);
-  Outcome run;
-  run.status = WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : 128 + WTERMSIG(wait_status);
-  run.out = slurp(out);
-  run.err = slurp(err);
-  return run;
-}
 
 class CliTest : public ::testing::Test {
  protected:

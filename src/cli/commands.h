@@ -13,5 +13,8 @@ using CommandRunner = std::function<int()>;
 
 CommandRunner add_cat_command(CLI::App& app);
 CommandRunner add_bench_command(CLI::App& app);
+CommandRunner add_pack_command(CLI::App& app);
+CommandRunner add_export_command(CLI::App& app);
+CommandRunner add_inspect_command(CLI::App& app);
 
 }  // namespace lazyblock::cli

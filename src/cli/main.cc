@@ -14,6 +14,9 @@ int main(int argc, char** argv) {
   app.set_help_all_flag("--help-all", "Show help for every command");
 
   CommandRunner cat = add_cat_command(app);
+  CommandRunner pack = add_pack_command(app);
+  CommandRunner export_ = add_export_command(app);
+  CommandRunner inspect = add_inspect_command(app);
   CommandRunner bench = add_bench_command(app);
 
   try {
@@ -27,6 +30,9 @@ int main(int argc, char** argv) {
     return kExitUsage;
   }
   if (app.got_subcommand("cat")) return cat();
+  if (app.got_subcommand("pack")) return pack();
+  if (app.got_subcommand("export")) return export_();
+  if (app.got_subcommand("inspect")) return inspect();
   if (app.got_subcommand("bench")) return bench();
   return kExitUsage;
 }

@@ -1,0 +1,240 @@
+// lazyblock pack / export / inspect: builds made of a header and data files
+// (DESIGN.md, "image").
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <map>
+#include <memory>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "cli/flags.h"
+#include "cli/output.h"
+#include "common/units.h"
+#include "image/device.h"
+#include "image/pack.h"
+
+namespace lazyblock::cli {
+namespace {
+
+using image::Uuid;
+
+// The flags of every command that names a build's device.
+struct DeviceFlags {
+  StoreFlags store;
+  std::string build;
+  std::string name;
+  std::string log_level = "warn";
+};
+
+void add_device_flags(CLI::App& command, DeviceFlags& flags) {
+  add_store_flags(command, flags.store);
+  command.add_option("--build", flags.build, "The build's id (a UUID)")->required();
+  command.add_option("--name", flags.name, "The device: memfile, rootfs.ext4, ...")->required();
+  add_log_flag(command, flags.log_level);
+}
+
+// The data files of the store the flags name, and the build's id.
+struct Opened {
+  std::shared_ptr<image::DataFiles> files;
+  Uuid build;
+};
+
+Result<Opened> open_flags(const DeviceFlags& flags) {
+  LB_RETURN_IF_ERROR(apply_log_level(flags.log_level));
+  Result<Uuid> build = Uuid::parse(flags.build);
+  if (!build) return build.status().with_context("--build");
+  if (flags.name.empty() || flags.name.find('/') != std::string::npos) {
+    return Status::invalid_argument(fmt::format("--name '{}' must be a file name", flags.name));
+  }
+  Result<ChunkerOptions> options = chunker_options(flags.store);
+  if (!options) return options.status();
+  Result<StoreStackOptions> stack = store_stack_options(flags.store);
+  if (!stack) return stack.status();
+  Result<std::shared_ptr<ObjectStore>> store = open_store(flags.store.store, *stack);
+  if (!store) return store.status();
+  return Opened{std::make_shared<image::DataFiles>(*store, *options), *build};
+}
+
+struct PackFlags {
+  DeviceFlags device;
+  std::string parent;
+  std::string block_size = "4096";
+  std::string input;
+};
+
+int run_pack(const PackFlags& flags) {
+  Result<Opened> opened = open_flags(flags.device);
+  if (!opened) return report_failure(opened.status());
+  image::PackOptions options;
+  options.build = opened->build;
+  options.name = flags.device.name;
+  Result<uint64_t> block_size = parse_size(flags.block_size);
+  if (!block_size) return report_failure(block_size.status().with_context("--block-size"));
+  options.block_size = *block_size;
+  if (!flags.parent.empty()) {
+    Result<Uuid> parent = Uuid::parse(flags.parent);
+    if (!parent) return report_failure(parent.status().with_context("--parent"));
+    options.parent = *parent;
+  }
+  int fd = STDIN_FILENO;
+  if (flags.input != "-") {
+    fd = ::open(flags.input.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return report_failure(posix_error("open " + flags.input, errno));
+  }
+  struct stat st{};
+  const uint64_t total = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? st.st_size : 0;
+  Result<image::PackSummary> summary = [&] {
+    Progress progress("pack " + flags.device.name, total);
+    return image::pack(opened->files, fd, options,
+                       [&](uint64_t done) { progress.update(done); });
+  }();
+  if (fd != STDIN_FILENO) ::close(fd);
+  if (!summary) return report_failure(summary.status().with_context("pack " + flags.device.name));
+  const image::Header& header = summary->header;
+  std::printf(
+      "packed %s of build %s (generation %llu): %s in %llu blocks of %llu bytes: %llu changed, "
+      "%llu zero, %llu unchanged; stored %s of data and a %s header\n",
+      flags.device.name.c_str(), header.build_id.to_string().c_str(),
+      static_cast<unsigned long long>(header.generation), format_size(header.size).c_str(),
+      static_cast<unsigned long long>(summary->blocks),
+      static_cast<unsigned long long>(header.block_size),
+      static_cast<unsigned long long>(summary->changed),
+      static_cast<unsigned long long>(summary->zero),
+      static_cast<unsigned long long>(summary->unchanged),
+      format_size(summary->data_bytes).c_str(), format_size(summary->header_bytes).c_str());
+  return 0;
+}
+
+struct ExportFlags {
+  DeviceFlags device;
+  std::string output = "-";
+};
+
+int run_export(const ExportFlags& flags) {
+  Result<Opened> opened = open_flags(flags.device);
+  if (!opened) return report_failure(opened.status());
+  Result<std::unique_ptr<image::Device>> device =
+      image::Device::open(opened->files, opened->build, flags.device.name);
+  if (!device) return report_failure(device.status().with_context("export"));
+  Progress progress("export " + flags.device.name, (*device)->size());
+  const Status status = write_output(flags.output, [&](ByteSink& sink) {
+    ProgressSink counted(sink, progress);
+    return (*device)->write_to(counted);
+  });
+  if (!status.is_ok()) return report_failure(status.with_context("export " + flags.device.name));
+  return 0;
+}
+
+struct InspectFlags {
+  DeviceFlags device;
+  bool json = false;
+};
+
+// Bytes of the device each build's data file serves ("zeros" for nil).
+std::map<std::string, uint64_t> bytes_by_build(const image::Header& header) {
+  std::map<std::string, uint64_t> bytes;
+  for (const image::Mapping& m : header.mappings) {
+    const uint64_t end = std::min(m.end(), header.size);
+    if (end <= m.offset) continue;
+    bytes[m.build_id.is_nil() ? "zeros" : m.build_id.to_string()] += end - m.offset;
+  }
+  return bytes;
+}
+
+int run_inspect(const InspectFlags& flags) {
+  Result<Opened> opened = open_flags(flags.device);
+  if (!opened) return report_failure(opened.status());
+  Result<image::Header> header =
+      image::load_header(opened->files->store(), opened->build, flags.device.name,
+                         opened->files->options().fetch_timeout);
+  if (!header) return report_failure(header.status().with_context("inspect"));
+  const std::map<std::string, uint64_t> by_build = bytes_by_build(*header);
+  if (flags.json) {
+    nlohmann::json mappings = nlohmann::json::array();
+    for (const image::Mapping& m : header->mappings) {
+      mappings.push_back({{"offset", m.offset},
+                          {"length", m.length},
+                          {"build_id", m.build_id.to_string()},
+                          {"build_storage_offset", m.build_storage_offset}});
+    }
+    const nlohmann::json doc = {{"version", header->version},
+                                {"block_size", header->block_size},
+                                {"size", header->size},
+                                {"generation", header->generation},
+                                {"build_id", header->build_id.to_string()},
+                                {"base_build_id", header->base_build_id.to_string()},
+                                {"bytes_by_build", by_build},
+                                {"mappings", std::move(mappings)}};
+    std::printf("%s\n", doc.dump(2).c_str());
+    return 0;
+  }
+  std::printf("%s of build %s\n", flags.device.name.c_str(), header->build_id.to_string().c_str());
+  std::printf("  header version %llu, generation %llu, base build %s\n",
+              static_cast<unsigned long long>(header->version),
+              static_cast<unsigned long long>(header->generation),
+              header->base_build_id.to_string().c_str());
+  std::printf("  size %s (%llu bytes), blocks of %llu bytes, %zu mappings\n",
+              format_size(header->size).c_str(), static_cast<unsigned long long>(header->size),
+              static_cast<unsigned long long>(header->block_size), header->mappings.size());
+  std::printf("  bytes by source:\n");
+  for (const auto& [build, bytes] : by_build) {
+    std::printf("    %-36s %12s\n", build.c_str(), format_size(bytes).c_str());
+  }
+  constexpr size_t kShown = 50;
+  std::printf("  mappings (offset, length, build, offset in its data file):\n");
+  for (size_t i = 0; i < header->mappings.size() && i < kShown; ++i) {
+    const image::Mapping& m = header->mappings[i];
+    std::printf("    %14llu %12llu %-36s %14llu\n", static_cast<unsigned long long>(m.offset),
+                static_cast<unsigned long long>(m.length),
+                m.build_id.is_nil() ? "zeros" : m.build_id.to_string().c_str(),
+                static_cast<unsigned long long>(m.build_storage_offset));
+  }
+  if (header->mappings.size() > kShown) {
+    std::printf("    ... %zu more (--json lists them all)\n", header->mappings.size() - kShown);
+  }
+  return 0;
+}
+
+}  // namespace
+
+CommandRunner add_pack_command(CLI::App& app) {
+  auto flags = std::make_shared<PackFlags>();
+  CLI::App* pack = app.add_subcommand(
+      "pack",
+      "Store a raw image as a build: only the blocks that differ from --parent (or, without a "
+      "parent, that are not zeros) go to BUILD/NAME; BUILD/NAME.header maps every block");
+  add_device_flags(*pack, flags->device);
+  pack->add_option("--parent", flags->parent, "The build this one changes (a UUID)");
+  pack->add_option("--block-size", flags->block_size,
+                   "Unit of diffing and mapping: 4096 (disks, memory) or 2MiB (huge-page memory)")
+      ->capture_default_str();
+  pack->add_option("FILE", flags->input, "The raw image; - for stdin")->required();
+  return [flags] { return run_pack(*flags); };
+}
+
+CommandRunner add_export_command(CLI::App& app) {
+  auto flags = std::make_shared<ExportFlags>();
+  CLI::App* command = app.add_subcommand(
+      "export", "Write a build's whole device to a file (sparse where it reads zeros) or stdout");
+  add_device_flags(*command, flags->device);
+  command->add_option("-o,--output", flags->output, "Output file; - for stdout")
+      ->capture_default_str();
+  return [flags] { return run_export(*flags); };
+}
+
+CommandRunner add_inspect_command(CLI::App& app) {
+  auto flags = std::make_shared<InspectFlags>();
+  CLI::App* command = app.add_subcommand(
+      "inspect", "Show a build's header: metadata, bytes by source build, the mappings");
+  add_device_flags(*command, flags->device);
+  command->add_flag("--json", flags->json, "Print one JSON document");
+  return [flags] { return run_inspect(*flags); };
+}
+
+}  // namespace lazyblock::cli

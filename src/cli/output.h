@@ -1,0 +1,53 @@
+// Where a command's bytes go: stdout, or a file that appears only once
+// complete, and a progress line on a terminal.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "common/byte_sink.h"
+#include "common/status.h"
+
+namespace lazyblock::cli {
+
+// Runs `produce` on a sink for `path` ("-": stdout). A file is written
+// through a temporary file beside it, synced and renamed into place only if
+// `produce` succeeds: a failed command leaves no file that looks complete.
+// A regular file stays sparse where the producer writes zeros.
+Status write_output(const std::string& path, const std::function<Status(ByteSink&)>& produce);
+
+// "pack rootfs.ext4: 312.0 MiB of 1.0 GiB (30%)" on stderr, redrawn at most
+// ten times a second, only if stderr is a terminal.
+class Progress {
+ public:
+  Progress(std::string label, uint64_t total);
+  ~Progress();
+  void update(uint64_t done);
+
+ private:
+  void draw(uint64_t done);
+
+  const std::string label_;
+  const uint64_t total_;  // 0: unknown
+  const bool enabled_;
+  std::chrono::steady_clock::time_point last_draw_{};
+  uint64_t last_done_ = 0;
+  bool drawn_ = false;
+};
+
+// Passes bytes on to another sink, reporting progress.
+class ProgressSink final : public ByteSink {
+ public:
+  ProgressSink(ByteSink& inner, Progress& progress) : inner_(inner), progress_(progress) {}
+  Status write(std::span<const std::byte> data) override;
+  Status write_zeros(uint64_t count) override;
+
+ private:
+  ByteSink& inner_;
+  Progress& progress_;
+  uint64_t done_ = 0;
+};
+
+}  // namespace lazyblock::cli

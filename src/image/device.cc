@@ -1,0 +1,206 @@
+#include "image/device.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "common/units.h"
+
+namespace lazyblock::image {
+namespace {
+
+// Zeros for slices of nil ranges: as large as the largest page a fault asks
+// for (a 2 MiB huge page).
+constexpr uint64_t kZeroSliceMax = 2 * kMiB;
+
+std::span<const std::byte> zeros(uint64_t length) {
+  static const std::vector<std::byte> kZeros(kZeroSliceMax);
+  return std::span(kZeros).first(length);
+}
+
+}  // namespace
+
+std::string data_key(const Uuid& build, const std::string& name) {
+  return build.to_string() + "/" + name;
+}
+
+std::string header_key(const Uuid& build, const std::string& name) {
+  return data_key(build, name) + ".header";
+}
+
+Result<Header> load_header(ObjectStore& store, const Uuid& build, const std::string& name,
+                           std::chrono::nanoseconds timeout) {
+  const std::string key = header_key(build, name);
+  const IoContext io{Clock::now() + timeout, {}};
+  Result<uint64_t> size = store.stat(key, io);
+  if (!size) return size.status();
+  if (*size > kMaxHeaderBytes) {
+    return Status::corruption(fmt::format("header {} is {} bytes, more than the {} any sane "
+                                          "header needs",
+                                          key, *size, format_size(kMaxHeaderBytes)));
+  }
+  std::vector<std::byte> bytes(*size);
+  Result<std::unique_ptr<RangeReader>> reader = store.open_range(key, 0, *size, io);
+  if (!reader) return reader.status();
+  uint64_t done = 0;
+  while (done < *size) {
+    Result<size_t> got = (*reader)->read(std::span(bytes).subspan(done));
+    if (!got) return got.status().with_context("header " + key);
+    if (*got == 0) break;
+    done += *got;
+  }
+  if (done != *size || (*reader)->range_length() != *size) {
+    return Status::corruption(fmt::format("header {}: read {} of its {} bytes", key, done, *size));
+  }
+  Result<Header> header = Header::parse(bytes);
+  if (!header) return header.status().with_context("header " + key);
+  if (header->build_id != build) {
+    return Status::corruption(fmt::format("header {} belongs to build {}", key,
+                                          header->build_id.to_string()));
+  }
+  return header;
+}
+
+DataFiles::DataFiles(std::shared_ptr<ObjectStore> store, ChunkerOptions options)
+    : store_(std::move(store)), options_(std::move(options)) {}
+
+Result<Chunker*> DataFiles::chunker(const Uuid& build, const std::string& name) {
+  std::lock_guard lock(mu_);
+  std::unique_ptr<Chunker>& chunker = chunkers_[{build, name}];
+  if (!chunker) {
+    // The data file's size comes with its first fetch.
+    Result<std::unique_ptr<Chunker>> made =
+        make_chunker(store_, data_key(build, name), std::nullopt, options_);
+    if (!made) {
+      chunkers_.erase({build, name});
+      return made.status();
+    }
+    chunker = std::move(made).value();
+  }
+  return chunker.get();
+}
+
+std::map<Uuid, ChunkerStats> DataFiles::stats() const {
+  std::lock_guard lock(mu_);
+  std::map<Uuid, ChunkerStats> by_build;
+  for (const auto& [file, chunker] : chunkers_) {
+    const ChunkerStats stats = chunker->stats();
+    ChunkerStats& sum = by_build[file.first];
+    sum.requests += stats.requests;
+    sum.bytes += stats.bytes;
+    sum.waiting += stats.waiting;
+    sum.streams += stats.streams;
+  }
+  return by_build;
+}
+
+Result<std::unique_ptr<Device>> Device::open(std::shared_ptr<DataFiles> files, const Uuid& build,
+                                             std::string name) {
+  Result<Header> header =
+      load_header(files->store(), build, name, files->options().fetch_timeout);
+  if (!header) return header.status();
+  return std::make_unique<Device>(std::move(files), std::move(header).value(), std::move(name));
+}
+
+Device::Device(std::shared_ptr<DataFiles> files, Header header, std::string name)
+    : files_(std::move(files)), header_(std::move(header)), name_(std::move(name)) {}
+
+Result<Chunker*> Device::chunker_for(const Mapping& mapping) {
+  return files_->chunker(mapping.build_id, name_);
+}
+
+Result<size_t> Device::read_at(std::span<std::byte> buffer, uint64_t offset) {
+  if (offset >= size() || buffer.empty()) return size_t{0};
+  const uint64_t end = offset + std::min<uint64_t>(buffer.size(), size() - offset);
+  for (uint64_t position = offset; position < end;) {
+    const Mapping& mapping = header_.mappings[header_.mapping_at(position)];
+    const uint64_t piece_end = std::min(end, mapping.end());
+    const std::span<std::byte> piece = buffer.subspan(position - offset, piece_end - position);
+    if (mapping.build_id.is_nil()) {
+      std::memset(piece.data(), 0, piece.size());
+    } else {
+      Result<Chunker*> chunker = chunker_for(mapping);
+      if (!chunker) return chunker.status();
+      const uint64_t stored_at = mapping.build_storage_offset + (position - mapping.offset);
+      Result<size_t> got = (*chunker)->read_at(piece, stored_at);
+      if (!got) return got.status();
+      if (*got != piece.size()) {
+        return Status::corruption(fmt::format(
+            "data file {} ends before {}, where the header maps device byte {}",
+            data_key(mapping.build_id, name_), stored_at + piece.size(), piece_end));
+      }
+    }
+    position = piece_end;
+  }
+  return end - offset;
+}
+
+Result<std::span<const std::byte>> Device::slice(uint64_t offset, uint64_t length) {
+  if (offset >= size() || length == 0) return std::span<const std::byte>();
+  const uint64_t end = offset + std::min(length, size() - offset);
+  const Mapping& mapping = header_.mappings[header_.mapping_at(offset)];
+  if (end > mapping.end()) {
+    return Status::invalid_argument(fmt::format(
+        "device {} [{}, {}) crosses mappings: read it with read_at", name_, offset, end));
+  }
+  if (mapping.build_id.is_nil()) {
+    if (end - offset > kZeroSliceMax) {
+      return Status::invalid_argument(fmt::format(
+          "device {} [{}, {}): a zero slice is at most {}", name_, offset, end,
+          format_size(kZeroSliceMax)));
+    }
+    return zeros(end - offset);
+  }
+  Result<Chunker*> chunker = chunker_for(mapping);
+  if (!chunker) return chunker.status();
+  const uint64_t stored_at = mapping.build_storage_offset + (offset - mapping.offset);
+  Result<std::span<const std::byte>> bytes = (*chunker)->slice(stored_at, end - offset);
+  if (!bytes) return bytes.status();
+  if (bytes->size() != end - offset) {
+    return Status::corruption(fmt::format(
+        "data file {} ends before {}, where the header maps device byte {}",
+        data_key(mapping.build_id, name_), stored_at + (end - offset), end));
+  }
+  return bytes;
+}
+
+Status Device::write_to(ByteSink& sink) {
+  const ChunkerOptions& options = files_->options();
+  const uint64_t piece_max = options.chunk_size;
+  // Ranges up to this far ahead of the writer are asked of their chunkers,
+  // which start them readahead_streams at a time each.
+  const uint64_t window = 2 * static_cast<uint64_t>(options.readahead_streams) * options.chunk_size;
+  uint64_t asked_until = 0;
+  const auto ask_ahead = [&](uint64_t until) -> Status {
+    while (asked_until < until) {
+      const Mapping& mapping = header_.mappings[header_.mapping_at(asked_until)];
+      const uint64_t piece_end = std::min(until, mapping.end());
+      if (!mapping.build_id.is_nil()) {
+        Result<Chunker*> chunker = chunker_for(mapping);
+        if (!chunker) return chunker.status();
+        (*chunker)->prefetch(mapping.build_storage_offset + (asked_until - mapping.offset),
+                             piece_end - asked_until);
+      }
+      asked_until = piece_end;
+    }
+    return Status::ok();
+  };
+  for (uint64_t position = 0; position < size();) {
+    LB_RETURN_IF_ERROR(ask_ahead(std::min(size(), position + window)));
+    const Mapping& mapping = header_.mappings[header_.mapping_at(position)];
+    const uint64_t piece_end = std::min({size(), mapping.end(), position + piece_max});
+    if (mapping.build_id.is_nil()) {
+      LB_RETURN_IF_ERROR(sink.write_zeros(piece_end - position));
+    } else {
+      Result<std::span<const std::byte>> bytes = slice(position, piece_end - position);
+      if (!bytes) return bytes.status();
+      LB_RETURN_IF_ERROR(sink.write(*bytes));
+    }
+    position = piece_end;
+  }
+  return Status::ok();
+}
+
+}  // namespace lazyblock::image

@@ -1,0 +1,87 @@
+// image::Device: a build's device (its memfile or rootfs) as the bytes a VM
+// sees, assembled from the data files of the build and its ancestors.
+//
+// Data flow: a read of [offset, offset + length) is split along the header's
+// mappings; each piece is read from the chunker of the data file its mapping
+// names (BUILD/NAME of that build, one chunker per data file, shared through
+// a DataFiles), and nil pieces are zeros without any fetch. write_to walks
+// the mappings in order, asking each chunker to prefetch the ranges coming
+// up, so that several data files stream at once.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+
+#include "chunk/chunker.h"
+#include "common/byte_sink.h"
+#include "image/header.h"
+#include "storage/object_store.h"
+
+namespace lazyblock::image {
+
+// "BUILD/NAME", the key of a build's data file; "BUILD/NAME.header", its header.
+std::string data_key(const Uuid& build, const std::string& name);
+std::string header_key(const Uuid& build, const std::string& name);
+
+// Reads and parses the header of `name` of `build` (at most kMaxHeaderBytes).
+Result<Header> load_header(ObjectStore& store, const Uuid& build, const std::string& name,
+                           std::chrono::nanoseconds timeout);
+
+// The chunkers of data files, one per (build, name), created on first use
+// and shared by every device that maps into them. Thread-safe.
+class DataFiles {
+ public:
+  DataFiles(std::shared_ptr<ObjectStore> store, ChunkerOptions options);
+
+  Result<Chunker*> chunker(const Uuid& build, const std::string& name);
+  ObjectStore& store() { return *store_; }
+  const ChunkerOptions& options() const { return options_; }
+  // Upstream traffic of every data file so far, by build.
+  std::map<Uuid, ChunkerStats> stats() const;
+
+ private:
+  const std::shared_ptr<ObjectStore> store_;
+  const ChunkerOptions options_;
+  mutable std::mutex mu_;
+  std::map<std::pair<Uuid, std::string>, std::unique_ptr<Chunker>> chunkers_;  // guarded by mu_
+};
+
+class Device {
+ public:
+  // The device `name` of `build`: loads its header from the files' store.
+  static Result<std::unique_ptr<Device>> open(std::shared_ptr<DataFiles> files, const Uuid& build,
+                                              std::string name);
+  // A device from a header already in hand.
+  Device(std::shared_ptr<DataFiles> files, Header header, std::string name);
+
+  const Header& header() const { return header_; }
+  uint64_t size() const { return header_.size; }
+
+  // Copies [offset, offset + buffer.size()) clipped to the device's end into
+  // `buffer`; returns the count copied.
+  Result<size_t> read_at(std::span<std::byte> buffer, uint64_t offset);
+
+  // A view of [offset, offset + length) clipped to the end, valid for the
+  // data files' lifetime, when one mapping holds the whole range (a page
+  // fault's case; zeros come from a shared zero buffer of up to 2 MiB).
+  // kInvalidArgument if the range crosses mappings: use read_at.
+  Result<std::span<const std::byte>> slice(uint64_t offset, uint64_t length);
+
+  // Writes the whole device to `sink` in order; nil ranges as write_zeros.
+  Status write_to(ByteSink& sink);
+
+ private:
+  // The chunker of the data file `mapping` (not nil) names.
+  Result<Chunker*> chunker_for(const Mapping& mapping);
+
+  const std::shared_ptr<DataFiles> files_;
+  const Header header_;
+  const std::string name_;
+};
+
+}  // namespace lazyblock::image

@@ -1,0 +1,157 @@
+// Reads of a device assembled from two builds' data files and zeros, on a
+// real file store.
+#include "image/device.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <optional>
+
+#include "common/units.h"
+#include "storage/file_store.h"
+#include "testing/pattern.h"
+#include "testing/scratch_dir.h"
+
+namespace lazyblock::image {
+namespace {
+
+constexpr uint64_t kBlock = 4096;
+
+Uuid id(uint8_t fill) {
+  Uuid u;
+  u.bytes.fill(fill);
+  return u;
+}
+
+// Collects what write_to writes, zeros included.
+class StringSink final : public ByteSink {
+ public:
+  Status write(std::span<const std::byte> data) override {
+    bytes.append(reinterpret_cast<const char*>(data.data()), data.size());
+    return Status::ok();
+  }
+  std::string bytes;
+};
+
+class DeviceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
+    ASSERT_TRUE(scratch) << scratch.status().to_string();
+    scratch_ = std::move(scratch).value();
+    Result<std::shared_ptr<FileStore>> files = FileStore::open(scratch_->path());
+    ASSERT_TRUE(files);
+    store_ = *files;
+    // The parent's data file: pattern 1; the child's: pattern 2.
+    ASSERT_TRUE(store_->put(data_key(parent_, "memfile"), testing::make_pattern(1, 0, 8 * kMiB),
+                            IoContext{}).is_ok());
+    ASSERT_TRUE(store_->put(data_key(child_, "memfile"), testing::make_pattern(2, 0, 2 * kMiB),
+                            IoContext{}).is_ok());
+    // Device (5 MiB + 100 bytes): [0, 1 MiB) child at 1 MiB; [1, 2 MiB)
+    // zeros; [2 MiB, end) parent at 3 MiB.
+    header_.block_size = kBlock;
+    header_.size = 5 * kMiB + 100;
+    header_.generation = 1;
+    header_.build_id = child_;
+    header_.base_build_id = parent_;
+    header_.mappings = {{0, 1 * kMiB, child_, 1 * kMiB},
+                        {1 * kMiB, 1 * kMiB, Uuid::nil(), 0},
+                        {2 * kMiB, 3 * kMiB + kBlock, parent_, 3 * kMiB}};
+    Result<std::vector<std::byte>> bytes = header_.serialize();
+    ASSERT_TRUE(bytes) << bytes.status().to_string();
+    ASSERT_TRUE(store_->put(header_key(child_, "memfile"), *bytes, IoContext{}).is_ok());
+    expected_ = expected_device();
+  }
+
+  std::string expected_device() const {
+    std::string bytes(header_.size, '\0');
+    const auto copy = [&](uint64_t at, uint64_t seed, uint64_t from, uint64_t length) {
+      const std::vector<std::byte> data = testing::make_pattern(seed, from, length);
+      std::memcpy(bytes.data() + at, data.data(), length);
+    };
+    copy(0, 2, 1 * kMiB, 1 * kMiB);
+    copy(2 * kMiB, 1, 3 * kMiB, header_.size - 2 * kMiB);
+    return bytes;
+  }
+
+  std::unique_ptr<Device> open() {
+    auto files = std::make_shared<DataFiles>(store_, ChunkerOptions{});
+    Result<std::unique_ptr<Device>> device = Device::open(files, child_, "memfile");
+    EXPECT_TRUE(device) << device.status().to_string();
+    return device ? std::move(device).value() : nullptr;
+  }
+
+  std::optional<testing::ScratchDir> scratch_;
+  std::shared_ptr<FileStore> store_;
+  const Uuid parent_ = id(0x11);
+  const Uuid child_ = id(0x22);
+  Header header_;
+  std::string expected_;
+};
+
+TEST_F(DeviceTest, ReadsSplitAlongTheMappings) {
+  auto device = open();
+  ASSERT_TRUE(device);
+  EXPECT_EQ(device->size(), header_.size);
+  for (const auto& [offset, length] : std::vector<std::pair<uint64_t, uint64_t>>{
+           {0, 100}, {1 * kMiB - 10, 20}, {2 * kMiB - 5, 10}, {1 * kMiB - 3, 2 * kMiB},
+           {5 * kMiB, 4096}, {5 * kMiB + 99, 1}, {5 * kMiB + 100, 10}, {0, 6 * kMiB}}) {
+    std::string buffer(length, 'x');
+    Result<size_t> got =
+        device->read_at(std::as_writable_bytes(std::span(buffer.data(), buffer.size())), offset);
+    ASSERT_TRUE(got) << got.status().to_string();
+    const uint64_t want = offset >= header_.size ? 0 : std::min(length, header_.size - offset);
+    ASSERT_EQ(*got, want) << offset;
+    EXPECT_TRUE(buffer.substr(0, want) == expected_.substr(offset, want)) << offset;
+  }
+}
+
+TEST_F(DeviceTest, SlicesWithinOneMapping) {
+  auto device = open();
+  ASSERT_TRUE(device);
+  Result<std::span<const std::byte>> data = device->slice(2 * kMiB + kBlock, kBlock);
+  ASSERT_TRUE(data) << data.status().to_string();
+  EXPECT_EQ(std::memcmp(data->data(), expected_.data() + 2 * kMiB + kBlock, kBlock), 0);
+  Result<std::span<const std::byte>> zeros = device->slice(1 * kMiB, 2 * kMiB - 1 * kMiB);
+  ASSERT_TRUE(zeros);
+  EXPECT_EQ(zeros->size(), 1 * kMiB);
+  EXPECT_EQ(std::count(zeros->begin(), zeros->end(), std::byte{0}), static_cast<long>(1 * kMiB));
+  Result<std::span<const std::byte>> across = device->slice(1 * kMiB - kBlock, 2 * kBlock);
+  ASSERT_FALSE(across);
+  EXPECT_EQ(across.status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST_F(DeviceTest, WriteToGivesTheWholeDevice) {
+  auto device = open();
+  ASSERT_TRUE(device);
+  StringSink sink;
+  ASSERT_TRUE(device->write_to(sink).is_ok());
+  EXPECT_TRUE(sink.bytes == expected_);
+}
+
+TEST_F(DeviceTest, ADataFileShorterThanItsMappingsIsCorruption) {
+  ASSERT_TRUE(store_->put(data_key(parent_, "memfile"), testing::make_pattern(1, 0, 4 * kMiB),
+                          IoContext{}).is_ok());
+  auto device = open();
+  ASSERT_TRUE(device);
+  std::string buffer(4096, '\0');
+  Result<size_t> got =
+      device->read_at(std::as_writable_bytes(std::span(buffer.data(), buffer.size())), 4 * kMiB);
+  ASSERT_FALSE(got);
+  EXPECT_EQ(got.status().code(), StatusCode::kCorruption);
+  EXPECT_NE(got.status().message().find(data_key(parent_, "memfile")), std::string::npos)
+      << got.status().to_string();
+}
+
+TEST_F(DeviceTest, AHeaderOfAnotherBuildIsRefused) {
+  Result<Header> header = load_header(*store_, child_, "memfile", std::chrono::seconds(5));
+  ASSERT_TRUE(header);
+  ASSERT_TRUE(store_->put(header_key(parent_, "memfile"), *header->serialize(), IoContext{}).is_ok());
+  Result<Header> wrong = load_header(*store_, parent_, "memfile", std::chrono::seconds(5));
+  ASSERT_FALSE(wrong);
+  EXPECT_EQ(wrong.status().code(), StatusCode::kCorruption);
+  EXPECT_NE(wrong.status().message().find("belongs to build"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace lazyblock::image

@@ -1,0 +1,191 @@
+#include "image/pack.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "common/units.h"
+
+namespace lazyblock::image {
+namespace {
+
+// Bytes read from the source (and compared with the parent) at a time.
+constexpr uint64_t kBatch = 4 * kMiB;
+
+bool all_zero(std::span<const std::byte> bytes) {
+  // Compare against the first byte's being zero, then the rest with itself
+  // shifted by one: memcmp does the work at memory speed.
+  return bytes.empty() ||
+         (bytes[0] == std::byte{0} && std::memcmp(bytes.data(), bytes.data() + 1, bytes.size() - 1) == 0);
+}
+
+// Reads until `buffer` is full or the source ends; returns the count read.
+Result<size_t> read_full(int fd, std::span<std::byte> buffer) {
+  size_t done = 0;
+  while (done < buffer.size()) {
+    const ssize_t got = ::read(fd, buffer.data() + done, buffer.size() - done);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) return posix_error("read the image", errno);
+    if (got == 0) break;
+    done += static_cast<size_t>(got);
+  }
+  return done;
+}
+
+// An unnamed file for the new data file, gone when closed.
+Result<int> open_temporary(const std::filesystem::path& dir_option) {
+  std::filesystem::path dir = dir_option;
+  if (dir.empty()) {
+    const char* tmp = std::getenv("TMPDIR");
+    dir = tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
+  }
+  int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  if (fd >= 0) return fd;
+  // Not every file system has O_TMPFILE: a named file, unlinked at once.
+  std::string name = (dir / "lazyblock-pack-XXXXXX").string();
+  fd = ::mkostemp(name.data(), O_CLOEXEC);
+  if (fd < 0) return posix_error("create a temporary file in " + dir.string(), errno);
+  ::unlink(name.c_str());
+  return fd;
+}
+
+Status write_all_at(int fd, std::span<const std::byte> data, uint64_t offset) {
+  while (!data.empty()) {
+    const ssize_t put = ::pwrite(fd, data.data(), data.size(), static_cast<off_t>(offset));
+    if (put < 0 && errno == EINTR) continue;
+    if (put < 0) return posix_error("write the new data file", errno);
+    data = data.subspan(static_cast<size_t>(put));
+    offset += static_cast<uint64_t>(put);
+  }
+  return Status::ok();
+}
+
+// Appends a block-aligned run to `mappings`, joining it to the last one when
+// they are one range in one file (or both zeros).
+void add_run(std::vector<Mapping>& mappings, uint64_t offset, uint64_t length, const Uuid& build,
+             uint64_t stored_at) {
+  if (!mappings.empty()) {
+    Mapping& last = mappings.back();
+    if (last.end() == offset && last.build_id == build &&
+        (build.is_nil() || last.build_storage_offset + last.length == stored_at)) {
+      last.length += length;
+      return;
+    }
+  }
+  mappings.push_back({offset, length, build, build.is_nil() ? 0 : stored_at});
+}
+
+// Stores the `length` bytes of `fd` as `key`.
+Status put_file(ObjectStore& store, const std::string& key, int fd, uint64_t length,
+                const IoContext& io) {
+  if (length == 0) return store.put(key, {}, io);
+  void* map = ::mmap(nullptr, length, PROT_READ, MAP_SHARED, fd, 0);
+  if (map == MAP_FAILED) return posix_error("map the new data file", errno);
+  const Status status = store.put(key, std::span(static_cast<const std::byte*>(map), length), io);
+  ::munmap(map, length);
+  return status;
+}
+
+}  // namespace
+
+Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd, const PackOptions& options,
+                         const std::function<void(uint64_t bytes_read)>& progress) {
+  const uint64_t block = options.block_size;
+  if (block == 0 || (block & (block - 1)) != 0 || kBatch % block != 0) {
+    return Status::invalid_argument(fmt::format(
+        "block size {} must be a power of two no larger than {}", block, format_size(kBatch)));
+  }
+  PackSummary summary;
+  Header& header = summary.header;
+  header.block_size = block;
+  header.build_id = options.build;
+  header.base_build_id = options.build;
+  std::unique_ptr<Device> parent;
+  if (options.parent) {
+    Result<Header> parent_header = load_header(files->store(), *options.parent, options.name,
+                                               files->options().fetch_timeout);
+    if (!parent_header) return parent_header.status().with_context("parent");
+    if (parent_header->block_size != block) {
+      return Status::invalid_argument(fmt::format(
+          "the parent {} has blocks of {} bytes, not {}", options.parent->to_string(),
+          parent_header->block_size, block));
+    }
+    header.generation = parent_header->generation + 1;
+    header.base_build_id = parent_header->base_build_id;
+    parent = std::make_unique<Device>(files, std::move(parent_header).value(), options.name);
+  }
+
+  Result<int> data_fd = open_temporary(options.temp_dir);
+  if (!data_fd) return data_fd.status();
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{*data_fd};
+
+  std::vector<std::byte> batch(kBatch);
+  std::vector<std::byte> before(kBatch);  // the parent's bytes at the same offsets
+  uint64_t offset = 0;
+  for (;;) {
+    Result<size_t> got = read_full(source_fd, batch);
+    if (!got) return got.status();
+    if (*got == 0) break;
+    // The last block of an image whose size is not a block multiple is
+    // padded with zeros: the data file holds whole blocks.
+    const uint64_t padded = align_up(*got, block);
+    std::memset(batch.data() + *got, 0, padded - *got);
+    uint64_t parent_bytes = 0;
+    if (parent) {
+      Result<size_t> read = parent->read_at(std::span(before).first(padded), offset);
+      if (!read) return read.status().with_context("read the parent");
+      parent_bytes = *read;
+      std::memset(before.data() + parent_bytes, 0, padded - parent_bytes);
+    }
+    for (uint64_t at = 0; at < padded; at += block) {
+      const std::span<const std::byte> bytes = std::span(batch).subspan(at, block);
+      const uint64_t device_offset = offset + at;
+      if (all_zero(bytes)) {
+        add_run(header.mappings, device_offset, block, Uuid::nil(), 0);
+        ++summary.zero;
+      } else if (at < parent_bytes &&
+                 std::memcmp(bytes.data(), before.data() + at, block) == 0) {
+        const Mapping& source =
+            parent->header().mappings[parent->header().mapping_at(device_offset)];
+        add_run(header.mappings, device_offset, block, source.build_id,
+                source.build_storage_offset + (device_offset - source.offset));
+        ++summary.unchanged;
+      } else {
+        LB_RETURN_IF_ERROR(write_all_at(*data_fd, bytes, summary.data_bytes));
+        add_run(header.mappings, device_offset, block, options.build, summary.data_bytes);
+        summary.data_bytes += block;
+        ++summary.changed;
+      }
+    }
+    offset += *got;
+    if (progress) progress(offset);
+    if (*got < kBatch) break;
+  }
+  header.size = offset;
+  summary.blocks = div_round_up(offset, block);
+
+  Result<std::vector<std::byte>> header_bytes = header.serialize();
+  if (!header_bytes) return header_bytes.status();
+  summary.header_bytes = header_bytes->size();
+  // No deadline of a fetch's length for uploads of any size: the store's own
+  // connect and stall timeouts guard them.
+  const IoContext io;
+  LB_RETURN_IF_ERROR(put_file(files->store(), data_key(options.build, options.name), *data_fd,
+                              summary.data_bytes, io));
+  // The header last: a build is visible only once its data is in place.
+  LB_RETURN_IF_ERROR(files->store().put(header_key(options.build, options.name), *header_bytes, io));
+  return summary;
+}
+
+}  // namespace lazyblock::image
