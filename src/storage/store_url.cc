@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "storage/file_store.h"
+#include "storage/http_store.h"
 
 namespace lazyblock {
 
@@ -17,13 +18,17 @@ Result<std::shared_ptr<ObjectStore>> open_store(const std::string& url,
     Result<std::shared_ptr<FileStore>> files = FileStore::open(path);
     if (!files) return files.status();
     store = *files;
-  } else if (scheme == "http" || scheme == "https" || scheme == "s3" || scheme == "gs") {
+  } else if (scheme == "http" || scheme == "https") {
+    Result<std::shared_ptr<HttpStore>> http = HttpStore::open(url);
+    if (!http) return http.status();
+    store = *http;
+  } else if (scheme == "s3" || scheme == "gs") {
     return Status::invalid_argument(
         fmt::format("store URL {}: {}:// stores are not built in yet; use file:///DIR", url,
                     scheme));
   } else {
     return Status::invalid_argument(
-        fmt::format("invalid store URL '{}' (expected file:///DIR)", url));
+        fmt::format("invalid store URL '{}' (expected file:///DIR or http(s)://HOST/PREFIX)", url));
   }
   if (options.faults) store = std::make_shared<FaultStore>(store, *options.faults);
   if (options.simulate) store = std::make_shared<SimulateStore>(store, *options.simulate);

@@ -34,8 +34,15 @@ TEST(StoreUrlTest, MissingDirectoryIsNotFound) {
   EXPECT_EQ(store.status().code(), StatusCode::kNotFound);
 }
 
+TEST(StoreUrlTest, HttpUrlsOpenAnHttpStore) {
+  Result<std::shared_ptr<ObjectStore>> store = open_store("http://127.0.0.1:1/prefix/");
+  ASSERT_TRUE(store) << store.status().to_string();
+  EXPECT_EQ((*store)->describe(), "http://127.0.0.1:1/prefix");
+  EXPECT_EQ(open_store("http:///no-host").status().code(), StatusCode::kInvalidArgument);
+}
+
 TEST(StoreUrlTest, OtherSchemesAreRefusedClearly) {
-  for (const char* url : {"http://127.0.0.1/x", "s3://bucket/prefix", "gs://bucket"}) {
+  for (const char* url : {"s3://bucket/prefix", "gs://bucket"}) {
     Result<std::shared_ptr<ObjectStore>> store = open_store(url);
     ASSERT_FALSE(store) << url;
     EXPECT_EQ(store.status().code(), StatusCode::kInvalidArgument);

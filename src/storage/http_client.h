@@ -1,0 +1,85 @@
+// HttpClient: HTTP(S) requests over libcurl, with the response body read as
+// a stream, for the http, s3 and gs stores.
+//
+// Data flow: send() starts a transfer on a handle of its own and returns once
+// the response's status and headers are in; HttpResponse::read() then pulls
+// body bytes as they arrive (libcurl pushes them into a small buffer that
+// read() drains; the transfer pauses while the buffer is full, so a slow
+// reader never makes the client buffer a whole chunk). Connections are kept
+// alive and shared by every transfer of one client (libcurl's share
+// interface), so consecutive ranges of an object ride one connection; HTTP/2
+// is used where a TLS server offers it. TLS peers are verified.
+//
+// Every wait honours the IoContext: kTimeout at the deadline, kCancelled on a
+// stop (which wakes a blocked read at once). A connection that cannot be made
+// within connect_timeout, or a response that sends no byte for
+// stall_timeout, fails with kUnavailable, as do resets and other transport
+// failures: a retry layer may try again. HTTP statuses are the caller's to
+// judge.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/io_context.h"
+#include "common/status.h"
+
+namespace lazyblock {
+
+struct HttpRequest {
+  std::string method = "GET";  // GET, HEAD, PUT, POST, DELETE
+  std::string url;
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::span<const std::byte> body;  // sent as is (PUT, POST); must outlive send()'s response
+};
+
+class HttpResponse {
+ public:
+  virtual ~HttpResponse() = default;
+  virtual long status() const = 0;
+  // The last value of the header `name` (case-insensitive), if sent.
+  virtual std::optional<std::string> header(std::string_view name) const = 0;
+  // The next body bytes: at least one, or 0 at the end of the body, or an
+  // error (a transport failure or stall as kUnavailable, a body shorter
+  // than its Content-Length as kUnavailable too).
+  virtual Result<size_t> read(std::span<std::byte> buffer) = 0;
+  // The whole remaining body, failing (kCorruption) if it exceeds `limit`.
+  Result<std::string> read_all(size_t limit);
+};
+
+struct HttpClientOptions {
+  std::chrono::milliseconds connect_timeout{10000};
+  std::chrono::milliseconds stall_timeout{30000};  // no byte for this long: kUnavailable
+};
+
+class HttpClient {
+ public:
+  explicit HttpClient(HttpClientOptions options = {});
+  ~HttpClient();
+  HttpClient(const HttpClient&) = delete;
+  HttpClient& operator=(const HttpClient&) = delete;
+
+  // Sends `request`; returns once the response's headers have arrived.
+  Result<std::unique_ptr<HttpResponse>> send(const HttpRequest& request, const IoContext& io);
+
+  const HttpClientOptions& options() const { return options_; }
+
+ private:
+  class Transfer;
+  struct Share;
+
+  const HttpClientOptions options_;
+  std::unique_ptr<Share> share_;  // connections and DNS shared by transfers
+};
+
+// Percent-encodes `text` for a URL path: unreserved characters and '/' stay.
+std::string url_encode_path(std::string_view text);
+
+}  // namespace lazyblock

@@ -1,0 +1,62 @@
+// HttpStore: objects served by any HTTP(S) server that answers range
+// requests (a static server, a CDN, presigned URLs): key K is at
+// BASE_URL/K. Read-only.
+//
+// open_range sends `Range: bytes=A-B` and checks the answer before a byte
+// is trusted: a 206 whose Content-Range is not the range asked (clipped at
+// the object's end) or whose Content-Length disagrees with it, a 200 with
+// the whole object when the request was for less, or a body longer than
+// promised, are kCorruption naming the key; a body shorter than promised
+// ends the stream early (the retry layer resumes it). The object's size
+// comes from Content-Range, so no HEAD is needed. Statuses: 404 kNotFound
+// ("object not found: KEY"), 416 kOutOfRange, 429 and 5xx kUnavailable
+// (worth a retry), 401/403 and the rest kIoError.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "storage/http_client.h"
+#include "storage/object_store.h"
+
+namespace lazyblock {
+
+class HttpStore final : public ObjectStore {
+ public:
+  // `base_url`: "http(s)://HOST[:PORT][/PREFIX]".
+  static Result<std::shared_ptr<HttpStore>> open(std::string base_url,
+                                                 HttpClientOptions options = {});
+
+  Result<uint64_t> stat(const std::string& key, const IoContext& io) override;
+  Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
+                                                  uint64_t length, const IoContext& io) override;
+  Status put(const std::string& key, std::span<const std::byte> data,
+             const IoContext& io) override;
+  Status remove(const std::string& key, const IoContext& io) override;
+  std::string describe() const override { return base_url_; }
+
+ private:
+  explicit HttpStore(std::string base_url, HttpClientOptions options);
+  std::string url_of(const std::string& key) const;
+
+  const std::string base_url_;  // without a trailing '/'
+  HttpClient client_;
+};
+
+// Shared with the S3 and GCS stores, which speak the same HTTP.
+
+// The Status for a response with a failing HTTP status; `body` (possibly
+// empty) is an excerpt of the response's body, for the message.
+Status http_failure(long status, const std::string& what, const std::string& key,
+                    std::string_view body);
+
+// Checks the response to a GET of [offset, offset + length) of `key` and
+// wraps its body as a RangeReader (see HttpStore above). `length` > 0.
+Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> response,
+                                                  const std::string& key, uint64_t offset,
+                                                  uint64_t length);
+
+// "bytes=A-B" for [offset, offset + length), length > 0.
+std::string range_header(uint64_t offset, uint64_t length);
+
+}  // namespace lazyblock

@@ -1,0 +1,60 @@
+// NginxServer: a real nginx (Debian's, with its lua module) on 127.0.0.1 at
+// a port chosen at run time, for the tests and benchmarks that talk HTTP.
+//
+// It serves files under docroot() with range requests as a static server or
+// CDN does, and under a few prefixes behaves as remote stores do when they
+// misbehave or are far away (see the locations in nginx_server.cc):
+//   /shaped/KEY?ttfb_ms=20&mbps=100  first byte after ttfb_ms, then the body
+//                                    paced at mbps (MB/s) per response
+//   /full/KEY                        ignores Range: 200 with the whole object
+//   /truncated/KEY                   sends half the promised body, then closes
+//   /wrong-range/KEY                 a Content-Range one byte off the request
+//   /status/503/KEY, /status/403/KEY, /status/500/KEY  that status
+//   /stall/KEY                       the first 64 KiB, then nothing for 60 s
+//   /slow/KEY                        nothing for 60 s, then the response
+// Every response carries X-Connection-Requests (requests served so far on
+// its connection), to show keep-alive at work. The server is stopped, and
+// its process reaped, when the object goes away, even if a test fails.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "common/status.h"
+#include "testing/scratch_dir.h"
+
+namespace lazyblock::testing {
+
+class NginxServer {
+ public:
+  // Starts nginx; fails with a message saying what to install if nginx or
+  // its lua module is missing.
+  static Result<std::unique_ptr<NginxServer>> start();
+  ~NginxServer();
+  NginxServer(const NginxServer&) = delete;
+  NginxServer& operator=(const NginxServer&) = delete;
+
+  // Where the served files go (readable by nginx).
+  const std::filesystem::path& docroot() const { return docroot_; }
+  uint16_t port() const { return port_; }
+  // "http://127.0.0.1:PORT"
+  std::string url() const;
+  // Lines of the access log so far: "CONNECTION METHOD URI STATUS BYTES_SENT".
+  std::string access_log() const;
+  // Whether a request has reached /slow/ (and sleeps there).
+  bool slow_request_arrived() const;
+
+ private:
+  NginxServer(ScratchDir dir, uint16_t port, pid_t pid);
+
+  ScratchDir dir_;
+  std::filesystem::path docroot_;
+  uint16_t port_;
+  pid_t pid_;
+};
+
+}  // namespace lazyblock::testing

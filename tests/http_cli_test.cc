@@ -1,0 +1,104 @@
+// lazyblock against a real nginx on 127.0.0.1: whole objects byte-exact,
+// the persistent cache serving a second process, and every misbehaviour of
+// the upstream ending in exit status 1 with a message naming the key and
+// no output file.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <string>
+
+#include "common/units.h"
+#include "testing/nginx_server.h"
+#include "testing/pattern.h"
+#include "testing/scratch_dir.h"
+#include "tests/cli_runner.h"
+
+namespace lazyblock {
+namespace {
+
+const std::string kKey = "b1/rootfs.ext4";
+
+class HttpCliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    Result<std::unique_ptr<testing::NginxServer>> server = testing::NginxServer::start();
+    ASSERT_TRUE(server) << server.status().to_string();
+    server_ = std::move(server).value();
+    Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
+    ASSERT_TRUE(scratch);
+    scratch_ = std::move(scratch).value();
+    dir_ = scratch_->path();
+  }
+
+  // Puts an object of `size` pattern bytes on the server; returns its bytes.
+  std::string serve(uint64_t size) {
+    const std::vector<std::byte> data = testing::make_pattern(23, 0, size);
+    const std::filesystem::path file = server_->docroot() / kKey;
+    std::filesystem::create_directories(file.parent_path());
+    std::ofstream(file, std::ios::binary)
+        .write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+    return std::string(reinterpret_cast<const char*>(data.data()), data.size());
+  }
+
+  Outcome cat(const std::string& prefix, std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"cat", "--store", server_->url() + prefix, "--key", kKey,
+                                     "-o", (dir_ / "out").string()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run_lazyblock(dir_, args);
+  }
+
+  std::unique_ptr<testing::NginxServer> server_;
+  std::optional<testing::ScratchDir> scratch_;
+  std::filesystem::path dir_;
+};
+
+TEST_F(HttpCliTest, CatIsByteExact) {
+  const std::string expected = serve(37 * kMiB + 4097);
+  Outcome run = cat("");
+  ASSERT_EQ(run.status, 0) << run.err;
+  EXPECT_TRUE(slurp(dir_ / "out") == expected);
+}
+
+TEST_F(HttpCliTest, ASecondProcessIsServedByTheCacheDirWithoutTheServer) {
+  const std::string expected = serve(9 * kMiB + 5);
+  const std::string cache_dir = (dir_ / "chunks").string();
+  Outcome first = cat("", {"--cache-dir", cache_dir});
+  ASSERT_EQ(first.status, 0) << first.err;
+  const std::string log_before = server_->access_log();
+  // The second process points at the same server, and must not ask it.
+  Outcome second = run_lazyblock(dir_, {"cat", "--store", server_->url(), "--key", kKey,
+                                        "--cache-dir", cache_dir, "-o", (dir_ / "out2").string()});
+  ASSERT_EQ(second.status, 0) << second.err;
+  EXPECT_TRUE(slurp(dir_ / "out2") == expected);
+  EXPECT_EQ(server_->access_log(), log_before) << "the second process sent requests";
+}
+
+struct Misbehaviour {
+  const char* prefix;
+  const char* cause;  // in the message
+};
+
+TEST_F(HttpCliTest, EveryMisbehaviourIsAnErrorNamingTheKeyAndLeavesNoFile) {
+  serve(6 * kMiB);
+  for (const Misbehaviour& m : {Misbehaviour{"/full", "whole object"},
+                                Misbehaviour{"/wrong-range", "not the range asked"},
+                                Misbehaviour{"/truncated", "b1/rootfs.ext4"},
+                                Misbehaviour{"/status/503", "HTTP 503"},
+                                Misbehaviour{"/status/403", "access denied"},
+                                Misbehaviour{"/stall", "deadline"},
+                                Misbehaviour{"/slow", "deadline"}}) {
+    Outcome run = cat(m.prefix, {"--timeout", "1s", "--retry", "1"});
+    EXPECT_EQ(run.status, 1) << m.prefix << ": " << run.err;
+    EXPECT_NE(run.err.find(kKey), std::string::npos) << m.prefix << ": " << run.err;
+    EXPECT_NE(run.err.find(m.cause), std::string::npos) << m.prefix << ": " << run.err;
+    EXPECT_FALSE(std::filesystem::exists(dir_ / "out")) << m.prefix;
+  }
+  Outcome missing = run_lazyblock(dir_, {"cat", "--store", server_->url(), "--key", "nope"});
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_NE(missing.err.find("object not found: nope"), std::string::npos) << missing.err;
+}
+
+}  // namespace
+}  // namespace lazyblock
