@@ -8,7 +8,10 @@
 namespace lazyblock::cli {
 
 void add_store_flags(CLI::App& command, StoreFlags& flags) {
-  command.add_option("--store", flags.store, "Where the objects live: file:///DIR")
+  command
+      .add_option("--store", flags.store,
+                  "Where the objects live: file:///DIR, http(s)://HOST/PREFIX, s3://BUCKET/PREFIX "
+                  "or gs://BUCKET/PREFIX (settings from AWS_* / GCS_* variables, see README)")
       ->required();
   command
       .add_option("--fetch", flags.fetch,

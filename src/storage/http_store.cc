@@ -81,6 +81,10 @@ std::string error_excerpt(HttpResponse& response) {
 
 }  // namespace
 
+std::unique_ptr<RangeReader> empty_range_reader(const std::string& key, uint64_t object_size) {
+  return std::make_unique<HttpRangeReader>(nullptr, key, object_size, 0);
+}
+
 std::string range_header(uint64_t offset, uint64_t length) {
   return fmt::format("bytes={}-{}", offset, offset + length - 1);
 }
@@ -93,7 +97,12 @@ Status http_failure(long status, const std::string& what, const std::string& key
     const size_t end = body.find("</Code>", code);
     if (end != std::string_view::npos) detail += fmt::format(" {}", body.substr(code + 6, end - code - 6));
   }
-  if (status == 404) return Status::not_found("object not found: " + key);
+  if (status == 404) {
+    if (body.find("<Code>NoSuchBucket</Code>") != std::string_view::npos) {
+      return Status::not_found(fmt::format("{}: the bucket does not exist", what));
+    }
+    return Status::not_found("object not found: " + key);
+  }
   if (status == 416) return Status::out_of_range(detail);
   if (status == 429 || status >= 500) return Status::unavailable(detail);
   if (status == 401 || status == 403) return Status::io_error(detail + " (access denied)");
@@ -212,7 +221,7 @@ Result<std::unique_ptr<RangeReader>> HttpStore::open_range(const std::string& ke
       return Status::out_of_range(fmt::format("read {}: offset {} is past the end at {}", key,
                                               offset, *size));
     }
-    return std::unique_ptr<RangeReader>(new HttpRangeReader(nullptr, key, *size, 0));
+    return empty_range_reader(key, *size);
   }
   HttpRequest request;
   request.url = url_of(key);

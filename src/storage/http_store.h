@@ -56,6 +56,9 @@ Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> 
                                                   const std::string& key, uint64_t offset,
                                                   uint64_t length);
 
+// The reader of an empty range (a range at the object's end, or of length 0).
+std::unique_ptr<RangeReader> empty_range_reader(const std::string& key, uint64_t object_size);
+
 // "bytes=A-B" for [offset, offset + length), length > 0.
 std::string range_header(uint64_t offset, uint64_t length);
 

@@ -4,6 +4,7 @@
 
 #include "storage/file_store.h"
 #include "storage/http_store.h"
+#include "storage/s3_store.h"
 
 namespace lazyblock {
 
@@ -23,12 +24,16 @@ Result<std::shared_ptr<ObjectStore>> open_store(const std::string& url,
     if (!http) return http.status();
     store = *http;
   } else if (scheme == "s3" || scheme == "gs") {
-    return Status::invalid_argument(
-        fmt::format("store URL {}: {}:// stores are not built in yet; use file:///DIR", url,
-                    scheme));
+    Result<S3Config> config = S3Config::from_url(url);
+    if (!config) return config.status();
+    Result<std::shared_ptr<S3Store>> s3 = S3Store::open(std::move(config).value());
+    if (!s3) return s3.status();
+    store = *s3;
   } else {
     return Status::invalid_argument(
-        fmt::format("invalid store URL '{}' (expected file:///DIR or http(s)://HOST/PREFIX)", url));
+        fmt::format("invalid store URL '{}' (expected file:///DIR, http(s)://HOST/PREFIX, "
+                    "s3://BUCKET/PREFIX or gs://BUCKET/PREFIX)",
+                    url));
   }
   if (options.faults) store = std::make_shared<FaultStore>(store, *options.faults);
   if (options.simulate) store = std::make_shared<SimulateStore>(store, *options.simulate);
