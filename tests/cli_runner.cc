@@ -14,8 +14,10 @@ std::string slurp(const std::filesystem::path& path) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
-Outcome run_lazyblock(const std::filesystem::path& dir, std::vector<std::string> args,
-                      const std::filesystem::path& input) {
+namespace {
+
+Outcome run_program_with_input(const std::filesystem::path& dir, std::vector<std::string> args,
+                               const std::filesystem::path& input) {
   const std::filesystem::path out = dir / "stdout";
   const std::filesystem::path err = dir / "stderr";
   const pid_t pid = ::fork();
@@ -27,11 +29,9 @@ Outcome run_lazyblock(const std::filesystem::path& dir, std::vector<std::string>
     ::dup2(out_fd, STDOUT_FILENO);
     ::dup2(err_fd, STDERR_FILENO);
     std::vector<char*> argv;
-    std::string binary = LAZYBLOCK_BINARY;
-    argv.push_back(binary.data());
     for (std::string& arg : args) argv.push_back(arg.data());
     argv.push_back(nullptr);
-    ::execv(binary.c_str(), argv.data());
+    ::execvp(argv[0], argv.data());
     ::_exit(127);
   }
   int wait_status = 0;
@@ -41,6 +41,22 @@ Outcome run_lazyblock(const std::filesystem::path& dir, std::vector<std::string>
   run.out = slurp(out);
   run.err = slurp(err);
   return run;
+}
+
+}  // namespace
+
+std::string lazyblock_binary() { return LAZYBLOCK_BINARY; }
+
+Outcome run_lazyblock(const std::filesystem::path& dir, std::vector<std::string> args,
+                      const std::filesystem::path& input) {
+  args.insert(args.begin(), LAZYBLOCK_BINARY);
+  return run_program_with_input(dir, args, input);
+}
+
+Outcome run_program(const std::filesystem::path& dir, const std::string& program,
+                    std::vector<std::string> args) {
+  args.insert(args.begin(), program);
+  return run_program_with_input(dir, args, {});
 }
 
 }  // namespace lazyblock

@@ -21,4 +21,11 @@ std::string slurp(const std::filesystem::path& path);
 Outcome run_lazyblock(const std::filesystem::path& dir, std::vector<std::string> args,
                       const std::filesystem::path& input = {});
 
+// Runs `program` (found on PATH) with `args` the same way.
+Outcome run_program(const std::filesystem::path& dir, const std::string& program,
+                    std::vector<std::string> args);
+
+// The lazyblock binary under test.
+std::string lazyblock_binary();
+
 }  // namespace lazyblock

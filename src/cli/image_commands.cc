@@ -66,6 +66,7 @@ struct PackFlags {
   std::string parent;
   std::string block_size = "4096";
   std::string input;
+  std::string overlay;
 };
 
 int run_pack(const PackFlags& flags) {
@@ -82,8 +83,13 @@ int run_pack(const PackFlags& flags) {
     if (!parent) return report_failure(parent.status().with_context("--parent"));
     options.parent = *parent;
   }
+  if (flags.input.empty() == flags.overlay.empty()) {
+    return report_failure(Status::invalid_argument(
+        "pack takes a raw image FILE (- for stdin), or --overlay PATH with --parent"));
+  }
+  if (!flags.overlay.empty()) options.overlay = flags.overlay;
   int fd = STDIN_FILENO;
-  if (flags.input != "-") {
+  if (!flags.input.empty() && flags.input != "-") {
     fd = ::open(flags.input.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return report_failure(posix_error("open " + flags.input, errno));
   }
@@ -214,7 +220,10 @@ CommandRunner add_pack_command(CLI::App& app) {
   pack->add_option("--block-size", flags->block_size,
                    "Unit of diffing and mapping: 4096 (disks, memory) or 2MiB (huge-page memory)")
       ->capture_default_str();
-  pack->add_option("FILE", flags->input, "The raw image; - for stdin")->required();
+  pack->add_option("FILE", flags->input, "The raw image; - for stdin");
+  pack->add_option("--overlay", flags->overlay,
+                   "Instead of FILE: an overlay kept by `serve nbd --overlay` over --parent's "
+                   "disk; only its blocks are read");
   return [flags] { return run_pack(*flags); };
 }
 

@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   CommandRunner pack = add_pack_command(app);
   CommandRunner export_ = add_export_command(app);
   CommandRunner inspect = add_inspect_command(app);
+  CommandRunner serve = add_serve_command(app);
   CommandRunner bench = add_bench_command(app);
 
   try {
@@ -33,6 +34,7 @@ int main(int argc, char** argv) {
   if (app.got_subcommand("pack")) return pack();
   if (app.got_subcommand("export")) return export_();
   if (app.got_subcommand("inspect")) return inspect();
+  if (app.got_subcommand("serve")) return serve();
   if (app.got_subcommand("bench")) return bench();
   return kExitUsage;
 }

@@ -166,6 +166,23 @@ Result<std::span<const std::byte>> Device::slice(uint64_t offset, uint64_t lengt
   return bytes;
 }
 
+void Device::prefetch(uint64_t offset, uint64_t length) {
+  if (offset >= size()) return;
+  const uint64_t end = offset + std::min(length, size() - offset);
+  for (uint64_t position = offset; position < end;) {
+    const Mapping& mapping = header_.mappings[header_.mapping_at(position)];
+    const uint64_t piece_end = std::min(end, mapping.end());
+    if (!mapping.build_id.is_nil()) {
+      // A data file that cannot be opened fails the reads that need it.
+      if (Result<Chunker*> chunker = chunker_for(mapping)) {
+        (*chunker)->prefetch(mapping.build_storage_offset + (position - mapping.offset),
+                             piece_end - position);
+      }
+    }
+    position = piece_end;
+  }
+}
+
 Status Device::write_to(ByteSink& sink) {
   const ChunkerOptions& options = files_->options();
   const uint64_t piece_max = options.chunk_size;

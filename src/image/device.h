@@ -75,6 +75,10 @@ class Device {
   // Writes the whole device to `sink` in order; nil ranges as write_zeros.
   Status write_to(ByteSink& sink);
 
+  // Starts fetching [offset, offset + length) (clipped) without waiting
+  // (NBD's CACHE, and prefetch of a recorded working set).
+  void prefetch(uint64_t offset, uint64_t length);
+
  private:
   // The chunker of the data file `mapping` (not nil) names.
   Result<Chunker*> chunker_for(const Mapping& mapping);

@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 
 #include "common/units.h"
+#include "image/overlay.h"
 
 namespace lazyblock::image {
 namespace {
@@ -94,6 +95,101 @@ Status put_file(ObjectStore& store, const std::string& key, int fd, uint64_t len
   return status;
 }
 
+// Adds block `device_offset`'s bytes to the new build: nil if zeros, else
+// appended to the new data file.
+Status add_block(std::span<const std::byte> bytes, uint64_t device_offset, int data_fd,
+                 const PackOptions& options, PackSummary& summary) {
+  if (all_zero(bytes)) {
+    add_run(summary.header.mappings, device_offset, bytes.size(), Uuid::nil(), 0);
+    ++summary.zero;
+    return Status::ok();
+  }
+  LB_RETURN_IF_ERROR(write_all_at(data_fd, bytes, summary.data_bytes));
+  add_run(summary.header.mappings, device_offset, bytes.size(), options.build, summary.data_bytes);
+  summary.data_bytes += bytes.size();
+  ++summary.changed;
+  return Status::ok();
+}
+
+// Maps block `device_offset` where `parent` maps it.
+void keep_parent_block(const Device& parent, uint64_t device_offset, uint64_t block,
+                       PackSummary& summary) {
+  const Mapping& source = parent.header().mappings[parent.header().mapping_at(device_offset)];
+  add_run(summary.header.mappings, device_offset, block, source.build_id,
+          source.build_storage_offset + (device_offset - source.offset));
+  ++summary.unchanged;
+}
+
+// Packs a raw image read from `source_fd`, compared block by block with
+// `parent` (if any).
+Status pack_source(Device* parent, int source_fd, int data_fd, const PackOptions& options,
+                   PackSummary& summary, const std::function<void(uint64_t)>& progress) {
+  const uint64_t block = options.block_size;
+  std::vector<std::byte> batch(kBatch);
+  std::vector<std::byte> before(kBatch);  // the parent's bytes at the same offsets
+  uint64_t offset = 0;
+  for (;;) {
+    Result<size_t> got = read_full(source_fd, batch);
+    if (!got) return got.status();
+    if (*got == 0) break;
+    // The last block of an image whose size is not a block multiple is
+    // padded with zeros: the data file holds whole blocks.
+    const uint64_t padded = align_up(*got, block);
+    std::memset(batch.data() + *got, 0, padded - *got);
+    uint64_t parent_bytes = 0;
+    if (parent != nullptr) {
+      Result<size_t> read = parent->read_at(std::span(before).first(padded), offset);
+      if (!read) return read.status().with_context("read the parent");
+      parent_bytes = *read;
+      std::memset(before.data() + parent_bytes, 0, padded - parent_bytes);
+    }
+    for (uint64_t at = 0; at < padded; at += block) {
+      const std::span<const std::byte> bytes = std::span(batch).subspan(at, block);
+      if (!all_zero(bytes) && at < parent_bytes &&
+          std::memcmp(bytes.data(), before.data() + at, block) == 0) {
+        keep_parent_block(*parent, offset + at, block, summary);
+      } else {
+        LB_RETURN_IF_ERROR(add_block(bytes, offset + at, data_fd, options, summary));
+      }
+    }
+    offset += *got;
+    if (progress) progress(offset);
+    if (*got < kBatch) break;
+  }
+  summary.header.size = offset;
+  return Status::ok();
+}
+
+// Packs the parent's disk as a kept overlay changed it: only the overlay's
+// blocks are read.
+Status pack_overlay(const Device& parent, const std::filesystem::path& path, int data_fd,
+                    const PackOptions& options, PackSummary& summary,
+                    const std::function<void(uint64_t)>& progress) {
+  const uint64_t block = options.block_size;
+  Result<Overlay::Kept> kept = Overlay::load_kept(path, parent.size(), block);
+  if (!kept) return kept.status();
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{kept->fd};
+  std::vector<std::byte> bytes(block);
+  for (uint64_t index = 0; index < kept->present.size(); ++index) {
+    const uint64_t offset = index * block;
+    if (!kept->present[index]) {
+      keep_parent_block(parent, offset, block, summary);
+      continue;
+    }
+    const ssize_t got = ::pread(kept->fd, bytes.data(), block, static_cast<off_t>(offset));
+    if (got < 0) return posix_error("read overlay " + path.string(), errno);
+    std::memset(bytes.data() + got, 0, block - static_cast<size_t>(got));
+    LB_RETURN_IF_ERROR(add_block(bytes, offset, data_fd, options, summary));
+    if (progress && index % 1024 == 0) progress(offset);
+  }
+  summary.header.size = parent.size();
+  if (progress) progress(parent.size());
+  return Status::ok();
+}
+
 }  // namespace
 
 Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd, const PackOptions& options,
@@ -130,50 +226,14 @@ Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd,
     ~Closer() { ::close(fd); }
   } closer{*data_fd};
 
-  std::vector<std::byte> batch(kBatch);
-  std::vector<std::byte> before(kBatch);  // the parent's bytes at the same offsets
-  uint64_t offset = 0;
-  for (;;) {
-    Result<size_t> got = read_full(source_fd, batch);
-    if (!got) return got.status();
-    if (*got == 0) break;
-    // The last block of an image whose size is not a block multiple is
-    // padded with zeros: the data file holds whole blocks.
-    const uint64_t padded = align_up(*got, block);
-    std::memset(batch.data() + *got, 0, padded - *got);
-    uint64_t parent_bytes = 0;
-    if (parent) {
-      Result<size_t> read = parent->read_at(std::span(before).first(padded), offset);
-      if (!read) return read.status().with_context("read the parent");
-      parent_bytes = *read;
-      std::memset(before.data() + parent_bytes, 0, padded - parent_bytes);
-    }
-    for (uint64_t at = 0; at < padded; at += block) {
-      const std::span<const std::byte> bytes = std::span(batch).subspan(at, block);
-      const uint64_t device_offset = offset + at;
-      if (all_zero(bytes)) {
-        add_run(header.mappings, device_offset, block, Uuid::nil(), 0);
-        ++summary.zero;
-      } else if (at < parent_bytes &&
-                 std::memcmp(bytes.data(), before.data() + at, block) == 0) {
-        const Mapping& source =
-            parent->header().mappings[parent->header().mapping_at(device_offset)];
-        add_run(header.mappings, device_offset, block, source.build_id,
-                source.build_storage_offset + (device_offset - source.offset));
-        ++summary.unchanged;
-      } else {
-        LB_RETURN_IF_ERROR(write_all_at(*data_fd, bytes, summary.data_bytes));
-        add_run(header.mappings, device_offset, block, options.build, summary.data_bytes);
-        summary.data_bytes += block;
-        ++summary.changed;
-      }
-    }
-    offset += *got;
-    if (progress) progress(offset);
-    if (*got < kBatch) break;
+  if (options.overlay) {
+    if (!parent) return Status::invalid_argument("pack --overlay needs --parent");
+    LB_RETURN_IF_ERROR(
+        pack_overlay(*parent, *options.overlay, *data_fd, options, summary, progress));
+  } else {
+    LB_RETURN_IF_ERROR(pack_source(parent.get(), source_fd, *data_fd, options, summary, progress));
   }
-  header.size = offset;
-  summary.blocks = div_round_up(offset, block);
+  summary.blocks = div_round_up(header.size, block);
 
   Result<std::vector<std::byte>> header_bytes = header.serialize();
   if (!header_bytes) return header_bytes.status();

@@ -30,6 +30,10 @@ struct PackOptions {
   std::string name;            // "memfile", "rootfs.ext4", ...
   uint64_t block_size = 4096;
   std::filesystem::path temp_dir;  // where the data file is assembled; empty: $TMPDIR or /tmp
+  // Instead of a raw image: a kept overlay of the parent's disk (`serve nbd
+  // --overlay`). Only its blocks are read; every other block keeps the
+  // parent's mapping.
+  std::optional<std::filesystem::path> overlay;
 };
 
 struct PackSummary {
@@ -42,8 +46,9 @@ struct PackSummary {
   uint64_t header_bytes = 0;  // the new header's size
 };
 
-// Packs the bytes readable from `source_fd` (to its end) as device
-// `options.name` of build `options.build`, stored through `files`' store.
+// Packs the bytes readable from `source_fd` (to its end; unused with
+// options.overlay) as device `options.name` of build `options.build`, stored
+// through `files`' store.
 // `progress`, if set, hears of the bytes read so far.
 Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd, const PackOptions& options,
                          const std::function<void(uint64_t bytes_read)>& progress);

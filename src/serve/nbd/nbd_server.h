@@ -1,0 +1,87 @@
+// NbdServer: serves one build's disk over NBD (fixed newstyle) to any
+// standard client: the Linux kernel's nbd.ko, qemu, libnbd's tools.
+//
+// Data flow: each connection runs on a thread of its own that does the
+// handshake (NBD_OPT_GO/INFO/LIST/ABORT/STRUCTURED_REPLY; EXPORT_NAME for
+// old clients), then reads requests; each request (a write's payload read
+// first) goes to a worker pool, which reads from or writes to the disk and
+// sends the reply under the connection's write lock, so requests complete
+// out of order as their data arrives. Reads come from the overlay (which
+// merges the image) or, read-only, from the device; writes, trims and
+// zeroes go to the overlay; the stored objects are never modified.
+//
+// Bad input: a request the server cannot satisfy (out of range, too long,
+// an unknown command or flag, a write to a read-only export) gets its NBD
+// error and the connection goes on; only a request with a wrong magic (the
+// stream is out of step) ends the connection. No length from the wire is
+// trusted to allocate beyond the 32 MiB block limit; a client that vanishes
+// mid-request ends only its own connection.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+
+#include "common/status.h"
+#include "common/worker_pool.h"
+#include "image/device.h"
+#include "image/overlay.h"
+
+namespace lazyblock::nbd {
+
+struct Export {
+  std::string name;             // what clients ask for ("" asks for this one too)
+  image::Device* device;        // the image
+  image::Overlay* overlay;      // writes go here; null: a read-only export
+};
+
+class NbdServer {
+ public:
+  explicit NbdServer(Export disk, int workers = 16);
+  // Stops serving and waits for the connections to end.
+  ~NbdServer();
+
+  // Listens on a Unix socket at `path` (mode 0600; an old socket there is
+  // replaced), or on TCP `host`:`port` (0: any free port).
+  Status listen_unix(const std::filesystem::path& path);
+  Status listen_tcp(const std::string& host, uint16_t port);
+  uint16_t port() const { return port_; }
+
+  // Accepts and serves connections until stop(); returns once every
+  // connection has ended.
+  Status serve();
+  // Ends serve(): no new connections, open ones are shut down. Thread-safe.
+  void stop();
+
+  // Counters, for tests and logs.
+  uint64_t connections() const { return connections_.load(); }
+  uint64_t requests() const { return requests_.load(); }
+
+ private:
+  class Session;
+  friend class Session;
+
+  void session_ended(int fd);
+
+  const Export export_;
+  int listen_fd_ = -1;
+  int wake_[2] = {-1, -1};  // a pipe that wakes serve() for stop()
+  uint16_t port_ = 0;
+  std::filesystem::path socket_path_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<uint64_t> connections_{0};
+  std::atomic<uint64_t> requests_{0};
+
+  std::mutex mu_;
+  std::condition_variable all_ended_;
+  std::set<int> open_fds_;  // guarded by mu_: the connections being served
+
+  WorkerPool workers_;  // declared last: destroyed (joined) first
+};
+
+}  // namespace lazyblock::nbd

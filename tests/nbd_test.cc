@@ -1,0 +1,365 @@
+// `lazyblock serve nbd` driven by real NBD clients (libnbd's nbdinfo and
+// nbdcopy, qemu-img, qemu-io) and by a raw client that sends what a broken
+// or hostile one would.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <random>
+#include <string>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "common/units.h"
+#include "testing/scratch_dir.h"
+#include "tests/cli_runner.h"
+
+namespace lazyblock {
+namespace {
+
+const std::string kBuild = "7a7a7a7a-1111-4222-8333-444455556666";
+const std::string kChild = "7b7b7b7b-1111-4222-8333-444455556666";
+const std::string kName = "rootfs.ext4";
+
+int connect_unix(const std::filesystem::path& path) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  std::strncpy(address.sun_path, path.c_str(), sizeof address.sun_path - 1);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// `lazyblock serve nbd` as a child process; SIGTERM and reaped on destruction.
+class Server {
+ public:
+  Server(const std::filesystem::path& dir, const std::string& store,
+         std::vector<std::string> extra) : socket_(dir / "nbd.sock") {
+    std::vector<std::string> args = {lazyblock_binary(), "serve", "nbd", "--store", store,
+                                     "--build", kBuild, "--name", kName, "--socket",
+                                     socket_.string()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const std::string log = (dir / "server.log").string();
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      const int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
+      ::dup2(out, STDOUT_FILENO);
+      ::dup2(out, STDERR_FILENO);
+      std::vector<char*> argv;
+      for (std::string& arg : args) argv.push_back(arg.data());
+      argv.push_back(nullptr);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    // Ready once the socket accepts; gone if the process exits first.
+    for (;;) {
+      const int fd = connect_unix(socket_);
+      if (fd >= 0) {
+        ::close(fd);
+        return;
+      }
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a real condition
+    }
+  }
+  ~Server() { stop(); }
+  // Stops it as an operator would; its exit status.
+  int stop() {
+    if (pid_ < 0) return exit_status_;
+    ::kill(pid_, SIGTERM);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    exit_status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    return exit_status_;
+  }
+  bool running() const { return pid_ > 0; }
+  std::string uri() const { return "nbd+unix:///" + kName + "?socket=" + socket_.string(); }
+  const std::filesystem::path& socket() const { return socket_; }
+
+ private:
+  std::filesystem::path socket_;
+  pid_t pid_ = -1;
+  int exit_status_ = -1;
+};
+
+class NbdTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
+    ASSERT_TRUE(scratch);
+    scratch_ = std::move(scratch).value();
+    dir_ = scratch_->path();
+    std::filesystem::create_directories(dir_ / "store");
+    store_ = "file://" + (dir_ / "store").string();
+    // 6 MiB + 512 bytes of random data with zero holes.
+    std::mt19937_64 rng(9);
+    raw_.assign(6 * kMiB + 512, '\0');
+    for (size_t i = 0; i < raw_.size(); ++i) {
+      if ((i / 4096) % 5 != 2) raw_[i] = static_cast<char>(rng());
+    }
+    std::ofstream(dir_ / "raw", std::ios::binary) << raw_;
+    Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_, "--build", kBuild,
+                                          "--name", kName, (dir_ / "raw").string()});
+    ASSERT_EQ(packed.status, 0) << packed.err;
+  }
+
+  std::string stored_objects() {
+    return slurp(dir_ / "store" / kBuild / kName) + slurp(dir_ / "store" / kBuild / (kName + ".header"));
+  }
+
+  std::optional<testing::ScratchDir> scratch_;
+  std::filesystem::path dir_;
+  std::string store_;
+  std::string raw_;
+};
+
+TEST_F(NbdTest, StandardClientsSeeTheDisk) {
+  Server server(dir_, store_, {});
+  ASSERT_TRUE(server.running());
+  Outcome info = run_program(dir_, "nbdinfo", {"--json", server.uri()});
+  ASSERT_EQ(info.status, 0) << info.err;
+  const nlohmann::json doc = nlohmann::json::parse(info.out);
+  EXPECT_EQ(doc.at("exports")[0].at("export-size"), raw_.size());
+  EXPECT_EQ(doc.at("exports")[0].at("export-name"), kName);
+
+  Outcome copied = run_program(dir_, "nbdcopy", {server.uri(), (dir_ / "copy").string()});
+  ASSERT_EQ(copied.status, 0) << copied.err;
+  EXPECT_TRUE(slurp(dir_ / "copy") == raw_);
+  Outcome exported = run_lazyblock(dir_, {"export", "--store", store_, "--build", kBuild,
+                                          "--name", kName, "-o", (dir_ / "exported").string()});
+  ASSERT_EQ(exported.status, 0) << exported.err;
+  EXPECT_TRUE(slurp(dir_ / "copy") == slurp(dir_ / "exported"));
+
+  Outcome compared = run_program(
+      dir_, "qemu-img", {"compare", "-f", "raw", "-F", "raw", (dir_ / "raw").string(), server.uri()});
+  EXPECT_EQ(compared.status, 0) << compared.out << compared.err;
+  EXPECT_NE(compared.out.find("Images are identical"), std::string::npos) << compared.out;
+  EXPECT_EQ(server.stop(), 0);
+}
+
+TEST_F(NbdTest, WritesGoToTheOverlayAndBecomeTheNextGeneration) {
+  const std::string before = stored_objects();
+  const std::filesystem::path overlay = dir_ / "overlay";
+  std::string expected = raw_;
+  {
+    Server server(dir_, store_, {"--overlay", overlay.string()});
+    ASSERT_TRUE(server.running());
+    // Whole blocks, part of a block, across a block boundary, and zeroes.
+    Outcome wrote = run_program(
+        dir_, "qemu-io",
+        {"-f", "raw", "-c", "write -P 0xab 8192 8192", "-c", "write -P 0xcd 100 50", "-c",
+         "write -P 0xef 12000 9000", "-c", "write -z 1048576 65536", "-c",
+         "read -P 0xab 8192 3808", "-c", "read -P 0xcd 100 50", server.uri()});
+    ASSERT_EQ(wrote.status, 0) << wrote.out << wrote.err;
+    EXPECT_EQ(wrote.out.find("Pattern verification failed"), std::string::npos) << wrote.out;
+    std::fill(expected.begin() + 8192, expected.begin() + 16384, '\xab');
+    std::fill(expected.begin() + 100, expected.begin() + 150, '\xcd');
+    std::fill(expected.begin() + 12000, expected.begin() + 21000, '\xef');
+    std::fill(expected.begin() + 1048576, expected.begin() + 1048576 + 65536, '\0');
+    // A new connection reads what the first wrote.
+    Outcome reread = run_program(dir_, "qemu-io",
+                                 {"-f", "raw", "-r", "-c", "read -P 0xef 12000 9000", "-c",
+                                  "read -P 0 1048576 65536", server.uri()});
+    ASSERT_EQ(reread.status, 0) << reread.out << reread.err;
+    EXPECT_EQ(reread.out.find("Pattern verification failed"), std::string::npos) << reread.out;
+    Outcome copied = run_program(dir_, "nbdcopy", {server.uri(), (dir_ / "written").string()});
+    ASSERT_EQ(copied.status, 0) << copied.err;
+    EXPECT_TRUE(slurp(dir_ / "written") == expected);
+    EXPECT_EQ(server.stop(), 0);
+  }
+  EXPECT_TRUE(stored_objects() == before) << "the stored objects changed";
+
+  Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_, "--build", kChild, "--parent",
+                                        kBuild, "--name", kName, "--overlay", overlay.string()});
+  ASSERT_EQ(packed.status, 0) << packed.err;
+  Outcome exported = run_lazyblock(dir_, {"export", "--store", store_, "--build", kChild,
+                                          "--name", kName, "-o", (dir_ / "child").string()});
+  ASSERT_EQ(exported.status, 0) << exported.err;
+  EXPECT_TRUE(slurp(dir_ / "child") == expected);
+  // Only the overlay's blocks were stored: a handful, not the disk.
+  EXPECT_LT(std::filesystem::file_size(dir_ / "store" / kChild / kName), 64 * kKiB);
+}
+
+// A minimal NBD client speaking the protocol by hand, to send what real
+// clients never do.
+class RawClient {
+ public:
+  explicit RawClient(const std::filesystem::path& socket) : fd_(connect_unix(socket)) {}
+  ~RawClient() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  bool connected() const { return fd_ >= 0; }
+
+  // The fixed-newstyle handshake with NBD_OPT_GO; simple replies.
+  bool handshake(const std::string& name) {
+    std::byte greeting[18];
+    if (!read(greeting)) return false;
+    put_u32(3);  // fixed newstyle, no zeroes
+    put_u64(0x49484156454F5054).put_u32(7).put_u32(static_cast<uint32_t>(6 + name.size()));
+    put_u32(static_cast<uint32_t>(name.size()));
+    out_.insert(out_.end(), reinterpret_cast<const std::byte*>(name.data()),
+                reinterpret_cast<const std::byte*>(name.data()) + name.size());
+    put_u16(0);
+    if (!flush()) return false;
+    for (;;) {
+      std::byte reply[20];
+      if (!read(reply)) return false;
+      const uint32_t type = u32(reply + 12);
+      std::vector<std::byte> payload(u32(reply + 16));
+      if (!read(payload)) return false;
+      if (type == 1) return true;          // ACK: transmission
+      if (type & 0x80000000) return false;  // an error
+    }
+  }
+
+  // Sends a request; for a write, `data` follows.
+  bool request(uint16_t type, uint64_t offset, uint32_t length,
+               std::span<const std::byte> data = {}, uint16_t flags = 0) {
+    put_u32(0x25609513).put_u16(flags).put_u16(type).put_u64(++cookie_).put_u64(offset).put_u32(length);
+    out_.insert(out_.end(), data.begin(), data.end());
+    return flush();
+  }
+  // The error of the next simple reply, reading `data_length` bytes of data
+  // if it succeeded; nullopt if the connection ended.
+  std::optional<uint32_t> reply(size_t data_length = 0, std::vector<std::byte>* data = nullptr) {
+    std::byte header[16];
+    if (!read(header)) return std::nullopt;
+    const uint32_t error = u32(header + 4);
+    if (error == 0 && data_length > 0) {
+      std::vector<std::byte> bytes(data_length);
+      if (!read(bytes)) return std::nullopt;
+      if (data != nullptr) *data = std::move(bytes);
+    }
+    return error;
+  }
+  bool send_raw(std::span<const std::byte> bytes) {
+    out_.insert(out_.end(), bytes.begin(), bytes.end());
+    return flush();
+  }
+
+ private:
+  static uint32_t u32(const std::byte* at) {
+    return static_cast<uint32_t>(at[0]) << 24 | static_cast<uint32_t>(at[1]) << 16 |
+           static_cast<uint32_t>(at[2]) << 8 | static_cast<uint32_t>(at[3]);
+  }
+  RawClient& put_u16(uint16_t v) {
+    out_.push_back(std::byte(v >> 8));
+    out_.push_back(std::byte(v & 0xff));
+    return *this;
+  }
+  RawClient& put_u32(uint32_t v) { return put_u16(static_cast<uint16_t>(v >> 16)).put_u16(static_cast<uint16_t>(v)); }
+  RawClient& put_u64(uint64_t v) { return put_u32(static_cast<uint32_t>(v >> 32)).put_u32(static_cast<uint32_t>(v)); }
+  bool flush() {
+    const bool ok = ::send(fd_, out_.data(), out_.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(out_.size());
+    out_.clear();
+    return ok;
+  }
+  bool read(std::span<std::byte> buffer) {
+    size_t done = 0;
+    while (done < buffer.size()) {
+      const ssize_t got = ::recv(fd_, buffer.data() + done, buffer.size() - done, 0);
+      if (got <= 0) return false;
+      done += static_cast<size_t>(got);
+    }
+    return true;
+  }
+
+  int fd_;
+  uint64_t cookie_ = 0;
+  std::vector<std::byte> out_;
+};
+
+constexpr uint32_t kEperm = 1, kEinval = 22, kEnospc = 28;
+
+TEST_F(NbdTest, BadRequestsGetTheirErrorsAndTheConnectionGoesOn) {
+  Server server(dir_, store_, {});
+  ASSERT_TRUE(server.running());
+  RawClient client(server.socket());
+  ASSERT_TRUE(client.connected());
+  ASSERT_TRUE(client.handshake(kName));
+  const uint64_t size = raw_.size();
+  // A read past the end, one of 1 GiB, an unknown command, an unknown flag.
+  ASSERT_TRUE(client.request(0, size - 10, 100));
+  EXPECT_EQ(client.reply(), kEinval);
+  ASSERT_TRUE(client.request(0, 0, 1u << 30));
+  EXPECT_EQ(client.reply(), kEinval);
+  ASSERT_TRUE(client.request(99, 0, 10));
+  EXPECT_EQ(client.reply(), kEinval);
+  ASSERT_TRUE(client.request(0, 0, 10, {}, 0x4000));
+  EXPECT_EQ(client.reply(), kEinval);
+  // A write past the end: ENOSPC, its payload read past.
+  const std::vector<std::byte> payload(512, std::byte{0x11});
+  ASSERT_TRUE(client.request(1, size - 100, 512, payload));
+  EXPECT_EQ(client.reply(), kEnospc);
+  // A write longer than 32 MiB is refused; its bytes are read past.
+  ASSERT_TRUE(client.request(1, 0, 33 * kMiB, std::vector<std::byte>(33 * kMiB)));
+  EXPECT_EQ(client.reply(), kEinval);
+  // And the connection still serves good reads.
+  std::vector<std::byte> data;
+  ASSERT_TRUE(client.request(0, 4096 * 3, 4096));
+  ASSERT_EQ(client.reply(4096, &data), 0u);
+  EXPECT_EQ(std::memcmp(data.data(), raw_.data() + 4096 * 3, 4096), 0);
+  EXPECT_EQ(server.stop(), 0);
+}
+
+TEST_F(NbdTest, AReadOnlyExportRefusesWrites) {
+  Server server(dir_, store_, {"--read-only"});
+  ASSERT_TRUE(server.running());
+  RawClient client(server.socket());
+  ASSERT_TRUE(client.handshake(kName));
+  ASSERT_TRUE(client.request(1, 0, 4, std::vector<std::byte>(4)));
+  EXPECT_EQ(client.reply(), kEperm);
+  ASSERT_TRUE(client.request(4, 0, 4096));  // trim
+  EXPECT_EQ(client.reply(), kEperm);
+  ASSERT_TRUE(client.request(0, 0, 16));
+  EXPECT_EQ(client.reply(16), 0u);
+}
+
+TEST_F(NbdTest, AClientThatVanishesLeavesTheServerServingOthers) {
+  Server server(dir_, store_, {});
+  ASSERT_TRUE(server.running());
+  {
+    RawClient vanishing(server.socket());
+    ASSERT_TRUE(vanishing.handshake(kName));
+    // A write header promising 4096 bytes, then 100 of them, then gone.
+    ASSERT_TRUE(vanishing.request(1, 0, 4096, std::vector<std::byte>(100)));
+  }
+  {
+    RawClient garbage(server.socket());
+    ASSERT_TRUE(garbage.handshake(kName));
+    ASSERT_TRUE(garbage.send_raw(std::vector<std::byte>(28, std::byte{0x42})));  // bad magic
+    EXPECT_EQ(garbage.reply(), std::nullopt);  // closed
+  }
+  {
+    RawClient unknown(server.socket());
+    EXPECT_FALSE(unknown.handshake("no-such-export"));
+  }
+  RawClient other(server.socket());
+  ASSERT_TRUE(other.handshake(""));  // the default export
+  std::vector<std::byte> data;
+  ASSERT_TRUE(other.request(0, 100, 1000));
+  ASSERT_EQ(other.reply(1000, &data), 0u);
+  EXPECT_EQ(std::memcmp(data.data(), raw_.data() + 100, 1000), 0);
+  EXPECT_EQ(server.stop(), 0);
+}
+
+}  // namespace
+}  // namespace lazyblock
