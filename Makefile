@@ -2,8 +2,9 @@
 #   make build   install what is missing, build build/lazyblock and the tests
 #   make run     build, then run the main job: bench fetch on both profiles
 #   make test    build, run every test, then again under ASan+UBSan and TSan,
-#                then fuzz the header parser for a while
-#   make fuzz    fuzz the header parser (FUZZ_SECONDS, default 60) with libFuzzer
+#                then fuzz the header parser and the NBD server for a while
+#   make fuzz    fuzz the header parser and the NBD server with libFuzzer
+#                (FUZZ_SECONDS each, default 60)
 #   make clean   remove the build trees
 
 SHELL := /bin/bash
@@ -55,20 +56,24 @@ test-tsan: deps
 	@cmake --build build-tsan -j $(JOBS)
 	@$(SANITIZER_ENV) ctest --test-dir build-tsan --output-on-failure -j $(JOBS)
 
-# The header parser under libFuzzer: crashes stop the run (and `make test`);
-# the corpus grows in build-fuzz/, seeded from fuzz/corpus/.
+# The header parser and the NBD server under libFuzzer, FUZZ_SECONDS each:
+# a crash stops the run (and `make test`); the corpora grow in build-fuzz/,
+# seeded from fuzz/corpus/.
 fuzz: deps
-	@echo "== fuzzing the header parser for $(FUZZ_SECONDS) s (build-fuzz/)"
+	@echo "== fuzzing the header parser and the NBD server, $(FUZZ_SECONDS) s each (build-fuzz/)"
 	$(call configure,build-fuzz,RelWithDebInfo,-DCMAKE_CXX_COMPILER=clang++ -DLAZYBLOCK_FUZZ=ON)
-	@cmake --build build-fuzz --target header_fuzz -j $(JOBS)
-	@mkdir -p build-fuzz/corpus/header
-	@build-fuzz/fuzz/header_fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
-	    -artifact_prefix=build-fuzz/ build-fuzz/corpus/header fuzz/corpus/header 2>&1 \
+	@cmake --build build-fuzz --target header_fuzz nbd_fuzz -j $(JOBS)
+	@for target in header nbd; do \
+	  mkdir -p build-fuzz/corpus/$$target; \
+	  echo "-- $${target}_fuzz"; \
+	  build-fuzz/fuzz/$${target}_fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	      -artifact_prefix=build-fuzz/$${target}- build-fuzz/corpus/$$target fuzz/corpus/$$target 2>&1 \
 	    | grep -E "DONE|number_of_executed_units|ERROR|SUMMARY|deadly|Test unit written|==[0-9]+=="; \
-	    exit $${PIPESTATUS[0]}
+	  [[ $${PIPESTATUS[0]} -eq 0 ]] || exit 1; \
+	done
 
 test-fuzz:
-	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=30
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=20
 
 clean:
 	rm -rf build build-asan build-tsan build-fuzz

@@ -20,6 +20,8 @@ constexpr long kReceiveBuffer = 256 * 1024;
 // Longest single wait in the transfer loop: deadlines and stalls are checked
 // at least this often even if libcurl wants to wait longer.
 constexpr std::chrono::milliseconds kMaxPoll{1000};
+// Idle connections kept per client: enough for a chunker's streams.
+constexpr size_t kMaxIdle = 32;
 
 void init_curl_once() {
   static std::once_flag once;
@@ -68,7 +70,6 @@ bool transient(CURLcode code) {
 struct HttpClient::Share {
   Share() {
     handle = curl_share_init();
-    curl_share_setopt(handle, CURLSHOPT_SHARE, CURL_LOCK_DATA_CONNECT);
     curl_share_setopt(handle, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS);
     curl_share_setopt(handle, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION);
     curl_share_setopt(handle, CURLSHOPT_LOCKFUNC, &Share::lock);
@@ -93,13 +94,15 @@ struct HttpClient::Share {
 class HttpClient::Transfer final : public HttpResponse {
  public:
   Transfer(HttpClient& client, const HttpRequest& request, const IoContext& io)
-      : method_(request.method),
+      : client_(client),
+        method_(request.method),
         url_(request.url),
         io_(io),
         stall_timeout_(client.options().stall_timeout),
         upload_(request.body),
-        easy_(curl_easy_init()),
-        multi_(curl_multi_init()) {
+        handles_(client.acquire()),
+        easy_(static_cast<CURL*>(handles_.easy)),
+        multi_(static_cast<CURLM*>(handles_.multi)) {
     error_[0] = '\0';
     curl_easy_setopt(easy_, CURLOPT_URL, url_.c_str());
     curl_easy_setopt(easy_, CURLOPT_SHARE, client.share_->handle);
@@ -143,8 +146,8 @@ class HttpClient::Transfer final : public HttpResponse {
   ~Transfer() override {
     stop_wakeup_.reset();
     curl_multi_remove_handle(multi_, easy_);
-    curl_easy_cleanup(easy_);  // its connection goes back to the shared cache
-    curl_multi_cleanup(multi_);
+    // A connection is worth keeping only after a clean, complete response.
+    client_.release(handles_, finished_ && result_ == CURLE_OK);
     curl_slist_free_all(headers_);
   }
 
@@ -278,6 +281,7 @@ class HttpClient::Transfer final : public HttpResponse {
     return transient(result_) ? Status::unavailable(message) : Status::io_error(message);
   }
 
+  HttpClient& client_;
   const std::string method_;
   const std::string url_;
   const IoContext io_;
@@ -285,6 +289,7 @@ class HttpClient::Transfer final : public HttpResponse {
   const std::span<const std::byte> upload_;
   size_t uploaded_ = 0;
 
+  const Handles handles_;
   CURL* const easy_;
   CURLM* const multi_;
   curl_slist* headers_ = nullptr;
@@ -321,7 +326,38 @@ HttpClient::HttpClient(HttpClientOptions options) : options_(options) {
   share_ = std::make_unique<Share>();
 }
 
-HttpClient::~HttpClient() = default;
+HttpClient::~HttpClient() {
+  for (const Handles& handles : idle_) {
+    curl_easy_cleanup(static_cast<CURL*>(handles.easy));
+    curl_multi_cleanup(static_cast<CURLM*>(handles.multi));
+  }
+}
+
+HttpClient::Handles HttpClient::acquire() {
+  {
+    std::lock_guard lock(pool_mu_);
+    if (!idle_.empty()) {
+      const Handles handles = idle_.back();
+      idle_.pop_back();
+      return handles;
+    }
+  }
+  return {curl_easy_init(), curl_multi_init()};
+}
+
+void HttpClient::release(Handles handles, bool reusable) {
+  if (reusable) {
+    // Options go; the multi handle's connection stays.
+    curl_easy_reset(static_cast<CURL*>(handles.easy));
+    std::lock_guard lock(pool_mu_);
+    if (idle_.size() < kMaxIdle) {
+      idle_.push_back(handles);
+      return;
+    }
+  }
+  curl_easy_cleanup(static_cast<CURL*>(handles.easy));
+  curl_multi_cleanup(static_cast<CURLM*>(handles.multi));
+}
 
 Result<std::unique_ptr<HttpResponse>> HttpClient::send(const HttpRequest& request,
                                                        const IoContext& io) {

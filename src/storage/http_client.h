@@ -6,9 +6,12 @@
 // body bytes as they arrive (libcurl pushes them into a small buffer that
 // read() drains; the transfer pauses while the buffer is full, so a slow
 // reader never makes the client buffer a whole chunk). Connections are kept
-// alive and shared by every transfer of one client (libcurl's share
-// interface), so consecutive ranges of an object ride one connection; HTTP/2
-// is used where a TLS server offers it. TLS peers are verified.
+// alive: a transfer that ends cleanly returns its handles, connection and
+// all, to a pool the next transfer takes from, so consecutive ranges of an
+// object ride one connection. (libcurl's shared connection cache is not safe
+// across threads, so connections are pooled with their handles instead; DNS
+// and TLS sessions are shared.) HTTP/2 is used where a TLS server offers it.
+// TLS peers are verified.
 //
 // Every wait honours the IoContext: kTimeout at the deadline, kCancelled on a
 // stop (which wakes a blocked read at once). A connection that cannot be made
@@ -74,9 +77,20 @@ class HttpClient {
  private:
   class Transfer;
   struct Share;
+  // An easy handle on a multi handle of its own; the multi handle holds the
+  // connection, so a pair reused keeps its connection alive.
+  struct Handles {
+    void* easy;
+    void* multi;
+  };
+  Handles acquire();
+  // Back to the pool if `reusable` (the transfer ended cleanly), else closed.
+  void release(Handles handles, bool reusable);
 
   const HttpClientOptions options_;
-  std::unique_ptr<Share> share_;  // connections and DNS shared by transfers
+  std::unique_ptr<Share> share_;  // DNS and TLS sessions shared by transfers
+  std::mutex pool_mu_;
+  std::vector<Handles> idle_;  // guarded by pool_mu_; the most recent last
 };
 
 // Percent-encodes `text` for a URL path: unreserved characters and '/' stay.

@@ -157,7 +157,8 @@ std::string slurp(const std::filesystem::path& path) {
 
 }  // namespace
 
-Result<std::unique_ptr<NginxServer>> NginxServer::start() {
+Result<std::unique_ptr<NginxServer>> NginxServer::start(
+    std::optional<std::filesystem::path> docroot_option) {
   const char* nginx = "/usr/sbin/nginx";
   if (::access(nginx, X_OK) != 0 ||
       ::access((std::string(kModules) + "/ngx_http_lua_module.so").c_str(), R_OK) != 0) {
@@ -173,7 +174,9 @@ Result<std::unique_ptr<NginxServer>> NginxServer::start() {
     Result<uint16_t> port = free_port();
     if (!port) return port.status();
     const std::filesystem::path root = dir->path();
-    std::filesystem::create_directories(root / "docroot");
+    const std::filesystem::path docroot =
+        docroot_option ? std::filesystem::absolute(*docroot_option) : root / "docroot";
+    std::filesystem::create_directories(docroot);
     std::filesystem::create_directories(root / "tmp");
     std::string config = kConfig;
     std::string lua = kStoreLua;
@@ -183,7 +186,7 @@ Result<std::unique_ptr<NginxServer>> NginxServer::start() {
     for (std::string* text : {&config, &lua}) {
       replace_all(*text, "{modules}", kModules);
       replace_all(*text, "{dir}", root.string());
-      replace_all(*text, "{docroot}", (root / "docroot").string());
+      replace_all(*text, "{docroot}", docroot.string());
       replace_all(*text, "{port}", std::to_string(*port));
     }
     replace_all(config, "\x01", "{");
@@ -208,7 +211,8 @@ Result<std::unique_ptr<NginxServer>> NginxServer::start() {
     bool exited = false;
     while (std::chrono::steady_clock::now() < deadline) {
       if (accepts_connections(*port)) {
-        return std::unique_ptr<NginxServer>(new NginxServer(std::move(dir).value(), *port, pid));
+        return std::unique_ptr<NginxServer>(
+            new NginxServer(std::move(dir).value(), docroot, *port, pid));
       }
       if (::waitpid(pid, &status, WNOHANG) == pid) {
         exited = true;
@@ -227,8 +231,8 @@ Result<std::unique_ptr<NginxServer>> NginxServer::start() {
   return last_failure;
 }
 
-NginxServer::NginxServer(ScratchDir dir, uint16_t port, pid_t pid)
-    : dir_(std::move(dir)), docroot_(dir_.path() / "docroot"), port_(port), pid_(pid) {}
+NginxServer::NginxServer(ScratchDir dir, std::filesystem::path docroot, uint16_t port, pid_t pid)
+    : dir_(std::move(dir)), docroot_(std::move(docroot)), port_(port), pid_(pid) {}
 
 NginxServer::~NginxServer() {
   ::kill(pid_, SIGKILL);

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "common/status.h"
@@ -31,9 +32,11 @@ namespace lazyblock::testing {
 
 class NginxServer {
  public:
-  // Starts nginx; fails with a message saying what to install if nginx or
-  // its lua module is missing.
-  static Result<std::unique_ptr<NginxServer>> start();
+  // Starts nginx serving `docroot` (default: a fresh directory of its own);
+  // fails with a message saying what to install if nginx or its lua module
+  // is missing.
+  static Result<std::unique_ptr<NginxServer>> start(
+      std::optional<std::filesystem::path> docroot = std::nullopt);
   ~NginxServer();
   NginxServer(const NginxServer&) = delete;
   NginxServer& operator=(const NginxServer&) = delete;
@@ -49,7 +52,7 @@ class NginxServer {
   bool slow_request_arrived() const;
 
  private:
-  NginxServer(ScratchDir dir, uint16_t port, pid_t pid);
+  NginxServer(ScratchDir dir, std::filesystem::path docroot, uint16_t port, pid_t pid);
 
   ScratchDir dir_;
   std::filesystem::path docroot_;
