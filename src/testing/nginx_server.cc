@@ -92,6 +92,7 @@ local root = "{docroot}"
 
 function M.serve(prefix, opts)
   ngx.header["X-Connection-Requests"] = ngx.var.connection_requests
+  ngx.header["Accept-Ranges"] = "bytes"
   if opts.ttfb_ms then ngx.sleep(opts.ttfb_ms / 1000) end
   local key = ngx.var.uri:sub(#prefix + 1)
   if key:find("%.%.") then return ngx.exit(403) end
