@@ -1,4 +1,5 @@
 #include "cache/block_cache.h"
+#include "common/file_io.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -78,17 +79,7 @@ uint64_t BlockCache::first_cached(uint64_t offset, uint64_t end) const {
 }
 
 Status BlockCache::write(uint64_t offset, std::span<const std::byte> data) {
-  while (!data.empty()) {
-    const ssize_t n = ::pwrite(fd_, data.data(), data.size(), static_cast<off_t>(offset));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      return posix_error(fmt::format("write {} bytes to the cache file at {}", data.size(), offset),
-                         n < 0 ? errno : EIO);
-    }
-    offset += static_cast<uint64_t>(n);
-    data = data.subspan(static_cast<size_t>(n));
-  }
-  return Status::ok();
+  return pwrite_all(fd_, data, offset, "the cache file");
 }
 
 void BlockCache::mark_cached(uint64_t offset, uint64_t end) {

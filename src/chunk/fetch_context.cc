@@ -1,4 +1,5 @@
 #include "chunk/fetch_context.h"
+#include "common/file_io.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -26,11 +27,8 @@ Result<BlockCache*> FetchContext::cache_for_size_locked(uint64_t size) {
     }
     return existing;
   }
-  std::filesystem::path dir = options.cache_dir;
-  if (dir.empty()) {
-    const char* tmp = std::getenv("TMPDIR");
-    dir = tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
-  }
+  const std::filesystem::path dir =
+      options.cache_dir.empty() ? temp_directory() : options.cache_dir;
   Result<std::unique_ptr<BlockCache>> created = BlockCache::create(size, options.block_size, dir);
   if (!created) return created.status().with_context("cache for " + key);
   cache_owner = std::move(created).value();

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include "cli/commands.h"
+#include "common/file_io.h"
 #include "cli/flags.h"
 #include "common/log.h"
 #include "image/device.h"
@@ -93,9 +94,8 @@ int run_nbd(const NbdFlags& flags) {
   } else {
     std::string path = flags.socket;
     if (path.empty()) {
-      const char* tmp = std::getenv("TMPDIR");
-      path = fmt::format("{}/lazyblock-{}-{}.sock", tmp != nullptr && *tmp ? tmp : "/tmp",
-                         flags.build, flags.name);
+      path = (temp_directory() / fmt::format("lazyblock-{}-{}.sock", flags.build, flags.name))
+                 .string();
     }
     if (Status s = server.listen_unix(path); !s.is_ok()) return report_failure(s);
     where = fmt::format("nbd+unix:///{}?socket={}", flags.name, path);

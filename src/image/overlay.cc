@@ -1,4 +1,5 @@
 #include "image/overlay.h"
+#include "common/file_io.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -18,31 +19,11 @@ namespace {
 
 constexpr char kMapMagic[8] = {'L', 'B', 'O', 'V', 'M', 'A', 'P', '1'};
 
-Status pread_full(int fd, std::span<std::byte> buffer, uint64_t offset, const char* what) {
-  size_t done = 0;
-  while (done < buffer.size()) {
-    const ssize_t got = ::pread(fd, buffer.data() + done, buffer.size() - done,
-                                static_cast<off_t>(offset + done));
-    if (got < 0 && errno == EINTR) continue;
-    if (got < 0) return posix_error(what, errno);
-    if (got == 0) {  // past the file's end: zeros
-      std::memset(buffer.data() + done, 0, buffer.size() - done);
-      break;
-    }
-    done += static_cast<size_t>(got);
-  }
-  return Status::ok();
-}
-
-Status pwrite_full(int fd, std::span<const std::byte> data, uint64_t offset) {
-  size_t done = 0;
-  while (done < data.size()) {
-    const ssize_t put = ::pwrite(fd, data.data() + done, data.size() - done,
-                                 static_cast<off_t>(offset + done));
-    if (put < 0 && errno == EINTR) continue;
-    if (put < 0) return posix_error("write the overlay", errno);
-    done += static_cast<size_t>(put);
-  }
+// Overlay bytes; past the file's end (a disk not a block multiple), zeros.
+Status pread_full(int fd, std::span<std::byte> buffer, uint64_t offset) {
+  Result<size_t> got = pread_up_to(fd, buffer, offset, "the overlay");
+  if (!got) return got.status();
+  std::memset(buffer.data() + *got, 0, buffer.size() - *got);
   return Status::ok();
 }
 
@@ -96,11 +77,7 @@ Result<std::unique_ptr<Overlay>> Overlay::open(Device& device,
     fd = ::open(path->c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0) return posix_error("create overlay " + path->string(), errno);
   } else {
-    std::filesystem::path dir = temp_dir;
-    if (dir.empty()) {
-      const char* tmp = std::getenv("TMPDIR");
-      dir = tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
-    }
+    const std::filesystem::path dir = temp_dir.empty() ? temp_directory() : temp_dir;
     fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
     if (fd < 0) return posix_error("create an overlay in " + dir.string(), errno);
   }
@@ -143,7 +120,7 @@ Result<size_t> Overlay::read_at(std::span<std::byte> buffer, uint64_t offset) {
     const uint64_t run_end = std::min(end, run_end_block * block_size_);
     const std::span<std::byte> piece = buffer.subspan(position - offset, run_end - position);
     if (in_overlay) {
-      LB_RETURN_IF_ERROR(pread_full(fd_, piece, position, "read the overlay"));
+      LB_RETURN_IF_ERROR(pread_full(fd_, piece, position));
     } else {
       Result<size_t> got = device_.read_at(piece, position);
       if (!got) return got.status();
@@ -159,7 +136,7 @@ Status Overlay::own_block_locked(uint64_t index) {
   Result<size_t> got = device_.read_at(block, index * block_size_);
   if (!got) return got.status();
   std::memset(block.data() + *got, 0, block.size() - *got);
-  LB_RETURN_IF_ERROR(pwrite_full(fd_, block, index * block_size_));
+  LB_RETURN_IF_ERROR(pwrite_all(fd_, block, index * block_size_, "the overlay"));
   present_.set_range(index, index + 1);
   return Status::ok();
 }
@@ -176,7 +153,7 @@ Status Overlay::write_at(std::span<const std::byte> data, uint64_t offset) {
     if (position == block_begin && end - position >= block_size_) {
       // A run of whole blocks: straight to the file, then marked.
       const uint64_t whole = align_down(end - position, block_size_);
-      LB_RETURN_IF_ERROR(pwrite_full(fd_, data.subspan(position - offset, whole), position));
+      LB_RETURN_IF_ERROR(pwrite_all(fd_, data.subspan(position - offset, whole), position, "the overlay"));
       present_.set_range(block, block + whole / block_size_);
       position += whole;
       continue;
@@ -186,7 +163,8 @@ Status Overlay::write_at(std::span<const std::byte> data, uint64_t offset) {
     std::lock_guard lock(lock_for(block));
     LB_RETURN_IF_ERROR(own_block_locked(block));
     LB_RETURN_IF_ERROR(
-        pwrite_full(fd_, data.subspan(position - offset, piece_end - position), position));
+        pwrite_all(fd_, data.subspan(position - offset, piece_end - position), position,
+                   "the overlay"));
     position = piece_end;
   }
   return Status::ok();

@@ -1,4 +1,5 @@
 #include "image/pack.h"
+#include "common/file_io.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -43,11 +44,7 @@ Result<size_t> read_full(int fd, std::span<std::byte> buffer) {
 
 // An unnamed file for the new data file, gone when closed.
 Result<int> open_temporary(const std::filesystem::path& dir_option) {
-  std::filesystem::path dir = dir_option;
-  if (dir.empty()) {
-    const char* tmp = std::getenv("TMPDIR");
-    dir = tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
-  }
+  const std::filesystem::path dir = dir_option.empty() ? temp_directory() : dir_option;
   int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
   if (fd >= 0) return fd;
   // Not every file system has O_TMPFILE: a named file, unlinked at once.
@@ -56,17 +53,6 @@ Result<int> open_temporary(const std::filesystem::path& dir_option) {
   if (fd < 0) return posix_error("create a temporary file in " + dir.string(), errno);
   ::unlink(name.c_str());
   return fd;
-}
-
-Status write_all_at(int fd, std::span<const std::byte> data, uint64_t offset) {
-  while (!data.empty()) {
-    const ssize_t put = ::pwrite(fd, data.data(), data.size(), static_cast<off_t>(offset));
-    if (put < 0 && errno == EINTR) continue;
-    if (put < 0) return posix_error("write the new data file", errno);
-    data = data.subspan(static_cast<size_t>(put));
-    offset += static_cast<uint64_t>(put);
-  }
-  return Status::ok();
 }
 
 // Appends a block-aligned run to `mappings`, joining it to the last one when
@@ -104,7 +90,7 @@ Status add_block(std::span<const std::byte> bytes, uint64_t device_offset, int d
     ++summary.zero;
     return Status::ok();
   }
-  LB_RETURN_IF_ERROR(write_all_at(data_fd, bytes, summary.data_bytes));
+  LB_RETURN_IF_ERROR(pwrite_all(data_fd, bytes, summary.data_bytes, "the new data file"));
   add_run(summary.header.mappings, device_offset, bytes.size(), options.build, summary.data_bytes);
   summary.data_bytes += bytes.size();
   ++summary.changed;
@@ -179,9 +165,9 @@ Status pack_overlay(const Device& parent, const std::filesystem::path& path, int
       keep_parent_block(parent, offset, block, summary);
       continue;
     }
-    const ssize_t got = ::pread(kept->fd, bytes.data(), block, static_cast<off_t>(offset));
-    if (got < 0) return posix_error("read overlay " + path.string(), errno);
-    std::memset(bytes.data() + got, 0, block - static_cast<size_t>(got));
+    Result<size_t> got = pread_up_to(kept->fd, bytes, offset, "overlay " + path.string());
+    if (!got) return got.status();
+    std::memset(bytes.data() + *got, 0, block - *got);
     LB_RETURN_IF_ERROR(add_block(bytes, offset, data_fd, options, summary));
     if (progress && index % 1024 == 0) progress(offset);
   }

@@ -1,4 +1,5 @@
 #include "storage/disk_cache_store.h"
+#include "common/file_io.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -69,28 +70,11 @@ Result<Trailer> decode_trailer(std::span<const std::byte, kTrailerSize> bytes) {
   return Trailer{get_u64(bytes.data() + 16), get_u64(bytes.data() + 24)};
 }
 
+// A cache file's bytes [offset, offset + buffer.size()), all of them.
 Status pread_all(int fd, std::span<std::byte> buffer, uint64_t offset) {
-  size_t done = 0;
-  while (done < buffer.size()) {
-    const ssize_t got = ::pread(fd, buffer.data() + done, buffer.size() - done,
-                                static_cast<off_t>(offset + done));
-    if (got < 0 && errno == EINTR) continue;
-    if (got < 0) return posix_error("read cache file", errno);
-    if (got == 0) return Status::corruption("cache file shorter than its trailer says");
-    done += static_cast<size_t>(got);
-  }
-  return Status::ok();
-}
-
-Status pwrite_all(int fd, std::span<const std::byte> data, uint64_t offset) {
-  size_t done = 0;
-  while (done < data.size()) {
-    const ssize_t put = ::pwrite(fd, data.data() + done, data.size() - done,
-                                 static_cast<off_t>(offset + done));
-    if (put < 0 && errno == EINTR) continue;
-    if (put < 0) return posix_error("write cache file", errno);
-    done += static_cast<size_t>(put);
-  }
+  Result<size_t> got = pread_up_to(fd, buffer, offset, "cache file");
+  if (!got) return got.status();
+  if (*got != buffer.size()) return Status::corruption("cache file shorter than its trailer says");
   return Status::ok();
 }
 
@@ -142,7 +126,7 @@ class DiskCacheStore::PartialChunk {
     std::lock_guard lock(mu_);
     if (failed_ || published_ || offset >= length_) return false;
     data = data.first(std::min<uint64_t>(data.size(), length_ - offset));
-    const Status status = pwrite_all(fd_, data, offset);
+    const Status status = pwrite_all(fd_, data, offset, "cache file");
     if (!status.is_ok()) {
       log(LogLevel::kWarn, "cache-dir: cannot cache {}: {}", final_path_.string(),
           status.message());
@@ -167,7 +151,7 @@ class DiskCacheStore::PartialChunk {
     Result<uint64_t> hash = hash_file(fd_, length_);
     if (!hash) return hash.status();
     const auto trailer = encode_trailer({object_size_, *hash});
-    LB_RETURN_IF_ERROR(pwrite_all(fd_, trailer, length_));
+    LB_RETURN_IF_ERROR(pwrite_all(fd_, trailer, length_, "cache file"));
     if (::fsync(fd_) != 0) return posix_error("sync " + temp_path_.string(), errno);
     if (::rename(temp_path_.c_str(), final_path_.c_str()) != 0) {
       return posix_error("rename " + temp_path_.string(), errno);

@@ -81,8 +81,27 @@ std::string error_excerpt(HttpResponse& response) {
 
 }  // namespace
 
-std::unique_ptr<RangeReader> empty_range_reader(const std::string& key, uint64_t object_size) {
-  return std::make_unique<HttpRangeReader>(nullptr, key, object_size, 0);
+Result<std::unique_ptr<RangeReader>> empty_range(ObjectStore& store, const std::string& key,
+                                                 uint64_t offset, const IoContext& io) {
+  Result<uint64_t> size = store.stat(key, io);
+  if (!size) return size.status();
+  if (offset > *size) {
+    return Status::out_of_range(fmt::format("read {}: offset {} is past the end at {}", key,
+                                            offset, *size));
+  }
+  return std::unique_ptr<RangeReader>(new HttpRangeReader(nullptr, key, *size, 0));
+}
+
+Result<uint64_t> size_from_head(Result<std::unique_ptr<HttpResponse>> response,
+                                const std::string& key) {
+  if (!response) return response.status().with_context("stat " + key);
+  if ((*response)->status() != 200) {
+    return http_failure((*response)->status(), "stat " + key, key, "");
+  }
+  const std::optional<std::string> length = (*response)->header("Content-Length");
+  const std::optional<uint64_t> size = length ? parse_u64(*length) : std::nullopt;
+  if (!size) return Status::corruption("stat " + key + ": the answer has no Content-Length");
+  return *size;
 }
 
 std::string range_header(uint64_t offset, uint64_t length) {
@@ -201,28 +220,12 @@ Result<uint64_t> HttpStore::stat(const std::string& key, const IoContext& io) {
   HttpRequest request;
   request.method = "HEAD";
   request.url = url_of(key);
-  Result<std::unique_ptr<HttpResponse>> response = client_.send(request, io);
-  if (!response) return response.status();
-  if ((*response)->status() != 200) {
-    return http_failure((*response)->status(), "stat " + key, key, "");
-  }
-  const std::optional<std::string> length = (*response)->header("Content-Length");
-  const std::optional<uint64_t> size = length ? parse_u64(*length) : std::nullopt;
-  if (!size) return Status::corruption("stat " + key + ": the answer has no Content-Length");
-  return *size;
+  return size_from_head(client_.send(request, io), key);
 }
 
 Result<std::unique_ptr<RangeReader>> HttpStore::open_range(const std::string& key, uint64_t offset,
                                                            uint64_t length, const IoContext& io) {
-  if (length == 0) {
-    Result<uint64_t> size = stat(key, io);
-    if (!size) return size.status();
-    if (offset > *size) {
-      return Status::out_of_range(fmt::format("read {}: offset {} is past the end at {}", key,
-                                              offset, *size));
-    }
-    return empty_range_reader(key, *size);
-  }
+  if (length == 0) return empty_range(*this, key, offset, io);
   HttpRequest request;
   request.url = url_of(key);
   request.headers.emplace_back("Range", range_header(offset, length));

@@ -56,8 +56,14 @@ Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> 
                                                   const std::string& key, uint64_t offset,
                                                   uint64_t length);
 
-// The reader of an empty range (a range at the object's end, or of length 0).
-std::unique_ptr<RangeReader> empty_range_reader(const std::string& key, uint64_t object_size);
+// open_range of a length-0 range: an empty reader carrying the object's
+// size (from `store`'s stat), or kOutOfRange if `offset` is past the end.
+Result<std::unique_ptr<RangeReader>> empty_range(ObjectStore& store, const std::string& key,
+                                                 uint64_t offset, const IoContext& io);
+
+// The object's size from the answer to a HEAD of `key`.
+Result<uint64_t> size_from_head(Result<std::unique_ptr<HttpResponse>> response,
+                                const std::string& key);
 
 // "bytes=A-B" for [offset, offset + length), length > 0.
 std::string range_header(uint64_t offset, uint64_t length);

@@ -1,6 +1,5 @@
 #include "storage/s3_store.h"
 
-#include <charconv>
 #include <cstdlib>
 
 #include <fmt/format.h>
@@ -156,32 +155,12 @@ HttpRequest S3Store::request(const std::string& method, const std::string& key,
 }
 
 Result<uint64_t> S3Store::stat(const std::string& key, const IoContext& io) {
-  Result<std::unique_ptr<HttpResponse>> response =
-      client_.send(request("HEAD", key, {}, {}, {}), io);
-  if (!response) return response.status().with_context("stat " + key);
-  if ((*response)->status() != 200) {
-    return http_failure((*response)->status(), "stat " + key, key, "");
-  }
-  const std::optional<std::string> length = (*response)->header("Content-Length");
-  uint64_t size = 0;
-  if (!length || std::from_chars(length->data(), length->data() + length->size(), size).ec !=
-                     std::errc()) {
-    return Status::corruption("stat " + key + ": the answer has no Content-Length");
-  }
-  return size;
+  return size_from_head(client_.send(request("HEAD", key, {}, {}, {}), io), key);
 }
 
 Result<std::unique_ptr<RangeReader>> S3Store::open_range(const std::string& key, uint64_t offset,
                                                          uint64_t length, const IoContext& io) {
-  if (length == 0) {
-    Result<uint64_t> size = stat(key, io);
-    if (!size) return size.status();
-    if (offset > *size) {
-      return Status::out_of_range(fmt::format("read {}: offset {} is past the end at {}", key,
-                                              offset, *size));
-    }
-    return empty_range_reader(key, *size);
-  }
+  if (length == 0) return empty_range(*this, key, offset, io);
   Result<std::unique_ptr<HttpResponse>> response = client_.send(
       request("GET", key, {}, {{"Range", range_header(offset, length)}}, {}), io);
   if (!response) return response.status().with_context("read " + key);

@@ -1,4 +1,5 @@
 #include "testing/scratch_dir.h"
+#include "common/file_io.h"
 
 #include <unistd.h>
 
@@ -9,9 +10,7 @@
 namespace lazyblock::testing {
 
 Result<ScratchDir> ScratchDir::create() {
-  const char* tmp = std::getenv("TMPDIR");
-  std::string pattern =
-      std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/lazyblock-XXXXXX";
+  std::string pattern = (temp_directory() / "lazyblock-XXXXXX").string();
   if (::mkdtemp(pattern.data()) == nullptr) return posix_error("create a scratch directory", errno);
   return ScratchDir(pattern);
 }

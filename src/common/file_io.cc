@@ -1,0 +1,46 @@
+#include "common/file_io.h"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+
+#include <fmt/format.h>
+
+namespace lazyblock {
+
+Result<size_t> pread_up_to(int fd, std::span<std::byte> buffer, uint64_t offset,
+                           std::string_view what) {
+  size_t done = 0;
+  while (done < buffer.size()) {
+    const ssize_t got = ::pread(fd, buffer.data() + done, buffer.size() - done,
+                                static_cast<off_t>(offset + done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) return posix_error(fmt::format("read {}", what), errno);
+    if (got == 0) break;
+    done += static_cast<size_t>(got);
+  }
+  return done;
+}
+
+Status pwrite_all(int fd, std::span<const std::byte> data, uint64_t offset,
+                  std::string_view what) {
+  while (!data.empty()) {
+    const ssize_t put = ::pwrite(fd, data.data(), data.size(), static_cast<off_t>(offset));
+    if (put < 0 && errno == EINTR) continue;
+    if (put <= 0) {
+      return posix_error(fmt::format("write {} bytes to {} at {}", data.size(), what, offset),
+                         put < 0 ? errno : EIO);
+    }
+    offset += static_cast<uint64_t>(put);
+    data = data.subspan(static_cast<size_t>(put));
+  }
+  return Status::ok();
+}
+
+std::filesystem::path temp_directory() {
+  const char* tmp = std::getenv("TMPDIR");
+  return tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
+}
+
+}  // namespace lazyblock
