@@ -1,10 +1,16 @@
 #include "tests/cli_runner.h"
 
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <cstring>
 #include <fstream>
+#include <thread>
 #include <iterator>
 
 namespace lazyblock {
@@ -57,6 +63,68 @@ Outcome run_program(const std::filesystem::path& dir, const std::string& program
                     std::vector<std::string> args) {
   args.insert(args.begin(), program);
   return run_program_with_input(dir, args, {});
+}
+
+namespace {
+
+bool accepts(const std::filesystem::path& socket) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  std::strncpy(address.sun_path, socket.c_str(), sizeof address.sun_path - 1);
+  const bool connected =
+      ::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0;
+  ::close(fd);
+  return connected;
+}
+
+}  // namespace
+
+ServerProcess::ServerProcess(const std::filesystem::path& dir, std::vector<std::string> args,
+                             std::filesystem::path socket)
+    : socket_(std::move(socket)) {
+  args.insert(args.begin(), lazyblock_binary());
+  const std::string log = (dir / "server.log").string();
+  pid_ = ::fork();
+  if (pid_ == 0) {
+    const int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
+    ::dup2(out, STDOUT_FILENO);
+    ::dup2(out, STDERR_FILENO);
+    std::vector<char*> argv;
+    for (std::string& arg : args) argv.push_back(arg.data());
+    argv.push_back(nullptr);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  // Ready once the socket accepts; gone if the process exits first.
+  while (!accepts(socket_)) {
+    if (!running()) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a real condition
+  }
+}
+
+ServerProcess::ServerProcess(ServerProcess&& other) noexcept
+    : socket_(std::move(other.socket_)), pid_(other.pid_), exit_status_(other.exit_status_) {
+  other.pid_ = -1;
+}
+
+bool ServerProcess::running() {
+  if (pid_ < 0) return false;
+  int status = 0;
+  if (::waitpid(pid_, &status, WNOHANG) != pid_) return true;
+  pid_ = -1;
+  exit_status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return false;
+}
+
+int ServerProcess::stop() {
+  if (pid_ < 0) return exit_status_;
+  ::kill(pid_, SIGTERM);
+  int status = 0;
+  ::waitpid(pid_, &status, 0);
+  pid_ = -1;
+  exit_status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return exit_status_;
 }
 
 }  // namespace lazyblock

@@ -1,6 +1,8 @@
 // Runs the lazyblock binary as a user would, for the integration tests.
 #pragma once
 
+#include <sys/types.h>
+
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -27,5 +29,28 @@ Outcome run_program(const std::filesystem::path& dir, const std::string& program
 
 // The lazyblock binary under test.
 std::string lazyblock_binary();
+
+// `lazyblock ARGS...` as a server in a child process (stdout and stderr to
+// DIR/server.log), ready once `socket` accepts connections; stopped with
+// SIGTERM, as an operator would, and reaped on destruction.
+class ServerProcess {
+ public:
+  ServerProcess(const std::filesystem::path& dir, std::vector<std::string> args,
+                std::filesystem::path socket);
+  ~ServerProcess() { stop(); }
+  ServerProcess(ServerProcess&& other) noexcept;
+  ServerProcess& operator=(ServerProcess&&) = delete;
+
+  // False if the process exited before it was ready, or since.
+  bool running();
+  // SIGTERM, then its exit status (128 + signal if a signal ended it).
+  int stop();
+  const std::filesystem::path& socket() const { return socket_; }
+
+ private:
+  std::filesystem::path socket_;
+  pid_t pid_ = -1;
+  int exit_status_ = -1;
+};
 
 }  // namespace lazyblock

@@ -21,6 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/units.h"
+#include "testing/firecracker_stand_in.h"
 #include "testing/scratch_dir.h"
 #include "tests/cli_runner.h"
 
@@ -31,73 +32,22 @@ const std::string kBuild = "7a7a7a7a-1111-4222-8333-444455556666";
 const std::string kChild = "7b7b7b7b-1111-4222-8333-444455556666";
 const std::string kName = "rootfs.ext4";
 
-int connect_unix(const std::filesystem::path& path) {
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  std::strncpy(address.sun_path, path.c_str(), sizeof address.sun_path - 1);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
-}
-
-// `lazyblock serve nbd` as a child process; SIGTERM and reaped on destruction.
-class Server {
+// `lazyblock serve nbd` of the test's build, on a socket in `dir`.
+class Server : public ServerProcess {
  public:
   Server(const std::filesystem::path& dir, const std::string& store,
-         std::vector<std::string> extra) : socket_(dir / "nbd.sock") {
-    std::vector<std::string> args = {lazyblock_binary(), "serve", "nbd", "--store", store,
-                                     "--build", kBuild, "--name", kName, "--socket",
-                                     socket_.string()};
-    args.insert(args.end(), extra.begin(), extra.end());
-    const std::string log = (dir / "server.log").string();
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      const int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-      ::dup2(out, STDOUT_FILENO);
-      ::dup2(out, STDERR_FILENO);
-      std::vector<char*> argv;
-      for (std::string& arg : args) argv.push_back(arg.data());
-      argv.push_back(nullptr);
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-    // Ready once the socket accepts; gone if the process exits first.
-    for (;;) {
-      const int fd = connect_unix(socket_);
-      if (fd >= 0) {
-        ::close(fd);
-        return;
-      }
-      int status = 0;
-      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a real condition
-    }
-  }
-  ~Server() { stop(); }
-  // Stops it as an operator would; its exit status.
-  int stop() {
-    if (pid_ < 0) return exit_status_;
-    ::kill(pid_, SIGTERM);
-    int status = 0;
-    ::waitpid(pid_, &status, 0);
-    pid_ = -1;
-    exit_status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    return exit_status_;
-  }
-  bool running() const { return pid_ > 0; }
-  std::string uri() const { return "nbd+unix:///" + kName + "?socket=" + socket_.string(); }
-  const std::filesystem::path& socket() const { return socket_; }
+         std::vector<std::string> extra)
+      : ServerProcess(dir, with(extra, {"serve", "nbd", "--store", store, "--build", kBuild,
+                                        "--name", kName, "--socket", (dir / "nbd.sock").string()}),
+                      dir / "nbd.sock") {}
+  std::string uri() const { return "nbd+unix:///" + kName + "?socket=" + socket().string(); }
 
  private:
-  std::filesystem::path socket_;
-  pid_t pid_ = -1;
-  int exit_status_ = -1;
+  static std::vector<std::string> with(const std::vector<std::string>& extra,
+                                       std::vector<std::string> args) {
+    args.insert(args.end(), extra.begin(), extra.end());
+    return args;
+  }
 };
 
 class NbdTest : public ::testing::Test {
@@ -202,7 +152,7 @@ TEST_F(NbdTest, WritesGoToTheOverlayAndBecomeTheNextGeneration) {
 // clients never do.
 class RawClient {
  public:
-  explicit RawClient(const std::filesystem::path& socket) : fd_(connect_unix(socket)) {}
+  explicit RawClient(const std::filesystem::path& socket) : fd_(testing::connect_unix_socket(socket)) {}
   ~RawClient() {
     if (fd_ >= 0) ::close(fd_);
   }

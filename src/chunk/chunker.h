@@ -93,6 +93,11 @@ class Chunker {
   // A view of [offset, offset + length) clipped to the object's end, valid
   // for the chunker's lifetime. Waits until those bytes are cached.
   virtual Result<std::span<const std::byte>> slice(uint64_t offset, uint64_t length) = 0;
+  // The same view if every block of the range is cached now, else nullopt
+  // (also while the size is unknown or past the end): never waits, never
+  // fetches, takes no lock. A page-fault handler's fast path.
+  virtual std::optional<std::span<const std::byte>> cached_slice(uint64_t offset,
+                                                                 uint64_t length) = 0;
 
   // Copies [offset, offset + buffer.size()) clipped to the object's end into
   // `buffer`; returns the count copied (less than asked only at the end).

@@ -187,6 +187,15 @@ Result<std::span<const std::byte>> FetchingChunker::slice(uint64_t offset, uint6
   return context_.cache.load(std::memory_order_acquire)->slice(offset, end - offset);
 }
 
+std::optional<std::span<const std::byte>> FetchingChunker::cached_slice(uint64_t offset,
+                                                                        uint64_t length) {
+  const BlockCache* cache = context_.cache.load(std::memory_order_acquire);
+  if (cache == nullptr || offset >= cache->size()) return std::nullopt;
+  const uint64_t end = offset + std::min(length, cache->size() - offset);
+  if (!cache->is_cached(offset, end)) return std::nullopt;
+  return cache->slice(offset, end - offset);
+}
+
 Result<size_t> FetchingChunker::read_at(std::span<std::byte> buffer, uint64_t offset) {
   Result<std::span<const std::byte>> bytes = slice(offset, buffer.size());
   if (!bytes) return bytes.status();

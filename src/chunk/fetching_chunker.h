@@ -25,6 +25,8 @@ class FetchingChunker final : public Chunker {
 
   Result<uint64_t> size() override;
   Result<std::span<const std::byte>> slice(uint64_t offset, uint64_t length) override;
+  std::optional<std::span<const std::byte>> cached_slice(uint64_t offset,
+                                                         uint64_t length) override;
   Result<size_t> read_at(std::span<std::byte> buffer, uint64_t offset) override;
   Status write_to(ByteSink& sink) override;
   void prefetch(uint64_t offset, uint64_t length) override;

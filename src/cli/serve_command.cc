@@ -1,8 +1,11 @@
-// lazyblock serve nbd: a build's disk over NBD, until SIGINT or SIGTERM.
+// lazyblock serve nbd|uffd: a build's disk over NBD, or its guest memory to
+// Firecracker as a UFFD handler, until SIGINT or SIGTERM.
 #include <signal.h>
 
 #include <cstdio>
+#include <atomic>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <thread>
@@ -13,9 +16,11 @@
 #include "common/file_io.h"
 #include "cli/flags.h"
 #include "common/log.h"
+#include "common/units.h"
 #include "image/device.h"
 #include "image/overlay.h"
 #include "serve/nbd/nbd_server.h"
+#include "serve/uffd/uffd_server.h"
 
 namespace lazyblock::cli {
 namespace {
@@ -46,6 +51,118 @@ Result<std::pair<std::string, uint16_t>> parse_listen(const std::string& text) {
   return std::pair{text.substr(0, colon), static_cast<uint16_t>(value)};
 }
 
+struct UffdFlags {
+  StoreFlags store;
+  std::string build;
+  std::string name = "memfile";
+  std::string socket;
+  std::string record;
+  std::string prefetch;
+  bool no_prefetch = false;
+  std::string log_level = "warn";
+};
+
+// SIGINT and SIGTERM end a server cleanly. Blocked from construction on in
+// this thread and in every thread started after (so construct it before the
+// server and its workers); taken by a thread of its own, which calls the
+// stop function given to on_signal.
+class StopSignals {
+ public:
+  StopSignals() {
+    sigemptyset(&signals_);
+    sigaddset(&signals_, SIGINT);
+    sigaddset(&signals_, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &signals_, nullptr);
+  }
+  void on_signal(std::function<void()> stop) {
+    waiter_ = std::thread([this, stop = std::move(stop)] {
+      int signal = 0;
+      sigwait(&signals_, &signal);
+      if (!done_.load()) {
+        log(LogLevel::kInfo, "signal {}: stopping", signal);
+        stop();
+      }
+    });
+  }
+  ~StopSignals() {
+    if (!waiter_.joinable()) return;
+    done_.store(true);
+    // Serving ended some other way: let the waiter go if it still waits.
+    pthread_kill(waiter_.native_handle(), SIGTERM);
+    waiter_.join();
+  }
+
+ private:
+  sigset_t signals_;
+  std::atomic<bool> done_{false};
+  std::thread waiter_;
+};
+
+// The pages to prefetch: --prefetch PATH, else the record kept beside the
+// build (BUILD/NAME.prefetch) if there is one, none with --no-prefetch.
+Result<std::vector<uffd::PageRun>> prefetch_plan(const UffdFlags& flags, ObjectStore& store,
+                                                 const image::Uuid& build,
+                                                 std::chrono::nanoseconds timeout) {
+  if (flags.no_prefetch) return std::vector<uffd::PageRun>();
+  if (!flags.prefetch.empty()) {
+    Result<std::vector<uffd::PageRun>> runs = uffd::read_page_record(flags.prefetch);
+    if (!runs) return runs.status().with_context("--prefetch");
+    return runs;
+  }
+  const std::string key = image::data_key(build, flags.name) + ".prefetch";
+  Result<std::vector<std::byte>> bytes =
+      image::read_small_object(store, key, 64 * kMiB, timeout);
+  if (!bytes) {
+    if (bytes.status().code() == StatusCode::kNotFound) return std::vector<uffd::PageRun>();
+    return bytes.status().with_context("prefetch record");
+  }
+  Result<std::vector<uffd::PageRun>> runs = uffd::parse_page_record(
+      std::string_view(reinterpret_cast<const char*>(bytes->data()), bytes->size()));
+  if (!runs) return runs.status().with_context(key);
+  return runs;
+}
+
+int run_uffd(const UffdFlags& flags) {
+  if (Status s = apply_log_level(flags.log_level); !s.is_ok()) return report_failure(s);
+  Result<image::Uuid> build = image::Uuid::parse(flags.build);
+  if (!build) return report_failure(build.status().with_context("--build"));
+  Result<ChunkerOptions> options = chunker_options(flags.store);
+  if (!options) return report_failure(options.status());
+  Result<StoreStackOptions> stack = store_stack_options(flags.store);
+  if (!stack) return report_failure(stack.status());
+  Result<std::shared_ptr<ObjectStore>> store = open_store(flags.store.store, *stack);
+  if (!store) return report_failure(store.status());
+  auto files = std::make_shared<image::DataFiles>(*store, *options);
+  Result<std::unique_ptr<image::Device>> memfile = image::Device::open(files, *build, flags.name);
+  if (!memfile) return report_failure(memfile.status().with_context("serve uffd"));
+  uffd::UffdOptions uffd_options;
+  uffd_options.record = flags.record;
+  Result<std::vector<uffd::PageRun>> plan =
+      prefetch_plan(flags, **store, *build, options->fetch_timeout);
+  if (!plan) return report_failure(plan.status());
+  uint64_t prefetch_bytes = 0;
+  for (const uffd::PageRun& run : *plan) prefetch_bytes += run.length;
+  uffd_options.prefetch = std::move(plan).value();
+
+  StopSignals signals;
+  uffd::UffdServer server(**memfile, std::move(uffd_options));
+  std::string path = flags.socket;
+  if (path.empty()) {
+    path = (temp_directory() / fmt::format("lazyblock-{}-{}.sock", flags.build, flags.name))
+               .string();
+  }
+  if (Status s = server.listen_unix(path); !s.is_ok()) return report_failure(s);
+  std::printf("serving %s of build %s (%s) to Firecracker at %s; prefetching %s at each "
+              "connect\n",
+              flags.name.c_str(), flags.build.c_str(), format_size((*memfile)->size()).c_str(),
+              path.c_str(), format_size(prefetch_bytes).c_str());
+  std::fflush(stdout);
+  signals.on_signal([&] { server.stop(); });
+  const Status served = server.serve();
+  if (!served.is_ok()) return report_failure(served.with_context("serve uffd"));
+  return 0;
+}
+
 int run_nbd(const NbdFlags& flags) {
   if (Status s = apply_log_level(flags.log_level); !s.is_ok()) return report_failure(s);
   if (!flags.socket.empty() && !flags.listen.empty()) {
@@ -74,14 +191,7 @@ int run_nbd(const NbdFlags& flags) {
     overlay = std::move(opened).value();
   }
 
-  // SIGINT and SIGTERM end the server cleanly: blocked here (and so in every
-  // thread started from now on), taken by one thread with sigwait.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-
+  StopSignals signals;
   nbd::NbdServer server({flags.name, device->get(), overlay.get()});
   std::string where;
   if (!flags.listen.empty()) {
@@ -105,16 +215,8 @@ int run_nbd(const NbdFlags& flags) {
               flags.read_only ? ", read-only" : "", where.c_str());
   std::fflush(stdout);
 
-  std::thread waiter([&] {
-    int signal = 0;
-    sigwait(&signals, &signal);
-    log(LogLevel::kInfo, "serve nbd: signal {}: stopping", signal);
-    server.stop();
-  });
+  signals.on_signal([&] { server.stop(); });
   const Status served = server.serve();
-  // serve() ended by stop(): let the waiter go if it is still waiting.
-  pthread_kill(waiter.native_handle(), SIGTERM);
-  waiter.join();
   if (overlay) {
     if (Status s = overlay->flush(); !s.is_ok()) return report_failure(s);
   }
@@ -127,6 +229,26 @@ int run_nbd(const NbdFlags& flags) {
 CommandRunner add_serve_command(CLI::App& app) {
   CLI::App* serve = app.add_subcommand("serve", "Serve a build's devices to VMs");
   serve->require_subcommand(1);
+  auto uffd_flags = std::make_shared<UffdFlags>();
+  CLI::App* uffd = serve->add_subcommand(
+      "uffd",
+      "Serve a build's guest memory to Firecracker as its UFFD handler (snapshot/load with "
+      "mem_backend UFFD and this socket), until SIGINT/SIGTERM: page faults are served from the "
+      "store, cached pages at once; a recorded working set is prefetched at each connect");
+  add_store_flags(*uffd, uffd_flags->store);
+  uffd->add_option("--build", uffd_flags->build, "The build's id (a UUID)")->required();
+  uffd->add_option("--name", uffd_flags->name, "The memory device")->capture_default_str();
+  uffd->add_option("--socket", uffd_flags->socket,
+                   "Unix socket to listen on, mode 0600 (default: "
+                   "$TMPDIR/lazyblock-BUILD-NAME.sock)");
+  uffd->add_option("--record", uffd_flags->record,
+                   "Write each VM's first-fault order (a page record) here when it ends; upload "
+                   "it as BUILD/NAME.prefetch to prefetch it on later restores");
+  uffd->add_option("--prefetch", uffd_flags->prefetch,
+                   "Prefetch the pages of this page record at each connect (default: "
+                   "BUILD/NAME.prefetch from the store, if there is one)");
+  uffd->add_flag("--no-prefetch", uffd_flags->no_prefetch, "Prefetch nothing");
+  add_log_flag(*uffd, uffd_flags->log_level);
   auto flags = std::make_shared<NbdFlags>();
   CLI::App* nbd = serve->add_subcommand(
       "nbd",
@@ -144,7 +266,10 @@ CommandRunner add_serve_command(CLI::App& app) {
                   "`pack --parent BUILD --overlay FILE`; an existing one is resumed");
   nbd->add_flag("--read-only", flags->read_only, "Refuse writes (EPERM)");
   add_log_flag(*nbd, flags->log_level);
-  return [flags] { return run_nbd(*flags); };
+  return [serve, uffd, uffd_flags, flags] {
+    if (serve->got_subcommand(uffd)) return run_uffd(*uffd_flags);
+    return run_nbd(*flags);
+  };
 }
 
 }  // namespace lazyblock::cli

@@ -30,16 +30,15 @@ std::string header_key(const Uuid& build, const std::string& name) {
   return data_key(build, name) + ".header";
 }
 
-Result<Header> load_header(ObjectStore& store, const Uuid& build, const std::string& name,
-                           std::chrono::nanoseconds timeout) {
-  const std::string key = header_key(build, name);
+Result<std::vector<std::byte>> read_small_object(ObjectStore& store, const std::string& key,
+                                                 uint64_t max_bytes,
+                                                 std::chrono::nanoseconds timeout) {
   const IoContext io{Clock::now() + timeout, {}};
   Result<uint64_t> size = store.stat(key, io);
   if (!size) return size.status();
-  if (*size > kMaxHeaderBytes) {
-    return Status::corruption(fmt::format("header {} is {} bytes, more than the {} any sane "
-                                          "header needs",
-                                          key, *size, format_size(kMaxHeaderBytes)));
+  if (*size > max_bytes) {
+    return Status::corruption(fmt::format("{} is {} bytes, more than the {} it may be", key,
+                                          *size, format_size(max_bytes)));
   }
   std::vector<std::byte> bytes(*size);
   Result<std::unique_ptr<RangeReader>> reader = store.open_range(key, 0, *size, io);
@@ -47,14 +46,22 @@ Result<Header> load_header(ObjectStore& store, const Uuid& build, const std::str
   uint64_t done = 0;
   while (done < *size) {
     Result<size_t> got = (*reader)->read(std::span(bytes).subspan(done));
-    if (!got) return got.status().with_context("header " + key);
+    if (!got) return got.status().with_context(key);
     if (*got == 0) break;
     done += *got;
   }
   if (done != *size || (*reader)->range_length() != *size) {
-    return Status::corruption(fmt::format("header {}: read {} of its {} bytes", key, done, *size));
+    return Status::corruption(fmt::format("{}: read {} of its {} bytes", key, done, *size));
   }
-  Result<Header> header = Header::parse(bytes);
+  return bytes;
+}
+
+Result<Header> load_header(ObjectStore& store, const Uuid& build, const std::string& name,
+                           std::chrono::nanoseconds timeout) {
+  const std::string key = header_key(build, name);
+  Result<std::vector<std::byte>> bytes = read_small_object(store, key, kMaxHeaderBytes, timeout);
+  if (!bytes) return bytes.status().with_context("header");
+  Result<Header> header = Header::parse(*bytes);
   if (!header) return header.status().with_context("header " + key);
   if (header->build_id != build) {
     return Status::corruption(fmt::format("header {} belongs to build {}", key,
@@ -163,6 +170,35 @@ Result<std::span<const std::byte>> Device::slice(uint64_t offset, uint64_t lengt
         "data file {} ends before {}, where the header maps device byte {}",
         data_key(mapping.build_id, name_), stored_at + (end - offset), end));
   }
+  return bytes;
+}
+
+bool Device::is_zero(uint64_t offset, uint64_t length) const {
+  if (offset >= size()) return true;
+  const uint64_t end = offset + std::min(length, size() - offset);
+  for (uint64_t position = offset; position < end;) {
+    const Mapping& mapping = header_.mappings[header_.mapping_at(position)];
+    if (!mapping.build_id.is_nil()) return false;
+    position = mapping.end();
+  }
+  return true;
+}
+
+std::optional<std::span<const std::byte>> Device::cached_slice(uint64_t offset, uint64_t length) {
+  if (offset >= size() || length == 0) return std::span<const std::byte>();
+  const uint64_t end = offset + std::min(length, size() - offset);
+  const Mapping& mapping = header_.mappings[header_.mapping_at(offset)];
+  if (end > mapping.end()) return std::nullopt;
+  if (mapping.build_id.is_nil()) {
+    if (end - offset > kZeroSliceMax) return std::nullopt;
+    return zeros(end - offset);
+  }
+  Result<Chunker*> chunker = chunker_for(mapping);
+  if (!chunker) return std::nullopt;
+  const uint64_t stored_at = mapping.build_storage_offset + (offset - mapping.offset);
+  std::optional<std::span<const std::byte>> bytes = (*chunker)->cached_slice(stored_at, end - offset);
+  // A data file shorter than the header says is slice()'s error to report.
+  if (bytes && bytes->size() != end - offset) return std::nullopt;
   return bytes;
 }
 

@@ -14,8 +14,10 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "chunk/chunker.h"
 #include "common/byte_sink.h"
@@ -27,6 +29,12 @@ namespace lazyblock::image {
 // "BUILD/NAME", the key of a build's data file; "BUILD/NAME.header", its header.
 std::string data_key(const Uuid& build, const std::string& name);
 std::string header_key(const Uuid& build, const std::string& name);
+
+// The whole of a small object (`key` of at most `max_bytes`): a header, a
+// page record. kCorruption if it is larger, or shorter than the store said.
+Result<std::vector<std::byte>> read_small_object(ObjectStore& store, const std::string& key,
+                                                 uint64_t max_bytes,
+                                                 std::chrono::nanoseconds timeout);
 
 // Reads and parses the header of `name` of `build` (at most kMaxHeaderBytes).
 Result<Header> load_header(ObjectStore& store, const Uuid& build, const std::string& name,
@@ -71,6 +79,15 @@ class Device {
   // fault's case; zeros come from a shared zero buffer of up to 2 MiB).
   // kInvalidArgument if the range crosses mappings: use read_at.
   Result<std::span<const std::byte>> slice(uint64_t offset, uint64_t length);
+
+  // Whether every byte of [offset, offset + length) (clipped) lies in nil
+  // ranges: zeros that need no fetch.
+  bool is_zero(uint64_t offset, uint64_t length) const;
+
+  // slice() without waiting: the view if one mapping holds the range and its
+  // bytes are cached (or nil), else nullopt. Never waits on a fetch: a page
+  // fault's fast path.
+  std::optional<std::span<const std::byte>> cached_slice(uint64_t offset, uint64_t length);
 
   // Writes the whole device to `sink` in order; nil ranges as write_zeros.
   Status write_to(ByteSink& sink);

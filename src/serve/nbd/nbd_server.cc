@@ -18,6 +18,7 @@
 #include <fmt/format.h>
 
 #include "common/log.h"
+#include "common/unix_socket.h"
 #include "serve/nbd/protocol.h"
 
 namespace lazyblock::nbd {
@@ -390,22 +391,9 @@ NbdServer::~NbdServer() {
 }
 
 Status NbdServer::listen_unix(const std::filesystem::path& path) {
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  if (path.string().size() >= sizeof address.sun_path) {
-    return Status::invalid_argument("socket path too long: " + path.string());
-  }
-  std::strcpy(address.sun_path, path.c_str());
-  listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (listen_fd_ < 0) return posix_error("socket", errno);
-  ::unlink(path.c_str());
-  // Only this user may connect: the socket is created with mode 0600.
-  const mode_t old_mask = ::umask(0177);
-  const int bound = ::bind(listen_fd_, reinterpret_cast<sockaddr*>(&address), sizeof address);
-  const int error = errno;
-  ::umask(old_mask);
-  if (bound != 0) return posix_error("bind " + path.string(), error);
-  if (::listen(listen_fd_, 64) != 0) return posix_error("listen on " + path.string(), errno);
+  Result<int> fd = listen_unix_socket(path);
+  if (!fd) return fd.status();
+  listen_fd_ = *fd;
   socket_path_ = path;
   return Status::ok();
 }

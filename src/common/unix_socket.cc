@@ -1,0 +1,40 @@
+#include "common/unix_socket.h"
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace lazyblock {
+
+Result<int> listen_unix_socket(const std::filesystem::path& path) {
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  if (path.string().size() >= sizeof address.sun_path) {
+    return Status::invalid_argument("socket path too long: " + path.string());
+  }
+  std::strcpy(address.sun_path, path.c_str());
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return posix_error("socket", errno);
+  ::unlink(path.c_str());
+  // The mode comes from the umask at bind time.
+  const mode_t old_mask = ::umask(0177);
+  const int bound = ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address);
+  const int error = errno;
+  ::umask(old_mask);
+  if (bound != 0) {
+    ::close(fd);
+    return posix_error("bind " + path.string(), error);
+  }
+  if (::listen(fd, 64) != 0) {
+    const int listen_error = errno;
+    ::close(fd);
+    return posix_error("listen on " + path.string(), listen_error);
+  }
+  return fd;
+}
+
+}  // namespace lazyblock

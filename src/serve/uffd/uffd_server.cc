@@ -1,0 +1,627 @@
+#include "serve/uffd/uffd_server.h"
+
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "common/log.h"
+#include "common/units.h"
+#include "common/unix_socket.h"
+#include "serve/uffd/guest_regions.h"
+
+namespace lazyblock::uffd {
+namespace {
+
+// How long a VM may take to send its mappings and descriptor after connecting.
+constexpr std::chrono::seconds kHandshakeTimeout{5};
+// Mappings larger than this are not a VM's: Firecracker sends one small
+// object per memory region.
+constexpr size_t kMaxMappingsBytes = 1 * kMiB;
+// A fault whose fetch failed is tried again after this, doubling up to the cap.
+constexpr std::chrono::milliseconds kFirstRetryDelay{100};
+constexpr std::chrono::milliseconds kMaxRetryDelay{10000};
+
+// Zeros to copy where UFFDIO_ZEROPAGE does not apply (hugetlbfs pages).
+std::span<const std::byte> zeros(uint64_t length) {
+  static const std::vector<std::byte> kZeros(2 * kMiB);
+  return std::span(kZeros).first(length);
+}
+
+void close_fd(int& fd) {
+  if (fd >= 0) ::close(fd);
+  fd = -1;
+}
+
+// Whether `fd` is a userfaultfd (an anonymous inode of that name).
+bool is_userfaultfd(int fd) {
+  char target[64] = {};
+  const std::string link = fmt::format("/proc/self/fd/{}", fd);
+  const ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
+  return n > 0 && std::string_view(target, static_cast<size_t>(n)).find("userfaultfd") !=
+                      std::string_view::npos;
+}
+
+}  // namespace
+
+// One VM: its descriptor, its regions, and the threads serving it.
+class UffdServer::Session {
+ public:
+  Session(UffdServer& server, int socket) : server_(server), socket_(socket) {}
+  ~Session() {
+    close_fd(uffd_);
+    close_fd(wake_);
+    close_fd(socket_);
+  }
+
+  // The whole life of the connection: handshake, serving, cleanup.
+  void run();
+  // Ends serving (the server stops). Thread-safe.
+  void stop();
+
+ private:
+  // A guest page: where it is mapped and where its bytes are in the memfile.
+  struct Page {
+    uint64_t address;
+    uint64_t offset;
+    uint64_t size;
+    bool huge;
+  };
+  enum class Install { kInstalled, kExisted, kAgain, kNoTarget, kFailed };
+
+  Status receive_mappings();
+  Status serve_events();
+  // Reads every queued event; page faults' addresses go to `faults`. False
+  // once the descriptor is closed.
+  Result<bool> drain_events(std::vector<uint64_t>* faults);
+  void on_remove(uint64_t start, uint64_t end);
+  // Serves the fault at once if its page is cached or zero, else hands it
+  // to a worker. `retry`: a fault already counted, deferred after EAGAIN.
+  Install handle_fault(uint64_t address, bool retry);
+  // On a worker: waits for the page's bytes, installs them.
+  void fetch_and_install(Page page);
+  // On its own thread: fetches and installs the prefetch list.
+  void prefetch();
+  void prefetch_page(const Page& page);
+
+  std::optional<Page> page_at(uint64_t address) const;
+  Install copy(const Page& page, std::span<const std::byte> bytes);
+  Install zero(const Page& page);
+  Install result_of(int error, const Page& page, const char* what);
+  bool removed_locked(uint64_t address) const;
+  void wake_events();
+
+  UffdServer& server_;
+  int socket_;
+  int uffd_ = -1;
+  int wake_ = -1;  // an eventfd: deferred faults to retry, or stop
+  std::vector<GuestRegion> regions_;
+  PageRecorder recorder_;
+  std::thread prefetcher_;
+
+  std::mutex mu_;
+  std::condition_variable changed_;  // tasks_, drained_ or stopping_ changed
+  bool stopping_ = false;            // guarded by mu_
+  int tasks_ = 0;                    // guarded by mu_: worker tasks not yet finished
+  uint64_t drained_ = 0;             // guarded by mu_: rounds of events drained
+  std::set<uint64_t> in_flight_;     // guarded by mu_: pages handed to workers
+  std::vector<uint64_t> deferred_;   // guarded by mu_: worker installs that got EAGAIN
+  std::map<uint64_t, uint64_t> removed_;  // guarded by mu_: start -> end, disjoint
+};
+
+void UffdServer::Session::run() {
+  if (Status s = receive_mappings(); !s.is_ok()) {
+    log(LogLevel::kError, "serve uffd: connection refused: {}", s.to_string());
+    return;
+  }
+  wake_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake_ < 0) {
+    log(LogLevel::kError, "serve uffd: {}", posix_error("eventfd", errno).to_string());
+    return;
+  }
+  uint64_t bytes = 0;
+  for (const GuestRegion& region : regions_) bytes += region.size;
+  log(LogLevel::kInfo, "serve uffd: VM connected: {} regions, {} of guest memory",
+      regions_.size(), format_size(bytes));
+  if (!server_.options_.prefetch.empty()) prefetcher_ = std::thread([this] { prefetch(); });
+
+  const Status served = serve_events();
+  if (!served.is_ok()) log(LogLevel::kError, "serve uffd: {}", served.to_string());
+  {
+    std::unique_lock lock(mu_);
+    stopping_ = true;
+    changed_.notify_all();
+    changed_.wait(lock, [&] { return tasks_ == 0; });
+  }
+  if (prefetcher_.joinable()) prefetcher_.join();
+  if (!server_.options_.record.empty()) {
+    const std::vector<PageRun> runs = recorder_.runs();
+    if (Status s = write_page_record(server_.options_.record, runs); !s.is_ok()) {
+      log(LogLevel::kError, "serve uffd: {}", s.to_string());
+    } else {
+      log(LogLevel::kInfo, "serve uffd: recorded {} runs of first faults in {}", runs.size(),
+          server_.options_.record.string());
+    }
+  }
+  log(LogLevel::kInfo, "serve uffd: VM ended");
+}
+
+void UffdServer::Session::stop() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+    changed_.notify_all();
+  }
+  // Wakes the handshake or the event loop, whichever runs.
+  ::shutdown(socket_, SHUT_RDWR);
+}
+
+Status UffdServer::Session::receive_mappings() {
+  const Clock::time_point deadline = Clock::now() + kHandshakeTimeout;
+  std::string body;
+  std::vector<char> buffer(64 * 1024);
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) {
+      return Status::timeout(uffd_ < 0 ? fmt::format("no userfaultfd descriptor within {} s",
+                                                      kHandshakeTimeout.count())
+                                       : fmt::format("the memory mappings did not arrive whole "
+                                                     "within {} s",
+                                                     kHandshakeTimeout.count()));
+    }
+    pollfd fds{socket_, POLLIN, 0};
+    const int ready = ::poll(&fds, 1, static_cast<int>(left.count()));
+    if (ready < 0 && errno != EINTR) return posix_error("poll", errno);
+    if (ready <= 0) continue;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
+    iovec io{buffer.data(), buffer.size()};
+    msghdr message{};
+    message.msg_iov = &io;
+    message.msg_iovlen = 1;
+    message.msg_control = control;
+    message.msg_controllen = sizeof control;
+    const ssize_t n = ::recvmsg(socket_, &message, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EINTR) continue;
+      return posix_error("receiving the memory mappings", errno);
+    }
+    for (cmsghdr* c = CMSG_FIRSTHDR(&message); c != nullptr; c = CMSG_NXTHDR(&message, c)) {
+      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+      const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (size_t i = 0; i < count; ++i) {
+        int fd;
+        std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+        if (uffd_ < 0) {
+          uffd_ = fd;
+        } else {
+          ::close(fd);  // one descriptor per VM: extra ones are not ours to keep
+        }
+      }
+    }
+    if (message.msg_flags & MSG_CTRUNC) {
+      return Status::invalid_argument("the VM sent more descriptors than one");
+    }
+    if (n == 0) {
+      if (body.empty()) return Status::invalid_argument("the VM closed the connection at once");
+      if (uffd_ < 0) {
+        return Status::invalid_argument("the VM sent its memory mappings but no userfaultfd "
+                                        "descriptor, and closed the connection");
+      }
+      break;  // whatever came is all there is
+    }
+    body.append(buffer.data(), static_cast<size_t>(n));
+    if (body.size() > kMaxMappingsBytes) {
+      return Status::invalid_argument(
+          fmt::format("the memory mappings exceed {}", format_size(kMaxMappingsBytes)));
+    }
+    // The body may come before the descriptor is readable: wait for both.
+    if (uffd_ >= 0 && nlohmann::json::accept(body)) break;
+  }
+  if (!is_userfaultfd(uffd_)) {
+    return Status::invalid_argument("the descriptor the VM sent is not a userfaultfd");
+  }
+  Result<std::vector<GuestRegion>> regions = parse_guest_regions(body, server_.memfile_.size());
+  if (!regions) return regions.status();
+  regions_ = std::move(regions).value();
+  // Events are read until none is left: the descriptor must not block.
+  const int flags = ::fcntl(uffd_, F_GETFL);
+  if (flags < 0 || ::fcntl(uffd_, F_SETFL, flags | O_NONBLOCK) != 0) {
+    return posix_error("making the userfaultfd non-blocking", errno);
+  }
+  return Status::ok();
+}
+
+Status UffdServer::Session::serve_events() {
+  std::vector<uint64_t> faults;
+  for (;;) {
+    pollfd fds[3] = {{uffd_, POLLIN, 0}, {socket_, POLLIN, 0}, {wake_, POLLIN, 0}};
+    if (::poll(fds, 3, -1) < 0) {
+      if (errno == EINTR) continue;
+      return posix_error("poll", errno);
+    }
+    if (fds[2].revents & POLLIN) {
+      uint64_t count;
+      (void)!::read(wake_, &count, sizeof count);
+    }
+    {
+      std::lock_guard lock(mu_);
+      if (stopping_) return Status::ok();
+    }
+    if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
+      // Firecracker sends nothing more: data or an end both mean the VM's
+      // side is done with us once it closes.
+      char ignored[256];
+      const ssize_t n = ::recv(socket_, ignored, sizeof ignored, MSG_DONTWAIT);
+      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+        log(LogLevel::kInfo, "serve uffd: the VM closed its socket");
+        return Status::ok();
+      }
+    }
+    if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+      log(LogLevel::kInfo, "serve uffd: the userfaultfd was closed");
+      return Status::ok();
+    }
+    faults.clear();
+    Result<bool> open = drain_events(&faults);
+    if (!open) return open.status();
+    if (!*open) return Status::ok();
+    std::vector<uint64_t> retries;
+    {
+      std::lock_guard lock(mu_);
+      retries.swap(deferred_);
+      ++drained_;
+      changed_.notify_all();
+    }
+    std::vector<uint64_t> again;
+    for (uint64_t address : retries) {
+      if (handle_fault(address, /*retry=*/true) == Install::kAgain) again.push_back(address);
+    }
+    for (uint64_t address : faults) {
+      if (handle_fault(address, /*retry=*/false) == Install::kAgain) again.push_back(address);
+    }
+    if (!again.empty()) {
+      // An event is queued again: the descriptor polls readable, the next
+      // round drains it and retries these.
+      std::lock_guard lock(mu_);
+      deferred_.insert(deferred_.end(), again.begin(), again.end());
+    }
+  }
+}
+
+Result<bool> UffdServer::Session::drain_events(std::vector<uint64_t>* faults) {
+  uffd_msg messages[64];
+  for (;;) {
+    const ssize_t n = ::read(uffd_, messages, sizeof messages);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) return true;
+      return posix_error("reading the userfaultfd", errno);
+    }
+    if (n == 0) return false;
+    for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) {
+      const uffd_msg& message = messages[i];
+      switch (message.event) {
+        case UFFD_EVENT_PAGEFAULT:
+          faults->push_back(message.arg.pagefault.address);
+          break;
+        case UFFD_EVENT_REMOVE:
+          on_remove(message.arg.remove.start, message.arg.remove.end);
+          break;
+        case UFFD_EVENT_UNMAP:
+          // The range is gone from the VM: nothing there to serve any more.
+          on_remove(message.arg.remove.start, message.arg.remove.end);
+          break;
+        default:
+          log(LogLevel::kWarn, "serve uffd: ignoring userfaultfd event {}", message.event);
+          break;
+      }
+    }
+  }
+}
+
+void UffdServer::Session::on_remove(uint64_t start, uint64_t end) {
+  if (start >= end) return;
+  server_.counters_.removed.fetch_add(1, std::memory_order_relaxed);
+  {
+    std::lock_guard lock(mu_);
+    // Keep removed_ disjoint: merge with every range that touches [start, end).
+    auto it = removed_.upper_bound(start);
+    if (it != removed_.begin() && std::prev(it)->second >= start) --it;
+    while (it != removed_.end() && it->first <= end) {
+      start = std::min(start, it->first);
+      end = std::max(end, it->second);
+      it = removed_.erase(it);
+    }
+    removed_.emplace(start, end);
+  }
+  // The pages there are the guest's fresh memory now: zeros. Unregistered,
+  // the kernel gives zero pages itself, with no round trip to us; if that
+  // fails, faults there are served as zero pages (see handle_fault).
+  uffdio_range range{start, end - start};
+  if (::ioctl(uffd_, UFFDIO_UNREGISTER, &range) != 0) {
+    log(LogLevel::kDebug, "serve uffd: unregistering removed [{:#x}, {:#x}): {}", start, end,
+        posix_error("ioctl", errno).to_string());
+  }
+}
+
+bool UffdServer::Session::removed_locked(uint64_t address) const {
+  auto it = removed_.upper_bound(address);
+  return it != removed_.begin() && address < std::prev(it)->second;
+}
+
+std::optional<UffdServer::Session::Page> UffdServer::Session::page_at(uint64_t address) const {
+  const GuestRegion* region = region_at(regions_, address);
+  if (region == nullptr) return std::nullopt;
+  const uint64_t page = align_down(address, region->page_size);
+  return Page{page, region->offset + (page - region->base), region->page_size, region->huge()};
+}
+
+UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address, bool retry) {
+  const std::optional<Page> page = page_at(address);
+  if (!page) {
+    log(LogLevel::kError, "serve uffd: fault at {:#x}, outside every region the VM sent",
+        address);
+    return Install::kNoTarget;
+  }
+  if (!retry) {
+    server_.counters_.faults.fetch_add(1, std::memory_order_relaxed);
+    if (!server_.options_.record.empty()) recorder_.touched(page->offset, page->size);
+  }
+  bool removed;
+  {
+    std::lock_guard lock(mu_);
+    removed = removed_locked(page->address);
+    // A page being fetched is installed by its worker, which wakes every
+    // vCPU waiting on it.
+    if (!removed && !retry && in_flight_.contains(page->address)) return Install::kExisted;
+  }
+  image::Device& memfile = server_.memfile_;
+  Install result;
+  if (removed || memfile.is_zero(page->offset, page->size)) {
+    result = zero(*page);
+    if (result != Install::kAgain) server_.counters_.served_zero.fetch_add(1);
+  } else if (std::optional<std::span<const std::byte>> bytes =
+                 memfile.cached_slice(page->offset, page->size)) {
+    result = copy(*page, *bytes);
+    if (result != Install::kAgain) server_.counters_.served_cached.fetch_add(1);
+  } else {
+    {
+      std::lock_guard lock(mu_);
+      in_flight_.insert(page->address);
+      ++tasks_;
+    }
+    server_.workers_.submit([this, page = *page] { fetch_and_install(page); });
+    return Install::kInstalled;
+  }
+  if (retry && result != Install::kAgain) {
+    std::lock_guard lock(mu_);
+    in_flight_.erase(page->address);
+  }
+  return result;
+}
+
+void UffdServer::Session::fetch_and_install(Page page) {
+  image::Device& memfile = server_.memfile_;
+  std::vector<std::byte> bounce;
+  std::span<const std::byte> bytes;
+  std::chrono::milliseconds delay = kFirstRetryDelay;
+  bool stopped = false;
+  for (;;) {
+    Result<std::span<const std::byte>> slice = memfile.slice(page.offset, page.size);
+    if (!slice && slice.status().code() == StatusCode::kInvalidArgument) {
+      // The page crosses mappings (a huge page over diff layers): assemble it.
+      bounce.resize(page.size);
+      Result<size_t> got = memfile.read_at(bounce, page.offset);
+      slice = got ? Result<std::span<const std::byte>>(std::span<const std::byte>(bounce))
+                  : Result<std::span<const std::byte>>(got.status());
+    }
+    if (slice) {
+      bytes = *slice;
+      break;
+    }
+    // The vCPU must not see wrong bytes: it waits while we try again.
+    log(LogLevel::kError, "serve uffd: page at {:#x} (memfile [{}, +{})): {}; trying again in {} ms",
+        page.address, page.offset, page.size, slice.status().to_string(), delay.count());
+    std::unique_lock lock(mu_);
+    if (changed_.wait_for(lock, delay, [&] { return stopping_; })) {
+      stopped = true;
+      break;
+    }
+    delay = std::min(2 * delay, kMaxRetryDelay);
+  }
+  Install result = Install::kFailed;
+  if (!stopped) {
+    result = copy(page, bytes);
+    if (result != Install::kAgain) server_.counters_.served_fetched.fetch_add(1);
+  }
+  std::lock_guard lock(mu_);
+  if (result == Install::kAgain && !stopping_) {
+    // The event thread drains the queued event, then installs the page
+    // (cached by now) itself, or hands it back to a worker.
+    deferred_.push_back(page.address);
+    wake_events();
+  } else {
+    in_flight_.erase(page.address);
+  }
+  --tasks_;
+  changed_.notify_all();
+}
+
+void UffdServer::Session::prefetch() {
+  image::Device& memfile = server_.memfile_;
+  for (const PageRun& run : server_.options_.prefetch) memfile.prefetch(run.offset, run.length);
+  for (const PageRun& run : server_.options_.prefetch) {
+    for (uint64_t offset = run.offset; offset < run.offset + run.length;) {
+      {
+        std::lock_guard lock(mu_);
+        if (stopping_) return;
+      }
+      const GuestRegion* region = region_of_offset(regions_, offset);
+      if (region == nullptr) break;  // not guest memory in this VM
+      const uint64_t page_offset = region->offset + align_down(offset - region->offset,
+                                                                region->page_size);
+      prefetch_page(Page{region->base + (page_offset - region->offset), page_offset,
+                         region->page_size, region->huge()});
+      offset = page_offset + region->page_size;
+    }
+  }
+}
+
+void UffdServer::Session::prefetch_page(const Page& page) {
+  image::Device& memfile = server_.memfile_;
+  for (;;) {
+    uint64_t drained;
+    {
+      std::lock_guard lock(mu_);
+      if (stopping_ || removed_locked(page.address) || in_flight_.contains(page.address)) return;
+      drained = drained_;
+    }
+    Install result;
+    if (memfile.is_zero(page.offset, page.size)) {
+      result = zero(page);
+    } else {
+      Result<std::span<const std::byte>> bytes = memfile.slice(page.offset, page.size);
+      if (!bytes) return;  // a fault there will fetch (and report) it again
+      result = copy(page, *bytes);
+    }
+    if (result == Install::kInstalled) server_.counters_.prefetched.fetch_add(1);
+    if (result != Install::kAgain) return;
+    // A REMOVE event is queued: wait until the event thread has drained it.
+    std::unique_lock lock(mu_);
+    changed_.wait(lock, [&] { return stopping_ || drained_ != drained; });
+  }
+}
+
+UffdServer::Session::Install UffdServer::Session::copy(const Page& page,
+                                                       std::span<const std::byte> bytes) {
+  uffdio_copy request{};
+  request.dst = page.address;
+  request.src = reinterpret_cast<uint64_t>(bytes.data());
+  request.len = page.size;
+  if (::ioctl(uffd_, UFFDIO_COPY, &request) == 0) return Install::kInstalled;
+  return result_of(errno, page, "UFFDIO_COPY");
+}
+
+UffdServer::Session::Install UffdServer::Session::zero(const Page& page) {
+  // hugetlbfs has no zero page to map: copy zeros instead.
+  if (page.huge) return copy(page, zeros(page.size));
+  uffdio_zeropage request{};
+  request.range = {page.address, page.size};
+  if (::ioctl(uffd_, UFFDIO_ZEROPAGE, &request) == 0) return Install::kInstalled;
+  return result_of(errno, page, "UFFDIO_ZEROPAGE");
+}
+
+UffdServer::Session::Install UffdServer::Session::result_of(int error, const Page& page,
+                                                            const char* what) {
+  switch (error) {
+    case EEXIST: return Install::kExisted;  // installed by someone else first
+    case EAGAIN: return Install::kAgain;    // an event is queued: drain, then retry
+    case ENOENT:                             // unregistered (removed) or unmapped
+    case ESRCH:                              // the VM's memory is gone
+      return Install::kNoTarget;
+    default:
+      log(LogLevel::kError, "serve uffd: {} of page {:#x}: {}", what, page.address,
+          posix_error("ioctl", error).to_string());
+      return Install::kFailed;
+  }
+}
+
+void UffdServer::Session::wake_events() {
+  const uint64_t one = 1;
+  (void)!::write(wake_, &one, sizeof one);
+}
+
+UffdServer::UffdServer(image::Device& memfile, UffdOptions options)
+    : memfile_(memfile), options_(std::move(options)), workers_(options_.workers) {}
+
+UffdServer::~UffdServer() {
+  stop();
+  {
+    std::unique_lock lock(mu_);
+    all_ended_.wait(lock, [&] { return sessions_.empty(); });
+  }
+  if (listen_fd_ >= 0) {
+    ::close(listen_fd_);
+    ::unlink(socket_path_.c_str());
+  }
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+}
+
+Status UffdServer::listen_unix(const std::filesystem::path& path) {
+  Result<int> fd = listen_unix_socket(path);
+  if (!fd) return fd.status();
+  listen_fd_ = *fd;
+  socket_path_ = path;
+  wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake_fd_ < 0) return posix_error("eventfd", errno);
+  return Status::ok();
+}
+
+Status UffdServer::serve() {
+  if (listen_fd_ < 0) return Status::invalid_argument("serve() before listen");
+  while (!stopping_.load()) {
+    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      return posix_error("poll", errno);
+    }
+    if (stopping_.load()) break;
+    if (!(fds[0].revents & POLLIN)) continue;
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED) continue;
+      return posix_error("accept", errno);
+    }
+    counters_.connections.fetch_add(1);
+    auto* session = new Session(*this, fd);
+    {
+      std::lock_guard lock(mu_);
+      sessions_.insert(session);
+    }
+    std::thread([this, session] {
+      session->run();
+      std::lock_guard lock(mu_);
+      sessions_.erase(session);
+      delete session;
+      all_ended_.notify_all();
+    }).detach();
+  }
+  std::unique_lock lock(mu_);
+  all_ended_.wait(lock, [&] { return sessions_.empty(); });
+  return Status::ok();
+}
+
+void UffdServer::stop() {
+  if (stopping_.exchange(true)) return;
+  if (wake_fd_ >= 0) {
+    const uint64_t one = 1;
+    (void)!::write(wake_fd_, &one, sizeof one);
+  }
+  std::lock_guard lock(mu_);
+  for (Session* session : sessions_) session->stop();
+}
+
+UffdStats UffdServer::stats() const {
+  return {counters_.connections.load(), counters_.faults.load(),
+          counters_.served_cached.load(), counters_.served_zero.load(),
+          counters_.served_fetched.load(), counters_.prefetched.load(),
+          counters_.removed.load()};
+}
+
+}  // namespace lazyblock::uffd

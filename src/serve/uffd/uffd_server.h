@@ -1,0 +1,110 @@
+// UffdServer: serves a VM's guest memory from a build's memfile as
+// Firecracker's external page-fault handler ("UFFD handler").
+//
+// Protocol: Firecracker connects to our Unix socket once per VM and sends,
+// in one message, the JSON array of its guest memory regions (see
+// guest_regions.h) with the userfaultfd it registered them on (SCM_RIGHTS).
+// From then on every first touch of a guest page is a missing fault on that
+// descriptor, which we resolve by installing the page's bytes: memfile byte
+// `region.offset + (page - region.base)` and on.
+//
+// Data flow, per VM (a Session): one thread reads the descriptor's events.
+// It drains every queued event before serving faults (while a REMOVE event
+// is queued, installing fails with EAGAIN). A fault whose page is cached, or
+// lies in a nil (zero) range of the header, is served at once on that thread
+// (UFFDIO_COPY from the cache map, UFFDIO_ZEROPAGE); any other goes to a
+// worker, which waits for the chunker to fetch the bytes, then copies them.
+// Several vCPUs' faults are thus fetched concurrently; a page faulted twice
+// while in flight is fetched once, and EEXIST (someone installed it first)
+// counts as served. A REMOVE event (the balloon, MADV_DONTNEED) unregisters
+// its range, so the kernel itself gives zero pages there from now on; a
+// fault already queued there is served as a zero page too.
+//
+// With a page record to prefetch, a Session asks the memfile to fetch the
+// recorded pages' ranges in order at connect, and a thread installs each
+// page once cached, ahead of the vCPUs; faults go on being served first (a
+// fault never waits behind the prefetch queue). With a record path, each
+// Session writes the order of its first faults there when its VM ends.
+//
+// Bad input (unparsable or inconsistent mappings, regions outside the
+// memfile, no descriptor) ends that connection with a log line naming the
+// cause; the server goes on serving others. A fault the store cannot serve is
+// logged and retried: the vCPU waits, it never sees wrong bytes.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <vector>
+
+#include "common/status.h"
+#include "common/worker_pool.h"
+#include "image/device.h"
+#include "serve/uffd/page_record.h"
+
+namespace lazyblock::uffd {
+
+struct UffdOptions {
+  // Where each VM's first-fault order is written when it ends (none if empty).
+  std::filesystem::path record;
+  // Memfile ranges to fetch and install at every connect, in this order.
+  std::vector<PageRun> prefetch;
+  // Threads that wait on fetches for faults, shared by all VMs.
+  int workers = 16;
+};
+
+// Counters, for tests, benchmarks and logs.
+struct UffdStats {
+  uint64_t connections = 0;
+  uint64_t faults = 0;          // page faults read from descriptors
+  uint64_t served_cached = 0;   // served at once from the cache
+  uint64_t served_zero = 0;     // served as zero pages
+  uint64_t served_fetched = 0;  // served after a fetch
+  uint64_t prefetched = 0;      // pages installed ahead of a fault
+  uint64_t removed = 0;         // REMOVE events
+};
+
+class UffdServer {
+ public:
+  UffdServer(image::Device& memfile, UffdOptions options);
+  // Stops serving and waits for every session to end.
+  ~UffdServer();
+
+  // Listens on a Unix socket at `path` (mode 0600; an old socket is replaced).
+  Status listen_unix(const std::filesystem::path& path);
+  // Accepts and serves VMs until stop(); returns once every session ended.
+  Status serve();
+  // Ends serve(): no new connections; sessions stop serving. Thread-safe.
+  void stop();
+
+  UffdStats stats() const;
+
+ private:
+  class Session;
+  friend class Session;
+
+  image::Device& memfile_;
+  const UffdOptions options_;
+  int listen_fd_ = -1;
+  int wake_fd_ = -1;  // an eventfd that wakes serve() for stop()
+  std::filesystem::path socket_path_;
+  std::atomic<bool> stopping_{false};
+
+  struct Counters {
+    std::atomic<uint64_t> connections{0}, faults{0}, served_cached{0}, served_zero{0},
+        served_fetched{0}, prefetched{0}, removed{0};
+  };
+  Counters counters_;
+
+  std::mutex mu_;
+  std::condition_variable all_ended_;
+  std::set<Session*> sessions_;  // guarded by mu_: those running
+  WorkerPool workers_;           // declared last: destroyed (joined) first
+};
+
+}  // namespace lazyblock::uffd

@@ -1,0 +1,123 @@
+#include "testing/firecracker_stand_in.h"
+
+#include <fcntl.h>
+#include <linux/mman.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+
+#include <fmt/format.h>
+
+namespace lazyblock::testing {
+namespace {
+
+constexpr uint64_t kHugePage = 2 * 1024 * 1024;
+
+}  // namespace
+
+int connect_unix_socket(const std::filesystem::path& path) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  std::strncpy(address.sun_path, path.c_str(), sizeof address.sun_path - 1);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+Result<std::unique_ptr<FirecrackerStandIn>> FirecrackerStandIn::restore(
+    const std::filesystem::path& socket, const std::vector<StandInRegion>& regions) {
+  std::unique_ptr<FirecrackerStandIn> vm(new FirecrackerStandIn);
+  bool any_huge = false;
+  for (const StandInRegion& region : regions) {
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+    if (region.huge) flags |= MAP_HUGETLB | MAP_HUGE_2MB;
+    void* base = ::mmap(nullptr, region.size, PROT_READ | PROT_WRITE, flags, -1, 0);
+    if (base == MAP_FAILED) return posix_error("mapping guest memory", errno);
+    vm->maps_.push_back({static_cast<std::byte*>(base), region.size});
+    any_huge |= region.huge;
+  }
+  vm->uffd_ = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  if (vm->uffd_ < 0) return posix_error("userfaultfd", errno);
+  uffdio_api api{};
+  api.api = UFFD_API;
+  api.features = UFFD_FEATURE_EVENT_REMOVE | (any_huge ? UFFD_FEATURE_MISSING_HUGETLBFS : 0);
+  if (::ioctl(vm->uffd_, UFFDIO_API, &api) != 0) return posix_error("UFFDIO_API", errno);
+  std::string json = "[";
+  for (size_t i = 0; i < regions.size(); ++i) {
+    uffdio_register registration{};
+    registration.range = {reinterpret_cast<uint64_t>(vm->maps_[i].base), regions[i].size};
+    registration.mode = UFFDIO_REGISTER_MODE_MISSING;
+    if (::ioctl(vm->uffd_, UFFDIO_REGISTER, &registration) != 0) {
+      return posix_error("UFFDIO_REGISTER", errno);
+    }
+    const uint64_t page_size = regions[i].huge ? kHugePage : 4096;
+    // As Firecracker writes it: page_size_kib holds bytes too.
+    json += fmt::format(
+        "{}{{\"base_host_virt_addr\":{},\"size\":{},\"offset\":{},\"page_size\":{},"
+        "\"page_size_kib\":{}}}",
+        i == 0 ? "" : ",", reinterpret_cast<uint64_t>(vm->maps_[i].base), regions[i].size,
+        regions[i].offset, page_size, page_size);
+  }
+  json += "]";
+  vm->mappings_ = json;
+  vm->socket_ = connect_unix_socket(socket);
+  if (vm->socket_ < 0) return posix_error("connecting to " + socket.string(), errno);
+  iovec io{json.data(), json.size()};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr message{};
+  message.msg_iov = &io;
+  message.msg_iovlen = 1;
+  message.msg_control = control;
+  message.msg_controllen = sizeof control;
+  cmsghdr* c = CMSG_FIRSTHDR(&message);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int));
+  std::memcpy(CMSG_DATA(c), &vm->uffd_, sizeof(int));
+  if (::sendmsg(vm->socket_, &message, MSG_NOSIGNAL) != static_cast<ssize_t>(json.size())) {
+    return posix_error("sending the mappings", errno);
+  }
+  return vm;
+}
+
+FirecrackerStandIn::~FirecrackerStandIn() {
+  if (socket_ >= 0) ::close(socket_);
+  if (uffd_ >= 0) ::close(uffd_);
+  for (const Map& map : maps_) ::munmap(map.base, map.size);
+}
+
+Status FirecrackerStandIn::remove(size_t region, uint64_t offset, uint64_t length) {
+  if (::madvise(maps_[region].base + offset, length, MADV_DONTNEED) != 0) {
+    return posix_error("madvise(MADV_DONTNEED)", errno);
+  }
+  return Status::ok();
+}
+
+bool reserve_huge_pages(int pages) {
+  const char* const pool = "/proc/sys/vm/nr_hugepages";
+  int reserved = 0;
+  std::ifstream(pool) >> reserved;
+  if (reserved < pages) std::ofstream(pool) << pages;
+  // Whether they can really be had: map and touch them.
+  const size_t length = static_cast<size_t>(pages) * kHugePage;
+  void* probe = ::mmap(nullptr, length, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB | MAP_POPULATE,
+                       -1, 0);
+  if (probe == MAP_FAILED) return false;
+  ::munmap(probe, length);
+  return true;
+}
+
+}  // namespace lazyblock::testing

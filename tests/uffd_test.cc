@@ -1,0 +1,334 @@
+// `lazyblock serve uffd` as Firecracker meets it: a stand-in VM in this
+// process maps guest memory, registers it with a real userfaultfd and hands
+// it to the handler process over its socket; touching the memory then
+// faults every page in through the handler, from a packed memfile with zero
+// ranges in a file store.
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/units.h"
+#include "testing/firecracker_stand_in.h"
+#include "testing/pattern.h"
+#include "testing/scratch_dir.h"
+#include "tests/cli_runner.h"
+
+namespace lazyblock {
+namespace {
+
+using testing::FirecrackerStandIn;
+using testing::StandInRegion;
+
+const std::string kBuild = "5c5c5c5c-1111-4222-8333-444455556666";
+constexpr uint64_t kPage = 4096;
+constexpr uint64_t kHugePage = 2 * kMiB;
+constexpr uint64_t kMemfileSize = 12 * kMiB;
+
+class UffdTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
+    ASSERT_TRUE(scratch);
+    scratch_ = std::move(scratch).value();
+    dir_ = scratch_->path();
+    std::filesystem::create_directories(dir_ / "store");
+    store_ = "file://" + (dir_ / "store").string();
+    // Pattern bytes with zero pages: every 7th page, and all of [3 MiB, 4 MiB),
+    // which the header maps to nil.
+    memfile_ = testing::make_pattern(11, 0, kMemfileSize);
+    for (uint64_t page = 0; page < kMemfileSize / kPage; ++page) {
+      const uint64_t offset = page * kPage;
+      if (page % 7 == 3 || (offset >= 3 * kMiB && offset < 4 * kMiB)) {
+        std::memset(memfile_.data() + offset, 0, kPage);
+      }
+    }
+    std::ofstream(dir_ / "memfile", std::ios::binary)
+        .write(reinterpret_cast<const char*>(memfile_.data()),
+               static_cast<std::streamsize>(memfile_.size()));
+    Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_, "--build", kBuild, "--name",
+                                          "memfile", (dir_ / "memfile").string()});
+    ASSERT_EQ(packed.status, 0) << packed.err;
+  }
+
+  // A page of the memfile as it must appear in guest memory.
+  std::span<const std::byte> expected(uint64_t offset, uint64_t length) const {
+    return std::span(memfile_).subspan(offset, length);
+  }
+
+  ServerProcess serve(std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"serve", "uffd", "--store", store_, "--build", kBuild,
+                                     "--socket", socket().string(), "--log-level", "info"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return ServerProcess(dir_, args, socket());
+  }
+  std::filesystem::path socket() const { return dir_ / "uffd.sock"; }
+
+  std::optional<testing::ScratchDir> scratch_;
+  std::filesystem::path dir_;
+  std::string store_;
+  std::vector<std::byte> memfile_;
+};
+
+// Reads every page of `memory` (mapping memfile bytes from `offset`) in a
+// shuffled order from `threads` threads, as vCPUs would, and returns the
+// offsets of the pages that came out wrong.
+std::vector<uint64_t> touch_all(std::byte* memory, uint64_t size, uint64_t page,
+                                const std::function<std::span<const std::byte>(uint64_t)>& want,
+                                int threads, uint64_t seed) {
+  std::vector<uint64_t> pages;
+  for (uint64_t offset = 0; offset < size; offset += page) pages.push_back(offset);
+  std::shuffle(pages.begin(), pages.end(), std::mt19937_64(seed));
+  std::mutex mu;
+  std::vector<uint64_t> wrong;
+  std::vector<std::thread> vcpus;
+  for (int t = 0; t < threads; ++t) {
+    vcpus.emplace_back([&, t] {
+      for (size_t i = static_cast<size_t>(t); i < pages.size(); i += static_cast<size_t>(threads)) {
+        const uint64_t offset = pages[i];
+        if (std::memcmp(memory + offset, want(offset).data(), page) != 0) {
+          std::lock_guard lock(mu);
+          wrong.push_back(offset);
+        }
+      }
+    });
+  }
+  for (std::thread& vcpu : vcpus) vcpu.join();
+  return wrong;
+}
+
+// Whether every page of [memory, memory + size) is resident (installed).
+bool resident(const std::byte* memory, uint64_t size) {
+  std::vector<unsigned char> pages(size / kPage);
+  if (::mincore(const_cast<std::byte*>(memory), size, pages.data()) != 0) return false;
+  return std::all_of(pages.begin(), pages.end(), [](unsigned char p) { return (p & 1) != 0; });
+}
+
+TEST_F(UffdTest, ServesEveryPageByteExactToSeveralVcpus) {
+  ServerProcess server = serve();
+  ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+  // Two regions, mapped at memfile offsets 0 and 8 MiB, as Firecracker
+  // splits guest memory around the MMIO gap.
+  Result<std::unique_ptr<FirecrackerStandIn>> vm =
+      FirecrackerStandIn::restore(socket(), {{6 * kMiB, 0, false}, {4 * kMiB, 8 * kMiB, false}});
+  ASSERT_TRUE(vm) << vm.status().to_string();
+  for (size_t region = 0; region < 2; ++region) {
+    const uint64_t base = region == 0 ? 0 : 8 * kMiB;
+    const std::vector<uint64_t> wrong = touch_all(
+        (*vm)->memory(region), (*vm)->size(region), kPage,
+        [&](uint64_t offset) { return expected(base + offset, kPage); }, 4, region);
+    EXPECT_TRUE(wrong.empty()) << wrong.size() << " wrong pages in region " << region
+                               << ", the first at " << wrong.front();
+  }
+  vm->reset();  // the VM exits; the handler goes on serving
+  EXPECT_EQ(server.stop(), 0) << slurp(dir_ / "server.log");
+  const std::string log = slurp(dir_ / "server.log");
+  EXPECT_NE(log.find("VM ended"), std::string::npos) << log;
+}
+
+TEST_F(UffdTest, HugePageRegionsAreServedWhole) {
+  if (!testing::reserve_huge_pages(4)) GTEST_SKIP() << "no 2 MiB huge pages on this machine";
+  ServerProcess server = serve();
+  ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+  // 4 MiB at memfile offset 2 MiB: one huge page of data (with zero pages
+  // inside), one that straddles the nil range [3 MiB, 4 MiB) and data.
+  Result<std::unique_ptr<FirecrackerStandIn>> vm =
+      FirecrackerStandIn::restore(socket(), {{4 * kMiB, 2 * kMiB, true}});
+  ASSERT_TRUE(vm) << vm.status().to_string();
+  const std::vector<uint64_t> wrong = touch_all(
+      (*vm)->memory(0), (*vm)->size(0), kHugePage,
+      [&](uint64_t offset) { return expected(2 * kMiB + offset, kHugePage); }, 2, 7);
+  EXPECT_TRUE(wrong.empty()) << "huge page at " << wrong.front() << " is wrong";
+}
+
+TEST_F(UffdTest, RemovedRangesReadAsZerosAndDoNotWedgeTheHandler) {
+  ServerProcess server = serve();
+  ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+  Result<std::unique_ptr<FirecrackerStandIn>> vm =
+      FirecrackerStandIn::restore(socket(), {{8 * kMiB, 0, false}});
+  ASSERT_TRUE(vm) << vm.status().to_string();
+  std::byte* memory = (*vm)->memory(0);
+  // Touch the first 2 MiB, then the balloon takes [1 MiB, 3 MiB) back while
+  // two vCPUs go on faulting pages elsewhere.
+  EXPECT_EQ(std::memcmp(memory, expected(0, 2 * kMiB).data(), 2 * kMiB), 0);
+  std::atomic<bool> removed{false};
+  std::vector<uint64_t> wrong;
+  std::thread vcpu([&] {
+    for (uint64_t offset = 4 * kMiB; offset < 8 * kMiB; offset += kPage) {
+      if (std::memcmp(memory + offset, expected(offset, kPage).data(), kPage) != 0) {
+        wrong.push_back(offset);
+      }
+    }
+  });
+  ASSERT_TRUE((*vm)->remove(0, 1 * kMiB, 2 * kMiB).is_ok());
+  removed = true;
+  vcpu.join();
+  EXPECT_TRUE(wrong.empty()) << wrong.size() << " wrong pages, the first at " << wrong.front();
+  // The removed range is the guest's fresh memory: zeros, touched or not
+  // before; the rest is still the snapshot's.
+  const std::vector<std::byte> zero(kPage);
+  for (uint64_t offset = 1 * kMiB; offset < 3 * kMiB; offset += kPage) {
+    ASSERT_EQ(std::memcmp(memory + offset, zero.data(), kPage), 0) << "at " << offset;
+  }
+  EXPECT_EQ(std::memcmp(memory, expected(0, 1 * kMiB).data(), 1 * kMiB), 0);
+  EXPECT_EQ(std::memcmp(memory + 3 * kMiB, expected(3 * kMiB, 1 * kMiB).data(), 1 * kMiB), 0);
+  // And the handler still serves a VM after this one.
+  vm->reset();
+  Result<std::unique_ptr<FirecrackerStandIn>> next =
+      FirecrackerStandIn::restore(socket(), {{1 * kMiB, 5 * kMiB, false}});
+  ASSERT_TRUE(next) << next.status().to_string();
+  EXPECT_EQ(std::memcmp((*next)->memory(0), expected(5 * kMiB, 1 * kMiB).data(), 1 * kMiB), 0);
+}
+
+// Sends `body` as Firecracker would, with a descriptor if `fd` >= 0, and
+// closes the connection.
+void send_handshake(const std::filesystem::path& socket, const std::string& body, int fd) {
+  const int connection = testing::connect_unix_socket(socket);
+  ASSERT_GE(connection, 0);
+  iovec io{const_cast<char*>(body.data()), body.size()};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr message{};
+  message.msg_iov = &io;
+  message.msg_iovlen = 1;
+  if (fd >= 0) {
+    message.msg_control = control;
+    message.msg_controllen = sizeof control;
+    cmsghdr* c = CMSG_FIRSTHDR(&message);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
+  }
+  EXPECT_EQ(::sendmsg(connection, &message, MSG_NOSIGNAL), static_cast<ssize_t>(body.size()));
+  ::close(connection);
+}
+
+// A userfaultfd as Firecracker creates it, registered on nothing.
+int new_userfaultfd() {
+  const int fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  uffdio_api api{};
+  api.api = UFFD_API;
+  api.features = UFFD_FEATURE_EVENT_REMOVE;
+  if (fd >= 0 && ::ioctl(fd, UFFDIO_API, &api) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+TEST_F(UffdTest, BadHandshakesEndOnlyTheirConnection) {
+  ServerProcess server = serve();
+  ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+  // A VM being served while the bad ones come and go.
+  Result<std::unique_ptr<FirecrackerStandIn>> served =
+      FirecrackerStandIn::restore(socket(), {{1 * kMiB, 0, false}});
+  ASSERT_TRUE(served) << served.status().to_string();
+  const int uffd = new_userfaultfd();
+  ASSERT_GE(uffd, 0);
+  const std::string good = "[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":0,"
+                           "\"page_size\":4096}]";
+  send_handshake(socket(), good, -1);
+  send_handshake(socket(), "[{\"base_host_virt_addr\": 4096, \"size\":", -1);
+  send_handshake(socket(), good, STDIN_FILENO);
+  send_handshake(socket(), "{not json", uffd);
+  send_handshake(socket(), "[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":" +
+                               std::to_string(kMemfileSize) + ",\"page_size\":4096}]",
+                 uffd);
+  send_handshake(socket(), "[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":0,"
+                           "\"page_size\":8192}]",
+                 uffd);
+  ::close(uffd);
+
+  EXPECT_EQ(std::memcmp((*served)->memory(0), expected(0, 1 * kMiB).data(), 1 * kMiB), 0);
+  Result<std::unique_ptr<FirecrackerStandIn>> vm =
+      FirecrackerStandIn::restore(socket(), {{2 * kMiB, 6 * kMiB, false}});
+  ASSERT_TRUE(vm) << vm.status().to_string();
+  EXPECT_EQ(std::memcmp((*vm)->memory(0), expected(6 * kMiB, 2 * kMiB).data(), 2 * kMiB), 0);
+  EXPECT_EQ(server.stop(), 0);
+  const std::string log = slurp(dir_ / "server.log");
+  for (const char* cause : {"no userfaultfd descriptor", "not a userfaultfd", "not valid JSON",
+                            "lies outside the 12582912-byte memfile",
+                            "neither 4 KiB nor 2 MiB"}) {
+    EXPECT_NE(log.find(cause), std::string::npos) << cause << " not in\n" << log;
+  }
+}
+
+TEST_F(UffdTest, RecordedWorkingSetIsPrefetchedOnTheNextRestore) {
+  const std::filesystem::path record = dir_ / "memfile.prefetch";
+  // The pages the first VM touches, in order: a walk over three areas.
+  std::vector<uint64_t> touched;
+  for (uint64_t offset = 5 * kMiB; offset < 5 * kMiB + 64 * kPage; offset += kPage) {
+    touched.push_back(offset);
+  }
+  for (uint64_t offset = 0; offset < 32 * kPage; offset += kPage) touched.push_back(offset);
+  for (uint64_t offset = 9 * kMiB; offset > 8 * kMiB; offset -= 16 * kPage) {
+    touched.push_back(offset);
+  }
+  {
+    ServerProcess server = serve({"--record", record.string()});
+    ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+    Result<std::unique_ptr<FirecrackerStandIn>> vm =
+        FirecrackerStandIn::restore(socket(), {{kMemfileSize, 0, false}});
+    ASSERT_TRUE(vm) << vm.status().to_string();
+    for (uint64_t offset : touched) {
+      ASSERT_EQ(std::memcmp((*vm)->memory(0) + offset, expected(offset, kPage).data(), kPage), 0);
+    }
+    vm->reset();
+    EXPECT_EQ(server.stop(), 0);  // a VM's record is written when it ends
+  }
+  const std::string text = slurp(record);
+  // Consecutive pages merge into runs; the order is the order of first touch.
+  std::string want = "lazyblock page record 1\n";
+  want += std::to_string(5 * kMiB) + " " + std::to_string(64 * kPage) + "\n";
+  want += "0 " + std::to_string(32 * kPage) + "\n";
+  for (uint64_t offset = 9 * kMiB; offset > 8 * kMiB; offset -= 16 * kPage) {
+    want += std::to_string(offset) + " 4096\n";
+  }
+  EXPECT_EQ(text, want);
+
+  // Kept beside the build, the record is prefetched at the next restore: the
+  // pages become resident without a single touch, byte-exact.
+  std::filesystem::copy_file(record, dir_ / "store" / kBuild / "memfile.prefetch");
+  ServerProcess server = serve();
+  ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+  Result<std::unique_ptr<FirecrackerStandIn>> vm =
+      FirecrackerStandIn::restore(socket(), {{kMemfileSize, 0, false}});
+  ASSERT_TRUE(vm) << vm.status().to_string();
+  std::byte* memory = (*vm)->memory(0);
+  const auto all_resident = [&] {
+    for (uint64_t offset : touched) {
+      if (!resident(memory + offset, kPage)) return false;
+    }
+    return true;
+  };
+  while (!all_resident()) {
+    ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a real condition
+  }
+  for (uint64_t offset : touched) {
+    ASSERT_EQ(std::memcmp(memory + offset, expected(offset, kPage).data(), kPage), 0) << offset;
+  }
+  // Pages outside the record were not installed.
+  EXPECT_FALSE(resident(memory + 11 * kMiB, kPage));
+}
+
+}  // namespace
+}  // namespace lazyblock
