@@ -27,6 +27,10 @@
 #include <vector>
 
 #include "common/units.h"
+#include "image/device.h"
+#include "serve/uffd/uffd_server.h"
+#include "storage/fault_store.h"
+#include "storage/file_store.h"
 #include "testing/firecracker_stand_in.h"
 #include "testing/pattern.h"
 #include "testing/scratch_dir.h"
@@ -196,6 +200,36 @@ TEST_F(UffdTest, RemovedRangesReadAsZerosAndDoNotWedgeTheHandler) {
       FirecrackerStandIn::restore(socket(), {{1 * kMiB, 5 * kMiB, false}});
   ASSERT_TRUE(next) << next.status().to_string();
   EXPECT_EQ(std::memcmp((*next)->memory(0), expected(5 * kMiB, 1 * kMiB).data(), 1 * kMiB), 0);
+}
+
+TEST_F(UffdTest, AFaultWhoseFetchFailsWaitsAndGetsTheRightBytes) {
+  // In process, to break the store only once serving has begun: its first
+  // reads fail, with no retry layer to hide it. The handler must neither
+  // give the vCPU wrong bytes nor give up on it.
+  Result<std::shared_ptr<FileStore>> files = FileStore::open(dir_ / "store");
+  ASSERT_TRUE(files);
+  auto faults = std::make_shared<FaultStore>(*files);
+  ChunkerOptions options;
+  options.cache_dir = dir_;
+  Result<std::unique_ptr<image::Device>> memfile = image::Device::open(
+      std::make_shared<image::DataFiles>(faults, options), *image::Uuid::parse(kBuild), "memfile");
+  ASSERT_TRUE(memfile) << memfile.status().to_string();
+  ASSERT_TRUE((*memfile)->learn_sizes().is_ok());
+  uffd::UffdServer server(**memfile, {});
+  ASSERT_TRUE(server.listen_unix(socket()).is_ok());
+  std::thread serving([&] { EXPECT_TRUE(server.serve().is_ok()); });
+
+  faults->set(*FaultSpec::parse("fail-open,times=2"));
+  Result<std::unique_ptr<FirecrackerStandIn>> vm =
+      FirecrackerStandIn::restore(socket(), {{1 * kMiB, 5 * kMiB, false}});
+  ASSERT_TRUE(vm) << vm.status().to_string();
+  EXPECT_EQ(std::memcmp((*vm)->memory(0), expected(5 * kMiB, 1 * kMiB).data(), 1 * kMiB), 0);
+  vm->reset();
+  server.stop();
+  serving.join();
+  const uffd::UffdStats stats = server.stats();
+  EXPECT_EQ(stats.served_fetched + stats.served_cached + stats.served_zero, stats.faults);
+  EXPECT_GE(stats.faults, 1u);
 }
 
 // Sends `body` as Firecracker would, with a descriptor if `fd` >= 0, and

@@ -8,6 +8,7 @@
 #include "bench/fetch_bench.h"
 #include "bench/hit_bench.h"
 #include "bench/seq_bench.h"
+#include "bench/uffd_bench.h"
 #include "cli/commands.h"
 #include "cli/flags.h"
 #include "common/units.h"
@@ -132,6 +133,41 @@ int run_seq_bench_command(const SeqBenchFlags& flags) {
   return 0;
 }
 
+struct UffdBenchFlags {
+  std::string profile;
+  std::string memfile_size = "256MiB";
+  std::string working_set = "32MiB";
+  int vcpus = 2;
+  int parallelism = 8;
+  bool json = false;
+  std::string log_level = "warn";
+};
+
+int run_uffd_bench_command(const UffdBenchFlags& flags) {
+  if (Status s = apply_log_level(flags.log_level); !s.is_ok()) return report_failure(s);
+  UffdBenchOptions options;
+  Result<SimulateProfile> profile = SimulateProfile::parse(flags.profile);
+  if (!profile) return report_failure(profile.status());
+  options.profile_name = flags.profile;
+  options.profile = *profile;
+  Result<uint64_t> memfile_size = parse_size(flags.memfile_size);
+  if (!memfile_size) return report_failure(memfile_size.status().with_context("--memfile-size"));
+  options.memfile_size = *memfile_size;
+  Result<uint64_t> working_set = parse_size(flags.working_set);
+  if (!working_set) return report_failure(working_set.status().with_context("--working-set"));
+  options.working_set = *working_set;
+  options.vcpus = flags.vcpus;
+  options.streams = flags.parallelism;
+  Result<UffdBenchReport> report = run_uffd_bench(options);
+  if (!report) return report_failure(report.status().with_context("bench uffd"));
+  if (flags.json) {
+    std::printf("%s\n", uffd_report_json(*report).dump(2).c_str());
+  } else {
+    std::printf("%s", format_uffd_report(*report).c_str());
+  }
+  return 0;
+}
+
 }  // namespace
 
 CommandRunner add_bench_command(CLI::App& app) {
@@ -184,7 +220,30 @@ CommandRunner add_bench_command(CLI::App& app) {
   seq->add_flag("--json", seq_flags->json, "Print one JSON document instead of the line");
   add_log_flag(*seq, seq_flags->log_level);
 
-  return [fetch, fetch_flags, hit, hit_flags, seq, seq_flags]() -> int {
+  auto uffd_flags = std::make_shared<UffdBenchFlags>();
+  CLI::App* uffd = bench->add_subcommand(
+      "uffd",
+      "The UFFD handler under a stand-in Firecracker VM: cold and warm fault latency (beside a "
+      "minimal handler), and a working set swept with and without its recorded prefetch");
+  uffd->add_option("--profile", uffd_flags->profile,
+                   "gcs (20ms, 100MB/s), nfs (1ms, 500MB/s) or ttfb=MS,bw=MBPS")
+      ->required();
+  uffd->add_option("--memfile-size", uffd_flags->memfile_size, "Guest memory size")
+      ->capture_default_str();
+  uffd->add_option("--working-set", uffd_flags->working_set,
+                   "Bytes the VM touches (whole 4 MiB chunks)")
+      ->capture_default_str();
+  uffd->add_option("--vcpus", uffd_flags->vcpus, "Threads touching the working set")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  uffd->add_option("--parallel", uffd_flags->parallelism, "Streams prefetching at once")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  uffd->add_flag("--json", uffd_flags->json, "Print one JSON document instead of the table");
+  add_log_flag(*uffd, uffd_flags->log_level);
+
+  return [fetch, fetch_flags, hit, hit_flags, seq, seq_flags, uffd, uffd_flags]() -> int {
+    if (uffd->parsed()) return run_uffd_bench_command(*uffd_flags);
     if (fetch->parsed()) return run_fetch_bench_command(*fetch_flags);
     if (hit->parsed()) return run_hit_bench_command(*hit_flags);
     if (seq->parsed()) return run_seq_bench_command(*seq_flags);

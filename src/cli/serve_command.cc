@@ -135,6 +135,9 @@ int run_uffd(const UffdFlags& flags) {
   auto files = std::make_shared<image::DataFiles>(*store, *options);
   Result<std::unique_ptr<image::Device>> memfile = image::Device::open(files, *build, flags.name);
   if (!memfile) return report_failure(memfile.status().with_context("serve uffd"));
+  if (Status s = (*memfile)->learn_sizes(); !s.is_ok()) {
+    return report_failure(s.with_context("serve uffd"));
+  }
   uffd::UffdOptions uffd_options;
   uffd_options.record = flags.record;
   Result<std::vector<uffd::PageRun>> plan =
@@ -182,6 +185,9 @@ int run_nbd(const NbdFlags& flags) {
   auto files = std::make_shared<image::DataFiles>(*store, *options);
   Result<std::unique_ptr<image::Device>> device = image::Device::open(files, *build, flags.name);
   if (!device) return report_failure(device.status().with_context("serve nbd"));
+  if (Status s = (*device)->learn_sizes(); !s.is_ok()) {
+    return report_failure(s.with_context("serve nbd"));
+  }
   std::unique_ptr<image::Overlay> overlay;
   if (!flags.read_only) {
     std::optional<std::filesystem::path> kept;

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <future>
+#include <set>
 #include <vector>
 
 #include <fmt/format.h>
@@ -113,6 +115,29 @@ Result<std::unique_ptr<Device>> Device::open(std::shared_ptr<DataFiles> files, c
 
 Device::Device(std::shared_ptr<DataFiles> files, Header header, std::string name)
     : files_(std::move(files)), header_(std::move(header)), name_(std::move(name)) {}
+
+Status Device::learn_sizes() {
+  std::set<Uuid> builds;
+  for (const Mapping& mapping : header_.mappings) {
+    if (!mapping.build_id.is_nil()) builds.insert(mapping.build_id);
+  }
+  std::vector<std::future<Status>> learned;
+  for (const Uuid& build : builds) {
+    learned.push_back(std::async(std::launch::async, [this, build]() -> Status {
+      Result<Chunker*> chunker = files_->chunker(build, name_);
+      if (!chunker) return chunker.status();
+      Result<uint64_t> size = (*chunker)->size();
+      if (!size) return size.status().with_context("data file " + data_key(build, name_));
+      return Status::ok();
+    }));
+  }
+  Status first_error;
+  for (std::future<Status>& status : learned) {
+    Status s = status.get();
+    if (!s.is_ok() && first_error.is_ok()) first_error = s;
+  }
+  return first_error;
+}
 
 Result<Chunker*> Device::chunker_for(const Mapping& mapping) {
   return files_->chunker(mapping.build_id, name_);

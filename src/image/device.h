@@ -67,6 +67,11 @@ class Device {
   // A device from a header already in hand.
   Device(std::shared_ptr<DataFiles> files, Header header, std::string name);
 
+  // Learns the size of every data file the header maps into now (a stat
+  // each, all at once), so that a server's first reads do not wait for it
+  // on their way. Fails if a data file is missing.
+  Status learn_sizes();
+
   const Header& header() const { return header_; }
   uint64_t size() const { return header_.size; }
 

@@ -13,6 +13,9 @@ namespace {
 
 constexpr std::string_view kFirstLine = "lazyblock page record 1";
 
+// How many of the latest runs a newly touched page may extend.
+constexpr size_t kRecentRuns = 16;
+
 }  // namespace
 
 std::string format_page_record(const std::vector<PageRun>& runs) {
@@ -108,12 +111,18 @@ void PageRecorder::touched(uint64_t offset, uint64_t length) {
   } else {
     seen_.insert(it, PageRun{offset, length});
   }
-  // And into the order: runs touched one after another merge.
-  if (!runs_.empty() && runs_.back().offset + runs_.back().length == offset) {
-    runs_.back().length += length;
-  } else {
-    runs_.push_back(PageRun{offset, length});
+  // And into the order: a page that continues one of the last few runs
+  // joins it, so that vCPUs sweeping memory side by side leave a few long
+  // runs rather than many one-page ones.
+  const size_t recent = std::min(runs_.size(), kRecentRuns);
+  for (size_t i = runs_.size(); i > runs_.size() - recent; --i) {
+    PageRun& run = runs_[i - 1];
+    if (run.offset + run.length == offset) {
+      run.length += length;
+      return;
+    }
   }
+  runs_.push_back(PageRun{offset, length});
 }
 
 std::vector<PageRun> PageRecorder::runs() const {

@@ -4,8 +4,9 @@
 // prefetch).
 //
 // File format, text: the line "lazyblock page record 1", then one run per
-// line, "OFFSET LENGTH" in decimal bytes, in the order first touched; runs
-// of consecutive pages touched one after another are merged.
+// line, "OFFSET LENGTH" in decimal bytes, in the order first touched. A page
+// that continues one of the latest runs (up to 16 back) joins it, so that
+// vCPUs sweeping memory side by side leave long runs.
 #pragma once
 
 #include <cstdint>

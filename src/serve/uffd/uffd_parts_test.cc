@@ -86,6 +86,15 @@ TEST(PageRecordTest, RecorderKeepsFirstTouchOrderAndMergesRuns) {
   recorder.touched(12288, 4096);
   const std::vector<PageRun> want = {{8192, 8192}, {0, 8192}, {2 * kMiB, 2 * kMiB}};
   EXPECT_EQ(recorder.runs(), want);
+
+  // Two vCPUs sweeping side by side leave two runs.
+  PageRecorder sweeps;
+  for (uint64_t page = 0; page < 100; ++page) {
+    sweeps.touched(page * 4096, 4096);
+    sweeps.touched(kMiB + page * 4096, 4096);
+  }
+  const std::vector<PageRun> two = {{0, 100 * 4096}, {kMiB, 100 * 4096}};
+  EXPECT_EQ(sweeps.runs(), two);
 }
 
 TEST(PageRecordTest, RoundTripsThroughAFileAndRefusesGarbage) {

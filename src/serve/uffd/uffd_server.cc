@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <optional>
 #include <set>
@@ -34,6 +35,14 @@ constexpr std::chrono::seconds kHandshakeTimeout{5};
 // Mappings larger than this are not a VM's: Firecracker sends one small
 // object per memory region.
 constexpr size_t kMaxMappingsBytes = 1 * kMiB;
+// The prefetch installs up to this much with one ioctl (once all of it is
+// cached): a page at a time would cost a system call per 4 KiB.
+constexpr uint64_t kPrefetchPiece = 256 * kKiB;
+// How many pieces ahead of the first one still missing the prefetch looks
+// for pieces already cached: more than the streams bring at once.
+constexpr size_t kPrefetchWindow = 256;
+// How long the event thread looks for the next event without sleeping.
+constexpr std::chrono::microseconds kSpinAfterEvent{50};
 // A fault whose fetch failed is tried again after this, doubling up to the cap.
 constexpr std::chrono::milliseconds kFirstRetryDelay{100};
 constexpr std::chrono::milliseconds kMaxRetryDelay{10000};
@@ -98,7 +107,9 @@ class UffdServer::Session {
   void fetch_and_install(Page page);
   // On its own thread: fetches and installs the prefetch list.
   void prefetch();
-  void prefetch_page(const Page& page);
+  // Installs memfile [begin, end) of `region` (whole pages) where the VM
+  // has no page yet, once its bytes are cached.
+  void prefetch_range(const GuestRegion& region, uint64_t begin, uint64_t end);
 
   std::optional<Page> page_at(uint64_t address) const;
   Install copy(const Page& page, std::span<const std::byte> bytes);
@@ -249,12 +260,22 @@ Status UffdServer::Session::receive_mappings() {
 
 Status UffdServer::Session::serve_events() {
   std::vector<uint64_t> faults;
+  Clock::time_point last_event = Clock::now();
   for (;;) {
     pollfd fds[3] = {{uffd_, POLLIN, 0}, {socket_, POLLIN, 0}, {wake_, POLLIN, 0}};
-    if (::poll(fds, 3, -1) < 0) {
+    // Faults come in bursts (a vCPU touches page after page): for a moment
+    // after one, look for the next without sleeping, which saves the
+    // wake-up of a blocked thread on each.
+    int ready = 0;
+    while (Clock::now() - last_event < kSpinAfterEvent && ready == 0) {
+      ready = ::poll(fds, 3, 0);
+    }
+    if (ready == 0) ready = ::poll(fds, 3, -1);
+    if (ready < 0) {
       if (errno == EINTR) continue;
       return posix_error("poll", errno);
     }
+    last_event = Clock::now();
     if (fds[2].revents & POLLIN) {
       uint64_t count;
       (void)!::read(wake_, &count, sizeof count);
@@ -314,7 +335,8 @@ Result<bool> UffdServer::Session::drain_events(std::vector<uint64_t>* faults) {
       return posix_error("reading the userfaultfd", errno);
     }
     if (n == 0) return false;
-    for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) {
+    const size_t count = static_cast<size_t>(n) / sizeof(uffd_msg);
+    for (size_t i = 0; i < count; ++i) {
       const uffd_msg& message = messages[i];
       switch (message.event) {
         case UFFD_EVENT_PAGEFAULT:
@@ -332,6 +354,10 @@ Result<bool> UffdServer::Session::drain_events(std::vector<uint64_t>* faults) {
           break;
       }
     }
+    // Fewer than asked for: the queue was empty a moment ago. (What came
+    // since polls readable; a REMOVE among it makes installs fail with
+    // EAGAIN until it is read.) Saves a system call per fault.
+    if (count < std::size(messages)) return true;
   }
 }
 
@@ -465,46 +491,127 @@ void UffdServer::Session::fetch_and_install(Page page) {
 
 void UffdServer::Session::prefetch() {
   image::Device& memfile = server_.memfile_;
-  for (const PageRun& run : server_.options_.prefetch) memfile.prefetch(run.offset, run.length);
+  struct Piece {
+    const GuestRegion* region;
+    uint64_t begin;  // memfile offsets, whole pages of the region
+    uint64_t end;
+  };
+  std::deque<Piece> pending;
   for (const PageRun& run : server_.options_.prefetch) {
+    memfile.prefetch(run.offset, run.length);
     for (uint64_t offset = run.offset; offset < run.offset + run.length;) {
-      {
-        std::lock_guard lock(mu_);
-        if (stopping_) return;
-      }
       const GuestRegion* region = region_of_offset(regions_, offset);
       if (region == nullptr) break;  // not guest memory in this VM
-      const uint64_t page_offset = region->offset + align_down(offset - region->offset,
-                                                                region->page_size);
-      prefetch_page(Page{region->base + (page_offset - region->offset), page_offset,
-                         region->page_size, region->huge()});
-      offset = page_offset + region->page_size;
+      const uint64_t begin =
+          region->offset + align_down(offset - region->offset, region->page_size);
+      const uint64_t end = std::min({align_up(run.offset + run.length, region->page_size),
+                                     region->offset + region->size,
+                                     begin + std::max(kPrefetchPiece, region->page_size)});
+      pending.push_back({region, begin, end});
+      offset = end;
     }
+  }
+  // Data arrives from several streams at once, not in the record's order:
+  // install, in record order, every piece near the front whose bytes are
+  // here; then wait for the first that is not.
+  while (!pending.empty()) {
+    {
+      std::lock_guard lock(mu_);
+      if (stopping_) return;
+    }
+    const size_t window = std::min(pending.size(), kPrefetchWindow);
+    size_t kept = 0;
+    for (size_t i = 0; i < window; ++i) {
+      const Piece& piece = pending[i];
+      if (memfile.is_zero(piece.begin, piece.end - piece.begin) ||
+          memfile.cached_slice(piece.begin, piece.end - piece.begin)) {
+        prefetch_range(*piece.region, piece.begin, piece.end);
+      } else {
+        pending[kept++] = piece;
+      }
+    }
+    pending.erase(pending.begin() + static_cast<ptrdiff_t>(kept),
+                  pending.begin() + static_cast<ptrdiff_t>(window));
+    if (pending.empty()) break;
+    // Waits for the front piece's bytes, then installs them.
+    prefetch_range(*pending.front().region, pending.front().begin, pending.front().end);
+    pending.pop_front();
   }
 }
 
-void UffdServer::Session::prefetch_page(const Page& page) {
+void UffdServer::Session::prefetch_range(const GuestRegion& region, uint64_t begin,
+                                         uint64_t end) {
   image::Device& memfile = server_.memfile_;
-  for (;;) {
+  const bool zero = memfile.is_zero(begin, end - begin);
+  std::span<const std::byte> bytes;
+  if (zero && region.huge()) {
+    bytes = zeros(end - begin);
+  } else if (!zero) {
+    Result<std::span<const std::byte>> slice = memfile.slice(begin, end - begin);
+    if (!slice && slice.status().code() == StatusCode::kInvalidArgument) {
+      // Across mappings (data and zeros, or two layers): page by page; a
+      // single page across layers is left to its fault, which assembles it.
+      if (end - begin == region.page_size) return;
+      for (uint64_t page = begin; page < end; page += region.page_size) {
+        prefetch_range(region, page, page + region.page_size);
+      }
+      return;
+    }
+    if (!slice) return;  // a fault there will fetch (and report) it again
+    bytes = *slice;
+  }
+  // One ioctl installs the whole range, stopping short at a page already
+  // there (a vCPU got to it first: skip it) or at a queued event (drain).
+  uint64_t done = 0;
+  const uint64_t length = end - begin;
+  while (done < length) {
+    const uint64_t address = region.base + (begin - region.offset) + done;
     uint64_t drained;
     {
       std::lock_guard lock(mu_);
-      if (stopping_ || removed_locked(page.address) || in_flight_.contains(page.address)) return;
+      if (stopping_ || removed_locked(address)) return;
       drained = drained_;
     }
-    Install result;
-    if (memfile.is_zero(page.offset, page.size)) {
-      result = zero(page);
+    int64_t progress;
+    int result;
+    if (bytes.empty()) {
+      uffdio_zeropage request{};
+      request.range = {address, length - done};
+      result = ::ioctl(uffd_, UFFDIO_ZEROPAGE, &request);
+      progress = request.zeropage;
     } else {
-      Result<std::span<const std::byte>> bytes = memfile.slice(page.offset, page.size);
-      if (!bytes) return;  // a fault there will fetch (and report) it again
-      result = copy(page, *bytes);
+      uffdio_copy request{};
+      request.dst = address;
+      request.src = reinterpret_cast<uint64_t>(bytes.data() + done);
+      request.len = length - done;
+      result = ::ioctl(uffd_, UFFDIO_COPY, &request);
+      progress = request.copy;
     }
-    if (result == Install::kInstalled) server_.counters_.prefetched.fetch_add(1);
-    if (result != Install::kAgain) return;
-    // A REMOVE event is queued: wait until the event thread has drained it.
-    std::unique_lock lock(mu_);
-    changed_.wait(lock, [&] { return stopping_ || drained_ != drained; });
+    const int error = errno;
+    if (result == 0) progress = static_cast<int64_t>(length - done);
+    if (progress > 0) {
+      server_.counters_.prefetched.fetch_add(static_cast<uint64_t>(progress) / region.page_size);
+      done += static_cast<uint64_t>(progress);
+      continue;
+    }
+    switch (error) {
+      case EEXIST:
+        done += region.page_size;
+        break;
+      case EAGAIN: {
+        // A REMOVE event is queued: wait until the event thread drained it.
+        std::unique_lock lock(mu_);
+        changed_.wait(lock, [&] { return stopping_ || drained_ != drained; });
+        break;
+      }
+      case ENOENT:
+      case ESRCH:
+        return;  // unregistered, unmapped, or the VM is gone
+      default:
+        log(LogLevel::kError, "serve uffd: prefetch of [{:#x}, +{}): {}", address, length - done,
+            posix_error("ioctl", error).to_string());
+        return;
+    }
   }
 }
 
