@@ -166,40 +166,36 @@ TEST_F(UffdTest, HugePageRegionsAreServedWhole) {
 TEST_F(UffdTest, RemovedRangesReadAsZerosAndDoNotWedgeTheHandler) {
   ServerProcess server = serve();
   ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
-  Result<std::unique_ptr<FirecrackerStandIn>> vm =
-      FirecrackerStandIn::restore(socket(), {{8 * kMiB, 0, false}});
-  ASSERT_TRUE(vm) << vm.status().to_string();
-  std::byte* memory = (*vm)->memory(0);
-  // Touch the first 2 MiB, then the balloon takes [1 MiB, 3 MiB) back while
-  // two vCPUs go on faulting pages elsewhere.
-  EXPECT_EQ(std::memcmp(memory, expected(0, 2 * kMiB).data(), 2 * kMiB), 0);
-  std::atomic<bool> removed{false};
-  std::vector<uint64_t> wrong;
-  std::thread vcpu([&] {
-    for (uint64_t offset = 4 * kMiB; offset < 8 * kMiB; offset += kPage) {
-      if (std::memcmp(memory + offset, expected(offset, kPage).data(), kPage) != 0) {
-        wrong.push_back(offset);
+  // The REMOVE races a vCPU's faults differently each time: several VMs.
+  for (int round = 0; round < 4; ++round) {
+    Result<std::unique_ptr<FirecrackerStandIn>> vm =
+        FirecrackerStandIn::restore(socket(), {{8 * kMiB, 0, false}});
+    ASSERT_TRUE(vm) << vm.status().to_string();
+    std::byte* memory = (*vm)->memory(0);
+    // Touch the first 2 MiB, then the balloon takes [1 MiB, 3 MiB) back
+    // while a vCPU goes on faulting pages elsewhere.
+    EXPECT_EQ(std::memcmp(memory, expected(0, 2 * kMiB).data(), 2 * kMiB), 0);
+    std::vector<uint64_t> wrong;
+    std::thread vcpu([&] {
+      for (uint64_t offset = 4 * kMiB; offset < 8 * kMiB; offset += kPage) {
+        if (std::memcmp(memory + offset, expected(offset, kPage).data(), kPage) != 0) {
+          wrong.push_back(offset);
+        }
       }
+    });
+    ASSERT_TRUE((*vm)->remove(0, 1 * kMiB, 2 * kMiB).is_ok());
+    vcpu.join();
+    EXPECT_TRUE(wrong.empty()) << wrong.size() << " wrong pages, the first at " << wrong.front();
+    // The removed range is the guest's fresh memory: zeros, touched or not
+    // before; the rest is still the snapshot's.
+    const std::vector<std::byte> zero(kPage);
+    for (uint64_t offset = 1 * kMiB; offset < 3 * kMiB; offset += kPage) {
+      ASSERT_EQ(std::memcmp(memory + offset, zero.data(), kPage), 0) << "at " << offset;
     }
-  });
-  ASSERT_TRUE((*vm)->remove(0, 1 * kMiB, 2 * kMiB).is_ok());
-  removed = true;
-  vcpu.join();
-  EXPECT_TRUE(wrong.empty()) << wrong.size() << " wrong pages, the first at " << wrong.front();
-  // The removed range is the guest's fresh memory: zeros, touched or not
-  // before; the rest is still the snapshot's.
-  const std::vector<std::byte> zero(kPage);
-  for (uint64_t offset = 1 * kMiB; offset < 3 * kMiB; offset += kPage) {
-    ASSERT_EQ(std::memcmp(memory + offset, zero.data(), kPage), 0) << "at " << offset;
+    EXPECT_EQ(std::memcmp(memory, expected(0, 1 * kMiB).data(), 1 * kMiB), 0);
+    EXPECT_EQ(std::memcmp(memory + 3 * kMiB, expected(3 * kMiB, 1 * kMiB).data(), 1 * kMiB), 0);
   }
-  EXPECT_EQ(std::memcmp(memory, expected(0, 1 * kMiB).data(), 1 * kMiB), 0);
-  EXPECT_EQ(std::memcmp(memory + 3 * kMiB, expected(3 * kMiB, 1 * kMiB).data(), 1 * kMiB), 0);
-  // And the handler still serves a VM after this one.
-  vm->reset();
-  Result<std::unique_ptr<FirecrackerStandIn>> next =
-      FirecrackerStandIn::restore(socket(), {{1 * kMiB, 5 * kMiB, false}});
-  ASSERT_TRUE(next) << next.status().to_string();
-  EXPECT_EQ(std::memcmp((*next)->memory(0), expected(5 * kMiB, 1 * kMiB).data(), 1 * kMiB), 0);
+  EXPECT_EQ(server.stop(), 0);
 }
 
 TEST_F(UffdTest, AFaultWhoseFetchFailsWaitsAndGetsTheRightBytes) {

@@ -41,6 +41,9 @@ constexpr uint64_t kPrefetchPiece = 256 * kKiB;
 // How many pieces ahead of the first one still missing the prefetch looks
 // for pieces already cached: more than the streams bring at once.
 constexpr size_t kPrefetchWindow = 256;
+// How soon an install that failed with EAGAIN is tried again when no event
+// comes to say the VM's memory map is stable.
+constexpr std::chrono::milliseconds kRetryInstallAfter{1};
 // How long the event thread looks for the next event without sleeping.
 constexpr std::chrono::microseconds kSpinAfterEvent{50};
 // A fault whose fetch failed is tried again after this, doubling up to the cap.
@@ -270,7 +273,18 @@ Status UffdServer::Session::serve_events() {
     while (Clock::now() - last_event < kSpinAfterEvent && ready == 0) {
       ready = ::poll(fds, 3, 0);
     }
-    if (ready == 0) ready = ::poll(fds, 3, -1);
+    // An install that failed with EAGAIN is retried after the events are
+    // drained; but the kernel lets installs fail a moment longer, until the
+    // thread whose REMOVE we read has run on, and no event tells us when:
+    // with installs to retry, look again soon even if nothing comes.
+    bool retries_pending;
+    {
+      std::lock_guard lock(mu_);
+      retries_pending = !deferred_.empty();
+    }
+    if (ready == 0) {
+      ready = ::poll(fds, 3, retries_pending ? kRetryInstallAfter.count() : -1);
+    }
     if (ready < 0) {
       if (errno == EINTR) continue;
       return posix_error("poll", errno);
@@ -599,9 +613,12 @@ void UffdServer::Session::prefetch_range(const GuestRegion& region, uint64_t beg
         done += region.page_size;
         break;
       case EAGAIN: {
-        // A REMOVE event is queued: wait until the event thread drained it.
+        // A REMOVE event is queued: wait until the event thread drained it
+        // (or a moment, if it was drained already and the VM's side has
+        // yet to finish it).
         std::unique_lock lock(mu_);
-        changed_.wait(lock, [&] { return stopping_ || drained_ != drained; });
+        changed_.wait_for(lock, kRetryInstallAfter,
+                          [&] { return stopping_ || drained_ != drained; });
         break;
       }
       case ENOENT:
