@@ -2,16 +2,15 @@
 
 #include <fcntl.h>
 #include <signal.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
-#include <cstring>
 #include <fstream>
-#include <thread>
 #include <iterator>
+#include <thread>
+
+#include "testing/local_port.h"
 
 namespace lazyblock {
 
@@ -68,14 +67,10 @@ Outcome run_program(const std::filesystem::path& dir, const std::string& program
 namespace {
 
 bool accepts(const std::filesystem::path& socket) {
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  std::strncpy(address.sun_path, socket.c_str(), sizeof address.sun_path - 1);
-  const bool connected =
-      ::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0;
+  const int fd = testing::connect_unix_socket(socket);
+  if (fd < 0) return false;
   ::close(fd);
-  return connected;
+  return true;
 }
 
 }  // namespace

@@ -21,7 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/units.h"
-#include "testing/firecracker_stand_in.h"
+#include "testing/local_port.h"
 #include "testing/scratch_dir.h"
 #include "tests/cli_runner.h"
 

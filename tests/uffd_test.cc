@@ -32,6 +32,7 @@
 #include "storage/fault_store.h"
 #include "storage/file_store.h"
 #include "testing/firecracker_stand_in.h"
+#include "testing/local_port.h"
 #include "testing/pattern.h"
 #include "testing/scratch_dir.h"
 #include "tests/cli_runner.h"
@@ -233,21 +234,7 @@ TEST_F(UffdTest, AFaultWhoseFetchFailsWaitsAndGetsTheRightBytes) {
 void send_handshake(const std::filesystem::path& socket, const std::string& body, int fd) {
   const int connection = testing::connect_unix_socket(socket);
   ASSERT_GE(connection, 0);
-  iovec io{const_cast<char*>(body.data()), body.size()};
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-  msghdr message{};
-  message.msg_iov = &io;
-  message.msg_iovlen = 1;
-  if (fd >= 0) {
-    message.msg_control = control;
-    message.msg_controllen = sizeof control;
-    cmsghdr* c = CMSG_FIRSTHDR(&message);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
-  }
-  EXPECT_EQ(::sendmsg(connection, &message, MSG_NOSIGNAL), static_cast<ssize_t>(body.size()));
+  EXPECT_TRUE(testing::send_with_descriptor(connection, body, fd).is_ok());
   ::close(connection);
 }
 

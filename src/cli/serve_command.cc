@@ -98,6 +98,33 @@ class StopSignals {
   std::thread waiter_;
 };
 
+// A device to serve, and the data files it reads from.
+struct ServedDevice {
+  std::shared_ptr<image::DataFiles> files;
+  std::unique_ptr<image::Device> device;
+};
+
+// Device `name` of `build` (a UUID) through the store the flags describe,
+// with the sizes of its data files learned, so that a VM's first reads do
+// not wait for them.
+Result<ServedDevice> open_served_device(const StoreFlags& flags, const std::string& build,
+                                        const std::string& name) {
+  Result<image::Uuid> id = image::Uuid::parse(build);
+  if (!id) return id.status().with_context("--build");
+  Result<ChunkerOptions> options = chunker_options(flags);
+  if (!options) return options.status();
+  Result<StoreStackOptions> stack = store_stack_options(flags);
+  if (!stack) return stack.status();
+  Result<std::shared_ptr<ObjectStore>> store = open_store(flags.store, *stack);
+  if (!store) return store.status();
+  ServedDevice served{std::make_shared<image::DataFiles>(*store, *options), nullptr};
+  Result<std::unique_ptr<image::Device>> device = image::Device::open(served.files, *id, name);
+  if (!device) return device.status();
+  LB_RETURN_IF_ERROR((*device)->learn_sizes());
+  served.device = std::move(device).value();
+  return served;
+}
+
 // The pages to prefetch: --prefetch PATH, else the record kept beside the
 // build (BUILD/NAME.prefetch) if there is one, none with --no-prefetch.
 Result<std::vector<uffd::PageRun>> prefetch_plan(const UffdFlags& flags, ObjectStore& store,
@@ -124,31 +151,21 @@ Result<std::vector<uffd::PageRun>> prefetch_plan(const UffdFlags& flags, ObjectS
 
 int run_uffd(const UffdFlags& flags) {
   if (Status s = apply_log_level(flags.log_level); !s.is_ok()) return report_failure(s);
-  Result<image::Uuid> build = image::Uuid::parse(flags.build);
-  if (!build) return report_failure(build.status().with_context("--build"));
-  Result<ChunkerOptions> options = chunker_options(flags.store);
-  if (!options) return report_failure(options.status());
-  Result<StoreStackOptions> stack = store_stack_options(flags.store);
-  if (!stack) return report_failure(stack.status());
-  Result<std::shared_ptr<ObjectStore>> store = open_store(flags.store.store, *stack);
-  if (!store) return report_failure(store.status());
-  auto files = std::make_shared<image::DataFiles>(*store, *options);
-  Result<std::unique_ptr<image::Device>> memfile = image::Device::open(files, *build, flags.name);
-  if (!memfile) return report_failure(memfile.status().with_context("serve uffd"));
-  if (Status s = (*memfile)->learn_sizes(); !s.is_ok()) {
-    return report_failure(s.with_context("serve uffd"));
-  }
+  Result<ServedDevice> served_device = open_served_device(flags.store, flags.build, flags.name);
+  if (!served_device) return report_failure(served_device.status().with_context("serve uffd"));
+  image::DataFiles& files = *served_device->files;
+  std::unique_ptr<image::Device>& memfile = served_device->device;
   uffd::UffdOptions uffd_options;
   uffd_options.record = flags.record;
-  Result<std::vector<uffd::PageRun>> plan =
-      prefetch_plan(flags, **store, *build, options->fetch_timeout);
+  Result<std::vector<uffd::PageRun>> plan = prefetch_plan(
+      flags, files.store(), memfile->header().build_id, files.options().fetch_timeout);
   if (!plan) return report_failure(plan.status());
   uint64_t prefetch_bytes = 0;
   for (const uffd::PageRun& run : *plan) prefetch_bytes += run.length;
   uffd_options.prefetch = std::move(plan).value();
 
   StopSignals signals;
-  uffd::UffdServer server(**memfile, std::move(uffd_options));
+  uffd::UffdServer server(*memfile, std::move(uffd_options));
   std::string path = flags.socket;
   if (path.empty()) {
     path = (temp_directory() / fmt::format("lazyblock-{}-{}.sock", flags.build, flags.name))
@@ -157,7 +174,7 @@ int run_uffd(const UffdFlags& flags) {
   if (Status s = server.listen_unix(path); !s.is_ok()) return report_failure(s);
   std::printf("serving %s of build %s (%s) to Firecracker at %s; prefetching %s at each "
               "connect\n",
-              flags.name.c_str(), flags.build.c_str(), format_size((*memfile)->size()).c_str(),
+              flags.name.c_str(), flags.build.c_str(), format_size(memfile->size()).c_str(),
               path.c_str(), format_size(prefetch_bytes).c_str());
   std::fflush(stdout);
   signals.on_signal([&] { server.stop(); });
@@ -174,31 +191,20 @@ int run_nbd(const NbdFlags& flags) {
   if (flags.read_only && !flags.overlay.empty()) {
     return report_failure(Status::invalid_argument("--read-only takes no --overlay"));
   }
-  Result<image::Uuid> build = image::Uuid::parse(flags.build);
-  if (!build) return report_failure(build.status().with_context("--build"));
-  Result<ChunkerOptions> options = chunker_options(flags.store);
-  if (!options) return report_failure(options.status());
-  Result<StoreStackOptions> stack = store_stack_options(flags.store);
-  if (!stack) return report_failure(stack.status());
-  Result<std::shared_ptr<ObjectStore>> store = open_store(flags.store.store, *stack);
-  if (!store) return report_failure(store.status());
-  auto files = std::make_shared<image::DataFiles>(*store, *options);
-  Result<std::unique_ptr<image::Device>> device = image::Device::open(files, *build, flags.name);
-  if (!device) return report_failure(device.status().with_context("serve nbd"));
-  if (Status s = (*device)->learn_sizes(); !s.is_ok()) {
-    return report_failure(s.with_context("serve nbd"));
-  }
+  Result<ServedDevice> served_device = open_served_device(flags.store, flags.build, flags.name);
+  if (!served_device) return report_failure(served_device.status().with_context("serve nbd"));
+  std::unique_ptr<image::Device>& device = served_device->device;
   std::unique_ptr<image::Overlay> overlay;
   if (!flags.read_only) {
     std::optional<std::filesystem::path> kept;
     if (!flags.overlay.empty()) kept = flags.overlay;
-    Result<std::unique_ptr<image::Overlay>> opened = image::Overlay::open(**device, kept);
+    Result<std::unique_ptr<image::Overlay>> opened = image::Overlay::open(*device, kept);
     if (!opened) return report_failure(opened.status().with_context("serve nbd"));
     overlay = std::move(opened).value();
   }
 
   StopSignals signals;
-  nbd::NbdServer server({flags.name, device->get(), overlay.get()});
+  nbd::NbdServer server({flags.name, device.get(), overlay.get()});
   std::string where;
   if (!flags.listen.empty()) {
     Result<std::pair<std::string, uint16_t>> address = parse_listen(flags.listen);
@@ -217,7 +223,7 @@ int run_nbd(const NbdFlags& flags) {
     where = fmt::format("nbd+unix:///{}?socket={}", flags.name, path);
   }
   std::printf("serving %s of build %s (%llu bytes%s) at %s\n", flags.name.c_str(),
-              flags.build.c_str(), static_cast<unsigned long long>((*device)->size()),
+              flags.build.c_str(), static_cast<unsigned long long>(device->size()),
               flags.read_only ? ", read-only" : "", where.c_str());
   std::fflush(stdout);
 

@@ -1,5 +1,6 @@
 #include "common/unix_socket.h"
 
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -35,6 +36,24 @@ Result<int> listen_unix_socket(const std::filesystem::path& path) {
     return posix_error("listen on " + path.string(), listen_error);
   }
   return fd;
+}
+
+Result<int> accept_or_wake(int listen_fd, int wake_fd) {
+  for (;;) {
+    pollfd fds[2] = {{listen_fd, POLLIN, 0}, {wake_fd, POLLIN, 0}};
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      return posix_error("poll", errno);
+    }
+    if (fds[1].revents != 0) return -1;
+    if (!(fds[0].revents & POLLIN)) continue;
+    const int fd = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd >= 0) return fd;
+    // A client that gave up before we took it, or a signal: wait again.
+    if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED) {
+      return posix_error("accept", errno);
+    }
+  }
 }
 
 }  // namespace lazyblock

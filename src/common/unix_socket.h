@@ -1,4 +1,4 @@
-// Listening Unix sockets, as the servers (NBD, UFFD) open them.
+// Listening sockets, as the servers (NBD, UFFD) open them and take connections.
 #pragma once
 
 #include <filesystem>
@@ -11,5 +11,10 @@ namespace lazyblock {
 // connect; a stale socket file there is replaced. The descriptor is the
 // caller's to close.
 Result<int> listen_unix_socket(const std::filesystem::path& path);
+
+// Waits for a connection on `listen_fd` (any listening socket) or for
+// `wake_fd` to become readable: the new connection (close-on-exec), or -1
+// once `wake_fd` is readable.
+Result<int> accept_or_wake(int listen_fd, int wake_fd);
 
 }  // namespace lazyblock

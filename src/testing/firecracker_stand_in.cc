@@ -16,6 +16,8 @@
 
 #include <fmt/format.h>
 
+#include "testing/local_port.h"
+
 namespace lazyblock::testing {
 namespace {
 
@@ -23,17 +25,25 @@ constexpr uint64_t kHugePage = 2 * 1024 * 1024;
 
 }  // namespace
 
-int connect_unix_socket(const std::filesystem::path& path) {
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  std::strncpy(address.sun_path, path.c_str(), sizeof address.sun_path - 1);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
-    ::close(fd);
-    return -1;
+Status send_with_descriptor(int socket, std::string_view body, int fd) {
+  iovec io{const_cast<char*>(body.data()), body.size()};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr message{};
+  message.msg_iov = &io;
+  message.msg_iovlen = 1;
+  if (fd >= 0) {
+    message.msg_control = control;
+    message.msg_controllen = sizeof control;
+    cmsghdr* c = CMSG_FIRSTHDR(&message);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
   }
-  return fd;
+  if (::sendmsg(socket, &message, MSG_NOSIGNAL) != static_cast<ssize_t>(body.size())) {
+    return posix_error("sending the mappings", errno);
+  }
+  return Status::ok();
 }
 
 Result<std::unique_ptr<FirecrackerStandIn>> FirecrackerStandIn::restore(
@@ -74,21 +84,7 @@ Result<std::unique_ptr<FirecrackerStandIn>> FirecrackerStandIn::restore(
   vm->mappings_ = json;
   vm->socket_ = connect_unix_socket(socket);
   if (vm->socket_ < 0) return posix_error("connecting to " + socket.string(), errno);
-  iovec io{json.data(), json.size()};
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-  msghdr message{};
-  message.msg_iov = &io;
-  message.msg_iovlen = 1;
-  message.msg_control = control;
-  message.msg_controllen = sizeof control;
-  cmsghdr* c = CMSG_FIRSTHDR(&message);
-  c->cmsg_level = SOL_SOCKET;
-  c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(sizeof(int));
-  std::memcpy(CMSG_DATA(c), &vm->uffd_, sizeof(int));
-  if (::sendmsg(vm->socket_, &message, MSG_NOSIGNAL) != static_cast<ssize_t>(json.size())) {
-    return posix_error("sending the mappings", errno);
-  }
+  LB_RETURN_IF_ERROR(send_with_descriptor(vm->socket_, json, vm->uffd_));
   return vm;
 }
 

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/status.h"
@@ -59,7 +60,8 @@ class FirecrackerStandIn {
 // them if the pool is smaller (the reservation is left for later tests).
 bool reserve_huge_pages(int pages);
 
-// A Unix stream socket connected to `path`, or -1.
-int connect_unix_socket(const std::filesystem::path& path);
+// Sends `body` in one message with descriptor `fd` (none if fd < 0)
+// attached, as Firecracker sends its mappings and userfaultfd.
+Status send_with_descriptor(int socket, std::string_view body, int fd);
 
 }  // namespace lazyblock::testing

@@ -1,7 +1,8 @@
-// Ports on 127.0.0.1 for the servers tests start.
+// Local endpoints of the servers tests start: ports on 127.0.0.1, Unix sockets.
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 
 #include "common/status.h"
 
@@ -13,5 +14,8 @@ Result<uint16_t> free_port();
 
 // Whether something accepts TCP connections on 127.0.0.1:`port`.
 bool accepts_connections(uint16_t port);
+
+// A Unix stream socket connected to `path` (close-on-exec), or -1.
+int connect_unix_socket(const std::filesystem::path& path);
 
 }  // namespace lazyblock::testing

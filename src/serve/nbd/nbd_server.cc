@@ -4,10 +4,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <poll.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -422,18 +419,10 @@ Status NbdServer::listen_tcp(const std::string& host, uint16_t port) {
 Status NbdServer::serve() {
   if (listen_fd_ < 0) return Status::invalid_argument("serve() before listen");
   while (!stopping_.load()) {
-    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_[0], POLLIN, 0}};
-    if (::poll(fds, 2, -1) < 0) {
-      if (errno == EINTR) continue;
-      return posix_error("poll", errno);
-    }
-    if (stopping_.load()) break;
-    if (!(fds[0].revents & POLLIN)) continue;
-    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) {
-      if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED) continue;
-      return posix_error("accept", errno);
-    }
+    Result<int> accepted = accept_or_wake(listen_fd_, wake_[0]);
+    if (!accepted) return accepted.status();
+    if (*accepted < 0) break;  // stop()
+    const int fd = *accepted;
     const int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // fails harmlessly on Unix sockets
     {

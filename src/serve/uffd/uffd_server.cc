@@ -700,18 +700,10 @@ Status UffdServer::listen_unix(const std::filesystem::path& path) {
 Status UffdServer::serve() {
   if (listen_fd_ < 0) return Status::invalid_argument("serve() before listen");
   while (!stopping_.load()) {
-    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
-    if (::poll(fds, 2, -1) < 0) {
-      if (errno == EINTR) continue;
-      return posix_error("poll", errno);
-    }
-    if (stopping_.load()) break;
-    if (!(fds[0].revents & POLLIN)) continue;
-    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) {
-      if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED) continue;
-      return posix_error("accept", errno);
-    }
+    Result<int> accepted = accept_or_wake(listen_fd_, wake_fd_);
+    if (!accepted) return accepted.status();
+    if (*accepted < 0) break;  // stop()
+    const int fd = *accepted;
     counters_.connections.fetch_add(1);
     auto* session = new Session(*this, fd);
     {
