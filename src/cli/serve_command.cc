@@ -84,13 +84,16 @@ class StopSignals {
       }
     });
   }
-  ~StopSignals() {
+  // Ends the waiter (the stop function is not called after this returns):
+  // call it before what the stop function touches goes away.
+  void stop_waiting() {
     if (!waiter_.joinable()) return;
     done_.store(true);
     // Serving ended some other way: let the waiter go if it still waits.
     pthread_kill(waiter_.native_handle(), SIGTERM);
     waiter_.join();
   }
+  ~StopSignals() { stop_waiting(); }
 
  private:
   sigset_t signals_;
@@ -179,6 +182,7 @@ int run_uffd(const UffdFlags& flags) {
   std::fflush(stdout);
   signals.on_signal([&] { server.stop(); });
   const Status served = server.serve();
+  signals.stop_waiting();  // its stop() may still be running: before the server goes
   if (!served.is_ok()) return report_failure(served.with_context("serve uffd"));
   return 0;
 }
@@ -229,6 +233,7 @@ int run_nbd(const NbdFlags& flags) {
 
   signals.on_signal([&] { server.stop(); });
   const Status served = server.serve();
+  signals.stop_waiting();  // its stop() may still be running: before the server goes
   if (overlay) {
     if (Status s = overlay->flush(); !s.is_ok()) return report_failure(s);
   }

@@ -141,7 +141,8 @@ class UffdServer::Session {
 
 void UffdServer::Session::run() {
   if (Status s = receive_mappings(); !s.is_ok()) {
-    log(LogLevel::kError, "serve uffd: connection refused: {}", s.to_string());
+    log(s.code() == StatusCode::kCancelled ? LogLevel::kDebug : LogLevel::kError,
+        "serve uffd: connection refused: {}", s.to_string());
     return;
   }
   wake_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -232,7 +233,8 @@ Status UffdServer::Session::receive_mappings() {
       return Status::invalid_argument("the VM sent more descriptors than one");
     }
     if (n == 0) {
-      if (body.empty()) return Status::invalid_argument("the VM closed the connection at once");
+      // A probe (is the socket up?) rather than a VM: not worth an error.
+      if (body.empty()) return Status::cancelled("a client connected and left without a word");
       if (uffd_ < 0) {
         return Status::invalid_argument("the VM sent its memory mappings but no userfaultfd "
                                         "descriptor, and closed the connection");
