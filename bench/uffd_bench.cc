@@ -7,12 +7,14 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <thread>
 
@@ -84,6 +86,68 @@ void touch(const std::byte* memory, const std::vector<uint64_t>& offsets,
       latencies->push_back(std::chrono::duration<double>(Clock::now() - begin).count());
     }
   }
+}
+
+using VmWork = std::function<Result<std::vector<double>>(const std::byte* memory)>;
+
+// Restores a VM of `size` bytes of guest memory from the handler at
+// `socket` in a child process, as Firecracker is a process of its own, and
+// runs `work` on its memory there; the figures it returns.
+Result<std::vector<double>> in_vm_process(const std::filesystem::path& socket, uint64_t size,
+                                          const VmWork& work) {
+  int pipe_fds[2];
+  if (::pipe2(pipe_fds, O_CLOEXEC) != 0) return posix_error("pipe", errno);
+  const pid_t pid = ::fork();
+  if (pid < 0) return posix_error("fork", errno);
+  if (pid == 0) {
+    ::close(pipe_fds[0]);
+    Result<std::vector<double>> figures = [&]() -> Result<std::vector<double>> {
+      Result<std::unique_ptr<testing::FirecrackerStandIn>> vm =
+          testing::FirecrackerStandIn::restore(socket, {{size, 0, false}});
+      if (!vm) return vm.status();
+      return work((*vm)->memory(0));
+    }();
+    // One byte (1: figures follow, 0: an error message follows), then the rest.
+    const std::string payload =
+        figures ? std::string(reinterpret_cast<const char*>(figures->data()),
+                              figures->size() * sizeof(double))
+                : figures.status().to_string();
+    const char ok = figures ? 1 : 0;
+    (void)!::write(pipe_fds[1], &ok, 1);
+    for (size_t done = 0; done < payload.size();) {
+      const ssize_t n = ::write(pipe_fds[1], payload.data() + done, payload.size() - done);
+      if (n <= 0) break;
+      done += static_cast<size_t>(n);
+    }
+    ::_exit(0);
+  }
+  ::close(pipe_fds[1]);
+  std::string received;
+  char buffer[65536];
+  for (;;) {
+    const ssize_t n = ::read(pipe_fds[0], buffer, sizeof buffer);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    received.append(buffer, static_cast<size_t>(n));
+  }
+  ::close(pipe_fds[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (received.empty()) return Status::io_error("bench uffd: the VM process died");
+  if (received[0] == 0) return Status::io_error("bench uffd: in the VM process: " + received.substr(1));
+  std::vector<double> figures((received.size() - 1) / sizeof(double));
+  std::memcpy(figures.data(), received.data() + 1, figures.size() * sizeof(double));
+  return figures;
+}
+
+// Touches `pages` one at a time, then checks them: the latencies.
+VmWork touch_pages(const std::vector<uint64_t>& pages) {
+  return [&pages](const std::byte* memory) -> Result<std::vector<double>> {
+    std::vector<double> latencies;
+    touch(memory, pages, &latencies);
+    LB_RETURN_IF_ERROR(verify(memory, pages));
+    return latencies;
+  };
 }
 
 LatencyFigures figures(std::vector<double> seconds) {
@@ -284,24 +348,16 @@ class Bench {
     return pages;
   }
 
-  Result<std::unique_ptr<testing::FirecrackerStandIn>> restore(const std::filesystem::path& socket) {
-    return testing::FirecrackerStandIn::restore(socket, {{o_.memfile_size, 0, false}});
-  }
-
   Status cold_faults(UffdBenchReport* report) {
     Result<std::unique_ptr<image::Device>> memfile = cold_memfile();
     if (!memfile) return memfile.status();
     Serving serving(**memfile, {});
     const std::filesystem::path socket = dir() / "cold.sock";
     LB_RETURN_IF_ERROR(serving.start(socket));
-    Result<std::unique_ptr<testing::FirecrackerStandIn>> vm = restore(socket);
-    if (!vm) return vm.status();
     const std::vector<uint64_t> pages = random_pages(o_.cold_faults, o_.seed);
-    std::vector<double> latencies;
-    touch((*vm)->memory(0), pages, &latencies);
-    LB_RETURN_IF_ERROR(verify((*vm)->memory(0), pages));
-    report->cold = figures(latencies);
-    vm->reset();
+    Result<std::vector<double>> latencies = in_vm_process(socket, o_.memfile_size, touch_pages(pages));
+    if (!latencies) return latencies.status();
+    report->cold = figures(*latencies);
     return serving.stop();
   }
 
@@ -319,22 +375,20 @@ class Bench {
     const auto measure_minimal = [&]() -> Status {
       const std::filesystem::path socket = dir() / "minimal.sock";
       MinimalHandler handler(socket, raw_map_);
-      Result<std::unique_ptr<testing::FirecrackerStandIn>> vm = restore(socket);
-      if (!vm) return vm.status();
-      touch((*vm)->memory(0), pages, &minimal);
-      LB_RETURN_IF_ERROR(verify((*vm)->memory(0), pages));
-      vm->reset();
+      Result<std::vector<double>> latencies =
+          in_vm_process(socket, o_.memfile_size, touch_pages(pages));
+      if (!latencies) return latencies.status();
+      minimal.insert(minimal.end(), latencies->begin(), latencies->end());
       return handler.finish();
     };
     const auto measure_ours = [&]() -> Status {
       Serving serving(**memfile, {});
       const std::filesystem::path socket = dir() / "warm.sock";
       LB_RETURN_IF_ERROR(serving.start(socket));
-      Result<std::unique_ptr<testing::FirecrackerStandIn>> vm = restore(socket);
-      if (!vm) return vm.status();
-      touch((*vm)->memory(0), pages, &ours);
-      LB_RETURN_IF_ERROR(verify((*vm)->memory(0), pages));
-      vm->reset();
+      Result<std::vector<double>> latencies =
+          in_vm_process(socket, o_.memfile_size, touch_pages(pages));
+      if (!latencies) return latencies.status();
+      ours.insert(ours.end(), latencies->begin(), latencies->end());
       return serving.stop();
     };
     // Rounds interleaved, each handler first in half of them, so that both
@@ -368,24 +422,27 @@ class Bench {
   // vCPU v sweeps chunks v, v + vcpus, ... page by page; the milliseconds
   // from restore until every vCPU is done.
   Result<double> sweep(const std::filesystem::path& socket, const std::vector<uint64_t>& chunks) {
-    const auto begin = Clock::now();
-    Result<std::unique_ptr<testing::FirecrackerStandIn>> vm = restore(socket);
-    if (!vm) return vm.status();
-    const std::byte* memory = (*vm)->memory(0);
     std::vector<std::vector<uint64_t>> pages(static_cast<size_t>(o_.vcpus));
     for (size_t i = 0; i < chunks.size(); ++i) {
       for (uint64_t page = 0; page < kChunk; page += kPage) {
         pages[i % pages.size()].push_back(chunks[i] * kChunk + page);
       }
     }
-    std::vector<std::thread> vcpus;
-    for (const std::vector<uint64_t>& mine : pages) {
-      vcpus.emplace_back([memory, &mine] { touch(memory, mine, nullptr); });
-    }
-    for (std::thread& vcpu : vcpus) vcpu.join();
-    const double ms = std::chrono::duration<double, std::milli>(Clock::now() - begin).count();
-    for (const std::vector<uint64_t>& mine : pages) LB_RETURN_IF_ERROR(verify(memory, mine));
-    return ms;
+    const auto begin = Clock::now();
+    Result<std::vector<double>> done = in_vm_process(
+        socket, o_.memfile_size,
+        [&](const std::byte* memory) -> Result<std::vector<double>> {
+          std::vector<std::thread> vcpus;
+          for (const std::vector<uint64_t>& mine : pages) {
+            vcpus.emplace_back([memory, &mine] { touch(memory, mine, nullptr); });
+          }
+          for (std::thread& vcpu : vcpus) vcpu.join();
+          const double ms = std::chrono::duration<double, std::milli>(Clock::now() - begin).count();
+          for (const std::vector<uint64_t>& mine : pages) LB_RETURN_IF_ERROR(verify(memory, mine));
+          return std::vector<double>{ms};
+        });
+    if (!done) return done.status();
+    return done->at(0);
   }
 
   Status working_set(UffdBenchReport* report) {
