@@ -260,7 +260,8 @@ CommandRunner add_serve_command(CLI::App& app) {
                    "$TMPDIR/lazyblock-BUILD-NAME.sock)");
   uffd->add_option("--record", uffd_flags->record,
                    "Write each VM's first-fault order (a page record) here when it ends; upload "
-                   "it as BUILD/NAME.prefetch to prefetch it on later restores");
+                   "it as BUILD/NAME.prefetch to prefetch it on later restores. Record with "
+                   "--no-prefetch: pages the prefetch installs raise no fault to record");
   uffd->add_option("--prefetch", uffd_flags->prefetch,
                    "Prefetch the pages of this page record at each connect (default: "
                    "BUILD/NAME.prefetch from the store, if there is one)");
