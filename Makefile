@@ -2,8 +2,8 @@
 #   make build   install what is missing, build build/lazyblock and the tests
 #   make run     build, then run the main job: bench fetch on both profiles
 #   make test    build, run every test, then again under ASan+UBSan and TSan,
-#                then fuzz the header parser and the NBD server for a while
-#   make fuzz    fuzz the header parser and the NBD server with libFuzzer
+#                then fuzz the header parser, the NBD server and the UFFD parsers a while
+#   make fuzz    fuzz the header parser, the NBD server and the UFFD parsers (libFuzzer)
 #                (FUZZ_SECONDS each, default 60)
 #   make clean   remove the build trees
 
@@ -60,10 +60,10 @@ test-tsan: deps
 # a crash stops the run (and `make test`); the corpora grow in build-fuzz/,
 # seeded from fuzz/corpus/.
 fuzz: deps
-	@echo "== fuzzing the header parser and the NBD server, $(FUZZ_SECONDS) s each (build-fuzz/)"
+	@echo "== fuzzing the header parser, the NBD server and the UFFD handshake and record parsers, $(FUZZ_SECONDS) s each (build-fuzz/)"
 	$(call configure,build-fuzz,RelWithDebInfo,-DCMAKE_CXX_COMPILER=clang++ -DLAZYBLOCK_FUZZ=ON)
-	@cmake --build build-fuzz --target header_fuzz nbd_fuzz -j $(JOBS)
-	@for target in header nbd; do \
+	@cmake --build build-fuzz --target header_fuzz nbd_fuzz uffd_fuzz -j $(JOBS)
+	@for target in header nbd uffd; do \
 	  mkdir -p build-fuzz/corpus/$$target; \
 	  echo "-- $${target}_fuzz"; \
 	  build-fuzz/fuzz/$${target}_fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
