@@ -229,6 +229,49 @@ TEST_F(UffdTest, AFaultWhoseFetchFailsWaitsAndGetsTheRightBytes) {
   EXPECT_GE(stats.faults, 1u);
 }
 
+TEST_F(UffdTest, AVmWhosePagesCannotBeFetchedDoesNotHoldUpAnother) {
+  // The data file ends early (its reported size unchanged): every page
+  // past its first 4 MiB fails to fetch, for good.
+  Result<std::shared_ptr<FileStore>> files = FileStore::open(dir_ / "store");
+  ASSERT_TRUE(files);
+  auto faults = std::make_shared<FaultStore>(*files);
+  ChunkerOptions options;
+  options.cache_dir = dir_;
+  Result<std::unique_ptr<image::Device>> memfile = image::Device::open(
+      std::make_shared<image::DataFiles>(faults, options), *image::Uuid::parse(kBuild), "memfile");
+  ASSERT_TRUE(memfile) << memfile.status().to_string();
+  ASSERT_TRUE((*memfile)->learn_sizes().is_ok());
+  faults->set(*FaultSpec::parse("short=" + std::to_string(4 * kMiB)));
+  uffd::UffdOptions uffd_options;
+  uffd_options.workers = 2;  // fewer than the broken VM's stuck faults
+  uffd::UffdServer server(**memfile, uffd_options);
+  ASSERT_TRUE(server.listen_unix(socket()).is_ok());
+  std::thread serving([&] { EXPECT_TRUE(server.serve().is_ok()); });
+
+  // Four vCPUs of one VM fault on pages that cannot be had...
+  Result<std::unique_ptr<FirecrackerStandIn>> broken =
+      FirecrackerStandIn::restore(socket(), {{4 * kMiB, 8 * kMiB, false}});
+  ASSERT_TRUE(broken) << broken.status().to_string();
+  std::vector<std::thread> stuck;
+  for (int vcpu = 0; vcpu < 4; ++vcpu) {
+    const std::byte* page = (*broken)->memory(0) + (2 * vcpu + 1) * kPage;  // none a zero page
+    stuck.emplace_back([page] { (void)*reinterpret_cast<const volatile std::byte*>(page); });
+  }
+  // ...while another VM of the same host gets its pages.
+  Result<std::unique_ptr<FirecrackerStandIn>> healthy =
+      FirecrackerStandIn::restore(socket(), {{1 * kMiB, 0, false}});
+  ASSERT_TRUE(healthy) << healthy.status().to_string();
+  EXPECT_EQ(std::memcmp((*healthy)->memory(0), expected(0, 1 * kMiB).data(), 1 * kMiB), 0);
+
+  // The broken VM's faults are still waiting: ending both sides of its
+  // descriptor lets them go (as zero pages, the VM being gone).
+  healthy->reset();
+  server.stop();
+  serving.join();
+  (*broken)->close_userfaultfd();
+  for (std::thread& vcpu : stuck) vcpu.join();
+}
+
 // Sends `body` as Firecracker would, with a descriptor if `fd` >= 0, and
 // closes the connection.
 void send_handshake(const std::filesystem::path& socket, const std::string& body, int fd) {

@@ -94,6 +94,11 @@ FirecrackerStandIn::~FirecrackerStandIn() {
   for (const Map& map : maps_) ::munmap(map.base, map.size);
 }
 
+void FirecrackerStandIn::close_userfaultfd() {
+  if (uffd_ >= 0) ::close(uffd_);
+  uffd_ = -1;
+}
+
 Status FirecrackerStandIn::remove(size_t region, uint64_t offset, uint64_t length) {
   if (::madvise(maps_[region].base + offset, length, MADV_DONTNEED) != 0) {
     return posix_error("madvise(MADV_DONTNEED)", errno);

@@ -42,6 +42,9 @@ class FirecrackerStandIn {
   const std::string& mappings() const { return mappings_; }
   // The balloon takes [offset, offset + length) of `region` back.
   Status remove(size_t region, uint64_t offset, uint64_t length);
+  // Lets go of the userfaultfd, as an exiting Firecracker does: once the
+  // handler has too, faults still waiting are woken and get zero pages.
+  void close_userfaultfd();
 
  private:
   struct Map {

@@ -46,7 +46,8 @@ constexpr size_t kPrefetchWindow = 256;
 constexpr std::chrono::milliseconds kRetryInstallAfter{1};
 // How long the event thread looks for the next event without sleeping.
 constexpr std::chrono::microseconds kSpinAfterEvent{50};
-// A fault whose fetch failed is tried again after this, doubling up to the cap.
+// A fault whose fetch failed is tried again after this, doubling up to the
+// cap, for as long as the VM lives.
 constexpr std::chrono::milliseconds kFirstRetryDelay{100};
 constexpr std::chrono::milliseconds kMaxRetryDelay{10000};
 
@@ -136,6 +137,10 @@ class UffdServer::Session {
   uint64_t drained_ = 0;             // guarded by mu_: rounds of events drained
   std::set<uint64_t> in_flight_;     // guarded by mu_: pages handed to workers
   std::vector<uint64_t> deferred_;   // guarded by mu_: worker installs that got EAGAIN
+  // Guarded by mu_: pages whose fetch failed, by when to try again, and the
+  // delay before the next try of each (doubling).
+  std::multimap<Clock::time_point, uint64_t> retry_due_;
+  std::map<uint64_t, std::chrono::milliseconds> retry_delay_;
   std::map<uint64_t, uint64_t> removed_;  // guarded by mu_: start -> end, disjoint
 };
 
@@ -279,14 +284,20 @@ Status UffdServer::Session::serve_events() {
     // drained; but the kernel lets installs fail a moment longer, until the
     // thread whose REMOVE we read has run on, and no event tells us when:
     // with installs to retry, look again soon even if nothing comes.
-    bool retries_pending;
+    int timeout_ms = -1;
     {
       std::lock_guard lock(mu_);
-      retries_pending = !deferred_.empty();
+      if (!deferred_.empty()) {
+        timeout_ms = static_cast<int>(kRetryInstallAfter.count());
+      } else if (!retry_due_.empty()) {
+        // Until the first failed fetch is due to be tried again.
+        timeout_ms = static_cast<int>(std::clamp<int64_t>(
+            std::chrono::ceil<std::chrono::milliseconds>(retry_due_.begin()->first - Clock::now())
+                .count(),
+            0, kMaxRetryDelay.count()));
+      }
     }
-    if (ready == 0) {
-      ready = ::poll(fds, 3, retries_pending ? kRetryInstallAfter.count() : -1);
-    }
+    if (ready == 0) ready = ::poll(fds, 3, timeout_ms);
     if (ready < 0) {
       if (errno == EINTR) continue;
       return posix_error("poll", errno);
@@ -322,6 +333,11 @@ Status UffdServer::Session::serve_events() {
     {
       std::lock_guard lock(mu_);
       retries.swap(deferred_);
+      const Clock::time_point now = Clock::now();
+      while (!retry_due_.empty() && retry_due_.begin()->first <= now) {
+        retries.push_back(retry_due_.begin()->second);
+        retry_due_.erase(retry_due_.begin());
+      }
       ++drained_;
       changed_.notify_all();
     }
@@ -454,6 +470,7 @@ UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address,
   if (retry && result != Install::kAgain) {
     std::lock_guard lock(mu_);
     in_flight_.erase(page->address);
+    retry_delay_.erase(page->address);
   }
   return result;
 }
@@ -461,45 +478,38 @@ UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address,
 void UffdServer::Session::fetch_and_install(Page page) {
   image::Device& memfile = server_.memfile_;
   std::vector<std::byte> bounce;
-  std::span<const std::byte> bytes;
-  std::chrono::milliseconds delay = kFirstRetryDelay;
-  bool stopped = false;
-  for (;;) {
-    Result<std::span<const std::byte>> slice = memfile.slice(page.offset, page.size);
-    if (!slice && slice.status().code() == StatusCode::kInvalidArgument) {
-      // The page crosses mappings (a huge page over diff layers): assemble it.
-      bounce.resize(page.size);
-      Result<size_t> got = memfile.read_at(bounce, page.offset);
-      slice = got ? Result<std::span<const std::byte>>(std::span<const std::byte>(bounce))
-                  : Result<std::span<const std::byte>>(got.status());
-    }
-    if (slice) {
-      bytes = *slice;
-      break;
-    }
-    // The vCPU must not see wrong bytes: it waits while we try again.
-    log(LogLevel::kError, "serve uffd: page at {:#x} (memfile [{}, +{})): {}; trying again in {} ms",
-        page.address, page.offset, page.size, slice.status().to_string(), delay.count());
-    std::unique_lock lock(mu_);
-    if (changed_.wait_for(lock, delay, [&] { return stopping_; })) {
-      stopped = true;
-      break;
-    }
-    delay = std::min(2 * delay, kMaxRetryDelay);
+  Result<std::span<const std::byte>> bytes = memfile.slice(page.offset, page.size);
+  if (!bytes && bytes.status().code() == StatusCode::kInvalidArgument) {
+    // The page crosses mappings (a huge page over diff layers): assemble it.
+    bounce.resize(page.size);
+    Result<size_t> got = memfile.read_at(bounce, page.offset);
+    bytes = got ? Result<std::span<const std::byte>>(std::span<const std::byte>(bounce))
+                : Result<std::span<const std::byte>>(got.status());
   }
   Install result = Install::kFailed;
-  if (!stopped) {
-    result = copy(page, bytes);
+  if (bytes) {
+    result = copy(page, *bytes);
     if (result != Install::kAgain) server_.counters_.served_fetched.fetch_add(1);
   }
   std::lock_guard lock(mu_);
-  if (result == Install::kAgain && !stopping_) {
+  if (!bytes && !stopping_) {
+    // The vCPU must not see wrong bytes: it waits while the event thread
+    // tries again later, with this worker free for other faults meanwhile
+    // (a broken object must not hold up every VM of the host).
+    auto [delay, first] = retry_delay_.try_emplace(page.address, kFirstRetryDelay);
+    log(LogLevel::kError, "serve uffd: page at {:#x} (memfile [{}, +{})): {}; trying again in {} ms",
+        page.address, page.offset, page.size, bytes.status().to_string(), delay->second.count());
+    retry_due_.emplace(Clock::now() + delay->second, page.address);
+    delay->second = std::min(2 * delay->second, kMaxRetryDelay);
+    wake_events();
+  } else if (result == Install::kAgain && !stopping_) {
     // The event thread drains the queued event, then installs the page
     // (cached by now) itself, or hands it back to a worker.
     deferred_.push_back(page.address);
     wake_events();
   } else {
     in_flight_.erase(page.address);
+    retry_delay_.erase(page.address);
   }
   --tasks_;
   changed_.notify_all();
