@@ -1,28 +1,44 @@
 #include "common/task_group.h"
 
-#include <thread>
+#include <algorithm>
 
 namespace lazyblock {
 
+// Threads are joined, not detached: a thread's exit runs libraries'
+// thread-local destructors (OpenSSL's among them), which must be over before
+// the owner, or the process, tears those libraries down.
 void TaskGroup::spawn(std::function<void()> task) {
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  std::thread thread([task = std::move(task), done]() mutable {
+    task();
+    task = nullptr;  // drop what the task holds before saying it is done
+    done->store(true, std::memory_order_release);
+  });
+  std::vector<Worker> finished;
   {
     std::lock_guard lock(mu_);
-    ++running_;
+    // Reap the threads whose tasks are over, so that they do not pile up.
+    auto over = std::partition(workers_.begin(), workers_.end(), [](const Worker& w) {
+      return !w.done->load(std::memory_order_acquire);
+    });
+    std::move(over, workers_.end(), std::back_inserter(finished));
+    workers_.erase(over, workers_.end());
+    workers_.push_back({std::move(thread), std::move(done)});
   }
-  std::thread([this, task = std::move(task)]() mutable {
-    task();
-    // Drop what the task holds before the group may go away.
-    task = nullptr;
-    // Notify while holding the lock: once it is released, wait() may return
-    // and the group be destroyed, so nothing of it may be touched after.
-    std::lock_guard lock(mu_);
-    if (--running_ == 0) idle_.notify_all();
-  }).detach();
+  for (Worker& worker : finished) worker.thread.join();  // each is exiting already
 }
 
 void TaskGroup::wait() {
-  std::unique_lock lock(mu_);
-  idle_.wait(lock, [this] { return running_ == 0; });
+  for (;;) {
+    std::vector<Worker> workers;
+    {
+      std::lock_guard lock(mu_);
+      workers.swap(workers_);
+    }
+    if (workers.empty()) return;
+    // Tasks may start more tasks while we join: look again after.
+    for (Worker& worker : workers) worker.thread.join();
+  }
 }
 
 }  // namespace lazyblock

@@ -2,9 +2,12 @@
 // all waited for before their owner goes away.
 #pragma once
 
-#include <condition_variable>
+#include <atomic>
 #include <functional>
+#include <memory>
 #include <mutex>
+#include <thread>
+#include <vector>
 
 namespace lazyblock {
 
@@ -16,15 +19,20 @@ class TaskGroup {
   TaskGroup(const TaskGroup&) = delete;
   TaskGroup& operator=(const TaskGroup&) = delete;
 
-  // Runs `task` on a new thread.
+  // Runs `task` on a new thread. Tasks may start tasks.
   void spawn(std::function<void()> task);
-  // Blocks until no task is running.
+  // Blocks until every task started, and every task those started, has
+  // returned and its thread has exited.
   void wait();
 
  private:
+  struct Worker {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;  // its task has returned
+  };
+
   std::mutex mu_;
-  std::condition_variable idle_;
-  int running_ = 0;  // guarded by mu_
+  std::vector<Worker> workers_;  // guarded by mu_: not yet joined
 };
 
 }  // namespace lazyblock
