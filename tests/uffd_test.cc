@@ -87,10 +87,28 @@ class UffdTest : public ::testing::Test {
   }
   std::filesystem::path socket() const { return dir_ / "uffd.sock"; }
 
+  // The packed memfile read in this process, through a store the test may
+  // break at any time (faults_), its data file's size already learned.
+  void open_breakable_memfile() {
+    Result<std::shared_ptr<FileStore>> files = FileStore::open(dir_ / "store");
+    ASSERT_TRUE(files);
+    faults_ = std::make_shared<FaultStore>(*files);
+    ChunkerOptions options;
+    options.cache_dir = dir_;
+    Result<std::unique_ptr<image::Device>> memfile =
+        image::Device::open(std::make_shared<image::DataFiles>(faults_, options),
+                            *image::Uuid::parse(kBuild), "memfile");
+    ASSERT_TRUE(memfile) << memfile.status().to_string();
+    ASSERT_TRUE((*memfile)->learn_sizes().is_ok());
+    device_ = std::move(memfile).value();
+  }
+
   std::optional<testing::ScratchDir> scratch_;
   std::filesystem::path dir_;
   std::string store_;
   std::vector<std::byte> memfile_;
+  std::shared_ptr<FaultStore> faults_;     // by open_breakable_memfile
+  std::unique_ptr<image::Device> device_;  // by open_breakable_memfile
 };
 
 // Reads every page of `memory` (mapping memfile bytes from `offset`) in a
@@ -203,20 +221,12 @@ TEST_F(UffdTest, AFaultWhoseFetchFailsWaitsAndGetsTheRightBytes) {
   // In process, to break the store only once serving has begun: its first
   // reads fail, with no retry layer to hide it. The handler must neither
   // give the vCPU wrong bytes nor give up on it.
-  Result<std::shared_ptr<FileStore>> files = FileStore::open(dir_ / "store");
-  ASSERT_TRUE(files);
-  auto faults = std::make_shared<FaultStore>(*files);
-  ChunkerOptions options;
-  options.cache_dir = dir_;
-  Result<std::unique_ptr<image::Device>> memfile = image::Device::open(
-      std::make_shared<image::DataFiles>(faults, options), *image::Uuid::parse(kBuild), "memfile");
-  ASSERT_TRUE(memfile) << memfile.status().to_string();
-  ASSERT_TRUE((*memfile)->learn_sizes().is_ok());
-  uffd::UffdServer server(**memfile, {});
+  ASSERT_NO_FATAL_FAILURE(open_breakable_memfile());
+  uffd::UffdServer server(*device_, {});
   ASSERT_TRUE(server.listen_unix(socket()).is_ok());
   std::thread serving([&] { EXPECT_TRUE(server.serve().is_ok()); });
 
-  faults->set(*FaultSpec::parse("fail-open,times=2"));
+  faults_->set(*FaultSpec::parse("fail-open,times=2"));
   Result<std::unique_ptr<FirecrackerStandIn>> vm =
       FirecrackerStandIn::restore(socket(), {{1 * kMiB, 5 * kMiB, false}});
   ASSERT_TRUE(vm) << vm.status().to_string();
@@ -232,19 +242,11 @@ TEST_F(UffdTest, AFaultWhoseFetchFailsWaitsAndGetsTheRightBytes) {
 TEST_F(UffdTest, AVmWhosePagesCannotBeFetchedDoesNotHoldUpAnother) {
   // The data file ends early (its reported size unchanged): every page
   // past its first 4 MiB fails to fetch, for good.
-  Result<std::shared_ptr<FileStore>> files = FileStore::open(dir_ / "store");
-  ASSERT_TRUE(files);
-  auto faults = std::make_shared<FaultStore>(*files);
-  ChunkerOptions options;
-  options.cache_dir = dir_;
-  Result<std::unique_ptr<image::Device>> memfile = image::Device::open(
-      std::make_shared<image::DataFiles>(faults, options), *image::Uuid::parse(kBuild), "memfile");
-  ASSERT_TRUE(memfile) << memfile.status().to_string();
-  ASSERT_TRUE((*memfile)->learn_sizes().is_ok());
-  faults->set(*FaultSpec::parse("short=" + std::to_string(4 * kMiB)));
+  ASSERT_NO_FATAL_FAILURE(open_breakable_memfile());
+  faults_->set(*FaultSpec::parse("short=" + std::to_string(4 * kMiB)));
   uffd::UffdOptions uffd_options;
   uffd_options.workers = 2;  // fewer than the broken VM's stuck faults
-  uffd::UffdServer server(**memfile, uffd_options);
+  uffd::UffdServer server(*device_, uffd_options);
   ASSERT_TRUE(server.listen_unix(socket()).is_ok());
   std::thread serving([&] { EXPECT_TRUE(server.serve().is_ok()); });
 
