@@ -1,5 +1,6 @@
 #include "common/atomic_bitmap.h"
 
+#include <algorithm>
 #include <bit>
 
 namespace lazyblock {
@@ -63,6 +64,21 @@ uint64_t AtomicBitmap::count() const {
     total += static_cast<uint64_t>(std::popcount(words_[i].load(std::memory_order_acquire)));
   }
   return total;
+}
+
+std::vector<uint64_t> AtomicBitmap::words() const {
+  std::vector<uint64_t> out((bits_ + 63) / 64);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = words_[i].load(std::memory_order_acquire);
+  return out;
+}
+
+void AtomicBitmap::set_words(const std::vector<uint64_t>& words) {
+  const size_t count = std::min<size_t>(words.size(), (bits_ + 63) / 64);
+  for (size_t i = 0; i < count; ++i) {
+    // Bits past the end stay clear whatever the words say.
+    const uint64_t valid = (i + 1) * 64 <= bits_ ? ~uint64_t{0} : word_mask(0, bits_ - i * 64);
+    words_[i].fetch_or(words[i] & valid, std::memory_order_release);
+  }
 }
 
 }  // namespace lazyblock

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 namespace lazyblock {
 
@@ -28,6 +29,12 @@ class AtomicBitmap {
   // Sets every bit in [begin, end).
   void set_range(uint64_t begin, uint64_t end);
   uint64_t count() const;
+
+  // The bits as 64-bit words (bit i is bit i % 64 of word i / 64), each
+  // word read atomically: a snapshot for saving the bitmap.
+  std::vector<uint64_t> words() const;
+  // Sets every bit that is set in `words` (as words() gives them).
+  void set_words(const std::vector<uint64_t>& words);
 
  private:
   const uint64_t bits_;

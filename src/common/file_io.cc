@@ -1,5 +1,6 @@
 #include "common/file_io.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -35,6 +36,18 @@ Status pwrite_all(int fd, std::span<const std::byte> data, uint64_t offset,
     offset += static_cast<uint64_t>(put);
     data = data.subspan(static_cast<size_t>(put));
   }
+  return Status::ok();
+}
+
+Status sync_parent_directory(const std::filesystem::path& path) {
+  const std::filesystem::path parent =
+      path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
+  const int fd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return posix_error(fmt::format("open directory {}", parent.string()), errno);
+  const int synced = ::fsync(fd);
+  const int error = errno;
+  ::close(fd);
+  if (synced != 0) return posix_error(fmt::format("sync directory {}", parent.string()), error);
   return Status::ok();
 }
 

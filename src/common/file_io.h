@@ -22,6 +22,10 @@ Result<size_t> pread_up_to(int fd, std::span<std::byte> buffer, uint64_t offset,
 Status pwrite_all(int fd, std::span<const std::byte> data, uint64_t offset,
                   std::string_view what);
 
+// Makes the entries of the directory holding `path` durable (a file just
+// created or renamed there): fsync of the directory.
+Status sync_parent_directory(const std::filesystem::path& path);
+
 // $TMPDIR, or /tmp when it is unset or empty.
 std::filesystem::path temp_directory();
 

@@ -16,6 +16,8 @@ std::string_view status_code_name(StatusCode code) {
     case StatusCode::kTimeout: return "timeout";
     case StatusCode::kCancelled: return "cancelled";
     case StatusCode::kUnavailable: return "unavailable";
+    case StatusCode::kNoSpace: return "no space";
+    case StatusCode::kAlreadyExists: return "already exists";
   }
   return "unknown";
 }
@@ -39,6 +41,9 @@ Status posix_error(std::string_view context, int err) {
     case EAGAIN:
     case EINTR:
     case ECONNRESET: return Status::unavailable(std::move(msg));
+    case ENOSPC:
+    case EDQUOT: return Status::no_space(std::move(msg));
+    case EEXIST: return Status::already_exists(std::move(msg));
     default: return Status::io_error(std::move(msg));
   }
 }

@@ -24,6 +24,8 @@ enum class StatusCode {
   kTimeout,          // a deadline passed
   kCancelled,        // the work was abandoned (shutdown)
   kUnavailable,      // a transient failure: worth retrying
+  kNoSpace,          // the local file system (or quota) is full
+  kAlreadyExists,    // the thing exists or is in use, and replacing it was not asked for
 };
 
 std::string_view status_code_name(StatusCode code);
@@ -43,6 +45,10 @@ class [[nodiscard]] Status {
   static Status timeout(std::string msg) { return {StatusCode::kTimeout, std::move(msg)}; }
   static Status cancelled(std::string msg) { return {StatusCode::kCancelled, std::move(msg)}; }
   static Status unavailable(std::string msg) { return {StatusCode::kUnavailable, std::move(msg)}; }
+  static Status no_space(std::string msg) { return {StatusCode::kNoSpace, std::move(msg)}; }
+  static Status already_exists(std::string msg) {
+    return {StatusCode::kAlreadyExists, std::move(msg)};
+  }
 
   bool is_ok() const { return code_ == StatusCode::kOk; }
   explicit operator bool() const { return is_ok(); }

@@ -74,6 +74,7 @@ class Device {
 
   const Header& header() const { return header_; }
   uint64_t size() const { return header_.size; }
+  const std::string& name() const { return name_; }
 
   // Copies [offset, offset + buffer.size()) clipped to the device's end into
   // `buffer`; returns the count copied.

@@ -1,23 +1,20 @@
 #include "image/overlay.h"
-#include "common/file_io.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
-#include <cstdlib>
 #include <cstring>
-#include <fstream>
 
 #include <fmt/format.h>
 
+#include "common/file_io.h"
 #include "common/units.h"
 
 namespace lazyblock::image {
 namespace {
-
-constexpr char kMapMagic[8] = {'L', 'B', 'O', 'V', 'M', 'A', 'P', '1'};
 
 // Overlay bytes; past the file's end (a disk not a block multiple), zeros.
 Status pread_full(int fd, std::span<std::byte> buffer, uint64_t offset) {
@@ -27,85 +24,121 @@ Status pread_full(int fd, std::span<std::byte> buffer, uint64_t offset) {
   return Status::ok();
 }
 
-std::filesystem::path map_path(const std::filesystem::path& path) {
-  return path.string() + ".map";
+OverlayIdentity identity_of(const Device& device) {
+  return {device.header().build_id, device.name(), device.size(), device.header().block_size};
 }
 
-// The block map of a kept overlay.
-Result<std::vector<bool>> load_map(const std::filesystem::path& path, uint64_t size,
-                                   uint64_t block_size) {
-  std::ifstream in(map_path(path), std::ios::binary);
-  if (!in) return Status::not_found(fmt::format("overlay map {} is missing", map_path(path).string()));
-  char magic[8];
-  uint64_t stored_size = 0, stored_block = 0;
-  in.read(magic, 8);
-  in.read(reinterpret_cast<char*>(&stored_size), 8);
-  in.read(reinterpret_cast<char*>(&stored_block), 8);
-  if (!in || std::memcmp(magic, kMapMagic, 8) != 0) {
-    return Status::corruption(fmt::format("{} is not an overlay map", map_path(path).string()));
+// The data file must hold every block of the device.
+Status check_data_file(int fd, const std::filesystem::path& path, uint64_t needed) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return posix_error("stat overlay " + path.string(), errno);
+  if (!S_ISREG(st.st_mode)) {
+    return Status::invalid_argument(fmt::format("overlay {} is not a regular file", path.string()));
   }
-  if (stored_size != size || stored_block != block_size) {
-    return Status::invalid_argument(fmt::format(
-        "overlay {} is of a disk of {} bytes in blocks of {}, not {} in blocks of {}",
-        path.string(), stored_size, stored_block, size, block_size));
+  if (static_cast<uint64_t>(st.st_size) < needed) {
+    return Status::corruption(fmt::format(
+        "overlay {} holds {} bytes, but its map needs {}: the data file was truncated or "
+        "replaced",
+        path.string(), st.st_size, needed));
   }
-  const uint64_t blocks = div_round_up(size, block_size);
-  std::vector<uint8_t> bits(div_round_up(blocks, 8));
-  in.read(reinterpret_cast<char*>(bits.data()), static_cast<std::streamsize>(bits.size()));
-  if (!in) return Status::corruption(fmt::format("overlay map {} is truncated", map_path(path).string()));
-  std::vector<bool> present(blocks);
-  for (uint64_t i = 0; i < blocks; ++i) present[i] = (bits[i / 8] >> (i % 8)) & 1;
-  return present;
+  return Status::ok();
 }
 
 }  // namespace
+
+// Holds the stripes of a block range, each once, in stripe order (the one
+// order every writer takes them in, so no two writers deadlock).
+class Overlay::BlockLocks {
+ public:
+  BlockLocks(Overlay& overlay, uint64_t first, uint64_t last) {
+    const uint64_t count = overlay.stripes_.size();
+    std::array<bool, 64> wanted{};
+    if (last - first + 1 >= count) {
+      wanted.fill(true);
+    } else {
+      for (uint64_t block = first; block <= last; ++block) wanted[block % count] = true;
+    }
+    for (uint64_t i = 0; i < count; ++i) {
+      if (wanted[i]) held_.emplace_back(overlay.stripes_[i]);
+    }
+  }
+
+ private:
+  std::vector<std::unique_lock<std::mutex>> held_;
+};
 
 Result<std::unique_ptr<Overlay>> Overlay::open(Device& device,
                                                std::optional<std::filesystem::path> path,
                                                const std::filesystem::path& temp_dir) {
   const uint64_t size = device.size();
   const uint64_t block = device.header().block_size;
-  std::vector<bool> present;
-  int fd = -1;
-  if (path && std::filesystem::exists(*path)) {
-    Result<std::vector<bool>> map = load_map(*path, size, block);
-    if (!map) return map.status();
-    present = std::move(map).value();
-    fd = ::open(path->c_str(), O_RDWR | O_CLOEXEC);
-    if (fd < 0) return posix_error("open overlay " + path->string(), errno);
-  } else if (path) {
-    fd = ::open(path->c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (fd < 0) return posix_error("create overlay " + path->string(), errno);
-  } else {
+  const uint64_t data_size = align_up(size, block);
+  const OverlayIdentity identity = identity_of(device);
+  if (!path) {
     const std::filesystem::path dir = temp_dir.empty() ? temp_directory() : temp_dir;
-    fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-    if (fd < 0) return posix_error("create an overlay in " + dir.string(), errno);
+    UniqueFd fd(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
+    if (!fd) return posix_error("create an overlay in " + dir.string(), errno);
+    if (::ftruncate(fd.get(), static_cast<off_t>(data_size)) != 0) {
+      return posix_error("size the overlay", errno);
+    }
+    return std::unique_ptr<Overlay>(new Overlay(device, std::move(fd), nullptr, size, block));
   }
-  if (::ftruncate(fd, static_cast<off_t>(align_up(size, block))) != 0) {
-    const int error = errno;
-    ::close(fd);
-    return posix_error("size the overlay", error);
+
+  std::unique_ptr<OverlayMap> map;
+  UniqueFd fd;
+  std::error_code ignored;  // a path that cannot be looked at is opened below, and refused there
+  const bool data_exists = std::filesystem::exists(std::filesystem::symlink_status(*path, ignored));
+  const bool map_exists =
+      std::filesystem::exists(std::filesystem::symlink_status(OverlayMap::path_for(*path), ignored));
+  if (!data_exists && !map_exists) {
+    // A new overlay: the data file first, then the map that vouches for it.
+    fd.reset(::open(path->c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+    if (!fd) return posix_error("create overlay " + path->string(), errno);
+    if (::ftruncate(fd.get(), static_cast<off_t>(data_size)) != 0 || ::fsync(fd.get()) != 0) {
+      const Status failed = posix_error("size overlay " + path->string(), errno);
+      ::unlink(path->c_str());
+      return failed;
+    }
+    Result<std::unique_ptr<OverlayMap>> created = OverlayMap::create(*path, identity, data_size);
+    if (!created) {
+      ::unlink(path->c_str());
+      return created.status();
+    }
+    map = std::move(created).value();
+  } else {
+    Result<std::unique_ptr<OverlayMap>> opened =
+        OverlayMap::open(*path, identity, OverlayMap::Access::kWrite);
+    if (!opened) return opened.status();
+    map = std::move(opened).value();
+    fd.reset(::open(path->c_str(), O_RDWR | O_CLOEXEC));
+    if (!fd) {
+      if (errno == ENOENT) {
+        return Status::not_found(fmt::format(
+            "overlay {} of {}: its data file is missing (its map {} is there): the writes it "
+            "held are gone; remove the map to start afresh",
+            path->string(), identity.to_string(), OverlayMap::path_for(*path).string()));
+      }
+      return posix_error("open overlay " + path->string(), errno);
+    }
+    LB_RETURN_IF_ERROR(check_data_file(fd.get(), *path, map->data_file_size()));
   }
-  std::unique_ptr<Overlay> overlay(new Overlay(device, fd, std::move(path), size, block));
-  for (uint64_t i = 0; i < present.size(); ++i) {
-    if (present[i]) overlay->present_.set_range(i, i + 1);
-  }
-  if (overlay->path_) LB_RETURN_IF_ERROR(overlay->save_map());
+  std::unique_ptr<Overlay> overlay(
+      new Overlay(device, std::move(fd), std::move(map), size, block));
+  overlay->present_.set_words(overlay->map_->words());
   return overlay;
 }
 
-Overlay::Overlay(Device& device, int fd, std::optional<std::filesystem::path> path,
-                 uint64_t size, uint64_t block_size)
+Overlay::Overlay(Device& device, UniqueFd fd, std::unique_ptr<OverlayMap> map, uint64_t size,
+                 uint64_t block_size)
     : device_(device),
-      fd_(fd),
-      path_(std::move(path)),
+      fd_(std::move(fd)),
+      map_(std::move(map)),
       size_(size),
       block_size_(block_size),
       present_(div_round_up(size, block_size)) {}
 
 Overlay::~Overlay() {
-  if (path_) (void)flush();  // what cannot be saved now was reported by the last flush
-  ::close(fd_);
+  if (map_) (void)flush();  // what cannot be saved now was reported by the last flush
 }
 
 Result<size_t> Overlay::read_at(std::span<std::byte> buffer, uint64_t offset) {
@@ -120,7 +153,7 @@ Result<size_t> Overlay::read_at(std::span<std::byte> buffer, uint64_t offset) {
     const uint64_t run_end = std::min(end, run_end_block * block_size_);
     const std::span<std::byte> piece = buffer.subspan(position - offset, run_end - position);
     if (in_overlay) {
-      LB_RETURN_IF_ERROR(pread_full(fd_, piece, position));
+      LB_RETURN_IF_ERROR(pread_full(fd_.get(), piece, position));
     } else {
       Result<size_t> got = device_.read_at(piece, position);
       if (!got) return got.status();
@@ -130,13 +163,20 @@ Result<size_t> Overlay::read_at(std::span<std::byte> buffer, uint64_t offset) {
   return end - offset;
 }
 
-Status Overlay::own_block_locked(uint64_t index) {
-  if (present_.test(index)) return Status::ok();
+Status Overlay::write_partial_locked(uint64_t index, uint64_t offset_in_block,
+                                     std::span<const std::byte> data) {
+  const uint64_t block_offset = index * block_size_;
+  if (present_.test(index)) {
+    return pwrite_all(fd_.get(), data, block_offset + offset_in_block, "the overlay");
+  }
+  // The block's other bytes come from the device: merged here and written
+  // whole, so the file never holds half of a block's old and new bytes.
   std::vector<std::byte> block(block_size_);
-  Result<size_t> got = device_.read_at(block, index * block_size_);
+  Result<size_t> got = device_.read_at(block, block_offset);
   if (!got) return got.status();
   std::memset(block.data() + *got, 0, block.size() - *got);
-  LB_RETURN_IF_ERROR(pwrite_all(fd_, block, index * block_size_, "the overlay"));
+  std::memcpy(block.data() + offset_in_block, data.data(), data.size());
+  LB_RETURN_IF_ERROR(pwrite_all(fd_.get(), block, block_offset, "the overlay"));
   present_.set_range(index, index + 1);
   return Status::ok();
 }
@@ -146,25 +186,24 @@ Status Overlay::write_at(std::span<const std::byte> data, uint64_t offset) {
     return Status::invalid_argument(fmt::format("write of {} bytes at {} past the disk's end at {}",
                                                 data.size(), offset, size_));
   }
+  if (data.empty()) return Status::ok();
   const uint64_t end = offset + data.size();
+  BlockLocks locks(*this, offset / block_size_, (end - 1) / block_size_);
   for (uint64_t position = offset; position < end;) {
     const uint64_t block = position / block_size_;
     const uint64_t block_begin = block * block_size_;
     if (position == block_begin && end - position >= block_size_) {
       // A run of whole blocks: straight to the file, then marked.
       const uint64_t whole = align_down(end - position, block_size_);
-      LB_RETURN_IF_ERROR(pwrite_all(fd_, data.subspan(position - offset, whole), position, "the overlay"));
+      LB_RETURN_IF_ERROR(
+          pwrite_all(fd_.get(), data.subspan(position - offset, whole), position, "the overlay"));
       present_.set_range(block, block + whole / block_size_);
       position += whole;
       continue;
     }
-    // Part of a block: the rest of it comes from the device first.
     const uint64_t piece_end = std::min(end, block_begin + block_size_);
-    std::lock_guard lock(lock_for(block));
-    LB_RETURN_IF_ERROR(own_block_locked(block));
-    LB_RETURN_IF_ERROR(
-        pwrite_all(fd_, data.subspan(position - offset, piece_end - position), position,
-                   "the overlay"));
+    LB_RETURN_IF_ERROR(write_partial_locked(block, position - block_begin,
+                                            data.subspan(position - offset, piece_end - position)));
     position = piece_end;
   }
   return Status::ok();
@@ -190,8 +229,9 @@ Status Overlay::write_zeros(uint64_t offset, uint64_t length) {
   if (first_whole >= end) return zero_bytes(offset, end);
   LB_RETURN_IF_ERROR(zero_bytes(offset, first_whole));
   if (last_whole > first_whole) {
+    BlockLocks locks(*this, first_whole / block_size_, last_whole / block_size_ - 1);
     // A hole reads as zeros and costs no space.
-    if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+    if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                     static_cast<off_t>(first_whole),
                     static_cast<off_t>(last_whole - first_whole)) != 0) {
       return posix_error("punch a hole in the overlay", errno);
@@ -202,42 +242,57 @@ Status Overlay::write_zeros(uint64_t offset, uint64_t length) {
 }
 
 Status Overlay::flush() {
-  if (::fdatasync(fd_) != 0) return posix_error("sync the overlay", errno);
-  if (path_) return save_map();
-  return Status::ok();
+  if (!map_) return Status::ok();  // a temporary overlay does not outlive the process
+  std::unique_lock lock(flush_mu_);
+  // A round already running may have taken its snapshot before this
+  // caller's writes completed: only a round that starts from now covers them.
+  const uint64_t needed = rounds_started_ + 1;
+  while (rounds_finished_ < needed) {
+    if (flushing_) {
+      flush_done_.wait(lock);
+      continue;
+    }
+    flushing_ = true;
+    ++rounds_started_;
+    lock.unlock();
+    Status status = flush_round();
+    lock.lock();
+    flushing_ = false;
+    ++rounds_finished_;
+    last_round_ = std::move(status);
+    flush_done_.notify_all();
+  }
+  return last_round_;
 }
 
-Status Overlay::save_map() const {
-  const uint64_t blocks = present_.size();
-  std::vector<uint8_t> bits(div_round_up(blocks, 8));
-  for (uint64_t i = 0; i < blocks; ++i) {
-    if (present_.test(i)) bits[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
-  }
-  // Written beside, then renamed: a crash leaves the old map or the new.
-  const std::filesystem::path target = map_path(*path_);
-  const std::filesystem::path temp = target.string() + ".tmp";
-  {
-    std::ofstream out(temp, std::ios::binary | std::ios::trunc);
-    out.write(kMapMagic, 8);
-    out.write(reinterpret_cast<const char*>(&size_), 8);
-    out.write(reinterpret_cast<const char*>(&block_size_), 8);
-    out.write(reinterpret_cast<const char*>(bits.data()), static_cast<std::streamsize>(bits.size()));
-    out.flush();
-    if (!out) return Status::io_error("write overlay map " + temp.string());
-  }
-  std::error_code error;
-  std::filesystem::rename(temp, target, error);
-  if (error) return Status::io_error("rename overlay map: " + error.message());
-  return Status::ok();
+Status Overlay::flush_round() {
+  // The order makes a crash at any moment safe: the bits are taken before
+  // the data is synced, so every block they name has its bytes on disk
+  // before the map that names it is.
+  const std::vector<uint64_t> snapshot = present_.words();
+  if (::fdatasync(fd_.get()) != 0) return posix_error("sync the overlay", errno);
+  return map_->save(snapshot, align_up(size_, block_size_));
 }
 
-Result<Overlay::Kept> Overlay::load_kept(const std::filesystem::path& path, uint64_t device_size,
-                                         uint64_t block_size) {
-  Result<std::vector<bool>> map = load_map(path, device_size, block_size);
+Result<Overlay::Kept> Overlay::open_kept(const std::filesystem::path& path,
+                                         const OverlayIdentity& expected) {
+  Result<std::unique_ptr<OverlayMap>> map =
+      OverlayMap::open(path, expected, OverlayMap::Access::kRead);
   if (!map) return map.status();
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return posix_error("open overlay " + path.string(), errno);
-  return Kept{fd, std::move(map).value()};
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) {
+    if (errno == ENOENT) {
+      return Status::not_found(fmt::format("overlay {} of {}: its data file is missing",
+                                           path.string(), expected.to_string()));
+    }
+    return posix_error("open overlay " + path.string(), errno);
+  }
+  LB_RETURN_IF_ERROR(check_data_file(fd.get(), path, (*map)->data_file_size()));
+  const uint64_t blocks = div_round_up(expected.device_size, expected.block_size);
+  std::vector<bool> present(blocks);
+  const std::vector<uint64_t>& words = (*map)->words();
+  for (uint64_t i = 0; i < blocks; ++i) present[i] = (words[i / 64] >> (i % 64)) & 1;
+  return Kept{std::move(fd), std::move(present), std::move(map).value()};
 }
 
 }  // namespace lazyblock::image

@@ -3,21 +3,27 @@
 // stored objects are never modified.
 //
 // Data flow: one bit per device block says whether the block lives in the
-// overlay file. A write of whole blocks goes straight to the file; a write of
-// part of a block first copies the block from the device (under that
-// block's lock), so the overlay always holds whole blocks. A read takes each
-// run of blocks from the overlay or from the device. A bit is set only after
-// its block's bytes are in the file, and never cleared, so a reader that
-// sees it sees the bytes. Zeroing whole blocks punches a hole.
+// overlay file. Every write takes the locks of the blocks it touches (lock
+// stripes, taken in one order), so writes to one block are atomic with
+// respect to each other: a whole block goes straight to the file; part of a
+// block not yet in the file is merged with the device's bytes in memory and
+// written whole. A read takes each run of blocks from the overlay or from
+// the device, without a lock: a bit is set only after its block's bytes are
+// in the file, and never cleared. Zeroing whole blocks punches a hole.
 //
-// Kept overlays (`--overlay PATH`): the file is PATH, its block map
-// PATH.map ("LBOVMAP1", u64 device size, u64 block size, then the bits),
-// written on flush() and when the overlay closes. Opening an existing PATH
-// resumes it (device size and block size must match); `pack --parent
-// --overlay PATH` turns its blocks into the next generation.
+// Kept overlays (`--overlay PATH`): the data file is PATH, its block map
+// PATH.map (overlay_map.h), which records the device the overlay belongs
+// to and is locked while served. flush() makes every write completed before
+// it durable: the map's bits are snapshot, the data file synced, then the
+// map saved (one sync of its own); concurrent flushes coalesce behind one
+// writer, so a flush that arrives while one is being written waits for the
+// next round, which covers it, and none fails unless the disk does. A
+// temporary overlay (no PATH) dies with the process, so its flush syncs
+// nothing.
 #pragma once
 
 #include <array>
+#include <condition_variable>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
@@ -28,17 +34,23 @@
 
 #include "common/atomic_bitmap.h"
 #include "common/status.h"
+#include "common/unique_fd.h"
 #include "image/device.h"
+#include "image/overlay_map.h"
 
 namespace lazyblock::image {
 
 class Overlay {
  public:
   // An overlay of `device` in an unnamed file in `temp_dir` (gone when
-  // closed), or kept at `path`.
+  // closed), or kept at `path`: created there if PATH does not exist,
+  // resumed if it is an overlay of this very device, refused otherwise
+  // (another device, a data file missing or shorter than the map says,
+  // another process serving it).
   static Result<std::unique_ptr<Overlay>> open(Device& device,
                                                std::optional<std::filesystem::path> path,
                                                const std::filesystem::path& temp_dir = {});
+  // Flushes a kept overlay.
   ~Overlay();
 
   uint64_t size() const { return size_; }
@@ -47,42 +59,57 @@ class Overlay {
   // Copies [offset, offset + buffer.size()) of the disk, clipped to its end.
   Result<size_t> read_at(std::span<std::byte> buffer, uint64_t offset);
   // Writes `data` at `offset`; the range must lie within the disk.
+  // kNoSpace when the overlay's file system is full.
   Status write_at(std::span<const std::byte> data, uint64_t offset);
   // Makes [offset, offset + length) read as zeros (trim and write-zeroes).
   Status write_zeros(uint64_t offset, uint64_t length);
-  // Makes every completed write durable (and the block map, if kept).
+  // Makes every write completed before the call durable (see above).
   Status flush();
 
   // Whether block `index` lives in the overlay.
   bool has_block(uint64_t index) const { return present_.test(index); }
   uint64_t blocks() const { return present_.size(); }
 
-  // The overlay of a kept overlay, as pack reads it: the file, opened
-  // read-only, and its block map. `device_size`/`block_size` must match.
+  // A kept overlay as pack reads it: its data file, opened read-only, and
+  // the blocks its map lists, both as of its last flush. Refused while a
+  // server holds it, or if it belongs to another device than `expected`.
   struct Kept {
-    int fd;
+    UniqueFd fd;
     std::vector<bool> present;
+    std::unique_ptr<OverlayMap> map;  // holds the shared lock while read
   };
-  static Result<Kept> load_kept(const std::filesystem::path& path, uint64_t device_size,
-                                uint64_t block_size);
+  static Result<Kept> open_kept(const std::filesystem::path& path,
+                                const OverlayIdentity& expected);
 
  private:
-  Overlay(Device& device, int fd, std::optional<std::filesystem::path> path, uint64_t size,
+  Overlay(Device& device, UniqueFd fd, std::unique_ptr<OverlayMap> map, uint64_t size,
           uint64_t block_size);
-  // Copies block `index` from the device into the file, if it is not there
-  // yet. Requires the block's lock held.
-  Status own_block_locked(uint64_t index);
-  Status save_map() const;
-  std::mutex& lock_for(uint64_t block) { return locks_[block % locks_.size()]; }
+
+  // The lock stripes of blocks [first, last], taken in stripe order.
+  class BlockLocks;
+  std::mutex& stripe(uint64_t block) { return stripes_[block % stripes_.size()]; }
+  // Writes part of block `index` (not in the file yet: its other bytes come
+  // from the device). Requires the block's lock held.
+  Status write_partial_locked(uint64_t index, uint64_t offset_in_block,
+                              std::span<const std::byte> data);
+  // One round of flushing: snapshot, sync the data, save the map.
+  Status flush_round();
 
   Device& device_;
-  const int fd_;
-  const std::optional<std::filesystem::path> path_;
+  const UniqueFd fd_;
+  const std::unique_ptr<OverlayMap> map_;  // null for a temporary overlay
   const uint64_t size_;
   const uint64_t block_size_;
   AtomicBitmap present_;
-  // Striped locks serialize the read-modify-write of partial blocks.
-  std::array<std::mutex, 64> locks_;
+  std::array<std::mutex, 64> stripes_;
+
+  // Flush rounds: a caller needs a round that starts after it arrived.
+  std::mutex flush_mu_;
+  std::condition_variable flush_done_;
+  uint64_t rounds_started_ = 0;    // guarded by flush_mu_
+  uint64_t rounds_finished_ = 0;   // guarded by flush_mu_
+  bool flushing_ = false;          // guarded by flush_mu_: a round runs
+  Status last_round_;              // guarded by flush_mu_: how the last round ended
 };
 
 }  // namespace lazyblock::image

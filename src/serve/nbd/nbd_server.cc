@@ -58,6 +58,16 @@ bool discard(int fd, uint64_t length) {
   return true;
 }
 
+// The NBD error for a failed request: a full disk is ENOSPC (the guest's
+// file system sees a full disk, not a broken one).
+uint32_t nbd_error(const Status& status) {
+  switch (status.code()) {
+    case StatusCode::kInvalidArgument: return kEinval;
+    case StatusCode::kNoSpace: return kEnospc;
+    default: return kEio;
+  }
+}
+
 }  // namespace
 
 // One client connection: the handshake, then the requests.
@@ -323,8 +333,7 @@ class NbdServer::Session : public std::enable_shared_from_this<Session> {
     if (!status.is_ok()) {
       log(LogLevel::kWarn, "nbd: request {} at {} failed: {}", request.type, request.offset,
           status.to_string());
-      finish_error(request, status.code() == StatusCode::kInvalidArgument ? kEinval : kEio,
-                   status.message());
+      finish_error(request, nbd_error(status), status.message());
       return;
     }
     if (structured_) {
@@ -380,18 +389,16 @@ NbdServer::~NbdServer() {
   std::unique_lock lock(mu_);
   all_ended_.wait(lock, [&] { return open_fds_.empty(); });
   lock.unlock();
-  if (listen_fd_ >= 0) ::close(listen_fd_);
-  if (!socket_path_.empty()) ::unlink(socket_path_.c_str());
   for (int fd : wake_) {
     if (fd >= 0) ::close(fd);
   }
 }
 
 Status NbdServer::listen_unix(const std::filesystem::path& path) {
-  Result<int> fd = listen_unix_socket(path);
-  if (!fd) return fd.status();
-  listen_fd_ = *fd;
-  socket_path_ = path;
+  Result<std::unique_ptr<UnixListener>> listener = UnixListener::listen(path);
+  if (!listener) return listener.status();
+  unix_listener_ = std::move(listener).value();
+  listen_fd_ = unix_listener_->fd();
   return Status::ok();
 }
 
@@ -402,8 +409,9 @@ Status NbdServer::listen_tcp(const std::string& host, uint16_t port) {
   if (::inet_pton(AF_INET, host.c_str(), &address.sin_addr) != 1) {
     return Status::invalid_argument(fmt::format("'{}' is not an IPv4 address", host));
   }
-  listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (listen_fd_ < 0) return posix_error("socket", errno);
+  tcp_listener_.reset(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!tcp_listener_) return posix_error("socket", errno);
+  listen_fd_ = tcp_listener_.get();
   const int one = 1;
   ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
