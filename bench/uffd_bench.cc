@@ -186,17 +186,16 @@ class Serving {
 class MinimalHandler {
  public:
   MinimalHandler(const std::filesystem::path& socket, const std::byte* file) : file_(file) {
-    Result<int> listening = listen_unix_socket(socket);
+    Result<std::unique_ptr<UnixListener>> listening = UnixListener::listen(socket);
     if (!listening) {
       status_ = listening.status();
       return;
     }
-    listen_ = *listening;
+    listener_ = std::move(listening).value();
     thread_ = std::thread([this] { status_ = serve(); });
   }
   ~MinimalHandler() {
     if (thread_.joinable()) thread_.join();
-    if (listen_ >= 0) ::close(listen_);
   }
   // Once the VM has gone.
   Status finish() {
@@ -206,7 +205,7 @@ class MinimalHandler {
 
  private:
   Status serve() {
-    const int connection = ::accept4(listen_, nullptr, nullptr, SOCK_CLOEXEC);
+    const int connection = ::accept4(listener_->fd(), nullptr, nullptr, SOCK_CLOEXEC);
     if (connection < 0) return posix_error("accept", errno);
     char body[4096];
     alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
@@ -246,7 +245,7 @@ class MinimalHandler {
   }
 
   const std::byte* const file_;
-  int listen_ = -1;
+  std::unique_ptr<UnixListener> listener_;
   std::thread thread_;
   Status status_;
 };

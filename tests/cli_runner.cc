@@ -112,6 +112,15 @@ bool ServerProcess::running() {
   return false;
 }
 
+void ServerProcess::kill_hard() {
+  if (pid_ < 0) return;
+  ::kill(pid_, SIGKILL);
+  int status = 0;
+  ::waitpid(pid_, &status, 0);
+  pid_ = -1;
+  exit_status_ = 128 + SIGKILL;
+}
+
 int ServerProcess::stop() {
   if (pid_ < 0) return exit_status_;
   ::kill(pid_, SIGTERM);

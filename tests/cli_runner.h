@@ -45,6 +45,9 @@ class ServerProcess {
   bool running();
   // SIGTERM, then its exit status (128 + signal if a signal ended it).
   int stop();
+  // SIGKILL, as a crash or the OOM killer would end it, then reaped.
+  void kill_hard();
+  pid_t pid() const { return pid_; }
   const std::filesystem::path& socket() const { return socket_; }
 
  private:

@@ -274,12 +274,16 @@ TEST_F(ImageCliTest, MistakesAreExplained) {
                                         "--name", "rootfs.ext4"});
   EXPECT_EQ(bad_id.status, 2);
   EXPECT_NE(bad_id.err.find("--build"), std::string::npos) << bad_id.err;
-  // A parent with other block sizes.
+  // A parent with other block sizes than asked for; without --block-size,
+  // the parent's are taken.
   const std::filesystem::path raw = write_raw("raw", std::string(4 * kMiB, '\x01'));
   ASSERT_EQ(pack(0, raw, std::nullopt, {"--block-size", "2MiB"}).status, 0);
-  Outcome mismatch = pack(1, raw, 0);
+  Outcome mismatch = pack(1, raw, 0, {"--block-size", "4096"});
   EXPECT_NE(mismatch.status, 0);
   EXPECT_NE(mismatch.err.find("2097152"), std::string::npos) << mismatch.err;
+  Outcome inherited = pack(3, raw, 0);
+  EXPECT_EQ(inherited.status, 0) << inherited.err;
+  EXPECT_NE(inherited.out.find("blocks of 2097152 bytes"), std::string::npos) << inherited.out;
   // A missing input file.
   Outcome no_input = pack(2, dir_ / "no-such-file", std::nullopt);
   EXPECT_EQ(no_input.status, 1);

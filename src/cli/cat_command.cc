@@ -5,7 +5,7 @@
 #include "chunk/chunker.h"
 #include "cli/commands.h"
 #include "cli/flags.h"
-#include "cli/output.h"
+#include "common/output_file.h"
 #include "common/byte_sink.h"
 #include "common/log.h"
 
@@ -15,12 +15,14 @@ namespace {
 struct CatFlags {
   StoreFlags store;
   std::string key;
-  std::string output = "-";
+  std::string output;
   std::string log_level = "warn";
 };
 
 int run_cat(const CatFlags& flags) {
   if (Status s = apply_log_level(flags.log_level); !s.is_ok()) return report_failure(s);
+  Result<std::unique_ptr<OutputFile>> output = OutputFile::open(flags.output);
+  if (!output) return report_failure(output.status().with_context("cat " + flags.key));
   Result<ChunkerOptions> options = chunker_options(flags.store);
   if (!options) return report_failure(options.status());
   Result<StoreStackOptions> stack = store_stack_options(flags.store);
@@ -31,8 +33,14 @@ int run_cat(const CatFlags& flags) {
       make_chunker(*store, flags.key, std::nullopt, *options);
   if (!chunker) return report_failure(chunker.status());
 
-  const Status status = write_output(
-      flags.output, [&](ByteSink& sink) { return (*chunker)->write_to(sink); });
+  Status status;
+  if ((*output)->is_block_device()) {
+    // Only a device needs the size before the first byte (a stat more).
+    Result<uint64_t> size = (*chunker)->size();
+    status = size ? (*output)->expect_size(*size) : size.status();
+  }
+  if (status.is_ok()) status = (*chunker)->write_to((*output)->sink());
+  if (status.is_ok()) status = (*output)->commit();
   if (!status.is_ok()) return report_failure(status.with_context("cat " + flags.key));
   const ChunkerStats stats = (*chunker)->stats();
   log(LogLevel::kInfo, "cat {}: {} bytes in {} requests", flags.key, stats.bytes, stats.requests);
@@ -47,8 +55,9 @@ CommandRunner add_cat_command(CLI::App& app) {
       "cat", "Write one raw object of a store (no header) to stdout or a file");
   add_store_flags(*cat, flags->store);
   cat->add_option("--key", flags->key, "The object's key, e.g. BUILD/memfile")->required();
-  cat->add_option("-o,--output", flags->output, "Output file; - for stdout")
-      ->capture_default_str();
+  cat->add_option("-o,--output", flags->output,
+                  "Output: a file (replaced whole only once complete), a device or a FIFO "
+                  "(written in place); - for stdout, the default unless it is a terminal");
   add_log_flag(*cat, flags->log_level);
   return [flags] { return run_cat(*flags); };
 }

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <map>
+#include <stop_token>
 #include <memory>
 
 #include <fmt/format.h>
@@ -15,6 +16,8 @@
 #include "cli/commands.h"
 #include "cli/flags.h"
 #include "cli/output.h"
+#include "cli/stop_signals.h"
+#include "common/output_file.h"
 #include "common/units.h"
 #include "image/device.h"
 #include "image/pack.h"
@@ -45,7 +48,7 @@ struct Opened {
   Uuid build;
 };
 
-Result<Opened> open_flags(const DeviceFlags& flags) {
+Result<Opened> open_flags(const DeviceFlags& flags, bool for_writing = false) {
   LB_RETURN_IF_ERROR(apply_log_level(flags.log_level));
   Result<Uuid> build = Uuid::parse(flags.build);
   if (!build) return build.status().with_context("--build");
@@ -56,6 +59,7 @@ Result<Opened> open_flags(const DeviceFlags& flags) {
   if (!options) return options.status();
   Result<StoreStackOptions> stack = store_stack_options(flags.store);
   if (!stack) return stack.status();
+  stack->create_directory = for_writing;
   Result<std::shared_ptr<ObjectStore>> store = open_store(flags.store.store, *stack);
   if (!store) return store.status();
   return Opened{std::make_shared<image::DataFiles>(*store, *options), *build};
@@ -64,20 +68,29 @@ Result<Opened> open_flags(const DeviceFlags& flags) {
 struct PackFlags {
   DeviceFlags device;
   std::string parent;
-  std::string block_size = "4096";
+  std::string block_size;
   std::string input;
   std::string overlay;
+  bool force = false;
 };
 
 int run_pack(const PackFlags& flags) {
-  Result<Opened> opened = open_flags(flags.device);
+  // Before any thread starts: a signal mid-upload stops the upload (and
+  // aborts a multipart one) instead of leaving parts behind.
+  StopSignals signals;
+  std::stop_source stop;
+  Result<Opened> opened = open_flags(flags.device, /*for_writing=*/true);
   if (!opened) return report_failure(opened.status());
   image::PackOptions options;
   options.build = opened->build;
   options.name = flags.device.name;
-  Result<uint64_t> block_size = parse_size(flags.block_size);
-  if (!block_size) return report_failure(block_size.status().with_context("--block-size"));
-  options.block_size = *block_size;
+  options.force = flags.force;
+  options.stop = stop.get_token();
+  if (!flags.block_size.empty()) {
+    Result<uint64_t> block_size = parse_size(flags.block_size);
+    if (!block_size) return report_failure(block_size.status().with_context("--block-size"));
+    options.block_size = *block_size;
+  }
   if (!flags.parent.empty()) {
     Result<Uuid> parent = Uuid::parse(flags.parent);
     if (!parent) return report_failure(parent.status().with_context("--parent"));
@@ -95,14 +108,30 @@ int run_pack(const PackFlags& flags) {
   }
   struct stat st{};
   const uint64_t total = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? st.st_size : 0;
+  signals.on_signal([&] { stop.request_stop(); });
   Result<image::PackSummary> summary = [&] {
     Progress progress("pack " + flags.device.name, total);
     return image::pack(opened->files, fd, options,
                        [&](uint64_t done) { progress.update(done); });
   }();
+  signals.stop_waiting();
   if (fd != STDIN_FILENO) ::close(fd);
-  if (!summary) return report_failure(summary.status().with_context("pack " + flags.device.name));
+  if (!summary) {
+    if (signals.received() != 0) {
+      return report_failure(Status::cancelled(fmt::format(
+          "pack {}: interrupted by signal {}: nothing was stored", flags.device.name,
+          signals.received())));
+    }
+    return report_failure(summary.status().with_context("pack " + flags.device.name));
+  }
   const image::Header& header = summary->header;
+  if (summary->parent_size && *summary->parent_size != header.size) {
+    std::fprintf(stderr,
+                 "lazyblock: note: the image is %llu bytes, its parent's device %llu: the new "
+                 "build's device has the image's size\n",
+                 static_cast<unsigned long long>(header.size),
+                 static_cast<unsigned long long>(*summary->parent_size));
+  }
   std::printf(
       "packed %s of build %s (generation %llu): %s in %llu blocks of %llu bytes: %llu changed, "
       "%llu zero, %llu unchanged; stored %s of data and a %s header\n",
@@ -119,20 +148,25 @@ int run_pack(const PackFlags& flags) {
 
 struct ExportFlags {
   DeviceFlags device;
-  std::string output = "-";
+  std::string output;
 };
 
 int run_export(const ExportFlags& flags) {
+  // The output first: a path that cannot be written is refused before any work.
+  Result<std::unique_ptr<OutputFile>> output = OutputFile::open(flags.output);
+  if (!output) return report_failure(output.status().with_context("export"));
   Result<Opened> opened = open_flags(flags.device);
   if (!opened) return report_failure(opened.status());
   Result<std::unique_ptr<image::Device>> device =
       image::Device::open(opened->files, opened->build, flags.device.name);
   if (!device) return report_failure(device.status().with_context("export"));
-  Progress progress("export " + flags.device.name, (*device)->size());
-  const Status status = write_output(flags.output, [&](ByteSink& sink) {
-    ProgressSink counted(sink, progress);
-    return (*device)->write_to(counted);
-  });
+  Status status = (*output)->expect_size((*device)->size());
+  if (status.is_ok()) {
+    Progress progress("export " + flags.device.name, (*device)->size());
+    ProgressSink counted((*output)->sink(), progress);
+    status = (*device)->write_to(counted);
+  }
+  if (status.is_ok()) status = (*output)->commit();
   if (!status.is_ok()) return report_failure(status.with_context("export " + flags.device.name));
   return 0;
 }
@@ -218,8 +252,12 @@ CommandRunner add_pack_command(CLI::App& app) {
   add_device_flags(*pack, flags->device);
   pack->add_option("--parent", flags->parent, "The build this one changes (a UUID)");
   pack->add_option("--block-size", flags->block_size,
-                   "Unit of diffing and mapping: 4096 (disks, memory) or 2MiB (huge-page memory)")
-      ->capture_default_str();
+                   "Unit of diffing and mapping: 4096 (disks, memory) or 2MiB (huge-page memory); "
+                   "default: the parent's, or 4096");
+  pack->add_flag("--force", flags->force,
+                 "Replace the build if it exists already. Builds are meant to be immutable: its "
+                 "children keep mapping into its old data file (and read a mix of generations), "
+                 "and caches of it (--cache-dir) may hold its old chunks");
   pack->add_option("FILE", flags->input, "The raw image; - for stdin");
   pack->add_option("--overlay", flags->overlay,
                    "Instead of FILE: an overlay kept by `serve nbd --overlay` over --parent's "
@@ -232,8 +270,9 @@ CommandRunner add_export_command(CLI::App& app) {
   CLI::App* command = app.add_subcommand(
       "export", "Write a build's whole device to a file (sparse where it reads zeros) or stdout");
   add_device_flags(*command, flags->device);
-  command->add_option("-o,--output", flags->output, "Output file; - for stdout")
-      ->capture_default_str();
+  command->add_option("-o,--output", flags->output,
+                      "Output: a file (replaced whole only once complete), a device or a FIFO "
+                      "(written in place); - for stdout, the default unless it is a terminal");
   return [flags] { return run_export(*flags); };
 }
 

@@ -1,37 +1,12 @@
 #include "cli/output.h"
 
-#include <fcntl.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <cstdio>
-#include <filesystem>
 
 #include "common/units.h"
 
 namespace lazyblock::cli {
-
-Status write_output(const std::string& path, const std::function<Status(ByteSink&)>& produce) {
-  if (path == "-") {
-    FdSink sink(STDOUT_FILENO, "stdout");
-    return produce(sink);
-  }
-  const std::filesystem::path target(path);
-  std::string temp = (target.parent_path().empty() ? std::filesystem::path(".")
-                                                   : target.parent_path()) /
-                     ("." + target.filename().string() + ".partial-XXXXXX");
-  const int fd = ::mkostemp(temp.data(), O_CLOEXEC);
-  if (fd < 0) return posix_error("create a file beside " + path, errno);
-  FdSink sink(fd, path);
-  Status status = produce(sink);
-  if (status.is_ok() && ::fsync(fd) != 0) status = posix_error("flush " + path, errno);
-  if (::close(fd) != 0 && status.is_ok()) status = posix_error("close " + path, errno);
-  if (status.is_ok() && ::rename(temp.c_str(), path.c_str()) != 0) {
-    status = posix_error("rename into " + path, errno);
-  }
-  if (!status.is_ok()) ::unlink(temp.c_str());
-  return status;
-}
 
 Progress::Progress(std::string label, uint64_t total)
     : label_(std::move(label)), total_(total), enabled_(::isatty(STDERR_FILENO) == 1) {}

@@ -1,5 +1,5 @@
-// Where a command's bytes go: stdout, or a file that appears only once
-// complete, and a progress line on a terminal.
+// A progress line on a terminal for commands that move many bytes (where
+// the bytes go is common/output_file.h).
 #pragma once
 
 #include <chrono>
@@ -11,12 +11,6 @@
 #include "common/status.h"
 
 namespace lazyblock::cli {
-
-// Runs `produce` on a sink for `path` ("-": stdout). A file is written
-// through a temporary file beside it, synced and renamed into place only if
-// `produce` succeeds: a failed command leaves no file that looks complete.
-// A regular file stays sparse where the producer writes zeros.
-Status write_output(const std::string& path, const std::function<Status(ByteSink&)>& produce);
 
 // "pack rootfs.ext4: 312.0 MiB of 1.0 GiB (30%)" on stderr, redrawn at most
 // ten times a second, only if stderr is a terminal.

@@ -15,6 +15,7 @@
 #include "cli/commands.h"
 #include "common/file_io.h"
 #include "cli/flags.h"
+#include "cli/stop_signals.h"
 #include "common/log.h"
 #include "common/units.h"
 #include "image/device.h"
@@ -60,45 +61,6 @@ struct UffdFlags {
   std::string prefetch;
   bool no_prefetch = false;
   std::string log_level = "warn";
-};
-
-// SIGINT and SIGTERM end a server cleanly. Blocked from construction on in
-// this thread and in every thread started after (so construct it before the
-// server and its workers); taken by a thread of its own, which calls the
-// stop function given to on_signal.
-class StopSignals {
- public:
-  StopSignals() {
-    sigemptyset(&signals_);
-    sigaddset(&signals_, SIGINT);
-    sigaddset(&signals_, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &signals_, nullptr);
-  }
-  void on_signal(std::function<void()> stop) {
-    waiter_ = std::thread([this, stop = std::move(stop)] {
-      int signal = 0;
-      sigwait(&signals_, &signal);
-      if (!done_.load()) {
-        log(LogLevel::kInfo, "signal {}: stopping", signal);
-        stop();
-      }
-    });
-  }
-  // Ends the waiter (the stop function is not called after this returns):
-  // call it before what the stop function touches goes away.
-  void stop_waiting() {
-    if (!waiter_.joinable()) return;
-    done_.store(true);
-    // Serving ended some other way: let the waiter go if it still waits.
-    pthread_kill(waiter_.native_handle(), SIGTERM);
-    waiter_.join();
-  }
-  ~StopSignals() { stop_waiting(); }
-
- private:
-  sigset_t signals_;
-  std::atomic<bool> done_{false};
-  std::thread waiter_;
 };
 
 // A device to serve, and the data files it reads from.
@@ -281,7 +243,8 @@ CommandRunner add_serve_command(CLI::App& app) {
   nbd->add_option("--listen", flags->listen, "TCP address instead, e.g. 127.0.0.1:10809");
   nbd->add_option("--overlay", flags->overlay,
                   "Keep the overlay here (and its block map in FILE.map) after exit, for "
-                  "`pack --parent BUILD --overlay FILE`; an existing one is resumed");
+                  "`pack --parent BUILD --overlay FILE`; an existing one is resumed if it was made over this "
+                  "very device (it records which), refused otherwise");
   nbd->add_flag("--read-only", flags->read_only, "Refuse writes (EPERM)");
   add_log_flag(*nbd, flags->log_level);
   return [serve, uffd, uffd_flags, flags] {

@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 
 #include "common/units.h"
+#include "common/unique_fd.h"
 #include "image/overlay.h"
 
 namespace lazyblock::image {
@@ -110,11 +111,12 @@ void keep_parent_block(const Device& parent, uint64_t device_offset, uint64_t bl
 // `parent` (if any).
 Status pack_source(Device* parent, int source_fd, int data_fd, const PackOptions& options,
                    PackSummary& summary, const std::function<void(uint64_t)>& progress) {
-  const uint64_t block = options.block_size;
+  const uint64_t block = *options.block_size;
   std::vector<std::byte> batch(kBatch);
   std::vector<std::byte> before(kBatch);  // the parent's bytes at the same offsets
   uint64_t offset = 0;
   for (;;) {
+    if (options.stop.stop_requested()) return Status::cancelled("pack: interrupted");
     Result<size_t> got = read_full(source_fd, batch);
     if (!got) return got.status();
     if (*got == 0) break;
@@ -147,32 +149,79 @@ Status pack_source(Device* parent, int source_fd, int data_fd, const PackOptions
 }
 
 // Packs the parent's disk as a kept overlay changed it: only the overlay's
-// blocks are read.
-Status pack_overlay(const Device& parent, const std::filesystem::path& path, int data_fd,
+// blocks are read, and each is stored only if its bytes differ from the
+// parent's (a block written back with the bytes it had keeps the parent's
+// mapping, as pack of a raw image does).
+Status pack_overlay(Device& parent, const std::filesystem::path& path, int data_fd,
                     const PackOptions& options, PackSummary& summary,
                     const std::function<void(uint64_t)>& progress) {
-  const uint64_t block = options.block_size;
-  Result<Overlay::Kept> kept = Overlay::load_kept(path, parent.size(), block);
+  const uint64_t block = parent.header().block_size;
+  const OverlayIdentity identity{parent.header().build_id, options.name, parent.size(), block};
+  Result<Overlay::Kept> kept = Overlay::open_kept(path, identity);
   if (!kept) return kept.status();
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{kept->fd};
-  std::vector<std::byte> bytes(block);
-  for (uint64_t index = 0; index < kept->present.size(); ++index) {
-    const uint64_t offset = index * block;
+  const uint64_t blocks = kept->present.size();
+  const uint64_t batch_blocks = kBatch / block;
+  std::vector<std::byte> bytes(kBatch);
+  std::vector<std::byte> before(kBatch);
+  for (uint64_t index = 0; index < blocks;) {
+    if (options.stop.stop_requested()) return Status::cancelled("pack: interrupted");
     if (!kept->present[index]) {
-      keep_parent_block(parent, offset, block, summary);
+      keep_parent_block(parent, index * block, block, summary);
+      ++index;
       continue;
     }
-    Result<size_t> got = pread_up_to(kept->fd, bytes, offset, "overlay " + path.string());
+    // A run of the overlay's blocks, read and compared a batch at a time.
+    uint64_t run_end = index;
+    while (run_end < blocks && run_end - index < batch_blocks && kept->present[run_end]) ++run_end;
+    const uint64_t offset = index * block;
+    const uint64_t length = (run_end - index) * block;
+    Result<size_t> got = pread_up_to(kept->fd.get(), std::span(bytes).first(length), offset,
+                                     "overlay " + path.string());
     if (!got) return got.status();
-    std::memset(bytes.data() + *got, 0, block - *got);
-    LB_RETURN_IF_ERROR(add_block(bytes, offset, data_fd, options, summary));
-    if (progress && index % 1024 == 0) progress(offset);
+    std::memset(bytes.data() + *got, 0, length - *got);
+    Result<size_t> read = parent.read_at(std::span(before).first(length), offset);
+    if (!read) return read.status().with_context("read the parent");
+    std::memset(before.data() + *read, 0, length - *read);
+    for (uint64_t at = 0; at < length; at += block) {
+      const std::span<const std::byte> piece = std::span(bytes).subspan(at, block);
+      if (!all_zero(piece) && std::memcmp(piece.data(), before.data() + at, block) == 0) {
+        keep_parent_block(parent, offset + at, block, summary);
+      } else {
+        LB_RETURN_IF_ERROR(add_block(piece, offset + at, data_fd, options, summary));
+      }
+    }
+    index = run_end;
+    if (progress) progress(index * block);
   }
   summary.header.size = parent.size();
   if (progress) progress(parent.size());
+  return Status::ok();
+}
+
+// Refuses what would replace a build or cannot be stored, before any work.
+Status check_target(ObjectStore& store, const PackOptions& options) {
+  if (store.read_only()) {
+    return Status::invalid_argument(fmt::format(
+        "{} is read-only: pack writes to file://, s3:// or gs:// stores", store.describe()));
+  }
+  if (options.parent && *options.parent == options.build) {
+    return Status::invalid_argument(
+        fmt::format("--parent {} is the build itself: a build's parent is an earlier build",
+                    options.build.to_string()));
+  }
+  if (options.force) return Status::ok();
+  const std::string key = header_key(options.build, options.name);
+  const IoContext io{Clock::now() + std::chrono::seconds(60), options.stop};
+  Result<uint64_t> existing = store.stat(key, io);
+  if (existing) {
+    return Status::already_exists(fmt::format(
+        "build {} already has {} ({} exists): builds are immutable; pack a new build id, or "
+        "give --force to replace it",
+        options.build.to_string(), options.name, key));
+  }
+  if (existing.status().code() != StatusCode::kNotFound) {
+    return existing.status().with_context("look for an existing " + key);
+  }
   return Status::ok();
 }
 
@@ -180,21 +229,18 @@ Status pack_overlay(const Device& parent, const std::filesystem::path& path, int
 
 Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd, const PackOptions& options,
                          const std::function<void(uint64_t bytes_read)>& progress) {
-  const uint64_t block = options.block_size;
-  if (block == 0 || (block & (block - 1)) != 0 || kBatch % block != 0) {
-    return Status::invalid_argument(fmt::format(
-        "block size {} must be a power of two no larger than {}", block, format_size(kBatch)));
-  }
+  LB_RETURN_IF_ERROR(check_target(files->store(), options));
   PackSummary summary;
   Header& header = summary.header;
-  header.block_size = block;
   header.build_id = options.build;
   header.base_build_id = options.build;
   std::unique_ptr<Device> parent;
+  uint64_t block = options.block_size.value_or(4096);
   if (options.parent) {
     Result<Header> parent_header = load_header(files->store(), *options.parent, options.name,
                                                files->options().fetch_timeout);
     if (!parent_header) return parent_header.status().with_context("parent");
+    if (!options.block_size) block = parent_header->block_size;
     if (parent_header->block_size != block) {
       return Status::invalid_argument(fmt::format(
           "the parent {} has blocks of {} bytes, not {}", options.parent->to_string(),
@@ -202,22 +248,28 @@ Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd,
     }
     header.generation = parent_header->generation + 1;
     header.base_build_id = parent_header->base_build_id;
+    summary.parent_size = parent_header->size;
     parent = std::make_unique<Device>(files, std::move(parent_header).value(), options.name);
   }
+  if (block == 0 || (block & (block - 1)) != 0 || kBatch % block != 0) {
+    return Status::invalid_argument(fmt::format(
+        "block size {} must be a power of two no larger than {}", block, format_size(kBatch)));
+  }
+  header.block_size = block;
+  PackOptions resolved = options;
+  resolved.block_size = block;
 
-  Result<int> data_fd = open_temporary(options.temp_dir);
-  if (!data_fd) return data_fd.status();
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{*data_fd};
+  Result<int> opened_fd = open_temporary(options.temp_dir);
+  if (!opened_fd) return opened_fd.status();
+  const UniqueFd data_fd(*opened_fd);
 
   if (options.overlay) {
     if (!parent) return Status::invalid_argument("pack --overlay needs --parent");
     LB_RETURN_IF_ERROR(
-        pack_overlay(*parent, *options.overlay, *data_fd, options, summary, progress));
+        pack_overlay(*parent, *options.overlay, data_fd.get(), resolved, summary, progress));
   } else {
-    LB_RETURN_IF_ERROR(pack_source(parent.get(), source_fd, *data_fd, options, summary, progress));
+    LB_RETURN_IF_ERROR(
+        pack_source(parent.get(), source_fd, data_fd.get(), resolved, summary, progress));
   }
   summary.blocks = div_round_up(header.size, block);
 
@@ -225,10 +277,11 @@ Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd,
   if (!header_bytes) return header_bytes.status();
   summary.header_bytes = header_bytes->size();
   // No deadline of a fetch's length for uploads of any size: the store's own
-  // connect and stall timeouts guard them.
-  const IoContext io;
-  LB_RETURN_IF_ERROR(put_file(files->store(), data_key(options.build, options.name), *data_fd,
+  // connect and stall timeouts guard them; a stop abandons them.
+  const IoContext io{Clock::time_point::max(), options.stop};
+  LB_RETURN_IF_ERROR(put_file(files->store(), data_key(options.build, options.name), data_fd.get(),
                               summary.data_bytes, io));
+  if (options.stop.stop_requested()) return Status::cancelled("pack: interrupted");
   // The header last: a build is visible only once its data is in place.
   LB_RETURN_IF_ERROR(files->store().put(header_key(options.build, options.name), *header_bytes, io));
   return summary;

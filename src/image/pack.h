@@ -17,6 +17,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <stop_token>
 #include <string>
 
 #include "image/device.h"
@@ -28,7 +29,14 @@ struct PackOptions {
   Uuid build;
   std::optional<Uuid> parent;  // diff against this build's device of the same name
   std::string name;            // "memfile", "rootfs.ext4", ...
-  uint64_t block_size = 4096;
+  // Unit of diffing and mapping; unset: the parent's, or 4096 without one.
+  std::optional<uint64_t> block_size;
+  // Replace a build whose header exists already (its children and any cache
+  // of it then disagree with it: see `pack --help`).
+  bool force = false;
+  // Requested when the pack should end early (SIGINT): the upload in flight
+  // is abandoned (aborted, for a multipart upload) and nothing is stored.
+  std::stop_token stop;
   std::filesystem::path temp_dir;  // where the data file is assembled; empty: $TMPDIR or /tmp
   // Instead of a raw image: a kept overlay of the parent's disk (`serve nbd
   // --overlay`). Only its blocks are read; every other block keeps the
@@ -44,6 +52,7 @@ struct PackSummary {
   uint64_t unchanged = 0;  // mapped into an ancestor's data file
   uint64_t data_bytes = 0;    // the new data file's size
   uint64_t header_bytes = 0;  // the new header's size
+  std::optional<uint64_t> parent_size;  // the parent device's size, if there is a parent
 };
 
 // Packs the bytes readable from `source_fd` (to its end; unused with

@@ -76,6 +76,10 @@ class ObjectStore {
   // What this store is, for messages: "file:///data", "simulate(ttfb=20ms,...)
   // over file:///data".
   virtual std::string describe() const = 0;
+
+  // Whether put() and remove() are refused whatever the key (an http://
+  // store): writers check it before they start their work.
+  virtual bool read_only() const { return false; }
 };
 
 // Forwards every call to the store it wraps. Layers derive from it and
@@ -99,6 +103,7 @@ class StoreLayer : public ObjectStore {
     return inner_->remove(key, io);
   }
   std::string describe() const override { return inner_->describe(); }
+  bool read_only() const override { return inner_->read_only(); }
 
  protected:
   ObjectStore& inner() { return *inner_; }

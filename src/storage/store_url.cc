@@ -1,5 +1,7 @@
 #include "storage/store_url.h"
 
+#include <filesystem>
+
 #include <fmt/format.h>
 
 #include "storage/file_store.h"
@@ -16,6 +18,14 @@ Result<std::shared_ptr<ObjectStore>> open_store(const std::string& url,
   if (scheme == "file") {
     const std::string path = url.substr(colon + 3);
     if (path.empty()) return Status::invalid_argument("store URL file:// names no directory");
+    if (options.create_directory) {
+      std::error_code error;
+      std::filesystem::create_directories(path, error);
+      if (error) {
+        return Status::io_error(
+            fmt::format("create store directory {}: {}", path, error.message()));
+      }
+    }
     Result<std::shared_ptr<FileStore>> files = FileStore::open(path);
     if (!files) return files.status();
     store = *files;

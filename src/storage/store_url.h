@@ -20,6 +20,8 @@ struct StoreStackOptions {
   std::optional<FaultSpec> faults;          // --faults
   std::optional<RetryPolicy> retry;         // --retry
   std::optional<DiskCacheOptions> disk_cache;  // --cache-dir, --cache-size
+  // A file:// store's directory is created if missing (for writers: pack).
+  bool create_directory = false;
 };
 
 // "file:///abs/dir" or "file://relative/dir" -> FileStore. Other schemes

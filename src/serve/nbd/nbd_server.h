@@ -28,6 +28,8 @@
 #include <string>
 
 #include "common/status.h"
+#include "common/unique_fd.h"
+#include "common/unix_socket.h"
 #include "common/worker_pool.h"
 #include "image/device.h"
 #include "image/overlay.h"
@@ -46,8 +48,8 @@ class NbdServer {
   // Stops serving and waits for the connections to end.
   ~NbdServer();
 
-  // Listens on a Unix socket at `path` (mode 0600; an old socket there is
-  // replaced), or on TCP `host`:`port` (0: any free port).
+  // Listens on a Unix socket at `path` (mode 0600; see UnixListener for
+  // what may be there already), or on TCP `host`:`port` (0: any free port).
   Status listen_unix(const std::filesystem::path& path);
   Status listen_tcp(const std::string& host, uint16_t port);
   uint16_t port() const { return port_; }
@@ -69,10 +71,11 @@ class NbdServer {
   void session_ended(int fd);
 
   const Export export_;
-  int listen_fd_ = -1;
+  std::unique_ptr<UnixListener> unix_listener_;  // listen_unix
+  UniqueFd tcp_listener_;                        // listen_tcp
+  int listen_fd_ = -1;                           // whichever of the two
   int wake_[2] = {-1, -1};  // a pipe that wakes serve() for stop()
   uint16_t port_ = 0;
-  std::filesystem::path socket_path_;
   std::atomic<bool> stopping_{false};
   std::atomic<uint64_t> connections_{0};
   std::atomic<uint64_t> requests_{0};

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "common/file_io.h"
+#include "common/output_file.h"
 
 namespace lazyblock::uffd {
 namespace {
@@ -68,22 +69,11 @@ Result<std::vector<PageRun>> read_page_record(const std::filesystem::path& path)
 }
 
 Status write_page_record(const std::filesystem::path& path, const std::vector<PageRun>& runs) {
-  const std::filesystem::path temporary = path.string() + ".tmp";
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    out << format_page_record(runs);
-    out.close();
-    if (!out) {
-      return Status::io_error(fmt::format("cannot write page record {}", temporary.string()));
-    }
-  }
-  std::error_code error;
-  std::filesystem::rename(temporary, path, error);
-  if (error) {
-    return Status::io_error(
-        fmt::format("cannot move page record to {}: {}", path.string(), error.message()));
-  }
-  return Status::ok();
+  Result<std::unique_ptr<OutputFile>> out = OutputFile::open(path.string());
+  if (!out) return out.status().with_context("page record");
+  const std::string text = format_page_record(runs);
+  LB_RETURN_IF_ERROR((*out)->sink().write(std::as_bytes(std::span(text.data(), text.size()))));
+  return (*out)->commit().with_context("page record");
 }
 
 void PageRecorder::touched(uint64_t offset, uint64_t length) {

@@ -32,7 +32,7 @@ Result<std::vector<PageRun>> parse_page_record(std::string_view text);
 
 // Reads the record at `path`.
 Result<std::vector<PageRun>> read_page_record(const std::filesystem::path& path);
-// Writes it whole or not at all (a temporary file renamed over `path`).
+// Writes it whole or not at all, as common/output_file.h writes outputs.
 Status write_page_record(const std::filesystem::path& path, const std::vector<PageRun>& runs);
 
 // Collects the pages a VM touches, each once, in order. Thread-safe.

@@ -692,27 +692,22 @@ UffdServer::~UffdServer() {
     std::unique_lock lock(mu_);
     all_ended_.wait(lock, [&] { return sessions_.empty(); });
   }
-  if (listen_fd_ >= 0) {
-    ::close(listen_fd_);
-    ::unlink(socket_path_.c_str());
-  }
   if (wake_fd_ >= 0) ::close(wake_fd_);
 }
 
 Status UffdServer::listen_unix(const std::filesystem::path& path) {
-  Result<int> fd = listen_unix_socket(path);
-  if (!fd) return fd.status();
-  listen_fd_ = *fd;
-  socket_path_ = path;
+  Result<std::unique_ptr<UnixListener>> listener = UnixListener::listen(path);
+  if (!listener) return listener.status();
+  listener_ = std::move(listener).value();
   wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wake_fd_ < 0) return posix_error("eventfd", errno);
   return Status::ok();
 }
 
 Status UffdServer::serve() {
-  if (listen_fd_ < 0) return Status::invalid_argument("serve() before listen");
+  if (!listener_) return Status::invalid_argument("serve() before listen");
   while (!stopping_.load()) {
-    Result<int> accepted = accept_or_wake(listen_fd_, wake_fd_);
+    Result<int> accepted = accept_or_wake(listener_->fd(), wake_fd_);
     if (!accepted) return accepted.status();
     if (*accepted < 0) break;  // stop()
     const int fd = *accepted;

@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "common/unix_socket.h"
 #include "common/worker_pool.h"
 #include "image/device.h"
 #include "serve/uffd/page_record.h"
@@ -75,7 +76,8 @@ class UffdServer {
   // Stops serving and waits for every session to end.
   ~UffdServer();
 
-  // Listens on a Unix socket at `path` (mode 0600; an old socket is replaced).
+  // Listens on a Unix socket at `path` (mode 0600; see UnixListener for what
+  // may be there already).
   Status listen_unix(const std::filesystem::path& path);
   // Accepts and serves VMs until stop(); returns once every session ended.
   Status serve();
@@ -90,9 +92,8 @@ class UffdServer {
 
   image::Device& memfile_;
   const UffdOptions options_;
-  int listen_fd_ = -1;
+  std::unique_ptr<UnixListener> listener_;
   int wake_fd_ = -1;  // an eventfd that wakes serve() for stop()
-  std::filesystem::path socket_path_;
   std::atomic<bool> stopping_{false};
 
   struct Counters {
