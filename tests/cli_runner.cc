@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <iterator>
 #include <thread>
@@ -50,11 +51,16 @@ Outcome run_program_with_input(const std::filesystem::path& dir, std::vector<std
 
 }  // namespace
 
-std::string lazyblock_binary() { return LAZYBLOCK_BINARY; }
+// LAZYBLOCK_TEST_BINARY runs the tests against another build of the command
+// (an older one, to show that a test fails there).
+std::string lazyblock_binary() {
+  const char* other = std::getenv("LAZYBLOCK_TEST_BINARY");
+  return other != nullptr && *other != '\0' ? other : LAZYBLOCK_BINARY;
+}
 
 Outcome run_lazyblock(const std::filesystem::path& dir, std::vector<std::string> args,
                       const std::filesystem::path& input) {
-  args.insert(args.begin(), LAZYBLOCK_BINARY);
+  args.insert(args.begin(), lazyblock_binary());
   return run_program_with_input(dir, args, input);
 }
 

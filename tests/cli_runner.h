@@ -27,7 +27,8 @@ Outcome run_lazyblock(const std::filesystem::path& dir, std::vector<std::string>
 Outcome run_program(const std::filesystem::path& dir, const std::string& program,
                     std::vector<std::string> args);
 
-// The lazyblock binary under test.
+// The lazyblock binary under test (LAZYBLOCK_TEST_BINARY, if set, names
+// another build to run the tests against).
 std::string lazyblock_binary();
 
 // `lazyblock ARGS...` as a server in a child process (stdout and stderr to

@@ -157,6 +157,28 @@ TEST_F(CliTest, UsageErrorsExitWithTwo) {
             2);
 }
 
+TEST_F(CliTest, MistakesOnTheCommandLineAreSaidInWords) {
+  Outcome typo = run_lazyblock(dir_, {"packk", "--store", store_url_});
+  EXPECT_EQ(typo.status, 2);
+  EXPECT_NE(typo.err.find("lazyblock: usage: unknown command 'packk' (did you mean 'pack'?)"),
+            std::string::npos)
+      << typo.err;
+  Outcome sub_typo = run_lazyblock(dir_, {"serve", "nbdd"});
+  EXPECT_EQ(sub_typo.status, 2);
+  EXPECT_NE(sub_typo.err.find("did you mean 'serve nbd'?"), std::string::npos) << sub_typo.err;
+  Outcome range = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "x", "--parallel", "0"});
+  EXPECT_EQ(range.status, 2);
+  EXPECT_NE(range.err.find("--parallel: must be a whole number of at least 1"), std::string::npos)
+      << range.err;
+  EXPECT_LT(range.err.size(), 200u) << range.err;
+  Outcome missing = run_lazyblock(dir_, {"cat", "--key", "x"});
+  EXPECT_EQ(missing.status, 2);
+  EXPECT_EQ(missing.err.rfind("lazyblock: usage: --store is required", 0), 0u) << missing.err;
+  Outcome version = run_lazyblock(dir_, {"--version"});
+  EXPECT_EQ(version.status, 0);
+  EXPECT_EQ(version.out.rfind("lazyblock ", 0), 0u) << version.out;
+}
+
 TEST_F(CliTest, HelpExplainsTheCommands) {
   Outcome run = run_lazyblock(dir_, {"--help"});
   EXPECT_EQ(run.status, 0);

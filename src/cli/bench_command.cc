@@ -189,10 +189,10 @@ CommandRunner add_bench_command(CLI::App& app) {
       ->capture_default_str();
   fetch->add_option("--iterations", fetch_flags->iterations, "Cold chunkers per strategy")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(at_least(1));
   fetch->add_option("--callers", fetch_flags->callers, "Concurrent readers per iteration")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(at_least(1));
   fetch->add_option("--block", fetch_flags->block, "Bytes each caller reads")
       ->capture_default_str();
   fetch->add_option("--seed", fetch_flags->seed, "Seed of the offset sequence")
@@ -215,7 +215,7 @@ CommandRunner add_bench_command(CLI::App& app) {
   seq->add_option("--size", seq_flags->size, "Object size, e.g. 1GiB")->capture_default_str();
   seq->add_option("--parallel", seq_flags->parallelism, "Streams kept transferring (the next request goes out one first-byte time before a stream ends)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(at_least(1));
   seq->add_option("--fetch", seq_flags->fetch, "Fetch strategy")->capture_default_str();
   seq->add_flag("--json", seq_flags->json, "Print one JSON document instead of the line");
   add_log_flag(*seq, seq_flags->log_level);
@@ -235,10 +235,10 @@ CommandRunner add_bench_command(CLI::App& app) {
       ->capture_default_str();
   uffd->add_option("--vcpus", uffd_flags->vcpus, "Threads touching the working set")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(at_least(1));
   uffd->add_option("--parallel", uffd_flags->parallelism, "Streams prefetching at once")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(at_least(1));
   uffd->add_flag("--json", uffd_flags->json, "Print one JSON document instead of the table");
   add_log_flag(*uffd, uffd_flags->log_level);
 

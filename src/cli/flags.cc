@@ -41,14 +41,33 @@ void add_store_flags(CLI::App& command, StoreFlags& flags) {
                   "Retries of a transient failure (connection reset, 5xx, SlowDown, truncated "
                   "response), with capped exponential backoff; streams resume where they broke")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(at_least(0));
   command
       .add_option("--parallel", flags.parallel,
                   "Streams a sequential read keeps transferring ahead of the reader")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(at_least(1));
   command.add_flag("--no-readahead", flags.no_readahead,
                    "Do not read ahead of runs of sequential reads (whole-object copies still do)");
+}
+
+CLI::Validator at_least(long long least) {
+  return CLI::Validator(
+      [least](std::string& text) -> std::string {
+        long long value = 0;
+        size_t used = 0;
+        try {
+          value = std::stoll(text, &used);
+        } catch (const std::exception&) {
+          used = 0;
+        }
+        if (used == 0 || used != text.size() || value < least) {
+          return "must be a whole number of at least " + std::to_string(least) + ", not '" + text +
+                 "'";
+        }
+        return "";
+      },
+      "INT>=" + std::to_string(least));
 }
 
 void add_log_flag(CLI::App& command, std::string& level) {

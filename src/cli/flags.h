@@ -31,6 +31,11 @@ struct StoreFlags {
 
 void add_store_flags(CLI::App& command, StoreFlags& flags);
 
+// A check that a whole number is at least `least`, saying so in words
+// ("must be a whole number of at least 1") rather than CLI11's range of
+// doubles.
+CLI::Validator at_least(long long least);
+
 // --log-level, for every command.
 void add_log_flag(CLI::App& command, std::string& level);
 Status apply_log_level(const std::string& level);
