@@ -128,6 +128,39 @@ TEST_F(ImageCliTest, PackThenExportIsByteExactWithHolesAndAnOddSize) {
             raw.size());
 }
 
+TEST_F(ImageCliTest, PackJsonAndInspectShowTheChain) {
+  std::string raw = image_with_holes(64, 0, 3);
+  Outcome first = pack(0, write_raw("raw0", raw), std::nullopt, {"--json"});
+  ASSERT_EQ(first.status, 0) << first.err;
+  const nlohmann::json summary = nlohmann::json::parse(first.out);
+  EXPECT_EQ(summary.at("build"), build_id(0));
+  EXPECT_EQ(summary.at("blocks"), 64);
+  EXPECT_EQ(summary.at("changed").get<uint64_t>() + summary.at("zero").get<uint64_t>(), 64u);
+  EXPECT_EQ(summary.at("unchanged"), 0);
+  EXPECT_EQ(summary.at("data_bytes"), std::filesystem::file_size(stored(0)));
+  raw[5 * kBlock] ^= 1;  // one block changed in the child
+  Outcome second = pack(1, write_raw("raw1", raw), 0, {"--json"});
+  ASSERT_EQ(second.status, 0) << second.err;
+  EXPECT_EQ(nlohmann::json::parse(second.out).at("changed"), 1);
+
+  Outcome inspected = run_lazyblock(dir_, {"inspect", "--store", store_url_, "--build",
+                                           build_id(1), "--name", "rootfs.ext4", "--json",
+                                           "--no-mappings"});
+  ASSERT_EQ(inspected.status, 0) << inspected.err;
+  const nlohmann::json doc = nlohmann::json::parse(inspected.out);
+  EXPECT_FALSE(doc.contains("mappings"));
+  ASSERT_EQ(doc.at("chain").size(), 2u) << doc.dump();
+  EXPECT_EQ(doc.at("chain")[0].at("build_id"), build_id(1));
+  EXPECT_EQ(doc.at("chain")[0].at("generation"), 1);
+  EXPECT_EQ(doc.at("chain")[1].at("build_id"), build_id(0));
+  EXPECT_EQ(doc.at("chain")[1].at("generation"), 0);
+  Outcome text = run_lazyblock(dir_, {"inspect", "--store", store_url_, "--build", build_id(1),
+                                      "--name", "rootfs.ext4", "--no-mappings"});
+  ASSERT_EQ(text.status, 0) << text.err;
+  EXPECT_NE(text.out.find(build_id(0) + " generation 0"), std::string::npos) << text.out;
+  EXPECT_EQ(text.out.find("mappings (offset"), std::string::npos) << text.out;
+}
+
 TEST_F(ImageCliTest, PackFromStdin) {
   const std::string raw = image_with_holes(100, 17, 2);
   std::vector<std::string> args = {"pack",    "--store", store_url_,    "--build",

@@ -5,8 +5,13 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
+#include <algorithm>
 #include <map>
+#include <optional>
+#include <set>
+#include <vector>
 #include <stop_token>
 #include <memory>
 
@@ -72,6 +77,7 @@ struct PackFlags {
   std::string input;
   std::string overlay;
   bool force = false;
+  bool json = false;
 };
 
 int run_pack(const PackFlags& flags) {
@@ -109,6 +115,7 @@ int run_pack(const PackFlags& flags) {
   struct stat st{};
   const uint64_t total = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? st.st_size : 0;
   signals.on_signal([&] { stop.request_stop(); });
+  const auto started = std::chrono::steady_clock::now();
   Result<image::PackSummary> summary = [&] {
     Progress progress("pack " + flags.device.name, total);
     return image::pack(opened->files, fd, options,
@@ -131,6 +138,25 @@ int run_pack(const PackFlags& flags) {
                  "build's device has the image's size\n",
                  static_cast<unsigned long long>(header.size),
                  static_cast<unsigned long long>(*summary->parent_size));
+  }
+  if (flags.json) {
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    nlohmann::json doc = {{"name", flags.device.name},
+                          {"build", header.build_id.to_string()},
+                          {"parent", flags.parent.empty() ? nlohmann::json() : nlohmann::json(flags.parent)},
+                          {"generation", header.generation},
+                          {"size", header.size},
+                          {"block_size", header.block_size},
+                          {"blocks", summary->blocks},
+                          {"changed", summary->changed},
+                          {"zero", summary->zero},
+                          {"unchanged", summary->unchanged},
+                          {"data_bytes", summary->data_bytes},
+                          {"header_bytes", summary->header_bytes},
+                          {"seconds", seconds}};
+    std::printf("%s\n", doc.dump(2).c_str());
+    return 0;
   }
   std::printf(
       "packed %s of build %s (generation %llu): %s in %llu blocks of %llu bytes: %llu changed, "
@@ -174,7 +200,41 @@ int run_export(const ExportFlags& flags) {
 struct InspectFlags {
   DeviceFlags device;
   bool json = false;
+  bool no_mappings = false;
 };
+
+// A build whose data file the device reads, with its generation (from its
+// own header; unknown if that header cannot be read).
+struct ChainLink {
+  image::Uuid build;
+  std::optional<uint64_t> generation;
+  std::string problem;  // why the generation is unknown
+};
+
+// The builds the device's bytes come from, newest generation first: the
+// chain of ancestors that still contribute bytes (a v3 header records no
+// parent, so the chain is read off the mappings and each build's header).
+std::vector<ChainLink> build_chain(ObjectStore& store, const image::Header& header,
+                                   const std::string& name, std::chrono::nanoseconds timeout) {
+  std::vector<ChainLink> chain;
+  std::set<image::Uuid> seen;
+  for (const image::Mapping& m : header.mappings) {
+    if (m.build_id.is_nil() || !seen.insert(m.build_id).second) continue;
+    ChainLink link{m.build_id, std::nullopt, ""};
+    if (m.build_id == header.build_id) {
+      link.generation = header.generation;
+    } else if (Result<image::Header> other = image::load_header(store, m.build_id, name, timeout)) {
+      link.generation = other->generation;
+    } else {
+      link.problem = other.status().message();
+    }
+    chain.push_back(std::move(link));
+  }
+  std::stable_sort(chain.begin(), chain.end(), [](const ChainLink& a, const ChainLink& b) {
+    return a.generation.value_or(0) > b.generation.value_or(0);
+  });
+  return chain;
+}
 
 // Bytes of the device each build's data file serves ("zeros" for nil).
 std::map<std::string, uint64_t> bytes_by_build(const image::Header& header) {
@@ -195,22 +255,34 @@ int run_inspect(const InspectFlags& flags) {
                          opened->files->options().fetch_timeout);
   if (!header) return report_failure(header.status().with_context("inspect"));
   const std::map<std::string, uint64_t> by_build = bytes_by_build(*header);
+  const std::vector<ChainLink> chain =
+      build_chain(opened->files->store(), *header, flags.device.name,
+                  opened->files->options().fetch_timeout);
   if (flags.json) {
-    nlohmann::json mappings = nlohmann::json::array();
-    for (const image::Mapping& m : header->mappings) {
-      mappings.push_back({{"offset", m.offset},
-                          {"length", m.length},
-                          {"build_id", m.build_id.to_string()},
-                          {"build_storage_offset", m.build_storage_offset}});
+    nlohmann::json links = nlohmann::json::array();
+    for (const ChainLink& link : chain) {
+      links.push_back({{"build_id", link.build.to_string()},
+                       {"generation", link.generation ? nlohmann::json(*link.generation)
+                                                      : nlohmann::json()}});
     }
-    const nlohmann::json doc = {{"version", header->version},
-                                {"block_size", header->block_size},
-                                {"size", header->size},
-                                {"generation", header->generation},
-                                {"build_id", header->build_id.to_string()},
-                                {"base_build_id", header->base_build_id.to_string()},
-                                {"bytes_by_build", by_build},
-                                {"mappings", std::move(mappings)}};
+    nlohmann::json doc = {{"version", header->version},
+                          {"block_size", header->block_size},
+                          {"size", header->size},
+                          {"generation", header->generation},
+                          {"build_id", header->build_id.to_string()},
+                          {"base_build_id", header->base_build_id.to_string()},
+                          {"bytes_by_build", by_build},
+                          {"chain", std::move(links)}};
+    if (!flags.no_mappings) {
+      nlohmann::json mappings = nlohmann::json::array();
+      for (const image::Mapping& m : header->mappings) {
+        mappings.push_back({{"offset", m.offset},
+                            {"length", m.length},
+                            {"build_id", m.build_id.to_string()},
+                            {"build_storage_offset", m.build_storage_offset}});
+      }
+      doc["mappings"] = std::move(mappings);
+    }
     std::printf("%s\n", doc.dump(2).c_str());
     return 0;
   }
@@ -222,10 +294,18 @@ int run_inspect(const InspectFlags& flags) {
   std::printf("  size %s (%llu bytes), blocks of %llu bytes, %zu mappings\n",
               format_size(header->size).c_str(), static_cast<unsigned long long>(header->size),
               static_cast<unsigned long long>(header->block_size), header->mappings.size());
-  std::printf("  bytes by source:\n");
-  for (const auto& [build, bytes] : by_build) {
-    std::printf("    %-36s %12s\n", build.c_str(), format_size(bytes).c_str());
+  std::printf("  chain (the builds its bytes come from, newest first):\n");
+  for (const ChainLink& link : chain) {
+    const auto bytes = by_build.find(link.build.to_string());
+    std::printf("    %-36s %s, %s\n", link.build.to_string().c_str(),
+                link.generation ? fmt::format("generation {}", *link.generation).c_str()
+                                : fmt::format("header unreadable: {}", link.problem).c_str(),
+                format_size(bytes == by_build.end() ? 0 : bytes->second).c_str());
   }
+  if (const auto zeros = by_build.find("zeros"); zeros != by_build.end()) {
+    std::printf("    %-36s %s\n", "zeros", format_size(zeros->second).c_str());
+  }
+  if (flags.no_mappings) return 0;
   constexpr size_t kShown = 50;
   std::printf("  mappings (offset, length, build, offset in its data file):\n");
   for (size_t i = 0; i < header->mappings.size() && i < kShown; ++i) {
@@ -258,6 +338,9 @@ CommandRunner add_pack_command(CLI::App& app) {
                  "Replace the build if it exists already. Builds are meant to be immutable: its "
                  "children keep mapping into its old data file (and read a mix of generations), "
                  "and caches of it (--cache-dir) may hold its old chunks");
+  pack->add_flag("--json", flags->json,
+                 "Print the summary as one JSON document: blocks changed, zero, unchanged, bytes "
+                 "stored, seconds");
   pack->add_option("FILE", flags->input, "The raw image; - for stdin");
   pack->add_option("--overlay", flags->overlay,
                    "Instead of FILE: an overlay kept by `serve nbd --overlay` over --parent's "
@@ -282,6 +365,8 @@ CommandRunner add_inspect_command(CLI::App& app) {
       "inspect", "Show a build's header: metadata, bytes by source build, the mappings");
   add_device_flags(*command, flags->device);
   command->add_flag("--json", flags->json, "Print one JSON document");
+  command->add_flag("--no-mappings", flags->no_mappings,
+                    "Leave the mappings out (the summary and the chain of builds only)");
   return [flags] { return run_inspect(*flags); };
 }
 
