@@ -5,6 +5,7 @@
 #include "chunk/chunker.h"
 #include "cli/commands.h"
 #include "cli/flags.h"
+#include "cli/output.h"
 #include "common/output_file.h"
 #include "common/byte_sink.h"
 #include "common/log.h"
@@ -34,12 +35,14 @@ int run_cat(const CatFlags& flags) {
   if (!chunker) return report_failure(chunker.status());
 
   Status status;
+  Progress progress("cat " + flags.key, 0);
+  ProgressSink counted((*output)->sink(), progress);
   if ((*output)->is_block_device()) {
     // Only a device needs the size before the first byte (a stat more).
     Result<uint64_t> size = (*chunker)->size();
     status = size ? (*output)->expect_size(*size) : size.status();
   }
-  if (status.is_ok()) status = (*chunker)->write_to((*output)->sink());
+  if (status.is_ok()) status = (*chunker)->write_to(counted);
   if (status.is_ok()) status = (*output)->commit();
   if (!status.is_ok()) return report_failure(status.with_context("cat " + flags.key));
   const ChunkerStats stats = (*chunker)->stats();
@@ -54,6 +57,7 @@ CommandRunner add_cat_command(CLI::App& app) {
   CLI::App* cat = app.add_subcommand(
       "cat", "Write one raw object of a store (no header) to stdout or a file");
   add_store_flags(*cat, flags->store);
+  add_progress_flags(*cat);
   cat->add_option("--key", flags->key, "The object's key, e.g. BUILD/memfile")->required();
   cat->add_option("-o,--output", flags->output,
                   "Output: a file (replaced whole only once complete), a device or a FIFO "

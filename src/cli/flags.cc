@@ -2,6 +2,7 @@
 
 #include <cstdio>
 
+#include "cli/output.h"
 #include "common/log.h"
 #include "common/units.h"
 
@@ -73,6 +74,16 @@ CLI::Validator at_least(long long least) {
 void add_log_flag(CLI::App& command, std::string& level) {
   command.add_option("--log-level", level, "debug, info, warn, error or off")
       ->capture_default_str();
+}
+
+void add_progress_flags(CLI::App& command) {
+  CLI::Option* progress = command.add_flag_callback(
+      "--progress", [] { set_progress_mode(ProgressMode::kOn); },
+      "Show progress (rate, time left) on stderr even when it is not a terminal");
+  command
+      .add_flag_callback("--quiet", [] { set_progress_mode(ProgressMode::kOff); },
+                         "Show no progress, even on a terminal")
+      ->excludes(progress);
 }
 
 Status apply_log_level(const std::string& level) {

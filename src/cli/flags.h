@@ -38,6 +38,10 @@ CLI::Validator at_least(long long least);
 
 // --log-level, for every command.
 void add_log_flag(CLI::App& command, std::string& level);
+
+// --progress / --quiet, for the commands that move whole images; applied
+// when the command line is parsed.
+void add_progress_flags(CLI::App& command);
 Status apply_log_level(const std::string& level);
 
 // The options the flags stand for; kInvalidArgument (a usage error) if any

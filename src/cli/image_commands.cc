@@ -330,6 +330,7 @@ CommandRunner add_pack_command(CLI::App& app) {
       "Store a raw image as a build: only the blocks that differ from --parent (or, without a "
       "parent, that are not zeros) go to BUILD/NAME; BUILD/NAME.header maps every block");
   add_device_flags(*pack, flags->device);
+  add_progress_flags(*pack);
   pack->add_option("--parent", flags->parent, "The build this one changes (a UUID)");
   pack->add_option("--block-size", flags->block_size,
                    "Unit of diffing and mapping: 4096 (disks, memory) or 2MiB (huge-page memory); "
@@ -353,6 +354,7 @@ CommandRunner add_export_command(CLI::App& app) {
   CLI::App* command = app.add_subcommand(
       "export", "Write a build's whole device to a file (sparse where it reads zeros) or stdout");
   add_device_flags(*command, flags->device);
+  add_progress_flags(*command);
   command->add_option("-o,--output", flags->output,
                       "Output: a file (replaced whole only once complete), a device or a FIFO "
                       "(written in place); - for stdout, the default unless it is a terminal");

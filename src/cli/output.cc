@@ -3,18 +3,28 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <string>
 
 #include "common/units.h"
 
 namespace lazyblock::cli {
 
+namespace {
+ProgressMode g_progress_mode = ProgressMode::kAuto;
+}  // namespace
+
+void set_progress_mode(ProgressMode mode) { g_progress_mode = mode; }
+
 Progress::Progress(std::string label, uint64_t total)
-    : label_(std::move(label)), total_(total), enabled_(::isatty(STDERR_FILENO) == 1) {}
+    : label_(std::move(label)),
+      total_(total),
+      enabled_(g_progress_mode == ProgressMode::kOn ||
+               (g_progress_mode == ProgressMode::kAuto && ::isatty(STDERR_FILENO) == 1)) {}
 
 Progress::~Progress() {
   if (!enabled_ || !drawn_) return;
   draw(last_done_);
-  std::fputc('\n', stderr);
+  if (::isatty(STDERR_FILENO) == 1) std::fputc('\n', stderr);
 }
 
 void Progress::update(uint64_t done) {
@@ -28,13 +38,30 @@ void Progress::update(uint64_t done) {
 
 void Progress::draw(uint64_t done) {
   drawn_ = true;
-  if (total_ == 0) {
-    std::fprintf(stderr, "\r%s: %s", label_.c_str(), format_size(done).c_str());
-  } else {
-    std::fprintf(stderr, "\r%s: %s of %s (%.0f%%)   ", label_.c_str(), format_size(done).c_str(),
-                 format_size(total_).c_str(),
-                 100.0 * static_cast<double>(done) / static_cast<double>(total_));
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+  const double rate = seconds > 0 ? static_cast<double>(done) / seconds : 0;  // bytes/s
+  std::string line = label_ + ": " + format_size(done);
+  if (total_ > 0) {
+    line += " of " + format_size(total_);
+    char percent[32];
+    std::snprintf(percent, sizeof percent, " (%.0f%%)",
+                  100.0 * static_cast<double>(done) / static_cast<double>(total_));
+    line += percent;
   }
+  if (rate > 0) {
+    char speed[64];
+    std::snprintf(speed, sizeof speed, ", %.1f MB/s", rate / 1e6);
+    line += speed;
+    if (total_ > done) {
+      std::snprintf(speed, sizeof speed, ", %.0f s left",
+                    static_cast<double>(total_ - done) / rate);
+      line += speed;
+    }
+  }
+  // The terminal gets a line redrawn in place; anything else a line each time.
+  const bool terminal = ::isatty(STDERR_FILENO) == 1;
+  std::fprintf(stderr, terminal ? "\r%s   " : "%s\n", line.c_str());
   std::fflush(stderr);
 }
 

@@ -12,8 +12,13 @@
 
 namespace lazyblock::cli {
 
-// "pack rootfs.ext4: 312.0 MiB of 1.0 GiB (30%)" on stderr, redrawn at most
-// ten times a second, only if stderr is a terminal.
+// Whether progress lines are drawn: on a terminal (kAuto), always, or never
+// (--progress / --quiet). Set once, from the command line.
+enum class ProgressMode { kAuto, kOn, kOff };
+void set_progress_mode(ProgressMode mode);
+
+// "pack rootfs.ext4: 312 MiB of 1 GiB (30%), 95.2 MB/s, 7 s left" on stderr,
+// redrawn at most ten times a second.
 class Progress {
  public:
   Progress(std::string label, uint64_t total);
@@ -26,6 +31,7 @@ class Progress {
   const std::string label_;
   const uint64_t total_;  // 0: unknown
   const bool enabled_;
+  const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   std::chrono::steady_clock::time_point last_draw_{};
   uint64_t last_done_ = 0;
   bool drawn_ = false;
