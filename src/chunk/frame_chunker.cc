@@ -1,0 +1,279 @@
+#include "chunk/frame_chunker.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <stop_token>
+
+#include <fmt/format.h>
+
+#include "cache/block_cache.h"
+#include "common/file_io.h"
+#include "common/task_group.h"
+
+namespace lazyblock {
+
+size_t FrameTable::frame_at(uint64_t offset) const {
+  const auto after = std::upper_bound(frames.begin(), frames.end(), offset,
+                                      [](uint64_t o, const CompressedFrame& f) { return o < f.offset; });
+  return static_cast<size_t>(after - frames.begin()) - 1;
+}
+
+Status FrameTable::validate(uint64_t block_size) const {
+  uint64_t expected = 0;
+  for (size_t i = 0; i < frames.size(); ++i) {
+    const CompressedFrame& frame = frames[i];
+    if (frame.offset != expected) {
+      return Status::corruption(fmt::format("frame {} starts at {}, expected {}", i, frame.offset,
+                                            expected));
+    }
+    if (frame.size == 0 || frame.stored_size == 0) {
+      return Status::corruption(fmt::format("frame {} is empty", i));
+    }
+    if (block_size == 0 || frame.offset % block_size != 0) {
+      return Status::corruption(
+          fmt::format("frame {} starts at {}, not at a block boundary", i, frame.offset));
+    }
+    expected = frame.offset + frame.size;
+  }
+  return Status::ok();
+}
+
+namespace {
+
+class FrameChunker final : public Chunker {
+ public:
+  FrameChunker(std::shared_ptr<ObjectStore> store, std::string key, FrameTable table,
+               ChunkerOptions options, std::unique_ptr<BlockCache> cache)
+      : store_(std::move(store)),
+        key_(std::move(key)),
+        table_(std::move(table)),
+        options_(std::move(options)),
+        cache_(std::move(cache)) {}
+
+  ~FrameChunker() override {
+    stop_.request_stop();
+    tasks_.wait();
+  }
+
+  Result<uint64_t> size() override { return table_.size(); }
+
+  Result<std::span<const std::byte>> slice(uint64_t offset, uint64_t length) override {
+    const uint64_t size = table_.size();
+    if (length == 0 || offset >= size) return std::span<const std::byte>();
+    const uint64_t end = offset + std::min(length, size - offset);
+    if (!cache_->is_cached(offset, end)) {
+      note_read(offset, end);
+      LB_RETURN_IF_ERROR(fetch_range(offset, end));
+    } else {
+      last_read_end_.store(end, std::memory_order_relaxed);
+    }
+    return cache_->slice(offset, end - offset);
+  }
+
+  std::optional<std::span<const std::byte>> cached_slice(uint64_t offset,
+                                                         uint64_t length) override {
+    const uint64_t size = table_.size();
+    if (offset >= size) return std::nullopt;
+    const uint64_t end = offset + std::min(length, size - offset);
+    if (!cache_->is_cached(offset, end)) return std::nullopt;
+    return cache_->slice(offset, end - offset);
+  }
+
+  Result<size_t> read_at(std::span<std::byte> buffer, uint64_t offset) override {
+    Result<std::span<const std::byte>> bytes = slice(offset, buffer.size());
+    if (!bytes) return bytes.status();
+    if (!bytes->empty()) std::memcpy(buffer.data(), bytes->data(), bytes->size());
+    return bytes->size();
+  }
+
+  Status write_to(ByteSink& sink) override {
+    const size_t frames = table_.frames.size();
+    for (size_t i = 0; i < frames; ++i) {
+      {
+        std::lock_guard lock(mu_);
+        const size_t until = std::min(frames, i + static_cast<size_t>(options_.readahead_streams));
+        for (size_t ahead = i; ahead < until; ++ahead) start_locked(ahead);
+      }
+      const CompressedFrame& frame = table_.frames[i];
+      LB_RETURN_IF_ERROR(fetch_range(frame.offset, frame.offset + frame.size));
+      LB_RETURN_IF_ERROR(sink.write(cache_->slice(frame.offset, frame.size)));
+    }
+    return Status::ok();
+  }
+
+  void prefetch(uint64_t offset, uint64_t length) override {
+    const uint64_t size = table_.size();
+    if (length == 0 || offset >= size) return;
+    const uint64_t end = offset + std::min(length, size - offset);
+    std::lock_guard lock(mu_);
+    for (size_t i = table_.frame_at(offset); i <= table_.frame_at(end - 1); ++i) {
+      queued_.push_back(i);
+    }
+    pump_locked();
+  }
+
+  ChunkerStats stats() const override {
+    std::lock_guard lock(mu_);
+    return {requests_.load(), bytes_.load(), waiting_, static_cast<uint64_t>(in_flight_.size())};
+  }
+
+ private:
+  struct Fetch {
+    bool done = false;
+    Status status;
+  };
+
+  // Sequential reads keep readahead_streams frames in flight past the read.
+  void note_read(uint64_t offset, uint64_t end) {
+    const uint64_t previous = last_read_end_.exchange(end, std::memory_order_relaxed);
+    if (!options_.readahead || offset != previous) return;
+    const size_t last = table_.frame_at(end - 1);
+    std::lock_guard lock(mu_);
+    for (size_t i = last + 1;
+         i < table_.frames.size() && i <= last + static_cast<size_t>(options_.readahead_streams);
+         ++i) {
+      queued_.push_front(i);
+    }
+    pump_locked();
+  }
+
+  // Fetches every frame [offset, end) touches, all at once, then waits.
+  Status fetch_range(uint64_t offset, uint64_t end) {
+    const size_t first = table_.frame_at(offset);
+    const size_t last = table_.frame_at(end - 1);
+    std::unique_lock lock(mu_);
+    for (size_t i = first; i <= last; ++i) start_locked(i);
+    const Clock::time_point deadline = Clock::now() + options_.fetch_timeout;
+    for (size_t i = first; i <= last; ++i) {
+      const CompressedFrame& frame = table_.frames[i];
+      while (!cache_->is_cached(frame.offset, frame.offset + frame.size)) {
+        auto it = in_flight_.find(i);
+        if (it == in_flight_.end()) {
+          start_locked(i);
+          it = in_flight_.find(i);
+        }
+        const std::shared_ptr<Fetch> fetch = it->second;
+        ++waiting_;
+        const bool in_time =
+            cv_.wait_until(lock, deadline, [&] { return fetch->done; });
+        --waiting_;
+        if (!in_time) {
+          return Status::timeout(fmt::format("{} frame {}: no answer by the deadline", key_, i));
+        }
+        if (!fetch->status.is_ok()) return fetch->status;
+      }
+    }
+    return Status::ok();
+  }
+
+  // Starts fetching frame `index` unless it is cached or under way.
+  // Requires mu_ held.
+  void start_locked(size_t index) {
+    const CompressedFrame& frame = table_.frames[index];
+    if (in_flight_.contains(index) || cache_->is_cached(frame.offset, frame.offset + frame.size)) {
+      return;
+    }
+    auto fetch = std::make_shared<Fetch>();
+    in_flight_.emplace(index, fetch);
+    tasks_.spawn([this, index, fetch] {
+      Status status = fetch_frame(index);
+      std::lock_guard lock(mu_);
+      fetch->done = true;
+      fetch->status = std::move(status);
+      in_flight_.erase(index);
+      cv_.notify_all();
+      pump_locked();
+    });
+  }
+
+  // Starts queued prefetches while fewer than readahead_streams run.
+  // Requires mu_ held.
+  void pump_locked() {
+    while (!queued_.empty() &&
+           in_flight_.size() < static_cast<size_t>(options_.readahead_streams)) {
+      const size_t index = queued_.front();
+      queued_.pop_front();
+      start_locked(index);
+    }
+  }
+
+  // On a fetch's thread: the frame's stored bytes, decompressed, verified,
+  // then cached.
+  Status fetch_frame(size_t index) {
+    const CompressedFrame& frame = table_.frames[index];
+    const std::string what = fmt::format("{} frame {} (bytes [{}, +{}) stored at [{}, +{}))", key_,
+                                         index, frame.offset, frame.size, frame.stored_offset,
+                                         frame.stored_size);
+    const IoContext io{Clock::now() + options_.fetch_timeout, stop_.get_token()};
+    requests_.fetch_add(1, std::memory_order_relaxed);
+    Result<std::unique_ptr<RangeReader>> reader =
+        store_->open_range(key_, frame.stored_offset, frame.stored_size, io);
+    if (!reader) return reader.status().with_context(what);
+    std::vector<std::byte> stored(frame.stored_size);
+    uint64_t got = 0;
+    while (got < stored.size()) {
+      Result<size_t> n = (*reader)->read(std::span(stored).subspan(got));
+      if (!n) return n.status().with_context(what);
+      if (*n == 0) break;
+      got += *n;
+      bytes_.fetch_add(*n, std::memory_order_relaxed);
+    }
+    if (got != stored.size()) {
+      return Status::corruption(fmt::format(
+          "{}: the object ends after {} of the frame's {} bytes", what, got, stored.size()));
+    }
+    std::vector<std::byte> plain(frame.size);
+    if (Status s = decompress_frame(table_.codec, stored, plain); !s.is_ok()) {
+      return s.with_context(what);
+    }
+    LB_RETURN_IF_ERROR(cache_->write(frame.offset, plain));
+    cache_->mark_cached(frame.offset, frame.offset + frame.size);
+    return Status::ok();
+  }
+
+  const std::shared_ptr<ObjectStore> store_;
+  const std::string key_;
+  const FrameTable table_;
+  const ChunkerOptions options_;
+  const std::unique_ptr<BlockCache> cache_;
+  std::stop_source stop_;  // requested when the chunker goes
+  std::atomic<uint64_t> requests_{0};
+  std::atomic<uint64_t> bytes_{0};
+  // Read and written without a lock: a lost update only delays readahead.
+  std::atomic<uint64_t> last_read_end_{UINT64_MAX};
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;                        // a fetch ended
+  std::map<size_t, std::shared_ptr<Fetch>> in_flight_;  // guarded by mu_, by frame
+  std::deque<size_t> queued_;                         // guarded by mu_: prefetch and readahead
+  uint64_t waiting_ = 0;                              // guarded by mu_
+  TaskGroup tasks_;  // declared last: waited for first
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Chunker>> make_frame_chunker(std::shared_ptr<ObjectStore> store,
+                                                    std::string key, FrameTable table,
+                                                    ChunkerOptions options) {
+  if (Status s = table.validate(options.block_size); !s.is_ok()) {
+    return s.with_context("frame table of " + key);
+  }
+  if (options.readahead_streams < 1 || options.fetch_timeout.count() <= 0) {
+    return Status::invalid_argument("readahead streams and the fetch timeout must be positive");
+  }
+  const std::filesystem::path dir =
+      options.cache_dir.empty() ? temp_directory() : options.cache_dir;
+  Result<std::unique_ptr<BlockCache>> cache =
+      BlockCache::create(table.size(), options.block_size, dir);
+  if (!cache) return cache.status();
+  return std::unique_ptr<Chunker>(new FrameChunker(std::move(store), std::move(key),
+                                                   std::move(table), std::move(options),
+                                                   std::move(cache).value()));
+}
+
+}  // namespace lazyblock
