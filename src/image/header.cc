@@ -244,10 +244,12 @@ std::optional<Codec> Header::codec_of(const Uuid& build) const {
 }
 
 Status check_plain_whole_blocks(const Header& header) {
+  // kCorruption, as an unsupported header version is: the object is not
+  // one this reader can serve (exit status 1, not a usage error).
   for (const Mapping& m : header.mappings) {
     if (m.build_id.is_nil()) continue;
     if (header.codec_of(m.build_id).value_or(Codec::kNone) != Codec::kNone) {
-      return Status::invalid_argument(fmt::format(
+      return Status::corruption(fmt::format(
           "build {} is stored compressed ({}): compressed builds cannot be read yet",
           m.build_id.to_string(), codec_name(*header.codec_of(m.build_id))));
     }
@@ -256,7 +258,7 @@ Status check_plain_whole_blocks(const Header& header) {
     const Mapping& m = header.mappings[i];
     if (m.offset % header.block_size != 0 || m.length % header.block_size != 0 ||
         m.build_storage_offset % header.block_size != 0) {
-      return Status::invalid_argument(fmt::format(
+      return Status::corruption(fmt::format(
           "mapping {} [{}, +{}) is not in whole blocks of {}: such headers cannot be read yet", i,
           m.offset, m.length, header.block_size));
     }
