@@ -288,12 +288,19 @@ TEST_F(ImageCliTest, DamagedHeadersAreClearErrorsNeverCrashes) {
       EXPECT_FALSE(run.err.empty());
     }
   }
+  std::string version6 = good;
+  version6[0] = 6;
+  std::ofstream(header, std::ios::binary | std::ios::trunc) << version6;
+  Outcome run = inspect();
+  EXPECT_EQ(run.status, 1);
+  EXPECT_NE(run.err.find("unsupported header version 6"), std::string::npos) << run.err;
+  // Version 3's bytes under version 4's number: not an LZ4-framed block.
   std::string version4 = good;
   version4[0] = 4;
   std::ofstream(header, std::ios::binary | std::ios::trunc) << version4;
-  Outcome run = inspect();
+  run = inspect();
   EXPECT_EQ(run.status, 1);
-  EXPECT_NE(run.err.find("unsupported header version 4"), std::string::npos) << run.err;
+  EXPECT_NE(run.err.find("version 4 header: "), std::string::npos) << run.err;
 }
 
 TEST_F(ImageCliTest, MistakesAreExplained) {

@@ -110,6 +110,7 @@ Result<std::unique_ptr<Device>> Device::open(std::shared_ptr<DataFiles> files, c
   Result<Header> header =
       load_header(files->store(), build, name, files->options().fetch_timeout);
   if (!header) return header.status();
+  LB_RETURN_IF_ERROR(check_plain_whole_blocks(*header));
   return std::make_unique<Device>(std::move(files), std::move(header).value(), std::move(name));
 }
 

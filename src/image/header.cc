@@ -5,6 +5,8 @@
 
 #include <fmt/format.h>
 
+#include "image/header_internal.h"
+
 namespace lazyblock::image {
 namespace {
 
@@ -13,26 +15,6 @@ namespace {
 constexpr uint64_t kMinBlockSize = 512;
 constexpr uint64_t kMaxBlockSize = 1ULL << 30;
 
-uint64_t get_u64(const std::byte* at) {
-  uint64_t value = 0;
-  for (int i = 7; i >= 0; --i) value = value << 8 | static_cast<uint8_t>(at[i]);
-  return value;
-}
-
-void put_u64(std::vector<std::byte>& out, uint64_t value) {
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<std::byte>(value >> (8 * i)));
-}
-
-Uuid get_uuid(const std::byte* at) {
-  Uuid id;
-  for (size_t i = 0; i < id.bytes.size(); ++i) id.bytes[i] = static_cast<uint8_t>(at[i]);
-  return id;
-}
-
-void put_uuid(std::vector<std::byte>& out, const Uuid& id) {
-  for (uint8_t byte : id.bytes) out.push_back(static_cast<std::byte>(byte));
-}
-
 int hex_value(char c) {
   if (c >= '0' && c <= '9') return c - '0';
   if (c >= 'a' && c <= 'f') return c - 'a' + 10;
@@ -40,8 +22,42 @@ int hex_value(char c) {
   return -1;
 }
 
-uint64_t align_up(uint64_t value, uint64_t alignment) {
-  return (value + alignment - 1) / alignment * alignment;
+using internal::align_up;
+using internal::get_le;
+using internal::get_uuid;
+using internal::put_le;
+using internal::put_uuid;
+
+Status bad(std::string message) { return Status::corruption(std::move(message)); }
+
+// The rules every version puts on the metadata.
+Status check_metadata(const Header& h) {
+  if (h.block_size < kMinBlockSize || h.block_size > kMaxBlockSize ||
+      (h.block_size & (h.block_size - 1)) != 0) {
+    return bad(fmt::format("block size {} is not a power of two from {} to {}", h.block_size,
+                           kMinBlockSize, kMaxBlockSize));
+  }
+  if (h.size > UINT64_MAX - h.block_size) {
+    return bad(fmt::format("device size {} is too large", h.size));
+  }
+  return Status::ok();
+}
+
+Status validate_v3(const Header& h) {
+  const uint64_t covered = align_up(h.size, h.block_size);
+  if (h.mappings.size() > covered / h.block_size) {
+    return bad(fmt::format("{} mappings for a device of {} blocks", h.mappings.size(),
+                           covered / h.block_size));
+  }
+  if (kMetadataBytes + h.mappings.size() * kMappingBytes > kMaxV3HeaderBytes) {
+    return bad(fmt::format("{} mappings make a header larger than {} bytes", h.mappings.size(),
+                           kMaxV3HeaderBytes));
+  }
+  if (!h.builds.empty()) {
+    return bad(fmt::format("a version 3 header has no builds section, yet {} builds are given",
+                           h.builds.size()));
+  }
+  return internal::check_tiling(h.mappings, h.block_size, covered, "blocks");
 }
 
 }  // namespace
@@ -93,26 +109,10 @@ std::string Uuid::to_string() const {
   return text;
 }
 
-Status Header::validate() const {
-  const auto bad = [](std::string message) { return Status::corruption(std::move(message)); };
-  if (version != kHeaderVersion) {
-    return bad(fmt::format("unsupported header version {}", version));
-  }
-  if (block_size < kMinBlockSize || block_size > kMaxBlockSize ||
-      (block_size & (block_size - 1)) != 0) {
-    return bad(fmt::format("block size {} is not a power of two from {} to {}", block_size,
-                           kMinBlockSize, kMaxBlockSize));
-  }
-  if (size > UINT64_MAX - block_size) return bad(fmt::format("device size {} is too large", size));
-  const uint64_t covered = align_up(size, block_size);
-  if (mappings.size() > covered / block_size) {
-    return bad(fmt::format("{} mappings for a device of {} blocks", mappings.size(),
-                           covered / block_size));
-  }
-  if (kMetadataBytes + mappings.size() * kMappingBytes > kMaxHeaderBytes) {
-    return bad(fmt::format("{} mappings make a header larger than {} bytes", mappings.size(),
-                           kMaxHeaderBytes));
-  }
+namespace internal {
+
+Status check_tiling(const std::vector<Mapping>& mappings, uint64_t unit, uint64_t covered,
+                    std::string_view unit_name) {
   uint64_t next = 0;
   for (size_t i = 0; i < mappings.size(); ++i) {
     const Mapping& m = mappings[i];
@@ -120,10 +120,10 @@ Status Header::validate() const {
       return bad(fmt::format("mapping {} starts at {}, expected {}", i, m.offset, next));
     }
     if (m.length == 0) return bad(fmt::format("mapping {} is empty", i));
-    if (m.length % block_size != 0 || m.build_storage_offset % block_size != 0) {
-      return bad(fmt::format("mapping {} (length {}, storage offset {}) is not in whole blocks "
+    if (m.length % unit != 0 || m.build_storage_offset % unit != 0) {
+      return bad(fmt::format("mapping {} (length {}, storage offset {}) is not in whole {} "
                              "of {}",
-                             i, m.length, m.build_storage_offset, block_size));
+                             i, m.length, m.build_storage_offset, unit_name, unit));
     }
     if (m.length > covered - m.offset) {
       return bad(fmt::format("mapping {} [{}, +{}) runs past the device's end at {}", i, m.offset,
@@ -141,25 +141,44 @@ Status Header::validate() const {
   return Status::ok();
 }
 
-Result<Header> Header::parse(std::span<const std::byte> bytes) {
-  if (bytes.size() > kMaxHeaderBytes) {
-    return Status::corruption(
-        fmt::format("header of {} bytes: more than the {} allowed", bytes.size(), kMaxHeaderBytes));
+}  // namespace internal
+
+Status Header::validate() const {
+  if (version != 3 && version != 4 && version != 5) {
+    return bad(fmt::format("unsupported header version {}", version));
   }
+  LB_RETURN_IF_ERROR(check_metadata(*this));
+  if (version == 3) return validate_v3(*this);
+  return internal::validate_v4v5(*this);
+}
+
+Result<Header> Header::parse(std::span<const std::byte> bytes) {
   if (bytes.size() < kMetadataBytes) {
     return Status::corruption(fmt::format("header of {} bytes: shorter than its {}-byte metadata",
                                           bytes.size(), kMetadataBytes));
   }
   Header header;
-  header.version = get_u64(bytes.data());
-  if (header.version != kHeaderVersion) {
+  header.version = get_le(bytes.data(), 8);
+  if (header.version != 3 && header.version != 4 && header.version != 5) {
     return Status::corruption(fmt::format("unsupported header version {}", header.version));
   }
-  header.block_size = get_u64(bytes.data() + 8);
-  header.size = get_u64(bytes.data() + 16);
-  header.generation = get_u64(bytes.data() + 24);
+  const uint64_t max_bytes = header.version == 3 ? kMaxV3HeaderBytes : kMaxHeaderBytes;
+  if (bytes.size() > max_bytes) {
+    return Status::corruption(fmt::format("version {} header of {} bytes: more than the {} allowed",
+                                          header.version, bytes.size(), max_bytes));
+  }
+  header.block_size = get_le(bytes.data() + 8, 8);
+  header.size = get_le(bytes.data() + 16, 8);
+  header.generation = get_le(bytes.data() + 24, 8);
   header.build_id = get_uuid(bytes.data() + 32);
   header.base_build_id = get_uuid(bytes.data() + 48);
+  if (header.version != 3) {
+    // The metadata first: its block size and size bound what follows.
+    LB_RETURN_IF_ERROR(check_metadata(header));
+    LB_RETURN_IF_ERROR(internal::parse_v4v5(bytes.subspan(kMetadataBytes), header));
+    LB_RETURN_IF_ERROR(header.validate());
+    return header;
+  }
   const size_t mapping_bytes = bytes.size() - kMetadataBytes;
   if (mapping_bytes % kMappingBytes != 0) {
     return Status::corruption(fmt::format(
@@ -170,8 +189,8 @@ Result<Header> Header::parse(std::span<const std::byte> bytes) {
   header.mappings.reserve(mapping_bytes / kMappingBytes);
   for (size_t at = kMetadataBytes; at < bytes.size(); at += kMappingBytes) {
     const std::byte* record = bytes.data() + at;
-    header.mappings.push_back(
-        {get_u64(record), get_u64(record + 8), get_uuid(record + 16), get_u64(record + 32)});
+    header.mappings.push_back({get_le(record, 8), get_le(record + 8, 8), get_uuid(record + 16),
+                               get_le(record + 32, 8)});
   }
   LB_RETURN_IF_ERROR(header.validate());
   return header;
@@ -182,18 +201,22 @@ Result<std::vector<std::byte>> Header::serialize() const {
     return Status::invalid_argument("cannot write an invalid header: " + status.message());
   }
   std::vector<std::byte> out;
-  out.reserve(kMetadataBytes + mappings.size() * kMappingBytes);
-  put_u64(out, version);
-  put_u64(out, block_size);
-  put_u64(out, size);
-  put_u64(out, generation);
+  out.reserve(kMetadataBytes + (version == 3 ? mappings.size() * kMappingBytes : 0));
+  put_le(out, version, 8);
+  put_le(out, block_size, 8);
+  put_le(out, size, 8);
+  put_le(out, generation, 8);
   put_uuid(out, build_id);
   put_uuid(out, base_build_id);
+  if (version != 3) {
+    LB_RETURN_IF_ERROR(internal::serialize_v4v5(*this, out));
+    return out;
+  }
   for (const Mapping& m : mappings) {
-    put_u64(out, m.offset);
-    put_u64(out, m.length);
+    put_le(out, m.offset, 8);
+    put_le(out, m.length, 8);
     put_uuid(out, m.build_id);
-    put_u64(out, m.build_storage_offset);
+    put_le(out, m.build_storage_offset, 8);
   }
   return out;
 }
@@ -203,6 +226,44 @@ size_t Header::mapping_at(uint64_t offset) const {
   auto it = std::upper_bound(mappings.begin(), mappings.end(), offset,
                              [](uint64_t value, const Mapping& m) { return value < m.offset; });
   return static_cast<size_t>(it - mappings.begin()) - 1;
+}
+
+const BuildInfo* Header::find_build(const Uuid& build) const {
+  auto it = std::lower_bound(builds.begin(), builds.end(), build,
+                             [](const BuildInfo& b, const Uuid& id) { return b.build_id < id; });
+  return it != builds.end() && it->build_id == build ? &*it : nullptr;
+}
+
+std::optional<Codec> Header::codec_of(const Uuid& build) const {
+  if (version == 3) return Codec::kNone;
+  if (const BuildInfo* info = find_build(build)) return info->frame_table.codec;
+  // E2B writes a version 4 or 5 header without an entry for its own build
+  // only when that build was uploaded uncompressed.
+  if (build == build_id) return Codec::kNone;
+  return std::nullopt;
+}
+
+Status check_plain_whole_blocks(const Header& header) {
+  // kCorruption, as an unsupported header version is: the object is not
+  // one this reader can serve (exit status 1, not a usage error).
+  for (const Mapping& m : header.mappings) {
+    if (m.build_id.is_nil()) continue;
+    if (header.codec_of(m.build_id).value_or(Codec::kNone) != Codec::kNone) {
+      return Status::corruption(fmt::format(
+          "build {} is stored compressed ({}): compressed builds cannot be read yet",
+          m.build_id.to_string(), codec_name(*header.codec_of(m.build_id))));
+    }
+  }
+  for (size_t i = 0; i < header.mappings.size(); ++i) {
+    const Mapping& m = header.mappings[i];
+    if (m.offset % header.block_size != 0 || m.length % header.block_size != 0 ||
+        m.build_storage_offset % header.block_size != 0) {
+      return Status::corruption(fmt::format(
+          "mapping {} [{}, +{}) is not in whole blocks of {}: such headers cannot be read yet", i,
+          m.offset, m.length, header.block_size));
+    }
+  }
+  return Status::ok();
 }
 
 std::vector<Mapping> merge_mappings(const std::vector<Mapping>& parent,

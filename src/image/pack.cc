@@ -241,6 +241,7 @@ Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd,
                                                files->options().fetch_timeout);
     if (!parent_header) return parent_header.status().with_context("parent");
     if (!options.block_size) block = parent_header->block_size;
+    LB_RETURN_IF_ERROR(check_plain_whole_blocks(*parent_header));
     if (parent_header->block_size != block) {
       return Status::invalid_argument(fmt::format(
           "the parent {} has blocks of {} bytes, not {}", options.parent->to_string(),
