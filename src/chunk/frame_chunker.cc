@@ -17,19 +17,22 @@
 
 namespace lazyblock {
 
-size_t FrameTable::frame_at(uint64_t offset) const {
+std::optional<size_t> FrameGeometry::frame_at(uint64_t offset) const {
   const auto after = std::upper_bound(frames.begin(), frames.end(), offset,
                                       [](uint64_t o, const CompressedFrame& f) { return o < f.offset; });
-  return static_cast<size_t>(after - frames.begin()) - 1;
+  if (after == frames.begin()) return std::nullopt;
+  const size_t index = static_cast<size_t>(after - frames.begin()) - 1;
+  if (offset >= frames[index].offset + frames[index].size) return std::nullopt;
+  return index;
 }
 
-Status FrameTable::validate(uint64_t block_size) const {
-  uint64_t expected = 0;
+Status FrameGeometry::validate(uint64_t block_size) const {
+  uint64_t least = 0;
   for (size_t i = 0; i < frames.size(); ++i) {
     const CompressedFrame& frame = frames[i];
-    if (frame.offset != expected) {
-      return Status::corruption(fmt::format("frame {} starts at {}, expected {}", i, frame.offset,
-                                            expected));
+    if (frame.offset < least) {
+      return Status::corruption(fmt::format("frame {} starts at {}, inside the frame before it",
+                                            i, frame.offset));
     }
     if (frame.size == 0 || frame.stored_size == 0) {
       return Status::corruption(fmt::format("frame {} is empty", i));
@@ -38,7 +41,7 @@ Status FrameTable::validate(uint64_t block_size) const {
       return Status::corruption(
           fmt::format("frame {} starts at {}, not at a block boundary", i, frame.offset));
     }
-    expected = frame.offset + frame.size;
+    least = frame.offset + frame.size;
   }
   return Status::ok();
 }
@@ -47,7 +50,7 @@ namespace {
 
 class FrameChunker final : public Chunker {
  public:
-  FrameChunker(std::shared_ptr<ObjectStore> store, std::string key, FrameTable table,
+  FrameChunker(std::shared_ptr<ObjectStore> store, std::string key, FrameGeometry table,
                ChunkerOptions options, std::unique_ptr<BlockCache> cache)
       : store_(std::move(store)),
         key_(std::move(key)),
@@ -111,7 +114,8 @@ class FrameChunker final : public Chunker {
     if (length == 0 || offset >= size) return;
     const uint64_t end = offset + std::min(length, size - offset);
     std::lock_guard lock(mu_);
-    for (size_t i = table_.frame_at(offset); i <= table_.frame_at(end - 1); ++i) {
+    for (size_t i = first_frame_from(offset); i < table_.frames.size() && table_.frames[i].offset < end;
+         ++i) {
       queued_.push_back(i);
     }
     pump_locked();
@@ -128,11 +132,21 @@ class FrameChunker final : public Chunker {
     Status status;
   };
 
+  // The first frame that ends after `offset`.
+  size_t first_frame_from(uint64_t offset) const {
+    const auto it = std::upper_bound(
+        table_.frames.begin(), table_.frames.end(), offset,
+        [](uint64_t o, const CompressedFrame& f) { return o < f.offset + f.size; });
+    return static_cast<size_t>(it - table_.frames.begin());
+  }
+
   // Sequential reads keep readahead_streams frames in flight past the read.
   void note_read(uint64_t offset, uint64_t end) {
     const uint64_t previous = last_read_end_.exchange(end, std::memory_order_relaxed);
     if (!options_.readahead || offset != previous) return;
-    const size_t last = table_.frame_at(end - 1);
+    const std::optional<size_t> at_end = table_.frame_at(end - 1);
+    if (!at_end) return;
+    const size_t last = *at_end;
     std::lock_guard lock(mu_);
     for (size_t i = last + 1;
          i < table_.frames.size() && i <= last + static_cast<size_t>(options_.readahead_streams);
@@ -144,8 +158,17 @@ class FrameChunker final : public Chunker {
 
   // Fetches every frame [offset, end) touches, all at once, then waits.
   Status fetch_range(uint64_t offset, uint64_t end) {
-    const size_t first = table_.frame_at(offset);
-    const size_t last = table_.frame_at(end - 1);
+    // Every byte must lie in a frame: a gap is a range no mapping reaches.
+    for (uint64_t at = offset; at < end;) {
+      const std::optional<size_t> frame = table_.frame_at(at);
+      if (!frame) {
+        return Status::corruption(fmt::format(
+            "{}: no frame of its table holds byte {} (asked for [{}, {}))", key_, at, offset, end));
+      }
+      at = table_.frames[*frame].offset + table_.frames[*frame].size;
+    }
+    const size_t first = *table_.frame_at(offset);
+    const size_t last = *table_.frame_at(end - 1);
     std::unique_lock lock(mu_);
     for (size_t i = first; i <= last; ++i) start_locked(i);
     const Clock::time_point deadline = Clock::now() + options_.fetch_timeout;
@@ -238,7 +261,7 @@ class FrameChunker final : public Chunker {
 
   const std::shared_ptr<ObjectStore> store_;
   const std::string key_;
-  const FrameTable table_;
+  const FrameGeometry table_;
   const ChunkerOptions options_;
   const std::unique_ptr<BlockCache> cache_;
   std::stop_source stop_;  // requested when the chunker goes
@@ -258,7 +281,7 @@ class FrameChunker final : public Chunker {
 }  // namespace
 
 Result<std::unique_ptr<Chunker>> make_frame_chunker(std::shared_ptr<ObjectStore> store,
-                                                    std::string key, FrameTable table,
+                                                    std::string key, FrameGeometry table,
                                                     ChunkerOptions options) {
   if (Status s = table.validate(options.block_size); !s.is_ok()) {
     return s.with_context("frame table of " + key);

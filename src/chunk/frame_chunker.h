@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -39,23 +40,26 @@ struct CompressedFrame {
   uint64_t stored_size = 0;
 };
 
-struct FrameTable {
+// The frames of one compressed object, as plain geometry (the chunk layer
+// knows no header): sorted, never overlapping. There may be gaps (a header
+// lists only the frames its mappings reach): reading a gap is an error.
+struct FrameGeometry {
   FrameCodec codec = FrameCodec::kZstd;
-  // Sorted; each frame starts where the one before ends, the first at 0.
   std::vector<CompressedFrame> frames;
 
+  // The end of the last frame: the uncompressed bytes this object serves.
   uint64_t size() const { return frames.empty() ? 0 : frames.back().offset + frames.back().size; }
-  // The index of the frame holding uncompressed byte `offset` (< size()).
-  size_t frame_at(uint64_t offset) const;
-  // OK if the frames tile [0, size()) and every frame's offset is a multiple
-  // of `block_size` (so no block straddles two frames).
+  // The index of the frame holding uncompressed byte `offset`, if one does.
+  std::optional<size_t> frame_at(uint64_t offset) const;
+  // OK if the frames are sorted, not empty, do not overlap, and every
+  // frame's offset is a multiple of `block_size` (no block straddles two).
   Status validate(uint64_t block_size) const;
 };
 
 // A chunker for the compressed object `key` of `store` whose frames
 // `table` describes. Fails if the table is inconsistent.
 Result<std::unique_ptr<Chunker>> make_frame_chunker(std::shared_ptr<ObjectStore> store,
-                                                    std::string key, FrameTable table,
+                                                    std::string key, FrameGeometry table,
                                                     ChunkerOptions options);
 
 }  // namespace lazyblock

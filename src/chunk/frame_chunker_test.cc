@@ -49,7 +49,7 @@ class FrameChunkerTest : public ::testing::TestWithParam<FrameCodec> {
     ASSERT_TRUE(store_->put("obj", stored_, IoContext{}).is_ok());
   }
 
-  std::unique_ptr<Chunker> chunker(FrameTable table) {
+  std::unique_ptr<Chunker> chunker(FrameGeometry table) {
     ChunkerOptions options;
     options.cache_dir = scratch_->path();
     options.readahead_streams = 2;
@@ -62,7 +62,7 @@ class FrameChunkerTest : public ::testing::TestWithParam<FrameCodec> {
   std::shared_ptr<FileStore> store_;
   std::vector<std::byte> plain_;
   std::vector<std::byte> stored_;
-  FrameTable table_;
+  FrameGeometry table_;
 };
 
 TEST_P(FrameChunkerTest, AColdReadFetchesExactlyItsFrame) {
@@ -123,16 +123,28 @@ TEST_P(FrameChunkerTest, AnObjectShorterThanItsTableIsAnError) {
   EXPECT_NE(got.status().message().find("frame 3"), std::string::npos) << got.status().message();
 }
 
-TEST_P(FrameChunkerTest, AFrameTableThatDoesNotTileIsRefused) {
-  FrameTable broken = table_;
-  broken.frames[1].offset += 4096;
+TEST_P(FrameChunkerTest, OverlappingFramesAreRefusedAndGapsAreNotRead) {
+  FrameGeometry broken = table_;
+  broken.frames[1].offset -= 4096;
   ChunkerOptions options;
   options.cache_dir = scratch_->path();
   EXPECT_FALSE(make_frame_chunker(store_, "obj", broken, options));
+  // A table without its second frame: the first and third serve, the gap is an error.
+  FrameGeometry gap = table_;
+  gap.frames.erase(gap.frames.begin() + 1);
+  std::unique_ptr<Chunker> frames = chunker(gap);
+  ASSERT_TRUE(frames);
+  std::vector<std::byte> page(4096);
+  EXPECT_TRUE(frames->read_at(page, 0));
+  EXPECT_TRUE(frames->read_at(page, 2 * kFrame));
+  Result<size_t> in_gap = frames->read_at(page, kFrame + 4096);
+  ASSERT_FALSE(in_gap);
+  EXPECT_NE(in_gap.status().message().find("no frame"), std::string::npos)
+      << in_gap.status().message();
 }
 
 TEST_P(FrameChunkerTest, AFrameThatDecompressesToAnotherSizeIsAnError) {
-  FrameTable wrong_size = table_;
+  FrameGeometry wrong_size = table_;
   wrong_size.frames.back().size -= 1;  // it holds one byte more than the table says
   std::unique_ptr<Chunker> frames = chunker(wrong_size);
   std::vector<std::byte> page(10);

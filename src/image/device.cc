@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include "chunk/frame_chunker.h"
 #include "common/units.h"
 
 namespace lazyblock::image {
@@ -75,20 +76,48 @@ Result<Header> load_header(ObjectStore& store, const Uuid& build, const std::str
 DataFiles::DataFiles(std::shared_ptr<ObjectStore> store, ChunkerOptions options)
     : store_(std::move(store)), options_(std::move(options)) {}
 
-Result<Chunker*> DataFiles::chunker(const Uuid& build, const std::string& name) {
-  std::lock_guard lock(mu_);
-  std::unique_ptr<Chunker>& chunker = chunkers_[{build, name}];
-  if (!chunker) {
-    // The data file's size comes with its first fetch.
-    Result<std::unique_ptr<Chunker>> made =
-        make_chunker(store_, data_key(build, name), std::nullopt, options_);
-    if (!made) {
-      chunkers_.erase({build, name});
-      return made.status();
-    }
-    chunker = std::move(made).value();
+namespace {
+
+// The frames of `info`'s data file as the chunk layer takes them.
+FrameGeometry geometry_of(const BuildInfo& info) {
+  FrameGeometry geometry;
+  geometry.codec = info.frame_table.codec == Codec::kLz4 ? FrameCodec::kLz4 : FrameCodec::kZstd;
+  for (const Frame& frame : info.frame_table.frames) {
+    geometry.frames.push_back({frame.start_u, frame.size_u, frame.start_c, frame.size_c});
   }
-  return chunker.get();
+  return geometry;
+}
+
+}  // namespace
+
+Result<Chunker*> DataFiles::chunker(const Uuid& build, const std::string& name,
+                                    const Header& referrer) {
+  {
+    std::lock_guard lock(mu_);
+    if (auto it = chunkers_.find({build, name}); it != chunkers_.end()) return it->second.get();
+  }
+  // How the data file is stored: the referring header's entry, else the
+  // build's own header's entry for itself.
+  const BuildInfo* info = referrer.find_build(build);
+  std::optional<Header> own;
+  if (info == nullptr && !referrer.codec_of(build)) {
+    Result<Header> loaded = load_header(*store_, build, name, options_.fetch_timeout);
+    if (!loaded) return loaded.status().with_context("how build " + build.to_string() + " is stored");
+    own = std::move(loaded).value();
+    info = own->find_build(build);
+  }
+  Result<std::unique_ptr<Chunker>> made =
+      info != nullptr && info->frame_table.compressed()
+          ? make_frame_chunker(store_,
+                               data_key(build, name) +
+                                   std::string(data_file_suffix(info->frame_table.codec)),
+                               geometry_of(*info), options_)
+          : make_chunker(store_, data_key(build, name), std::nullopt, options_);
+  if (!made) return made.status();
+  std::lock_guard lock(mu_);
+  // Another caller may have made it meanwhile: the first one stays.
+  auto [it, inserted] = chunkers_.try_emplace({build, name}, std::move(made).value());
+  return it->second.get();
 }
 
 std::map<Uuid, ChunkerStats> DataFiles::stats() const {
@@ -110,7 +139,6 @@ Result<std::unique_ptr<Device>> Device::open(std::shared_ptr<DataFiles> files, c
   Result<Header> header =
       load_header(files->store(), build, name, files->options().fetch_timeout);
   if (!header) return header.status();
-  LB_RETURN_IF_ERROR(check_plain_whole_blocks(*header));
   return std::make_unique<Device>(std::move(files), std::move(header).value(), std::move(name));
 }
 
@@ -125,7 +153,7 @@ Status Device::learn_sizes() {
   std::vector<std::future<Status>> learned;
   for (const Uuid& build : builds) {
     learned.push_back(std::async(std::launch::async, [this, build]() -> Status {
-      Result<Chunker*> chunker = files_->chunker(build, name_);
+      Result<Chunker*> chunker = files_->chunker(build, name_, header_);
       if (!chunker) return chunker.status();
       Result<uint64_t> size = (*chunker)->size();
       if (!size) return size.status().with_context("data file " + data_key(build, name_));
@@ -141,7 +169,7 @@ Status Device::learn_sizes() {
 }
 
 Result<Chunker*> Device::chunker_for(const Mapping& mapping) {
-  return files_->chunker(mapping.build_id, name_);
+  return files_->chunker(mapping.build_id, name_, header_);
 }
 
 Result<size_t> Device::read_at(std::span<std::byte> buffer, uint64_t offset) {

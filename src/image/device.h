@@ -46,7 +46,12 @@ class DataFiles {
  public:
   DataFiles(std::shared_ptr<ObjectStore> store, ChunkerOptions options);
 
-  Result<Chunker*> chunker(const Uuid& build, const std::string& name);
+  // The chunker of `build`'s data file `name`. How that file is stored
+  // (plain, or zstd/LZ4 frames) comes from `referrer`, the header of the
+  // device that reads it, or, where that header has no entry for the build,
+  // from the build's own header. The first device to ask decides the frames
+  // the chunker knows (a header lists only the frames its mappings reach).
+  Result<Chunker*> chunker(const Uuid& build, const std::string& name, const Header& referrer);
   ObjectStore& store() { return *store_; }
   const ChunkerOptions& options() const { return options_; }
   // Upstream traffic of every data file so far, by build.
