@@ -1,9 +1,11 @@
-// The s3 store against a real S3-API server (s3rver) on 127.0.0.1.
+// The s3 store against a real S3-API server on 127.0.0.1 (s3rver behind a
+// front that checks SigV4 signatures as S3 does: testing/s3_server.h).
 #include "storage/s3_store.h"
 
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+
 
 #include "common/units.h"
 #include "testing/pattern.h"
@@ -27,8 +29,9 @@ class S3StoreTest : public ::testing::Test {
     store_ = open(testing::S3Server::kSecretAccessKey);
   }
 
-  S3Config config(const std::string& secret) const {
+  S3Config config(const std::string& secret, const std::string& region = "us-east-1") const {
     S3Config config;
+    config.region = region;
     config.bucket = kBucket;
     config.prefix = "templates";
     config.endpoint = server_->endpoint();
@@ -39,8 +42,9 @@ class S3StoreTest : public ::testing::Test {
     return config;
   }
 
-  std::shared_ptr<S3Store> open(const std::string& secret) {
-    Result<std::shared_ptr<S3Store>> store = S3Store::open(config(secret));
+  std::shared_ptr<S3Store> open(const std::string& secret,
+                                const std::string& region = "us-east-1") {
+    Result<std::shared_ptr<S3Store>> store = S3Store::open(config(secret, region));
     EXPECT_TRUE(store) << store.status().to_string();
     return store ? *store : nullptr;
   }
@@ -108,9 +112,23 @@ TEST_F(S3StoreTest, RemoveDeletes) {
   EXPECT_EQ(store_->stat("gone", IoContext{}).status().code(), StatusCode::kNotFound);
 }
 
-// s3rver checks the access key but does not verify SigV4 signatures (its
-// code says so), so a wrong secret cannot be shown refused here; the
-// signatures themselves are checked against AWS's examples in sigv4_test.
+TEST_F(S3StoreTest, AWrongSecretIsRefused) {
+  ASSERT_TRUE(store_->put("secret", make_pattern(kSeed, 0, 10), IoContext{}).is_ok());
+  std::shared_ptr<S3Store> wrong = open("not-the-secret");
+  ASSERT_TRUE(wrong);
+  auto [bytes, status] = read_range(*wrong, "secret", 0, 10);
+  EXPECT_EQ(status.code(), StatusCode::kIoError) << status.to_string();
+  EXPECT_NE(status.message().find("SignatureDoesNotMatch"), std::string::npos)
+      << status.to_string();
+  EXPECT_TRUE(bytes.empty());
+  EXPECT_EQ(wrong->put("secret", make_pattern(kSeed + 1, 0, 10), IoContext{}).code(),
+            StatusCode::kIoError);
+  // Nothing was overwritten.
+  auto [kept, kept_status] = read_range(*store_, "secret", 0, 10);
+  ASSERT_TRUE(kept_status.is_ok()) << kept_status.to_string();
+  EXPECT_EQ(first_pattern_mismatch(kSeed, 0, kept), kept.size());
+}
+
 TEST_F(S3StoreTest, AnUnknownAccessKeyIsRefused) {
   ASSERT_TRUE(store_->put("secret", make_pattern(kSeed, 0, 10), IoContext{}).is_ok());
   S3Config stranger = config(testing::S3Server::kSecretAccessKey);
@@ -125,6 +143,12 @@ TEST_F(S3StoreTest, AnUnknownAccessKeyIsRefused) {
 }
 
 TEST_F(S3StoreTest, ConfigurationComesFromTheEnvironment) {
+  testing::S3Server::Options paris;
+  paris.region = "eu-west-3";
+  Result<std::unique_ptr<testing::S3Server>> server = testing::S3Server::start({kBucket}, paris);
+  ASSERT_TRUE(server) << server.status().to_string();
+  server_ = std::move(server).value();
+  store_ = open(testing::S3Server::kSecretAccessKey, "eu-west-3");
   ::setenv("AWS_ENDPOINT_URL", server_->endpoint().c_str(), 1);
   ::setenv("AWS_ACCESS_KEY_ID", testing::S3Server::kAccessKeyId, 1);
   ::setenv("AWS_SECRET_ACCESS_KEY", testing::S3Server::kSecretAccessKey, 1);
@@ -154,6 +178,13 @@ TEST_F(S3StoreTest, ConfigurationComesFromTheEnvironment) {
 }
 
 TEST_F(S3StoreTest, GcsUrlsSpeakTheSameProtocol) {
+  // GCS's interoperability API takes "auto" for a region.
+  testing::S3Server::Options gcs_like;
+  gcs_like.region = "auto";
+  Result<std::unique_ptr<testing::S3Server>> server = testing::S3Server::start({kBucket}, gcs_like);
+  ASSERT_TRUE(server) << server.status().to_string();
+  server_ = std::move(server).value();
+  store_ = open(testing::S3Server::kSecretAccessKey, "auto");
   ::setenv("GCS_ENDPOINT_URL", server_->endpoint().c_str(), 1);
   ::setenv("AWS_ACCESS_KEY_ID", testing::S3Server::kAccessKeyId, 1);
   ::setenv("AWS_SECRET_ACCESS_KEY", testing::S3Server::kSecretAccessKey, 1);
