@@ -231,7 +231,10 @@ class Front {
     fs.appendFileSync(this.options.log, `${req.method} ${req.url} ${status}${code ? ' ' + code : ''}\n`);
   }
 
+  // (Each answer is logged before it is sent: a client that has its answer
+  // finds it in the log.)
   fail(req, res, error) {
+    this.log(req, error.status, error.code);
     const body = error.body();
     res.writeHead(error.status, {
       'Content-Type': 'application/xml',
@@ -240,7 +243,6 @@ class Front {
       ...error.headers,
     });
     res.end(req.method === 'HEAD' ? undefined : body);
-    this.log(req, error.status, error.code);
   }
 
   async handle(req, res) {
@@ -445,9 +447,9 @@ class Front {
         { UploadId: uploadId }));
     }
     fs.rmSync(dir, { recursive: true, force: true });
+    this.log(req, 204, '');
     res.writeHead(204);
     res.end();
-    this.log(req, 204, '');
   }
 
   // Sends the request to s3rver and its answer back. A client that goes
@@ -470,10 +472,8 @@ class Front {
           agent: this.agent,
         },
         answer => {
-          answer.on('end', () => {
-            this.log(req, answer.statusCode, '');
-            resolve();
-          });
+          this.log(req, answer.statusCode, '');
+          answer.on('end', resolve);
           answer.on('error', resolve);
           if (res.destroyed) {
             answer.resume();
