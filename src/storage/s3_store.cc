@@ -1,6 +1,9 @@
 #include "storage/s3_store.h"
 
+#include <algorithm>
+#include <charconv>
 #include <cstdlib>
+#include <ctime>
 
 #include <fmt/format.h>
 
@@ -11,13 +14,19 @@ namespace lazyblock {
 namespace {
 
 constexpr size_t kResponseLimit = 1024 * 1024;  // XML answers are small
+// Error bodies are read this far: S3's SignatureDoesNotMatch carries the
+// string to sign and the canonical request, a few KiB.
+constexpr size_t kErrorBodyLimit = 64 * 1024;
+// An abort gets a deadline of its own, not the failed put's: it runs after a
+// stop or a deadline too, and must neither be skipped nor hang.
+constexpr std::chrono::seconds kAbortDeadline{30};
 
 std::string env(const char* name) {
   const char* value = std::getenv(name);
   return value != nullptr ? value : "";
 }
 
-// The text between <tag> and </tag>, if any.
+// The text between <tag> and </tag>, if any, with XML's escapes undone.
 std::optional<std::string> xml_value(std::string_view xml, std::string_view tag) {
   const std::string open = fmt::format("<{}>", tag);
   const std::string close = fmt::format("</{}>", tag);
@@ -25,7 +34,32 @@ std::optional<std::string> xml_value(std::string_view xml, std::string_view tag)
   if (begin == std::string_view::npos) return std::nullopt;
   const size_t end = xml.find(close, begin + open.size());
   if (end == std::string_view::npos) return std::nullopt;
-  return std::string(xml.substr(begin + open.size(), end - begin - open.size()));
+  const std::string_view raw = xml.substr(begin + open.size(), end - begin - open.size());
+  std::string text;
+  for (size_t i = 0; i < raw.size(); ++i) {
+    const size_t semicolon = raw[i] == '&' ? raw.find(';', i) : std::string_view::npos;
+    if (semicolon == std::string_view::npos) {
+      text.push_back(raw[i]);
+      continue;
+    }
+    const std::string_view entity = raw.substr(i + 1, semicolon - i - 1);
+    unsigned code = 0;
+    if (entity == "amp") code = '&';
+    else if (entity == "lt") code = '<';
+    else if (entity == "gt") code = '>';
+    else if (entity == "quot") code = '"';
+    else if (entity == "apos") code = '\'';
+    else if (entity.size() > 1 && entity[0] == '#' && entity[1] != 'x') {
+      std::from_chars(entity.data() + 1, entity.data() + entity.size(), code);
+    }
+    if (code == 0 || code > 0x7f) {
+      text.push_back(raw[i]);  // left as written
+      continue;
+    }
+    text.push_back(static_cast<char>(code));
+    i = semicolon;
+  }
+  return text;
 }
 
 // The authority ("host[:port]") of a URL.
@@ -36,6 +70,100 @@ std::string authority(std::string_view url) {
 }
 
 std::string_view scheme_of(std::string_view url) { return url.substr(0, url.find("://")); }
+
+// Whether a '/'-separated path has a "." or ".." segment.
+bool has_dot_segment(std::string_view path) {
+  for (;;) {
+    const size_t slash = path.find('/');
+    const std::string_view segment = path.substr(0, slash);
+    if (segment == "." || segment == "..") return true;
+    if (slash == std::string_view::npos) return false;
+    path.remove_prefix(slash + 1);
+  }
+}
+
+// `status` with `message` in place of its own.
+Status restated(const Status& status, std::string message) {
+  switch (status.code()) {
+    case StatusCode::kNotFound: return Status::not_found(std::move(message));
+    case StatusCode::kInvalidArgument: return Status::invalid_argument(std::move(message));
+    case StatusCode::kOutOfRange: return Status::out_of_range(std::move(message));
+    case StatusCode::kCorruption: return Status::corruption(std::move(message));
+    case StatusCode::kTimeout: return Status::timeout(std::move(message));
+    case StatusCode::kCancelled: return Status::cancelled(std::move(message));
+    case StatusCode::kUnavailable: return Status::unavailable(std::move(message));
+    case StatusCode::kOk:
+    case StatusCode::kIoError: break;
+  }
+  return Status::io_error(std::move(message));
+}
+
+// HttpClient's message for a failed request starts with "METHOD URL: "; the
+// store's own context names the object instead (the URL would name it twice).
+std::string without_request(const std::string& message, const HttpRequest& request) {
+  const std::string prefix = request.method + " " + request.url + ": ";
+  return message.rfind(prefix, 0) == 0 ? message.substr(prefix.size()) : message;
+}
+
+// Seconds since the epoch of a time S3 writes as "20261201T213000Z" or
+// "2026-12-01T21:50:00Z" (its first 14 digits), if it is one.
+std::optional<int64_t> utc_seconds(std::string_view text) {
+  std::string digits;
+  for (const char c : text) {
+    if (c >= '0' && c <= '9') digits.push_back(c);
+    if (digits.size() == 14) break;
+  }
+  if (digits.size() != 14) return std::nullopt;
+  const auto number = [&](size_t at, size_t size) { return std::stoi(digits.substr(at, size)); };
+  std::tm utc{};
+  utc.tm_year = number(0, 4) - 1900;
+  utc.tm_mon = number(4, 2) - 1;
+  utc.tm_mday = number(6, 2);
+  utc.tm_hour = number(8, 2);
+  utc.tm_min = number(10, 2);
+  utc.tm_sec = number(12, 2);
+  return static_cast<int64_t>(::timegm(&utc));
+}
+
+// A RangeReader whose errors name the store: the reader from
+// range_reader() names the key and the range.
+class S3RangeReader final : public RangeReader {
+ public:
+  S3RangeReader(std::unique_ptr<RangeReader> inner, std::string where)
+      : inner_(std::move(inner)), where_(std::move(where)) {}
+  Result<size_t> read(std::span<std::byte> buffer) override {
+    Result<size_t> got = inner_->read(buffer);
+    if (!got) return got.status().with_context(where_);
+    return got;
+  }
+  uint64_t object_size() const override { return inner_->object_size(); }
+  uint64_t range_length() const override { return inner_->range_length(); }
+
+ private:
+  const std::unique_ptr<RangeReader> inner_;
+  const std::string where_;
+};
+
+// A response whose read errors leave out the request line (see
+// without_request), for range_reader() to put the key in front.
+class S3Response final : public HttpResponse {
+ public:
+  S3Response(std::unique_ptr<HttpResponse> inner, HttpRequest request)
+      : inner_(std::move(inner)), request_(std::move(request)) {}
+  long status() const override { return inner_->status(); }
+  std::optional<std::string> header(std::string_view name) const override {
+    return inner_->header(name);
+  }
+  Result<size_t> read(std::span<std::byte> buffer) override {
+    Result<size_t> got = inner_->read(buffer);
+    if (!got) return restated(got.status(), without_request(got.status().message(), request_));
+    return got;
+  }
+
+ private:
+  const std::unique_ptr<HttpResponse> inner_;
+  const HttpRequest request_;
+};
 
 }  // namespace
 
@@ -100,6 +228,12 @@ Result<std::shared_ptr<S3Store>> S3Store::open(S3Config config, HttpClientOption
   if (config.part_size < 5 * 1024 * 1024 || config.multipart_threshold < config.part_size) {
     return Status::invalid_argument("multipart parts must be at least 5 MiB");
   }
+  if (has_dot_segment(config.prefix)) {
+    return Status::invalid_argument(fmt::format(
+        "{}://{}/{}: the prefix '{}' has a '.' or '..' segment, which HTTP clients and servers "
+        "rewrite: name the prefix without one",
+        config.scheme, config.bucket, config.prefix, config.prefix));
+  }
   return std::shared_ptr<S3Store>(new S3Store(std::move(config), options));
 }
 
@@ -109,6 +243,14 @@ S3Store::S3Store(S3Config config, HttpClientOptions options)
 std::string S3Store::describe() const {
   return fmt::format("{}://{}{}{} ({})", config_.scheme, config_.bucket,
                      config_.prefix.empty() ? "" : "/", config_.prefix, config_.endpoint);
+}
+
+Status S3Store::check_key(const std::string& key) const {
+  if (!has_dot_segment(key)) return Status::ok();
+  return Status::invalid_argument(fmt::format(
+      "{}: the key '{}' has a '.' or '..' segment: refused, since HTTP clients and servers "
+      "rewrite such paths (a/../b is sent as b)",
+      describe(), key));
 }
 
 HttpRequest S3Store::request(const std::string& method, const std::string& key,
@@ -129,6 +271,9 @@ HttpRequest S3Store::request(const std::string& method, const std::string& key,
   const std::string query_string = canonical_query(query);
   if (!query_string.empty()) out.url += "?" + query_string;
   out.body = body;
+  // Sent exactly as signed: left to curl, the Host header would lose a
+  // default port the endpoint names (http://h:80 goes out as "Host: h").
+  headers.emplace_back("Host", host);
   if (!config_.bearer_token.empty()) {
     headers.emplace_back("Authorization", "Bearer " + config_.bearer_token);
   } else if (config_.credentials) {
@@ -144,112 +289,283 @@ HttpRequest S3Store::request(const std::string& method, const std::string& key,
     signing.canonical_uri = path;
     signing.query = query;
     signing.headers = headers;
-    signing.headers.emplace_back("host", host);
     signing.payload_sha256 = payload;
     headers.emplace_back("Authorization",
                          sigv4_sign(signing, *config_.credentials, config_.region, "s3", date)
                              .authorization);
   }
+  const bool typed = std::any_of(headers.begin(), headers.end(), [](const auto& header) {
+    return header.first == "Content-Type";
+  });
+  if (method == "POST" && !typed) {
+    // curl types every POST as a form unless told otherwise, and S3 keeps
+    // the type of an upload's start as the object's; an empty value makes
+    // curl send none (and is not signed, since it is not sent).
+    headers.emplace_back("Content-Type", "");
+  }
   out.headers = std::move(headers);
   return out;
 }
 
+Status S3Store::transport_failure(std::string_view what, const HttpRequest& request,
+                                  const Status& failure) const {
+  return restated(failure, fmt::format("{}: {}: {}", describe(), what,
+                                       without_request(failure.message(), request)));
+}
+
+Status S3Store::answer_failure(std::string_view what, const std::string& key,
+                               const HttpResponse& response, long status,
+                               std::string_view body) const {
+  const std::optional<std::string> code = xml_value(body, "Code");
+  const std::optional<std::string> message = xml_value(body, "Message");
+  std::string said = fmt::format("HTTP {}", status);
+  if (code) said = fmt::format("{}, {}", *code, said);
+  if (message) said += ": " + *message;
+  const auto is = [&](std::string_view name) { return code && *code == name; };
+
+  if (is("NoSuchBucket")) {
+    return Status::not_found(fmt::format("{}: {}: bucket {} does not exist ({})", describe(),
+                                         what, config_.bucket, said));
+  }
+  if (status == 404) {
+    return Status::not_found(fmt::format("{}: object not found: {} ({})", describe(), key, said));
+  }
+
+  // What to do about it, where S3's answer says.
+  std::string hint;
+  std::optional<std::string> region = xml_value(body, "Region");
+  if (!region) region = response.header("x-amz-bucket-region");
+  const std::string key_id = config_.credentials ? config_.credentials->access_key_id : "";
+  if (region && !region->empty() && *region != config_.region) {
+    hint = fmt::format("bucket {} is in region {}, not {}", config_.bucket, *region,
+                       config_.region);
+    if (config_.scheme == "s3") hint += ": set AWS_REGION=" + *region;
+  } else if (is("SignatureDoesNotMatch")) {
+    hint = fmt::format(
+        "the server computed another signature with the secret it holds for access key {}: "
+        "check AWS_SECRET_ACCESS_KEY",
+        key_id);
+  } else if (is("InvalidAccessKeyId")) {
+    hint = fmt::format("the server knows no access key {}: check AWS_ACCESS_KEY_ID", key_id);
+    if (config_.credentials && config_.credentials->session_token.empty()) {
+      hint += ", and set AWS_SESSION_TOKEN if the key is a temporary one";
+    }
+  } else if (is("InvalidToken") || is("ExpiredToken") || is("TokenRefreshRequired")) {
+    hint = config_.credentials && config_.credentials->session_token.empty()
+               ? "the server wants a session token: set AWS_SESSION_TOKEN"
+               : "the session token was refused: check AWS_SESSION_TOKEN (it must be the one "
+                 "issued with AWS_ACCESS_KEY_ID " + key_id + ", and not expired)";
+  } else if (is("RequestTimeTooSkewed")) {
+    const std::optional<int64_t> sent = utc_seconds(xml_value(body, "RequestTime").value_or(""));
+    const std::optional<int64_t> now = utc_seconds(xml_value(body, "ServerTime").value_or(""));
+    if (sent && now) {
+      const int64_t minutes = (std::max(*sent, *now) - std::min(*sent, *now) + 30) / 60;
+      hint = fmt::format("this machine's clock is {} minutes {} the server's", minutes,
+                         *sent < *now ? "behind" : "ahead of");
+    } else {
+      hint = "this machine's clock and the server's are more than 15 minutes apart";
+    }
+    hint += ": set the clock right (NTP)";
+  } else if (is("AccessDenied") && !config_.credentials && config_.bearer_token.empty()) {
+    hint = "the request went without credentials: set AWS_ACCESS_KEY_ID and "
+           "AWS_SECRET_ACCESS_KEY";
+  } else if (is("PermanentRedirect")) {
+    if (const std::optional<std::string> endpoint = xml_value(body, "Endpoint")) {
+      hint = "the bucket is served at " + *endpoint;
+    }
+  }
+  const std::string text = fmt::format("{}: {}: {}", describe(), what,
+                                       hint.empty() ? said : hint + " (" + said + ")");
+  if (status == 416) return Status::out_of_range(text);
+  if (status == 408 || status == 429 || status >= 500 || is("RequestTimeout") ||
+      is("SlowDown") || is("InternalError")) {
+    return Status::unavailable(text);
+  }
+  return Status::io_error(text);
+}
+
 Result<uint64_t> S3Store::stat(const std::string& key, const IoContext& io) {
-  return size_from_head(client_.send(request("HEAD", key, {}, {}, {}), io), key);
+  LB_RETURN_IF_ERROR(check_key(key));
+  const std::string what = "stat " + key;
+  const HttpRequest head = request("HEAD", key, {}, {}, {});
+  Result<std::unique_ptr<HttpResponse>> response = client_.send(head, io);
+  if (!response) return transport_failure(what, head, response.status());
+  const long status = (*response)->status();
+  if (status == 200) {
+    const std::string length = (*response)->header("Content-Length").value_or("");
+    uint64_t size = 0;
+    const auto [end, error] = std::from_chars(length.data(), length.data() + length.size(), size);
+    if (length.empty() || error != std::errc() || end != length.data() + length.size()) {
+      return Status::corruption(
+          fmt::format("{}: {}: the answer has no Content-Length", describe(), what));
+    }
+    return size;
+  }
+  if (status != 408 && status != 429 && status < 500) {
+    // A HEAD answer has no body to say why it failed; the same request as a
+    // one-byte GET fails alike, with the body that does.
+    const HttpRequest probe = request("GET", key, {}, {{"Range", "bytes=0-0"}}, {});
+    Result<std::unique_ptr<HttpResponse>> answer = client_.send(probe, io);
+    if (answer && (*answer)->status() == status) {
+      Result<std::string> body = (*answer)->read_all(kErrorBodyLimit);
+      return answer_failure(what, key, **answer, status, body ? *body : "");
+    }
+  }
+  return answer_failure(what, key, **response, status, "");
 }
 
 Result<std::unique_ptr<RangeReader>> S3Store::open_range(const std::string& key, uint64_t offset,
                                                          uint64_t length, const IoContext& io) {
-  if (length == 0) return empty_range(*this, key, offset, io);
-  Result<std::unique_ptr<HttpResponse>> response = client_.send(
-      request("GET", key, {}, {{"Range", range_header(offset, length)}}, {}), io);
-  if (!response) return response.status().with_context("read " + key);
-  return range_reader(std::move(response).value(), key, offset, length);
+  LB_RETURN_IF_ERROR(check_key(key));
+  if (length == 0) {
+    Result<std::unique_ptr<RangeReader>> empty = empty_range(*this, key, offset, io);
+    // (stat's errors name the store already; the range check's do not.)
+    if (!empty && empty.status().code() == StatusCode::kOutOfRange) {
+      return empty.status().with_context(describe());
+    }
+    return empty;
+  }
+  const std::string what = fmt::format("read {} [{}, +{})", key, offset, length);
+  HttpRequest get = request("GET", key, {}, {{"Range", range_header(offset, length)}}, {});
+  Result<std::unique_ptr<HttpResponse>> response = client_.send(get, io);
+  if (!response) return transport_failure(what, get, response.status());
+  const long status = (*response)->status();
+  if (status != 200 && status != 206) {
+    Result<std::string> body = (*response)->read_all(kErrorBodyLimit);
+    return answer_failure(what, key, **response, status, body ? *body : "");
+  }
+  Result<std::unique_ptr<RangeReader>> reader = range_reader(
+      std::make_unique<S3Response>(std::move(response).value(), std::move(get)), key, offset,
+      length);
+  if (!reader) return reader.status().with_context(describe());
+  return std::unique_ptr<RangeReader>(
+      new S3RangeReader(std::move(reader).value(), describe()));
 }
 
 Status S3Store::put(const std::string& key, std::span<const std::byte> data,
                     const IoContext& io) {
+  LB_RETURN_IF_ERROR(check_key(key));
   if (data.size() > config_.multipart_threshold) return put_multipart(key, data, io);
-  Result<std::unique_ptr<HttpResponse>> response =
-      client_.send(request("PUT", key, {}, {}, data), io);
-  if (!response) return response.status().with_context("put " + key);
-  Result<std::string> body = (*response)->read_all(kResponseLimit);
+  const std::string what = "put " + key;
+  const HttpRequest put = request("PUT", key, {}, {}, data);
+  Result<std::unique_ptr<HttpResponse>> response = client_.send(put, io);
+  if (!response) return transport_failure(what, put, response.status());
+  Result<std::string> body = (*response)->read_all(kErrorBodyLimit);
   if ((*response)->status() != 200) {
-    return http_failure((*response)->status(), "put " + key, key, body ? *body : "");
+    return answer_failure(what, key, **response, (*response)->status(), body ? *body : "");
   }
   return Status::ok();
 }
 
 Status S3Store::put_multipart(const std::string& key, std::span<const std::byte> data,
                               const IoContext& io) {
-  const std::string what = "put " + key + " (multipart)";
-  // Start the upload.
-  Result<std::unique_ptr<HttpResponse>> started =
-      client_.send(request("POST", key, {{"uploads", ""}}, {}, {}), io);
-  if (!started) return started.status().with_context(what);
+  const uint64_t parts = (data.size() + config_.part_size - 1) / config_.part_size;
+  const std::string what = fmt::format("put {} (multipart upload of {} parts)", key, parts);
+  LB_RETURN_IF_ERROR(io.check(describe() + ": " + what));
+  // Start the upload. (A stop while this request is out may leave an
+  // upload on the server whose ID never reached us: nothing to abort.)
+  const HttpRequest start = request("POST", key, {{"uploads", ""}}, {}, {});
+  Result<std::unique_ptr<HttpResponse>> started = client_.send(start, io);
+  if (!started) return transport_failure(what, start, started.status());
   Result<std::string> started_body = (*started)->read_all(kResponseLimit);
-  if (!started_body) return started_body.status().with_context(what);
   if ((*started)->status() != 200) {
-    return http_failure((*started)->status(), what, key, *started_body);
+    return answer_failure(what, key, **started, (*started)->status(),
+                          started_body ? *started_body : "");
   }
+  if (!started_body) return transport_failure(what, start, started_body.status());
   const std::optional<std::string> upload_id = xml_value(*started_body, "UploadId");
-  if (!upload_id) return Status::corruption(what + ": the answer names no UploadId");
-
-  const auto abort = [&](Status failure) {
-    // Best effort: an upload left behind costs storage until the bucket's
-    // lifecycle rules clear it.
-    Result<std::unique_ptr<HttpResponse>> aborted =
-        client_.send(request("DELETE", key, {{"uploadId", *upload_id}}, {}, {}), IoContext{});
-    if (!aborted || ((*aborted)->status() != 204 && (*aborted)->status() != 200)) {
-      log(LogLevel::kWarn, "{}: could not abort upload {}", what, *upload_id);
-    }
-    return failure;
-  };
+  if (!upload_id) {
+    return Status::corruption(fmt::format("{}: {}: the answer names no UploadId", describe(), what));
+  }
 
   std::string complete = "<CompleteMultipartUpload>";
-  int part = 0;
-  for (uint64_t offset = 0; offset < data.size(); offset += config_.part_size) {
-    ++part;
+  for (uint64_t part = 1; part <= parts; ++part) {
+    const std::string part_what = fmt::format("put {} (multipart upload, part {} of {})", key,
+                                              part, parts);
+    if (Status stopped = io.check(describe() + ": " + part_what); !stopped.is_ok()) {
+      return abort_upload(key, *upload_id, stopped);
+    }
+    const uint64_t offset = (part - 1) * config_.part_size;
     const std::span<const std::byte> bytes =
         data.subspan(offset, std::min<uint64_t>(config_.part_size, data.size() - offset));
-    Result<std::unique_ptr<HttpResponse>> sent = client_.send(
-        request("PUT", key, {{"partNumber", std::to_string(part)}, {"uploadId", *upload_id}}, {},
-                bytes),
-        io);
-    if (!sent) return abort(sent.status().with_context(fmt::format("{}: part {}", what, part)));
-    Result<std::string> body = (*sent)->read_all(kResponseLimit);
+    const HttpRequest put = request(
+        "PUT", key, {{"partNumber", std::to_string(part)}, {"uploadId", *upload_id}}, {}, bytes);
+    Result<std::unique_ptr<HttpResponse>> sent = client_.send(put, io);
+    if (!sent) return abort_upload(key, *upload_id, transport_failure(part_what, put, sent.status()));
+    Result<std::string> body = (*sent)->read_all(kErrorBodyLimit);
     if ((*sent)->status() != 200) {
-      return abort(http_failure((*sent)->status(), fmt::format("{}: part {}", what, part), key,
-                                body ? *body : ""));
+      return abort_upload(key, *upload_id,
+                          answer_failure(part_what, key, **sent, (*sent)->status(),
+                                         body ? *body : ""));
     }
+    if (!body) return abort_upload(key, *upload_id, transport_failure(part_what, put, body.status()));
     const std::optional<std::string> etag = (*sent)->header("ETag");
-    if (!etag) return abort(Status::corruption(fmt::format("{}: part {} has no ETag", what, part)));
+    if (!etag) {
+      return abort_upload(key, *upload_id,
+                          Status::corruption(fmt::format("{}: {}: the answer has no ETag",
+                                                         describe(), part_what)));
+    }
     complete += fmt::format("<Part><PartNumber>{}</PartNumber><ETag>{}</ETag></Part>", part, *etag);
   }
   complete += "</CompleteMultipartUpload>";
+  if (Status stopped = io.check(describe() + ": " + what); !stopped.is_ok()) {
+    return abort_upload(key, *upload_id, stopped);
+  }
   const std::span<const std::byte> complete_bytes =
       std::as_bytes(std::span(complete.data(), complete.size()));
-  Result<std::unique_ptr<HttpResponse>> finished =
-      client_.send(request("POST", key, {{"uploadId", *upload_id}}, {}, complete_bytes), io);
-  if (!finished) return abort(finished.status().with_context(what));
+  const HttpRequest finish = request("POST", key, {{"uploadId", *upload_id}},
+                                     {{"Content-Type", "application/xml"}}, complete_bytes);
+  Result<std::unique_ptr<HttpResponse>> finished = client_.send(finish, io);
+  if (!finished) {
+    return abort_upload(key, *upload_id, transport_failure(what, finish, finished.status()));
+  }
   Result<std::string> body = (*finished)->read_all(kResponseLimit);
+  if (!body) return abort_upload(key, *upload_id, transport_failure(what, finish, body.status()));
   // S3 may answer 200 and still fail: the body says which.
-  if ((*finished)->status() != 200 || !body || body->find("<Error>") != std::string::npos) {
-    return abort(http_failure((*finished)->status() == 200 ? 500 : (*finished)->status(), what,
-                              key, body ? *body : ""));
+  const long status = (*finished)->status();
+  if (status != 200 || body->find("<Error>") != std::string::npos) {
+    return abort_upload(key, *upload_id,
+                        answer_failure(what, key, **finished, status == 200 ? 500 : status, *body));
   }
   return Status::ok();
+}
+
+Status S3Store::abort_upload(const std::string& key, const std::string& upload_id,
+                             const Status& failure) {
+  IoContext io;
+  io.deadline = Clock::now() + kAbortDeadline;
+  const HttpRequest abort = request("DELETE", key, {{"uploadId", upload_id}}, {}, {});
+  Result<std::unique_ptr<HttpResponse>> aborted = client_.send(abort, io);
+  Status outcome;
+  if (!aborted) {
+    outcome = transport_failure("abort", abort, aborted.status());
+  } else {
+    Result<std::string> body = (*aborted)->read_all(kErrorBodyLimit);
+    const long status = (*aborted)->status();
+    // 404 NoSuchUpload: gone already (completed or aborted).
+    if (status != 204 && status != 200 && status != 404) {
+      outcome = answer_failure("abort", key, **aborted, status, body ? *body : "");
+    }
+  }
+  if (outcome.is_ok()) return failure;
+  log(LogLevel::kWarn, "{}: could not abort multipart upload {} of {}: {}", describe(), upload_id,
+      key, outcome.message());
+  return restated(failure, fmt::format("{}; the multipart upload {} is left behind (aborting it "
+                                       "failed: {}), until the bucket's lifecycle rules clear it",
+                                       failure.message(), upload_id, outcome.message()));
 }
 
 Status S3Store::remove(const std::string& key, const IoContext& io) {
   // S3 deletes a missing key without complaint; the contract wants kNotFound.
   Result<uint64_t> size = stat(key, io);
   if (!size) return size.status();
-  Result<std::unique_ptr<HttpResponse>> response =
-      client_.send(request("DELETE", key, {}, {}, {}), io);
-  if (!response) return response.status().with_context("remove " + key);
+  const std::string what = "remove " + key;
+  const HttpRequest remove = request("DELETE", key, {}, {}, {});
+  Result<std::unique_ptr<HttpResponse>> response = client_.send(remove, io);
+  if (!response) return transport_failure(what, remove, response.status());
+  Result<std::string> body = (*response)->read_all(kErrorBodyLimit);
   if ((*response)->status() != 204 && (*response)->status() != 200) {
-    return http_failure((*response)->status(), "remove " + key, key, "");
+    return answer_failure(what, key, **response, (*response)->status(), body ? *body : "");
   }
   return Status::ok();
 }

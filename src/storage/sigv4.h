@@ -31,7 +31,8 @@ struct SigV4Request {
   std::string canonical_uri;
   // Query parameters, not encoded: signing encodes and sorts them.
   std::vector<std::pair<std::string, std::string>> query;
-  // The headers to sign, as sent; must include host.
+  // The headers to sign, exactly as sent; must include host (which S3Store
+  // therefore sends itself, rather than leave it to curl).
   std::vector<std::pair<std::string, std::string>> headers;
   // Hex SHA-256 of the body, or "UNSIGNED-PAYLOAD".
   std::string payload_sha256;

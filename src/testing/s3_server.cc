@@ -5,75 +5,118 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
-#include <chrono>
+#include <charconv>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <thread>
 
 #include <fmt/format.h>
 
-#include "testing/local_port.h"
-
 namespace lazyblock::testing {
+namespace {
 
-Result<std::unique_ptr<S3Server>> S3Server::start(const std::vector<std::string>& buckets) {
-  const std::string script = std::string(LAZYBLOCK_SOURCE_DIR) +
-                             "/tests/s3rver/node_modules/s3rver/bin/s3rver.js";
-  if (::access("/usr/bin/node", X_OK) != 0 || ::access(script.c_str(), R_OK) != 0) {
-    return Status::not_found(fmt::format(
-        "the S3 test server is not installed ({} missing): run scripts/install-deps", script));
+std::string slurp(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+bool is_number(const std::string& text) {
+  return !text.empty() && std::all_of(text.begin(), text.end(), [](unsigned char c) {
+    return std::isdigit(c) != 0;
+  });
+}
+
+}  // namespace
+
+Result<std::unique_ptr<S3Server>> S3Server::start(const std::vector<std::string>& buckets,
+                                                  Options options) {
+  const std::string dir_s3rver = std::string(LAZYBLOCK_SOURCE_DIR) + "/tests/s3rver";
+  const std::string front = dir_s3rver + "/sigv4_front.js";
+  for (const std::string& needed :
+       {std::string("/usr/bin/node"), dir_s3rver + "/node_modules/s3rver/package.json",
+        dir_s3rver + "/node_modules/@aws-sdk/signature-v4/package.json"}) {
+    if (::access(needed.c_str(), R_OK) != 0) {
+      return Status::not_found(fmt::format(
+          "the S3 test server is not installed ({} missing): run scripts/install-deps", needed));
+    }
   }
-  Status last_failure;
-  for (int attempt = 0; attempt < 5; ++attempt) {
-    Result<ScratchDir> dir = ScratchDir::create();
-    if (!dir) return dir.status();
-    Result<uint16_t> port = free_port();
-    if (!port) return port.status();
-    const std::string data = (dir->path() / "data").string();
-    const std::string log = (dir->path() / "s3rver.log").string();
-    std::vector<std::string> args = {"node", script, "-d", data, "-a", "127.0.0.1",
-                                     "-p", std::to_string(*port)};
-    for (const std::string& bucket : buckets) {
-      args.push_back("--configure-bucket");
-      args.push_back(bucket);
-    }
-    const pid_t pid = ::fork();
-    if (pid < 0) return posix_error("fork", errno);
-    if (pid == 0) {
-      ::setpgid(0, 0);
-      const int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-      ::dup2(out, STDOUT_FILENO);
-      ::dup2(out, STDERR_FILENO);
-      std::vector<char*> argv;
-      for (std::string& arg : args) argv.push_back(arg.data());
-      argv.push_back(nullptr);
-      ::execv("/usr/bin/node", argv.data());
-      ::_exit(127);
-    }
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    int status = 0;
-    bool exited = false;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (accepts_connections(*port)) {
-        return std::unique_ptr<S3Server>(new S3Server(std::move(dir).value(), *port, pid));
-      }
-      if (::waitpid(pid, &status, WNOHANG) == pid) {
-        exited = true;
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling a real condition
-    }
-    if (!exited) {
-      ::kill(-pid, SIGKILL);
-      ::waitpid(pid, &status, 0);
-    }
-    std::ifstream in(log);
-    const std::string output{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-    last_failure = Status::io_error(fmt::format("s3rver did not start on port {}: {}", *port, output));
-    if (output.find("EADDRINUSE") == std::string::npos) break;
+  Result<ScratchDir> dir = ScratchDir::create();
+  if (!dir) return dir.status();
+  const std::filesystem::path ready = dir->path() / "ready";
+  const std::string log = (dir->path() / "server.log").string();
+  std::vector<std::string> args = {
+      "node", front,
+      "--data", (dir->path() / "data").string(),
+      "--ready", ready.string(),
+      "--log", (dir->path() / "requests.log").string(),
+      "--address", options.address,
+      "--port", std::to_string(options.port),
+      "--region", options.region,
+      "--access-key-id", kAccessKeyId,
+      "--secret-access-key", kSecretAccessKey,
+      "--clock-skew-seconds", std::to_string(options.clock_skew.count()),
+      "--fail-part", std::to_string(options.fail_part),
+      "--stall-part", std::to_string(options.stall_part)};
+  if (!options.session_token.empty()) {
+    args.push_back("--session-token");
+    args.push_back(options.session_token);
   }
-  return last_failure;
+  if (options.anonymous_reads) args.push_back("--anonymous-reads");
+  for (const std::string& bucket : buckets) {
+    args.push_back("--bucket");
+    args.push_back(bucket);
+  }
+  const pid_t pid = ::fork();
+  if (pid < 0) return posix_error("fork", errno);
+  if (pid == 0) {
+    ::setpgid(0, 0);
+    const int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ::dup2(out, STDOUT_FILENO);
+    ::dup2(out, STDERR_FILENO);
+    std::vector<char*> argv;
+    for (std::string& arg : args) argv.push_back(arg.data());
+    argv.push_back(nullptr);
+    ::execv("/usr/bin/node", argv.data());
+    ::_exit(127);
+  }
+  // The front writes its port to `ready` (by rename, so never half) once it
+  // accepts connections.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  int status = 0;
+  bool exited = false;
+  while (std::chrono::steady_clock::now() < deadline) {
+    std::error_code error;
+    if (std::filesystem::exists(ready, error)) {
+      const std::string text = slurp(ready);
+      uint16_t port = 0;
+      const auto [end, parsed] = std::from_chars(text.data(), text.data() + text.size(), port);
+      if (parsed == std::errc() && port != 0) {
+        return std::unique_ptr<S3Server>(
+            new S3Server(std::move(dir).value(), options.address, port, pid));
+      }
+      break;
+    }
+    if (::waitpid(pid, &status, WNOHANG) == pid) {
+      exited = true;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling a real condition
+  }
+  if (!exited) {
+    ::kill(-pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+  }
+  const std::string output = slurp(log);
+  const std::string message = fmt::format("the S3 test server did not start on {}:{}: {}",
+                                          options.address, options.port, output);
+  if (output.find("EADDRINUSE") != std::string::npos ||
+      output.find("EACCES") != std::string::npos) {
+    return Status::unavailable(message);
+  }
+  return Status::io_error(message);
 }
 
 S3Server::~S3Server() {
@@ -82,6 +125,32 @@ S3Server::~S3Server() {
   ::waitpid(pid_, &status, 0);
 }
 
-std::string S3Server::endpoint() const { return fmt::format("http://127.0.0.1:{}", port_); }
+std::string S3Server::endpoint() const { return fmt::format("http://{}:{}", address_, port_); }
+
+std::vector<S3Server::Upload> S3Server::uploads(const std::string& bucket) const {
+  // s3rver keeps an upload as the directory BUCKET/._S3rver_uploads/ID, with
+  // the key in `key` and each part received in a file named by its number.
+  std::vector<Upload> out;
+  std::error_code error;
+  const std::filesystem::path root = dir_.path() / "data" / bucket / "._S3rver_uploads";
+  for (const auto& entry : std::filesystem::directory_iterator(root, error)) {
+    if (!entry.is_directory()) continue;
+    Upload upload;
+    upload.id = entry.path().filename().string();
+    upload.key = slurp(entry.path() / "key");
+    for (const auto& file : std::filesystem::directory_iterator(entry.path(), error)) {
+      if (is_number(file.path().filename().string())) ++upload.parts;
+    }
+    out.push_back(std::move(upload));
+  }
+  return out;
+}
+
+std::vector<std::string> S3Server::requests() const {
+  std::vector<std::string> lines;
+  std::ifstream in(dir_.path() / "requests.log");
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  return lines;
+}
 
 }  // namespace lazyblock::testing
