@@ -33,6 +33,7 @@ class RetryStore::Reader final : public RangeReader {
         key_(std::move(key)),
         offset_(offset),
         object_size_(inner->object_size()),
+        version_(inner->object_version()),
         range_length_(inner->range_length()),
         io_(std::move(io)),
         inner_(std::move(inner)),
@@ -61,16 +62,19 @@ class RetryStore::Reader final : public RangeReader {
       Result<std::unique_ptr<RangeReader>> reopened = store_.open_with_retries(
           key_, offset_ + delivered_, range_length_ - delivered_, io_, &failures_);
       if (!reopened) return reopened.status();
-      if ((*reopened)->object_size() != object_size_) {
-        return Status::corruption(fmt::format("read {}: the object's size changed from {} to {} "
-                                              "bytes between attempts",
-                                              key_, object_size_, (*reopened)->object_size()));
+      if ((*reopened)->object_size() != object_size_ ||
+          (*reopened)->object_version() != version_) {
+        return Status::corruption(fmt::format(
+            "read {}: the object changed between attempts (size {} to {}, version '{}' to '{}')",
+            key_, object_size_, (*reopened)->object_size(), version_,
+            (*reopened)->object_version()));
       }
       inner_ = std::move(reopened).value();
     }
   }
 
   uint64_t object_size() const override { return object_size_; }
+  std::string object_version() const override { return version_; }
   uint64_t range_length() const override { return range_length_; }
 
  private:
@@ -82,6 +86,7 @@ class RetryStore::Reader final : public RangeReader {
   const std::string key_;
   const uint64_t offset_;
   const uint64_t object_size_;
+  const std::string version_;
   const uint64_t range_length_;
   const IoContext io_;
   std::unique_ptr<RangeReader> inner_;
@@ -123,11 +128,11 @@ Result<std::unique_ptr<RangeReader>> RetryStore::open_with_retries(const std::st
   }
 }
 
-Result<uint64_t> RetryStore::stat(const std::string& key, const IoContext& io) {
+Result<ObjectInfo> RetryStore::stat_info(const std::string& key, const IoContext& io) {
   for (int failures = 1;; ++failures) {
-    Result<uint64_t> size = StoreLayer::stat(key, io);
-    if (size) return size;
-    LB_RETURN_IF_ERROR(before_retry(failures, size.status(), "stat " + key, io));
+    Result<ObjectInfo> info = StoreLayer::stat_info(key, io);
+    if (info) return info;
+    LB_RETURN_IF_ERROR(before_retry(failures, info.status(), "stat " + key, io));
   }
 }
 

@@ -9,7 +9,8 @@
 // A stream that fails, or ends before the length it promised, is resumed
 // from the first byte it did not deliver, with a new range request; the
 // reader's caller sees one unbroken stream. The object must keep its size
-// across attempts (objects are immutable): a different size is kCorruption.
+// and version across attempts (objects are immutable): a change is
+// kCorruption.
 // `retries` bounds the attempts after a failure with no byte delivered in
 // between, so a long stream over a flaky link can survive many failures as
 // long as each attempt makes progress. Every wait honours the IoContext.
@@ -38,7 +39,7 @@ class RetryStore final : public StoreLayer {
  public:
   RetryStore(std::shared_ptr<ObjectStore> inner, RetryPolicy policy);
 
-  Result<uint64_t> stat(const std::string& key, const IoContext& io) override;
+  Result<ObjectInfo> stat_info(const std::string& key, const IoContext& io) override;
   Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
                                                   uint64_t length, const IoContext& io) override;
   Status put(const std::string& key, std::span<const std::byte> data,

@@ -150,8 +150,34 @@ TEST_F(RetryStoreTest, AnObjectWhoseSizeChangesBetweenAttemptsIsCorrupt) {
   set_faults("fail-after=100,size=200000,times=1");
   auto [bytes, status] = read_range(0, 5000);
   EXPECT_EQ(status.code(), StatusCode::kCorruption) << status.to_string();
-  EXPECT_NE(status.message().find("size changed"), std::string::npos) << status.to_string();
+  EXPECT_NE(status.message().find("changed between attempts"), std::string::npos)
+      << status.to_string();
   EXPECT_EQ(bytes.size(), 100u);
+}
+
+TEST_F(RetryStoreTest, AnObjectRewrittenBetweenAttemptsIsCorrupt) {
+  set_faults("fail-after=100,times=1");
+  auto reader = store_->open_range("obj", 0, 5000, IoContext{});
+  ASSERT_TRUE(reader) << reader.status().to_string();
+  // Packed again, at the same size, while the first stream runs.
+  Result<std::shared_ptr<FileStore>> files = FileStore::open(scratch_->path());
+  ASSERT_TRUE((*files)->put("obj", make_pattern(kSeed + 1, 0, kObjectSize), IoContext{}).is_ok());
+  std::vector<std::byte> buffer(6000);
+  Result<size_t> got = (*reader)->read(buffer);
+  ASSERT_TRUE(got);
+  EXPECT_EQ(*got, 100u);
+  got = (*reader)->read(buffer);
+  ASSERT_FALSE(got);
+  EXPECT_EQ(got.status().code(), StatusCode::kCorruption) << got.status().to_string();
+}
+
+TEST_F(RetryStoreTest, PassesTheVersionOn) {
+  Result<ObjectInfo> info = store_->stat_info("obj", IoContext{});
+  ASSERT_TRUE(info) << info.status().to_string();
+  EXPECT_FALSE(info->version.empty());
+  auto reader = store_->open_range("obj", 0, 10, IoContext{});
+  ASSERT_TRUE(reader);
+  EXPECT_EQ((*reader)->object_version(), info->version);
 }
 
 TEST_F(RetryStoreTest, BackoffEndsAtTheDeadline) {
