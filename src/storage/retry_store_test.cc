@@ -33,13 +33,18 @@ class RetryStoreTest : public ::testing::Test {
     use_policy(3);
   }
 
-  void use_policy(int retries, std::chrono::nanoseconds base = std::chrono::milliseconds(1)) {
-    RetryPolicy policy;
-    policy.retries = retries;
-    policy.base_delay = base;
-    policy.max_delay = base * 4;
-    store_ = std::make_shared<RetryStore>(faults_, policy);
+  // `retries` as RetryPolicy::retries; delays of about `base`.
+  RetryPolicy& use_policy(std::optional<int> retries,
+                          std::chrono::nanoseconds base = std::chrono::milliseconds(1)) {
+    policy_ = RetryPolicy{};
+    policy_.retries = retries;
+    policy_.base_delay = base;
+    policy_.max_delay = base * 4;
+    policy_.attempt_reserve = base;
+    store_ = std::make_shared<RetryStore>(faults_, policy_);
+    return policy_;
   }
+  void renew_store() { store_ = std::make_shared<RetryStore>(faults_, policy_); }
 
   // Reads [offset, offset + length) to its end; returns the bytes and the
   // status the stream ended with.
@@ -65,6 +70,7 @@ class RetryStoreTest : public ::testing::Test {
 
   std::optional<testing::ScratchDir> scratch_;
   std::shared_ptr<FaultStore> faults_;
+  RetryPolicy policy_;
   std::shared_ptr<RetryStore> store_;
 };
 
@@ -180,13 +186,61 @@ TEST_F(RetryStoreTest, PassesTheVersionOn) {
   EXPECT_EQ((*reader)->object_version(), info->version);
 }
 
-TEST_F(RetryStoreTest, BackoffEndsAtTheDeadline) {
-  use_policy(1000000, std::chrono::milliseconds(5));
+TEST_F(RetryStoreTest, ByDefaultRetriesGoOnWhileTheDeadlineLeavesTime) {
+  use_policy(std::nullopt);
+  // Far more failures in a row than any fixed count would allow.
+  set_faults("fail-open,times=60");
+  const IoContext io{Clock::now() + std::chrono::seconds(60), {}};
+  auto [bytes, status] = read_range(0, 5000, io);
+  ASSERT_TRUE(status.is_ok()) << status.to_string();
+  EXPECT_EQ(first_pattern_mismatch(kSeed, 0, bytes), 5000u);
+  EXPECT_EQ(faults_->opens(), 61);
+  EXPECT_EQ(store_->retries(), 60u);
+}
+
+TEST_F(RetryStoreTest, RetriesStopShortOfTheDeadlineWithTheFailureItself) {
+  use_policy(std::nullopt, std::chrono::milliseconds(5));
   set_faults("fail-open");
-  const IoContext io{Clock::now() + std::chrono::milliseconds(100), {}};
+  const IoContext io{Clock::now() + std::chrono::milliseconds(200), {}};
   auto [bytes, status] = read_range(0, 10, io);
-  EXPECT_EQ(status.code(), StatusCode::kTimeout) << status.to_string();
-  EXPECT_GE(faults_->opens(), 1);
+  // Not a timeout: the failure that was retried, once, saying how often.
+  EXPECT_EQ(status.code(), StatusCode::kUnavailable) << status.to_string();
+  EXPECT_NE(status.message().find("injected fault"), std::string::npos) << status.to_string();
+  EXPECT_NE(status.message().find("gave up after"), std::string::npos) << status.to_string();
+  EXPECT_GE(faults_->opens(), 2);
+}
+
+TEST_F(RetryStoreTest, ACallWithoutADeadlineRetriesForItsWindow) {
+  use_policy(std::nullopt).window_without_deadline = std::chrono::milliseconds(100);
+  renew_store();
+  set_faults("fail-open");
+  auto [bytes, status] = read_range(0, 10);
+  EXPECT_EQ(status.code(), StatusCode::kUnavailable) << status.to_string();
+  EXPECT_GE(faults_->opens(), 2);
+}
+
+TEST_F(RetryStoreTest, ACountBoundsRetriesWithinTheDeadline) {
+  use_policy(4);
+  set_faults("fail-open");
+  const IoContext io{Clock::now() + std::chrono::seconds(60), {}};
+  auto [bytes, status] = read_range(0, 10, io);
+  EXPECT_EQ(status.code(), StatusCode::kUnavailable) << status.to_string();
+  EXPECT_NE(status.message().find("gave up after 4 retries"), std::string::npos)
+      << status.to_string();
+  EXPECT_EQ(faults_->opens(), 5);
+}
+
+TEST_F(RetryStoreTest, BackoffEndsAtTheDeadline) {
+  // A backoff longer than what is left of the deadline: the sleep is cut
+  // short, the attempt after it still made.
+  use_policy(std::nullopt, std::chrono::seconds(10)).attempt_reserve =
+      std::chrono::milliseconds(1);
+  renew_store();
+  set_faults("fail-open,times=1");
+  const IoContext io{Clock::now() + std::chrono::milliseconds(300), {}};
+  auto [bytes, status] = read_range(0, 10, io);
+  EXPECT_TRUE(status.is_ok()) << status.to_string();
+  EXPECT_EQ(faults_->opens(), 2);
 }
 
 TEST_F(RetryStoreTest, BackoffEndsOnStop) {
@@ -212,6 +266,9 @@ TEST_F(RetryStoreTest, StatPutAndRemoveAreRetried) {
 
 TEST_F(RetryStoreTest, DescribesItself) {
   EXPECT_EQ(store_->describe().rfind("retry(3) over faults(", 0), 0u) << store_->describe();
+  use_policy(std::nullopt);
+  EXPECT_EQ(store_->describe().rfind("retry(deadline) over faults(", 0), 0u)
+      << store_->describe();
 }
 
 }  // namespace
