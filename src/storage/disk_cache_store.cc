@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <charconv>
 #include <cstring>
 #include <vector>
 
@@ -122,17 +123,14 @@ Result<uint64_t> checksum(int fd, uint64_t length, const TrailerBytes& trailer) 
 // XXH3-128 over `parts`, each as a u64 length, then its bytes: no two lists
 // of parts hash the same bytes.
 XXH128_hash_t hash_parts(std::initializer_list<std::string_view> parts) {
-  XXH3_state_t* state = XXH3_createState();
-  XXH3_128bits_reset(state);
+  std::string bytes;
   for (std::string_view part : parts) {
     std::byte length[8];
     put_u64(length, part.size());
-    XXH3_128bits_update(state, length, sizeof length);
-    XXH3_128bits_update(state, part.data(), part.size());
+    bytes.append(reinterpret_cast<const char*>(length), sizeof length);
+    bytes.append(part);
   }
-  const XXH128_hash_t hash = XXH3_128bits_digest(state);
-  XXH3_freeState(state);
-  return hash;
+  return XXH3_128bits(bytes.data(), bytes.size());
 }
 
 int64_t mtime_ns(const struct stat& st) {
@@ -161,8 +159,11 @@ std::optional<pid_t> temp_owner(std::string_view name) {
   if (mark == std::string_view::npos) return std::nullopt;
   const std::string_view rest = name.substr(mark + kTempMark.size());
   const size_t dot = rest.find('.');
-  if (dot == std::string_view::npos || !is_decimal(rest.substr(0, dot))) return std::nullopt;
-  return static_cast<pid_t>(std::stol(std::string(rest.substr(0, dot))));
+  if (dot == std::string_view::npos) return std::nullopt;
+  pid_t pid = 0;
+  const auto [end, error] = std::from_chars(rest.data(), rest.data() + dot, pid);
+  if (error != std::errc() || end != rest.data() + dot) return std::nullopt;
+  return pid;
 }
 
 // Removes the temporary file `path` if its owner is gone: its lock can be

@@ -304,9 +304,14 @@ TEST_F(DiskCacheStoreTest, TemporaryFilesOfDeadProcessesAreRemovedAtOpen) {
   ASSERT_GE(alive_fd, 0);
   ASSERT_EQ(::flock(alive_fd, LOCK_EX | LOCK_NB), 0);
 
+  // And a name no process of ours would make: left alone, no crash.
+  const std::filesystem::path odd = final_name + ".tmp.99999999999999999999.1";
+  std::ofstream(odd) << "?";
+
   auto second = process();
   EXPECT_FALSE(std::filesystem::exists(dead));
   EXPECT_TRUE(std::filesystem::exists(alive));
+  EXPECT_TRUE(std::filesystem::exists(odd));
   EXPECT_EQ(second->counters().temps_removed, 1u);
   ::close(alive_fd);  // its owner dies
   auto third = process();
