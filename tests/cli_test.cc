@@ -90,23 +90,31 @@ TEST_F(CliTest, TransientFailuresAreRetriedAndStreamsResumed) {
   EXPECT_NE(no_retry.err.find("injected fault"), std::string::npos) << no_retry.err;
 }
 
-TEST_F(CliTest, ASecondProcessReadsFromTheCacheDirWithoutTheStore) {
+TEST_F(CliTest, ASecondProcessReadsFromTheCacheDirAskingTheStoreOnlyItsVersion) {
   const std::string expected = put_object("b/memfile", 9 * kMiB + 4097);
   const std::string cache_dir = (dir_ / "chunks").string();
   Outcome first = run_lazyblock(
       dir_, {"cat", "--store", store_url_, "--key", "b/memfile", "--cache-dir", cache_dir});
   ASSERT_EQ(first.status, 0) << first.err;
   EXPECT_TRUE(first.out == expected);
-  // Every request to the store now fails: the cache must serve it all.
+  // Every stream from the store now fails at its first byte (its size and
+  // version are still answered): the cache must serve every byte.
   Outcome second = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b/memfile",
-                                        "--cache-dir", cache_dir, "--faults", "fail-open",
+                                        "--cache-dir", cache_dir, "--faults", "fail-after=0",
                                         "--retry", "0"});
   ASSERT_EQ(second.status, 0) << second.err;
   EXPECT_TRUE(second.out == expected);
   // Without the cache, the same command fails: the faults are real.
   Outcome uncached = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b/memfile",
-                                          "--faults", "fail-open", "--retry", "0"});
+                                          "--faults", "fail-after=0", "--retry", "0"});
   EXPECT_EQ(uncached.status, 1);
+  // A store that cannot say which version it has is not trusted with old
+  // chunks: the read fails as it would without the cache.
+  Outcome down = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b/memfile",
+                                      "--cache-dir", cache_dir, "--faults", "fail-open",
+                                      "--retry", "0"});
+  EXPECT_EQ(down.status, 1);
+  EXPECT_NE(down.err.find("injected fault"), std::string::npos) << down.err;
 }
 
 TEST_F(CliTest, MissingKeyIsAnErrorNamingTheKey) {

@@ -4,6 +4,7 @@
 // no output file.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -19,6 +20,12 @@ namespace lazyblock {
 namespace {
 
 const std::string kKey = "b1/rootfs.ext4";
+
+int count_of(const std::string& text, const std::string& part) {
+  int count = 0;
+  for (size_t at = text.find(part); at != std::string::npos; at = text.find(part, at + 1)) ++count;
+  return count;
+}
 
 class HttpCliTest : public ::testing::Test {
  protected:
@@ -61,18 +68,43 @@ TEST_F(HttpCliTest, CatIsByteExact) {
   EXPECT_TRUE(slurp(dir_ / "out") == expected);
 }
 
-TEST_F(HttpCliTest, ASecondProcessIsServedByTheCacheDirWithoutTheServer) {
+TEST_F(HttpCliTest, ASecondProcessIsServedByTheCacheDirAskingTheServerOnlyItsVersion) {
   const std::string expected = serve(9 * kMiB + 5);
   const std::string cache_dir = (dir_ / "chunks").string();
   Outcome first = cat("", {"--cache-dir", cache_dir});
   ASSERT_EQ(first.status, 0) << first.err;
   const std::string log_before = server_->access_log();
-  // The second process points at the same server, and must not ask it.
+  // The second process points at the same server, and asks it one HEAD.
   Outcome second = run_lazyblock(dir_, {"cat", "--store", server_->url(), "--key", kKey,
                                         "--cache-dir", cache_dir, "-o", (dir_ / "out2").string()});
   ASSERT_EQ(second.status, 0) << second.err;
   EXPECT_TRUE(slurp(dir_ / "out2") == expected);
-  EXPECT_EQ(server_->access_log(), log_before) << "the second process sent requests";
+  const std::string sent = server_->access_log().substr(log_before.size());
+  EXPECT_EQ(std::count(sent.begin(), sent.end(), '\n'), 1) << sent;
+  EXPECT_NE(sent.find(" HEAD /" + kKey + " 200 "), std::string::npos) << sent;
+}
+
+TEST_F(HttpCliTest, AnOutageShorterThanTheDeadlineIsWaitedOut) {
+  const std::string expected = serve(9 * kMiB + 5);
+  // 500 for every request in the first 3 s; the fetch deadline is 60 s.
+  Outcome run = cat("/failing-for/3", {"--timeout", "60s", "--log-level", "info"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  EXPECT_TRUE(slurp(dir_ / "out") == expected);
+  const std::string log = server_->access_log();
+  EXPECT_GE(count_of(log, " /failing-for/3/" + kKey + " 500 "), 2) << log;
+  EXPECT_GE(count_of(log, " /failing-for/3/" + kKey + " 206 "), 1) << log;
+  EXPECT_GE(count_of(run.err, "info: "), 2) << "each retry is logged at info: " << run.err;
+  EXPECT_EQ(run.err.find("warn: "), std::string::npos) << run.err;
+  EXPECT_EQ(run.err.find("error: "), std::string::npos) << run.err;
+}
+
+TEST_F(HttpCliTest, WithoutRetriesAnOutageFailsOnceWithItsCause) {
+  serve(9 * kMiB + 5);
+  Outcome run = cat("/failing-for/60", {"--retry", "0"});
+  EXPECT_EQ(run.status, 1);
+  EXPECT_EQ(count_of(run.err, "HTTP 500"), 1) << "the final error, once: " << run.err;
+  EXPECT_NE(run.err.find(kKey), std::string::npos) << run.err;
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "out"));
 }
 
 struct Misbehaviour {

@@ -1,5 +1,6 @@
 #include "cli/flags.h"
 
+#include <charconv>
 #include <cstdio>
 
 #include "cli/output.h"
@@ -40,9 +41,10 @@ void add_store_flags(CLI::App& command, StoreFlags& flags) {
   command
       .add_option("--retry", flags.retry,
                   "Retries of a transient failure (connection reset, 5xx, SlowDown, truncated "
-                  "response), with capped exponential backoff; streams resume where they broke")
-      ->capture_default_str()
-      ->check(at_least(0));
+                  "response), with capped exponential backoff; streams resume where they broke. "
+                  "'deadline': for as long as --timeout leaves time; N: also at most N in a row; "
+                  "0: none")
+      ->capture_default_str();
   command
       .add_option("--parallel", flags.parallel,
                   "Streams a sequential read keeps transferring ahead of the reader")
@@ -121,10 +123,21 @@ Result<StoreStackOptions> store_stack_options(const StoreFlags& flags) {
     if (!profile) return profile.status();
     options.simulate = *profile;
   }
-  if (flags.retry > 0) {
-    RetryPolicy retry;
-    retry.retries = flags.retry;
-    options.retry = retry;
+  if (flags.retry == "deadline") {
+    options.retry = RetryPolicy{};
+  } else {
+    int retries = 0;
+    const char* end = flags.retry.data() + flags.retry.size();
+    const auto [stop, error] = std::from_chars(flags.retry.data(), end, retries);
+    if (flags.retry.empty() || error != std::errc() || stop != end || retries < 0) {
+      return Status::invalid_argument("--retry " + flags.retry +
+                                      ": expected 'deadline' or a count of retries");
+    }
+    if (retries > 0) {
+      RetryPolicy retry;
+      retry.retries = retries;
+      options.retry = retry;
+    }
   }
   if (!flags.cache_dir.empty()) {
     DiskCacheOptions cache;

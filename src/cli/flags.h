@@ -23,7 +23,7 @@ struct StoreFlags {
   std::string faults;
   std::string timeout = "60s";
   int parallel = 8;
-  int retry = 3;
+  std::string retry = "deadline";  // or a count; 0 = off
   std::string cache_dir;
   std::string cache_size = "16GiB";
   bool no_readahead = false;

@@ -49,6 +49,7 @@ class FaultStore::Reader final : public RangeReader {
     return got;
   }
   uint64_t object_size() const override { return object_size_; }
+  std::string object_version() const override { return inner_->object_version(); }
   uint64_t range_length() const override { return range_length_; }
 
  private:
@@ -158,12 +159,12 @@ Status FaultStore::stall(const IoContext& io, const std::string& key) {
   return io.check(what);
 }
 
-Result<uint64_t> FaultStore::stat(const std::string& key, const IoContext& io) {
+Result<ObjectInfo> FaultStore::stat_info(const std::string& key, const IoContext& io) {
   const FaultSpec spec = spec_for_call();
   if (spec.fail_open) return Status::unavailable("injected fault: stat " + key);
-  Result<uint64_t> size = StoreLayer::stat(key, io);
-  if (size && spec.reported_size) return *spec.reported_size;
-  return size;
+  Result<ObjectInfo> info = StoreLayer::stat_info(key, io);
+  if (info && spec.reported_size) info->size = *spec.reported_size;
+  return info;
 }
 
 Result<std::unique_ptr<RangeReader>> FaultStore::open_range(const std::string& key,

@@ -54,15 +54,22 @@ Status open_error(const std::string& key, int err) {
   return posix_error("open " + key, err);
 }
 
+// The version of the object whose file `st` describes (see file_store.h).
+std::string file_version(const struct stat& st) {
+  return fmt::format("inode {} mtime {}.{:09}", st.st_ino, st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+}
+
 class FileRangeReader final : public RangeReader {
  public:
-  FileRangeReader(int fd, std::string key, uint64_t offset, uint64_t length, uint64_t object_size)
+  FileRangeReader(int fd, std::string key, uint64_t offset, uint64_t length, uint64_t object_size,
+                  std::string version)
       : fd_(fd),
         key_(std::move(key)),
         position_(offset),
         end_(offset + length),
         length_(length),
-        object_size_(object_size) {}
+        object_size_(object_size),
+        version_(std::move(version)) {}
   ~FileRangeReader() override { ::close(fd_); }
 
   Result<size_t> read(std::span<std::byte> buffer) override {
@@ -77,6 +84,7 @@ class FileRangeReader final : public RangeReader {
     }
   }
   uint64_t object_size() const override { return object_size_; }
+  std::string object_version() const override { return version_; }
   uint64_t range_length() const override { return length_; }
 
  private:
@@ -86,6 +94,7 @@ class FileRangeReader final : public RangeReader {
   const uint64_t end_;
   const uint64_t length_;
   const uint64_t object_size_;
+  const std::string version_;
 };
 
 }  // namespace
@@ -99,15 +108,25 @@ Result<std::shared_ptr<FileStore>> FileStore::open(const std::filesystem::path& 
     }
     return posix_error("open store directory " + root.string(), err);
   }
-  return std::shared_ptr<FileStore>(new FileStore(root, fd));
+  std::error_code error;
+  std::filesystem::path canonical = std::filesystem::canonical(root, error);
+  if (error) canonical = std::filesystem::absolute(root, error);
+  return std::shared_ptr<FileStore>(new FileStore(root, std::move(canonical), fd));
 }
 
-FileStore::FileStore(std::filesystem::path root, int root_fd)
-    : root_(std::move(root)), root_fd_(root_fd) {}
+FileStore::FileStore(std::filesystem::path root, std::filesystem::path canonical_root,
+                     int root_fd)
+    : root_(std::move(root)), canonical_root_(std::move(canonical_root)), root_fd_(root_fd) {}
 
 FileStore::~FileStore() { ::close(root_fd_); }
 
-Result<uint64_t> FileStore::stat(const std::string& key, const IoContext&) {
+Result<uint64_t> FileStore::stat(const std::string& key, const IoContext& io) {
+  Result<ObjectInfo> info = stat_info(key, io);
+  if (!info) return info.status();
+  return info->size;
+}
+
+Result<ObjectInfo> FileStore::stat_info(const std::string& key, const IoContext&) {
   LB_RETURN_IF_ERROR(check_key(key));
   const int fd = open_beneath(root_fd_, key, O_PATH);
   if (fd < 0) return open_error(key, errno);
@@ -117,7 +136,7 @@ Result<uint64_t> FileStore::stat(const std::string& key, const IoContext&) {
   ::close(fd);
   if (rc != 0) return posix_error("stat " + key, err);
   if (!S_ISREG(st.st_mode)) return Status::not_found("object not found: " + key);
-  return static_cast<uint64_t>(st.st_size);
+  return ObjectInfo{static_cast<uint64_t>(st.st_size), file_version(st)};
 }
 
 Result<std::unique_ptr<RangeReader>> FileStore::open_range(const std::string& key,
@@ -138,7 +157,8 @@ Result<std::unique_ptr<RangeReader>> FileStore::open_range(const std::string& ke
         fmt::format("range of {} starts at {}, past its end at {}", key, offset, size));
   }
   const uint64_t clipped = std::min(length, size - offset);
-  return std::unique_ptr<RangeReader>(new FileRangeReader(fd, key, offset, clipped, size));
+  return std::unique_ptr<RangeReader>(
+      new FileRangeReader(fd, key, offset, clipped, size, file_version(st)));
 }
 
 Status FileStore::put(const std::string& key, std::span<const std::byte> data, const IoContext&) {
@@ -184,5 +204,7 @@ Status FileStore::remove(const std::string& key, const IoContext&) {
 }
 
 std::string FileStore::describe() const { return "file://" + root_.string(); }
+
+std::string FileStore::location() const { return "file://" + canonical_root_.string(); }
 
 }  // namespace lazyblock

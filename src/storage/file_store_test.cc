@@ -142,5 +142,32 @@ TEST_F(FileStoreTest, DescribeNamesTheRoot) {
   EXPECT_EQ(store_->describe(), "file://" + (dir_ / "root").string());
 }
 
+TEST_F(FileStoreTest, TheLocationIsTheSameHoweverTheRootIsSpelled) {
+  std::filesystem::create_directories(dir_ / "elsewhere");
+  Result<std::shared_ptr<FileStore>> spelled = FileStore::open(dir_ / "elsewhere" / ".." / "root");
+  ASSERT_TRUE(spelled) << spelled.status().to_string();
+  EXPECT_EQ((*spelled)->location(), store_->location());
+  Result<std::shared_ptr<FileStore>> other = FileStore::open(dir_ / "elsewhere");
+  ASSERT_TRUE(other) << other.status().to_string();
+  EXPECT_NE((*other)->location(), store_->location());
+}
+
+TEST_F(FileStoreTest, AnObjectsVersionChangesWhenItIsWrittenAgain) {
+  ASSERT_TRUE(store_->put("obj", make_pattern(1, 0, 5000), IoContext{}).is_ok());
+  Result<ObjectInfo> first = store_->stat_info("obj", IoContext{});
+  ASSERT_TRUE(first) << first.status().to_string();
+  EXPECT_EQ(first->size, 5000u);
+  EXPECT_FALSE(first->version.empty());
+  auto reader = store_->open_range("obj", 10, 10, IoContext{});
+  ASSERT_TRUE(reader);
+  EXPECT_EQ((*reader)->object_version(), first->version) << "a stat and a read agree";
+  // The same bytes put again are a new file: a new version.
+  ASSERT_TRUE(store_->put("obj", make_pattern(1, 0, 5000), IoContext{}).is_ok());
+  Result<ObjectInfo> second = store_->stat_info("obj", IoContext{});
+  ASSERT_TRUE(second);
+  EXPECT_NE(second->version, first->version);
+  EXPECT_EQ(store_->stat_info("obj", IoContext{})->version, second->version) << "stable";
+}
+
 }  // namespace
 }  // namespace lazyblock

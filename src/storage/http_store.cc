@@ -45,10 +45,11 @@ std::optional<ContentRange> parse_content_range(std::string_view text) {
 class HttpRangeReader final : public RangeReader {
  public:
   HttpRangeReader(std::unique_ptr<HttpResponse> response, std::string key, uint64_t object_size,
-                  uint64_t range_length)
+                  std::string version, uint64_t range_length)
       : response_(std::move(response)),
         key_(std::move(key)),
         object_size_(object_size),
+        version_(std::move(version)),
         range_length_(range_length) {}
 
   Result<size_t> read(std::span<std::byte> buffer) override {
@@ -64,12 +65,14 @@ class HttpRangeReader final : public RangeReader {
     return got;
   }
   uint64_t object_size() const override { return object_size_; }
+  std::string object_version() const override { return version_; }
   uint64_t range_length() const override { return range_length_; }
 
  private:
   const std::unique_ptr<HttpResponse> response_;  // null for an empty range
   const std::string key_;
   const uint64_t object_size_;
+  const std::string version_;
   const uint64_t range_length_;
   uint64_t delivered_ = 0;
 };
@@ -83,17 +86,25 @@ std::string error_excerpt(HttpResponse& response) {
 
 Result<std::unique_ptr<RangeReader>> empty_range(ObjectStore& store, const std::string& key,
                                                  uint64_t offset, const IoContext& io) {
-  Result<uint64_t> size = store.stat(key, io);
-  if (!size) return size.status();
-  if (offset > *size) {
+  Result<ObjectInfo> info = store.stat_info(key, io);
+  if (!info) return info.status();
+  if (offset > info->size) {
     return Status::out_of_range(fmt::format("read {}: offset {} is past the end at {}", key,
-                                            offset, *size));
+                                            offset, info->size));
   }
-  return std::unique_ptr<RangeReader>(new HttpRangeReader(nullptr, key, *size, 0));
+  return std::unique_ptr<RangeReader>(
+      new HttpRangeReader(nullptr, key, info->size, std::move(info->version), 0));
 }
 
 Result<uint64_t> size_from_head(Result<std::unique_ptr<HttpResponse>> response,
                                 const std::string& key) {
+  Result<ObjectInfo> info = info_from_head(std::move(response), key);
+  if (!info) return info.status();
+  return info->size;
+}
+
+Result<ObjectInfo> info_from_head(Result<std::unique_ptr<HttpResponse>> response,
+                                  const std::string& key) {
   if (!response) return response.status().with_context("stat " + key);
   if ((*response)->status() != 200) {
     return http_failure((*response)->status(), "stat " + key, key, "");
@@ -101,7 +112,18 @@ Result<uint64_t> size_from_head(Result<std::unique_ptr<HttpResponse>> response,
   const std::optional<std::string> length = (*response)->header("Content-Length");
   const std::optional<uint64_t> size = length ? parse_u64(*length) : std::nullopt;
   if (!size) return Status::corruption("stat " + key + ": the answer has no Content-Length");
-  return *size;
+  return ObjectInfo{*size, version_from_headers(**response)};
+}
+
+std::string version_from_headers(const HttpResponse& response) {
+  // The strongest the store sends: a generation number names one write of
+  // the object; an ETag names its content; a date may miss a quick rewrite.
+  for (const char* name : {"x-goog-generation", "ETag", "Last-Modified"}) {
+    if (std::optional<std::string> value = response.header(name)) {
+      return fmt::format("{} {}", name, *value);
+    }
+  }
+  return {};
 }
 
 std::string range_header(uint64_t offset, uint64_t length) {
@@ -163,8 +185,9 @@ Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> 
       return Status::corruption(fmt::format("{}: Content-Length {} disagrees with Content-Range {}",
                                             what, content_length, *header));
     }
-    return std::unique_ptr<RangeReader>(
-        new HttpRangeReader(std::move(response), key, *range->total, range_length));
+    std::string version = version_from_headers(*response);
+    return std::unique_ptr<RangeReader>(new HttpRangeReader(
+        std::move(response), key, *range->total, std::move(version), range_length));
   }
   if (status == 200) {
     // A server without range support sends the whole object: acceptable
@@ -177,8 +200,9 @@ Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> 
           "{}: the store ignored the range and answered 200 with the whole object ({} bytes)",
           what, content_length));
     }
-    return std::unique_ptr<RangeReader>(
-        new HttpRangeReader(std::move(response), key, content_length, content_length));
+    std::string version = version_from_headers(*response);
+    return std::unique_ptr<RangeReader>(new HttpRangeReader(
+        std::move(response), key, content_length, std::move(version), content_length));
   }
   if (status == 416) {
     const std::optional<std::string> header = response->header("Content-Range");
@@ -186,7 +210,8 @@ Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> 
         header ? parse_content_range(*header) : std::nullopt;
     if (range && range->total && offset == *range->total) {
       // A range starting exactly at the end is empty, not an error.
-      return std::unique_ptr<RangeReader>(new HttpRangeReader(nullptr, key, *range->total, 0));
+      return std::unique_ptr<RangeReader>(new HttpRangeReader(
+          nullptr, key, *range->total, version_from_headers(*response), 0));
     }
     return Status::out_of_range(fmt::format(
         "{}: the offset is past the object's end{}", what,
@@ -217,10 +242,16 @@ std::string HttpStore::url_of(const std::string& key) const {
 }
 
 Result<uint64_t> HttpStore::stat(const std::string& key, const IoContext& io) {
+  Result<ObjectInfo> info = stat_info(key, io);
+  if (!info) return info.status();
+  return info->size;
+}
+
+Result<ObjectInfo> HttpStore::stat_info(const std::string& key, const IoContext& io) {
   HttpRequest request;
   request.method = "HEAD";
   request.url = url_of(key);
-  return size_from_head(client_.send(request, io), key);
+  return info_from_head(client_.send(request, io), key);
 }
 
 Result<std::unique_ptr<RangeReader>> HttpStore::open_range(const std::string& key, uint64_t offset,

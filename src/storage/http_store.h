@@ -8,7 +8,9 @@
 // the whole object when the request was for less, or a body longer than
 // promised, are kCorruption naming the key; a body shorter than promised
 // ends the stream early (the retry layer resumes it). The object's size
-// comes from Content-Range, so no HEAD is needed. Statuses: 404 kNotFound
+// comes from Content-Range, so no HEAD is needed; its version (ObjectInfo)
+// from the same answer: x-goog-generation if sent, else the ETag, else
+// Last-Modified. Statuses: 404 kNotFound
 // ("object not found: KEY"), 416 kOutOfRange, 429 and 5xx kUnavailable
 // (worth a retry), 401/403 and the rest kIoError.
 #pragma once
@@ -28,6 +30,7 @@ class HttpStore final : public ObjectStore {
                                                  HttpClientOptions options = {});
 
   Result<uint64_t> stat(const std::string& key, const IoContext& io) override;
+  Result<ObjectInfo> stat_info(const std::string& key, const IoContext& io) override;
   Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
                                                   uint64_t length, const IoContext& io) override;
   bool read_only() const override { return true; }
@@ -58,13 +61,21 @@ Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> 
                                                   uint64_t length);
 
 // open_range of a length-0 range: an empty reader carrying the object's
-// size (from `store`'s stat), or kOutOfRange if `offset` is past the end.
+// size and version (from `store`'s stat_info), or kOutOfRange if `offset` is
+// past the end.
 Result<std::unique_ptr<RangeReader>> empty_range(ObjectStore& store, const std::string& key,
                                                  uint64_t offset, const IoContext& io);
 
 // The object's size from the answer to a HEAD of `key`.
 Result<uint64_t> size_from_head(Result<std::unique_ptr<HttpResponse>> response,
                                 const std::string& key);
+// The object's size and version from the answer to a HEAD of `key`.
+Result<ObjectInfo> info_from_head(Result<std::unique_ptr<HttpResponse>> response,
+                                  const std::string& key);
+
+// The object's version from a response's headers (see HttpStore); "" if
+// they carry none.
+std::string version_from_headers(const HttpResponse& response);
 
 // "bytes=A-B" for [offset, offset + length), length > 0.
 std::string range_header(uint64_t offset, uint64_t length);

@@ -67,6 +67,23 @@ class HttpStoreTest : public ::testing::Test {
   std::shared_ptr<HttpStore> store_;
 };
 
+TEST_F(HttpStoreTest, TheVersionIsTheETagOfTheAnswer) {
+  Result<ObjectInfo> info = store_->stat_info(kKey, IoContext{});
+  ASSERT_TRUE(info) << info.status().to_string();
+  EXPECT_EQ(info->size, kObjectSize);
+  EXPECT_EQ(info->version.rfind("ETag ", 0), 0u) << info->version;
+  auto reader = store_->open_range(kKey, 100, 1000, IoContext{});
+  ASSERT_TRUE(reader) << reader.status().to_string();
+  EXPECT_EQ((*reader)->object_version(), info->version) << "a HEAD and a GET agree";
+  // Written again (another modification time): another version.
+  const std::filesystem::path file = server_->docroot() / kKey;
+  std::filesystem::last_write_time(file, std::filesystem::last_write_time(file) -
+                                             std::chrono::hours(1));
+  Result<ObjectInfo> again = store_->stat_info(kKey, IoContext{});
+  ASSERT_TRUE(again) << again.status().to_string();
+  EXPECT_NE(again->version, info->version);
+}
+
 TEST_F(HttpStoreTest, RangesAreByteExact) {
   for (const auto& [offset, length] : std::vector<std::pair<uint64_t, uint64_t>>{
            {0, kObjectSize}, {0, 1}, {4096, 4096}, {kMiB - 7, 2 * kMiB}, {kObjectSize - 1, 1}}) {

@@ -13,7 +13,10 @@
 //   it yields the bytes that exist); a range starting past the end fails with
 //   kOutOfRange; a missing key fails with kNotFound, "object not found: KEY".
 // - A RangeReader knows the object's total size once open_range returns
-//   (as an HTTP range response carries it in Content-Range).
+//   (as an HTTP range response carries it in Content-Range), and its version
+//   where the store has one (see ObjectInfo).
+// - stat() and stat_info() agree with what open_range reports: the same size,
+//   and stat_info() the same version as a RangeReader's object_version().
 // - Every wait honours the IoContext given to open_range: kTimeout once its
 //   deadline passes, kCancelled once its stop is requested.
 // - Stores are safe to call from many threads at once; one RangeReader is used
@@ -31,6 +34,21 @@
 
 namespace lazyblock {
 
+// What a store says about an object: its size and its version.
+//
+// The version is an opaque token that changes whenever the object's bytes may
+// have changed, so that anything kept from an earlier read (a persistent
+// cache) can tell whether it still holds the object's bytes: an HTTP ETag
+// (else its Last-Modified), a GCS generation, for a local file its inode and
+// modification time. Empty when the store gives none (a layer or store that
+// cannot know): then only the size tells two versions apart.
+struct ObjectInfo {
+  uint64_t size = 0;
+  std::string version;
+
+  bool operator==(const ObjectInfo&) const = default;
+};
+
 // A stream of the bytes of one range of one object.
 class RangeReader {
  public:
@@ -47,6 +65,11 @@ class RangeReader {
   // opened. (A misbehaving store may report a wrong one: callers check.)
   virtual uint64_t object_size() const = 0;
 
+  // The object's version (see ObjectInfo), from the same answer as
+  // object_size(); empty if the store gives none. Layers that wrap a reader
+  // pass the inner one's on.
+  virtual std::string object_version() const { return {}; }
+
   // How many bytes the range holds: the requested length clipped to
   // object_size().
   virtual uint64_t range_length() const = 0;
@@ -58,6 +81,14 @@ class ObjectStore {
 
   // The size of the object at `key`.
   virtual Result<uint64_t> stat(const std::string& key, const IoContext& io) = 0;
+
+  // The size and version of the object at `key`, from one request. Stores
+  // that have versions override it; the default is stat() with no version.
+  virtual Result<ObjectInfo> stat_info(const std::string& key, const IoContext& io) {
+    Result<uint64_t> size = stat(key, io);
+    if (!size) return size.status();
+    return ObjectInfo{*size, {}};
+  }
 
   // Opens a stream of [offset, offset + length) of the object at `key`,
   // clipped at its end.
@@ -80,16 +111,27 @@ class ObjectStore {
   // Whether put() and remove() are refused whatever the key (an http://
   // store): writers check it before they start their work.
   virtual bool read_only() const { return false; }
+
+  // Where the objects live, for state kept across processes (a persistent
+  // cache says whose objects it holds): the innermost store's URL, the same
+  // whatever layers are stacked over it. Default: describe().
+  virtual std::string location() const { return describe(); }
 };
 
 // Forwards every call to the store it wraps. Layers derive from it and
-// override only what they change (as LevelDB's EnvWrapper).
+// override only what they change (as LevelDB's EnvWrapper). A layer sees a
+// stat as stat_info(): stat() is its size, so the two cannot disagree.
 class StoreLayer : public ObjectStore {
  public:
   explicit StoreLayer(std::shared_ptr<ObjectStore> inner) : inner_(std::move(inner)) {}
 
-  Result<uint64_t> stat(const std::string& key, const IoContext& io) override {
-    return inner_->stat(key, io);
+  Result<uint64_t> stat(const std::string& key, const IoContext& io) final {
+    Result<ObjectInfo> info = stat_info(key, io);
+    if (!info) return info.status();
+    return info->size;
+  }
+  Result<ObjectInfo> stat_info(const std::string& key, const IoContext& io) override {
+    return inner_->stat_info(key, io);
   }
   Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
                                                   uint64_t length, const IoContext& io) override {
@@ -104,6 +146,7 @@ class StoreLayer : public ObjectStore {
   }
   std::string describe() const override { return inner_->describe(); }
   bool read_only() const override { return inner_->read_only(); }
+  std::string location() const override { return inner_->location(); }
 
  protected:
   ObjectStore& inner() { return *inner_; }

@@ -21,6 +21,10 @@ std::chrono::nanoseconds jittered_delay(const RetryPolicy& policy, int attempt) 
       std::uniform_int_distribution<int64_t>(0, cap.count() - 1)(rng));
 }
 
+double milliseconds(std::chrono::nanoseconds duration) {
+  return std::chrono::duration<double, std::milli>(duration).count();
+}
+
 }  // namespace
 
 bool is_transient(const Status& status) { return status.code() == StatusCode::kUnavailable; }
@@ -28,11 +32,12 @@ bool is_transient(const Status& status) { return status.code() == StatusCode::kU
 class RetryStore::Reader final : public RangeReader {
  public:
   Reader(RetryStore& store, std::string key, uint64_t offset, std::unique_ptr<RangeReader> inner,
-         IoContext io, int failures)
+         IoContext io, Failures failures)
       : store_(store),
         key_(std::move(key)),
         offset_(offset),
         object_size_(inner->object_size()),
+        version_(inner->object_version()),
         range_length_(inner->range_length()),
         io_(std::move(io)),
         inner_(std::move(inner)),
@@ -43,7 +48,7 @@ class RetryStore::Reader final : public RangeReader {
       Result<size_t> got = inner_->read(buffer);
       if (got && *got > 0) {
         delivered_ += *got;
-        failures_ = 0;
+        failures_ = Failures{};
         return got;
       }
       if (got && delivered_ >= range_length_) return got;  // the end, as promised
@@ -51,7 +56,7 @@ class RetryStore::Reader final : public RangeReader {
           got ? Status::unavailable(fmt::format("read {}: the response ended after {} of {} bytes",
                                                 key_, delivered_, range_length_))
               : got.status();
-      const Status verdict = store_.before_retry(++failures_, failure, name(), io_);
+      const Status verdict = store_.before_retry(failures_, failure, name(), io_);
       if (!verdict.is_ok()) {
         // An early end stays an early end (the caller checks the length);
         // an error is reported as it came, or as the backoff's timeout.
@@ -59,18 +64,21 @@ class RetryStore::Reader final : public RangeReader {
         return verdict;
       }
       Result<std::unique_ptr<RangeReader>> reopened = store_.open_with_retries(
-          key_, offset_ + delivered_, range_length_ - delivered_, io_, &failures_);
+          key_, offset_ + delivered_, range_length_ - delivered_, io_, failures_);
       if (!reopened) return reopened.status();
-      if ((*reopened)->object_size() != object_size_) {
-        return Status::corruption(fmt::format("read {}: the object's size changed from {} to {} "
-                                              "bytes between attempts",
-                                              key_, object_size_, (*reopened)->object_size()));
+      if ((*reopened)->object_size() != object_size_ ||
+          (*reopened)->object_version() != version_) {
+        return Status::corruption(fmt::format(
+            "read {}: the object changed between attempts (size {} to {}, version '{}' to '{}')",
+            key_, object_size_, (*reopened)->object_size(), version_,
+            (*reopened)->object_version()));
       }
       inner_ = std::move(reopened).value();
     }
   }
 
   uint64_t object_size() const override { return object_size_; }
+  std::string object_version() const override { return version_; }
   uint64_t range_length() const override { return range_length_; }
 
  private:
@@ -82,61 +90,74 @@ class RetryStore::Reader final : public RangeReader {
   const std::string key_;
   const uint64_t offset_;
   const uint64_t object_size_;
+  const std::string version_;
   const uint64_t range_length_;
   const IoContext io_;
   std::unique_ptr<RangeReader> inner_;
   uint64_t delivered_ = 0;
-  int failures_;  // in a row, without a byte delivered
+  Failures failures_;  // in a row, without a byte delivered
 };
 
 RetryStore::RetryStore(std::shared_ptr<ObjectStore> inner, RetryPolicy policy)
     : StoreLayer(std::move(inner)), policy_(policy) {}
 
-Status RetryStore::before_retry(int attempt, const Status& failure, const std::string& what,
-                                const IoContext& io) {
+Status RetryStore::before_retry(Failures& failures, const Status& failure,
+                                const std::string& what, const IoContext& io) {
+  const Clock::time_point now = Clock::now();
+  if (++failures.count == 1) failures.first = now;
   if (!is_transient(failure)) return failure;
-  if (attempt > policy_.retries) {
-    if (policy_.retries > 0) {
-      log(LogLevel::kWarn, "{}: giving up after {} retries: {}", what, policy_.retries,
-          failure.message());
-    }
-    return failure;
-  }
-  const std::chrono::nanoseconds delay = jittered_delay(policy_, attempt);
-  log(LogLevel::kInfo, "{}: retry {} of {} in {:.1f} ms after: {}", what, attempt,
-      policy_.retries, std::chrono::duration<double, std::milli>(delay).count(),
-      failure.message());
+  const int done = failures.count - 1;  // retries already made of this call
+  const auto give_up = [&] {
+    if (done == 0) return failure;
+    return Status::unavailable(fmt::format("{} (gave up after {} {} over {:.1f} s)",
+                                           failure.message(), done,
+                                           done == 1 ? "retry" : "retries",
+                                           milliseconds(now - failures.first) / 1000));
+  };
+  if (policy_.retries && done >= *policy_.retries) return give_up();
+  const Clock::time_point end = io.deadline == Clock::time_point::max()
+                                    ? failures.first + policy_.window_without_deadline
+                                    : io.deadline;
+  // The backoff must end with an attempt's worth of time left.
+  const Clock::time_point latest_wake = end - policy_.attempt_reserve;
+  if (now >= latest_wake) return give_up();
+  const std::chrono::nanoseconds delay =
+      std::min<std::chrono::nanoseconds>(jittered_delay(policy_, failures.count), latest_wake - now);
+  log(LogLevel::kInfo, "{}: retry {}{} in {:.1f} ms after: {}", what, failures.count,
+      policy_.retries ? fmt::format(" of {}", *policy_.retries) : std::string(),
+      milliseconds(delay), failure.message());
   retries_.fetch_add(1, std::memory_order_relaxed);
-  return io.sleep_until(Clock::now() + delay, what + " (backing off to retry)");
+  return io.sleep_until(now + delay, what + " (backing off to retry)");
 }
 
 Result<std::unique_ptr<RangeReader>> RetryStore::open_with_retries(const std::string& key,
                                                                    uint64_t offset,
                                                                    uint64_t length,
                                                                    const IoContext& io,
-                                                                   int* failures) {
+                                                                   Failures& failures) {
   for (;;) {
     Result<std::unique_ptr<RangeReader>> opened = StoreLayer::open_range(key, offset, length, io);
     if (opened) return opened;
-    LB_RETURN_IF_ERROR(before_retry(++*failures, opened.status(),
-                                    fmt::format("open {} at {}", key, offset), io));
+    LB_RETURN_IF_ERROR(
+        before_retry(failures, opened.status(), fmt::format("open {} at {}", key, offset), io));
   }
 }
 
-Result<uint64_t> RetryStore::stat(const std::string& key, const IoContext& io) {
-  for (int failures = 1;; ++failures) {
-    Result<uint64_t> size = StoreLayer::stat(key, io);
-    if (size) return size;
-    LB_RETURN_IF_ERROR(before_retry(failures, size.status(), "stat " + key, io));
+Result<ObjectInfo> RetryStore::stat_info(const std::string& key, const IoContext& io) {
+  Failures failures;
+  for (;;) {
+    Result<ObjectInfo> info = StoreLayer::stat_info(key, io);
+    if (info) return info;
+    LB_RETURN_IF_ERROR(before_retry(failures, info.status(), "stat " + key, io));
   }
 }
 
 Result<std::unique_ptr<RangeReader>> RetryStore::open_range(const std::string& key,
                                                             uint64_t offset, uint64_t length,
                                                             const IoContext& io) {
-  int failures = 0;
+  Failures failures;
   Result<std::unique_ptr<RangeReader>> opened =
-      open_with_retries(key, offset, length, io, &failures);
+      open_with_retries(key, offset, length, io, failures);
   if (!opened) return opened.status();
   return std::unique_ptr<RangeReader>(
       new Reader(*this, key, offset, std::move(opened).value(), io, failures));
@@ -145,7 +166,8 @@ Result<std::unique_ptr<RangeReader>> RetryStore::open_range(const std::string& k
 Status RetryStore::put(const std::string& key, std::span<const std::byte> data,
                        const IoContext& io) {
   // Objects are immutable, so storing the same bytes again is harmless.
-  for (int failures = 1;; ++failures) {
+  Failures failures;
+  for (;;) {
     const Status status = StoreLayer::put(key, data, io);
     if (status.is_ok()) return status;
     LB_RETURN_IF_ERROR(before_retry(failures, status, "put " + key, io));
@@ -153,7 +175,8 @@ Status RetryStore::put(const std::string& key, std::span<const std::byte> data,
 }
 
 Status RetryStore::remove(const std::string& key, const IoContext& io) {
-  for (int failures = 1;; ++failures) {
+  Failures failures;
+  for (;;) {
     const Status status = StoreLayer::remove(key, io);
     if (status.is_ok()) return status;
     LB_RETURN_IF_ERROR(before_retry(failures, status, "remove " + key, io));
@@ -161,7 +184,9 @@ Status RetryStore::remove(const std::string& key, const IoContext& io) {
 }
 
 std::string RetryStore::describe() const {
-  return fmt::format("retry({}) over {}", policy_.retries, StoreLayer::describe());
+  return fmt::format("retry({}) over {}",
+                     policy_.retries ? std::to_string(*policy_.retries) : "deadline",
+                     StoreLayer::describe());
 }
 
 }  // namespace lazyblock

@@ -33,13 +33,18 @@ class RetryStoreTest : public ::testing::Test {
     use_policy(3);
   }
 
-  void use_policy(int retries, std::chrono::nanoseconds base = std::chrono::milliseconds(1)) {
-    RetryPolicy policy;
-    policy.retries = retries;
-    policy.base_delay = base;
-    policy.max_delay = base * 4;
-    store_ = std::make_shared<RetryStore>(faults_, policy);
+  // `retries` as RetryPolicy::retries; delays of about `base`.
+  RetryPolicy& use_policy(std::optional<int> retries,
+                          std::chrono::nanoseconds base = std::chrono::milliseconds(1)) {
+    policy_ = RetryPolicy{};
+    policy_.retries = retries;
+    policy_.base_delay = base;
+    policy_.max_delay = base * 4;
+    policy_.attempt_reserve = base;
+    store_ = std::make_shared<RetryStore>(faults_, policy_);
+    return policy_;
   }
+  void renew_store() { store_ = std::make_shared<RetryStore>(faults_, policy_); }
 
   // Reads [offset, offset + length) to its end; returns the bytes and the
   // status the stream ended with.
@@ -65,6 +70,7 @@ class RetryStoreTest : public ::testing::Test {
 
   std::optional<testing::ScratchDir> scratch_;
   std::shared_ptr<FaultStore> faults_;
+  RetryPolicy policy_;
   std::shared_ptr<RetryStore> store_;
 };
 
@@ -150,17 +156,91 @@ TEST_F(RetryStoreTest, AnObjectWhoseSizeChangesBetweenAttemptsIsCorrupt) {
   set_faults("fail-after=100,size=200000,times=1");
   auto [bytes, status] = read_range(0, 5000);
   EXPECT_EQ(status.code(), StatusCode::kCorruption) << status.to_string();
-  EXPECT_NE(status.message().find("size changed"), std::string::npos) << status.to_string();
+  EXPECT_NE(status.message().find("changed between attempts"), std::string::npos)
+      << status.to_string();
   EXPECT_EQ(bytes.size(), 100u);
 }
 
-TEST_F(RetryStoreTest, BackoffEndsAtTheDeadline) {
-  use_policy(1000000, std::chrono::milliseconds(5));
+TEST_F(RetryStoreTest, AnObjectRewrittenBetweenAttemptsIsCorrupt) {
+  set_faults("fail-after=100,times=1");
+  auto reader = store_->open_range("obj", 0, 5000, IoContext{});
+  ASSERT_TRUE(reader) << reader.status().to_string();
+  // Packed again, at the same size, while the first stream runs.
+  Result<std::shared_ptr<FileStore>> files = FileStore::open(scratch_->path());
+  ASSERT_TRUE((*files)->put("obj", make_pattern(kSeed + 1, 0, kObjectSize), IoContext{}).is_ok());
+  std::vector<std::byte> buffer(6000);
+  Result<size_t> got = (*reader)->read(buffer);
+  ASSERT_TRUE(got);
+  EXPECT_EQ(*got, 100u);
+  got = (*reader)->read(buffer);
+  ASSERT_FALSE(got);
+  EXPECT_EQ(got.status().code(), StatusCode::kCorruption) << got.status().to_string();
+}
+
+TEST_F(RetryStoreTest, PassesTheVersionOn) {
+  Result<ObjectInfo> info = store_->stat_info("obj", IoContext{});
+  ASSERT_TRUE(info) << info.status().to_string();
+  EXPECT_FALSE(info->version.empty());
+  auto reader = store_->open_range("obj", 0, 10, IoContext{});
+  ASSERT_TRUE(reader);
+  EXPECT_EQ((*reader)->object_version(), info->version);
+}
+
+TEST_F(RetryStoreTest, ByDefaultRetriesGoOnWhileTheDeadlineLeavesTime) {
+  use_policy(std::nullopt);
+  // Far more failures in a row than any fixed count would allow.
+  set_faults("fail-open,times=60");
+  const IoContext io{Clock::now() + std::chrono::seconds(60), {}};
+  auto [bytes, status] = read_range(0, 5000, io);
+  ASSERT_TRUE(status.is_ok()) << status.to_string();
+  EXPECT_EQ(first_pattern_mismatch(kSeed, 0, bytes), 5000u);
+  EXPECT_EQ(faults_->opens(), 61);
+  EXPECT_EQ(store_->retries(), 60u);
+}
+
+TEST_F(RetryStoreTest, RetriesStopShortOfTheDeadlineWithTheFailureItself) {
+  use_policy(std::nullopt, std::chrono::milliseconds(5));
   set_faults("fail-open");
-  const IoContext io{Clock::now() + std::chrono::milliseconds(100), {}};
+  const IoContext io{Clock::now() + std::chrono::milliseconds(200), {}};
   auto [bytes, status] = read_range(0, 10, io);
-  EXPECT_EQ(status.code(), StatusCode::kTimeout) << status.to_string();
-  EXPECT_GE(faults_->opens(), 1);
+  // Not a timeout: the failure that was retried, once, saying how often.
+  EXPECT_EQ(status.code(), StatusCode::kUnavailable) << status.to_string();
+  EXPECT_NE(status.message().find("injected fault"), std::string::npos) << status.to_string();
+  EXPECT_NE(status.message().find("gave up after"), std::string::npos) << status.to_string();
+  EXPECT_GE(faults_->opens(), 2);
+}
+
+TEST_F(RetryStoreTest, ACallWithoutADeadlineRetriesForItsWindow) {
+  use_policy(std::nullopt).window_without_deadline = std::chrono::milliseconds(100);
+  renew_store();
+  set_faults("fail-open");
+  auto [bytes, status] = read_range(0, 10);
+  EXPECT_EQ(status.code(), StatusCode::kUnavailable) << status.to_string();
+  EXPECT_GE(faults_->opens(), 2);
+}
+
+TEST_F(RetryStoreTest, ACountBoundsRetriesWithinTheDeadline) {
+  use_policy(4);
+  set_faults("fail-open");
+  const IoContext io{Clock::now() + std::chrono::seconds(60), {}};
+  auto [bytes, status] = read_range(0, 10, io);
+  EXPECT_EQ(status.code(), StatusCode::kUnavailable) << status.to_string();
+  EXPECT_NE(status.message().find("gave up after 4 retries"), std::string::npos)
+      << status.to_string();
+  EXPECT_EQ(faults_->opens(), 5);
+}
+
+TEST_F(RetryStoreTest, BackoffEndsAtTheDeadline) {
+  // A backoff longer than what is left of the deadline: the sleep is cut
+  // short, the attempt after it still made.
+  use_policy(std::nullopt, std::chrono::seconds(10)).attempt_reserve =
+      std::chrono::milliseconds(1);
+  renew_store();
+  set_faults("fail-open,times=1");
+  const IoContext io{Clock::now() + std::chrono::milliseconds(300), {}};
+  auto [bytes, status] = read_range(0, 10, io);
+  EXPECT_TRUE(status.is_ok()) << status.to_string();
+  EXPECT_EQ(faults_->opens(), 2);
 }
 
 TEST_F(RetryStoreTest, BackoffEndsOnStop) {
@@ -186,6 +266,9 @@ TEST_F(RetryStoreTest, StatPutAndRemoveAreRetried) {
 
 TEST_F(RetryStoreTest, DescribesItself) {
   EXPECT_EQ(store_->describe().rfind("retry(3) over faults(", 0), 0u) << store_->describe();
+  use_policy(std::nullopt);
+  EXPECT_EQ(store_->describe().rfind("retry(deadline) over faults(", 0), 0u)
+      << store_->describe();
 }
 
 }  // namespace

@@ -414,6 +414,11 @@ Result<uint64_t> S3Store::stat(const std::string& key, const IoContext& io) {
   return answer_failure(what, key, **response, status, "");
 }
 
+// The version is the ETag (a GCS generation through the gs:// path).
+Result<ObjectInfo> S3Store::stat_info(const std::string& key, const IoContext& io) {
+  return info_from_head(client_.send(request("HEAD", key, {}, {}, {}), io), key);
+}
+
 Result<std::unique_ptr<RangeReader>> S3Store::open_range(const std::string& key, uint64_t offset,
                                                          uint64_t length, const IoContext& io) {
   LB_RETURN_IF_ERROR(check_key(key));

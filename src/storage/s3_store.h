@@ -78,6 +78,7 @@ class S3Store final : public ObjectStore {
   static Result<std::shared_ptr<S3Store>> open(S3Config config, HttpClientOptions options = {});
 
   Result<uint64_t> stat(const std::string& key, const IoContext& io) override;
+  Result<ObjectInfo> stat_info(const std::string& key, const IoContext& io) override;
   Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
                                                   uint64_t length, const IoContext& io) override;
   Status put(const std::string& key, std::span<const std::byte> data,

@@ -46,6 +46,7 @@ class SimulatedReader final : public RangeReader {
     return done;
   }
   uint64_t object_size() const override { return inner_->object_size(); }
+  std::string object_version() const override { return inner_->object_version(); }
   uint64_t range_length() const override { return inner_->range_length(); }
 
  private:
@@ -115,9 +116,9 @@ std::string SimulateProfile::to_string() const {
 SimulateStore::SimulateStore(std::shared_ptr<ObjectStore> inner, SimulateProfile profile)
     : StoreLayer(std::move(inner)), profile_(profile) {}
 
-Result<uint64_t> SimulateStore::stat(const std::string& key, const IoContext& io) {
+Result<ObjectInfo> SimulateStore::stat_info(const std::string& key, const IoContext& io) {
   LB_RETURN_IF_ERROR(io.sleep_until(Clock::now() + profile_.ttfb, "stat " + key));
-  return StoreLayer::stat(key, io);
+  return StoreLayer::stat_info(key, io);
 }
 
 Result<std::unique_ptr<RangeReader>> SimulateStore::open_range(const std::string& key,

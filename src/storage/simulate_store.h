@@ -36,7 +36,7 @@ class SimulateStore final : public StoreLayer {
 
   const SimulateProfile& profile() const { return profile_; }
 
-  Result<uint64_t> stat(const std::string& key, const IoContext& io) override;
+  Result<ObjectInfo> stat_info(const std::string& key, const IoContext& io) override;
   Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
                                                   uint64_t length, const IoContext& io) override;
   std::string describe() const override;

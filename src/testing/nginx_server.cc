@@ -44,6 +44,7 @@ http {{
   default_type application/octet-stream;
   sendfile on;
   lua_package_path "{dir}/?.lua;;";
+  lua_shared_dict outages 1m;
 
   server {{
     listen 127.0.0.1:{port};
@@ -77,6 +78,18 @@ http {{
         ngx.sleep(60)
         require("store").serve("/slow/", {{}})
       }}
+    }}
+    location ~ ^/failing-for/(\d+)/(.+)$ {{
+      access_by_lua_block {{
+        -- The first request for the key starts its outage.
+        ngx.update_time()
+        local outages = ngx.shared.outages
+        outages:add(ngx.var[2], ngx.now())
+        if ngx.now() - outages:get(ngx.var[2]) < tonumber(ngx.var[1]) then
+          return ngx.exit(500)
+        end
+      }}
+      alias {docroot}/$2;
     }}
     location ~ ^/status/(\d+)/ {{
       content_by_lua_block {{ ngx.exit(tonumber(ngx.var[1])) }}

@@ -10,6 +10,8 @@
 //   /truncated/KEY                   sends half the promised body, then closes
 //   /wrong-range/KEY                 a Content-Range one byte off the request
 //   /status/503/KEY, /status/403/KEY, /status/500/KEY  that status
+//   /failing-for/SECONDS/KEY         500 for SECONDS from the first request for
+//                                    KEY there, then KEY as / serves it
 //   /stall/KEY                       the first 64 KiB, then nothing for 60 s
 //   /slow/KEY                        nothing for 60 s, then the response
 // Every response carries X-Connection-Requests (requests served so far on
