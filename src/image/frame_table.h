@@ -19,7 +19,6 @@
 // are sorted and never overlap in U or in C, but need not touch.
 #pragma once
 
-#include <compare>
 #include <cstdint>
 #include <optional>
 #include <string_view>

@@ -19,7 +19,9 @@
 //     N uvarint lengths | N zigzag varint storage offset deltas (from the
 //     previous mapping's) | N uvarint indices into the M builds
 //   and nothing after.
+#include <lz4.h>
 #include <lz4frame.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <limits>
@@ -41,10 +43,6 @@ constexpr size_t kUuidBytes = 16;
 // columns, for version 4 headers as much as for version 5.
 constexpr uint64_t kMaxPages = std::numeric_limits<uint32_t>::max();
 constexpr uint64_t kMaxSigned64 = std::numeric_limits<int64_t>::max();
-// How much decompressed output one step of the LZ4 decoder may add: what
-// parse() holds grows with the bytes that really decode, not with what the
-// length field claims.
-constexpr size_t kDecodeStep = 64 * 1024;
 
 Status bad(std::string message) { return Status::corruption(std::move(message)); }
 
@@ -123,63 +121,112 @@ void put_varint(std::vector<std::byte>& out, int64_t value) {
   put_uvarint(out, static_cast<uint64_t>(value) << 1 ^ static_cast<uint64_t>(value >> 63));
 }
 
-struct DecompressionContext {
-  LZ4F_dctx* ctx = nullptr;
-  ~DecompressionContext() { LZ4F_freeDecompressionContext(ctx); }
-};
-
 struct CompressionContext {
   LZ4F_cctx* ctx = nullptr;
   ~CompressionContext() { LZ4F_freeCompressionContext(ctx); }
 };
 
-// The content of the one LZ4 frame that `frame` must be, exactly `length`
-// bytes of it.
+// The content of the one LZ4 frame (the frame format of lz4's
+// doc/lz4_Frame_format.md) that `frame` must be, exactly `length` bytes of
+// it. Read here rather than with LZ4F_decompress(), which sets up buffers as
+// large as the frame's blocks (8 MiB for E2B's 4 MiB ones) for every frame:
+// this decodes each block straight into the content, which grows only as
+// blocks really decode. Any block size and both block modes are read; the
+// header checksum, every block checksum and the content checksum (which
+// E2B always writes, and this requires) are verified.
 Result<std::vector<std::byte>> lz4_decode(std::span<const std::byte> frame, uint32_t length) {
-  DecompressionContext d;
-  if (LZ4F_isError(LZ4F_createDecompressionContext(&d.ctx, LZ4F_VERSION))) {
-    return Status::io_error("cannot create an LZ4 decompression context");
+  constexpr uint32_t kMagic = 0x184D2204;
+  const auto invalid = [](std::string_view what) {
+    return bad(fmt::format("the inner block's LZ4 frame header is not valid: {}", what));
+  };
+  size_t at = 0;
+  const auto field = [&](int width, uint64_t& value) {
+    if (frame.size() - at < static_cast<size_t>(width)) return false;
+    value = get_le(frame.data() + at, width);
+    at += width;
+    return true;
+  };
+  uint64_t magic = 0;
+  uint64_t flg = 0;
+  uint64_t bd = 0;
+  if (!field(4, magic) || !field(1, flg) || !field(1, bd)) return invalid("the header is cut short");
+  if (magic != kMagic) return bad("the inner block is not in an LZ4 frame");
+  if ((flg >> 6) != 1 || (flg & 0x02) != 0 || (bd & 0x8f) != 0 || ((bd >> 4) & 7) < 4) {
+    return invalid(fmt::format("descriptor {:02x} {:02x}", flg, bd));
   }
-  LZ4F_frameInfo_t info{};
-  size_t consumed = frame.size();
-  const size_t info_result = LZ4F_getFrameInfo(d.ctx, &info, frame.data(), &consumed);
-  if (LZ4F_isError(info_result)) {
-    return bad(fmt::format("the inner block's LZ4 frame header is not valid: {}",
-                           LZ4F_getErrorName(info_result)));
+  if ((flg & 0x01) != 0) return invalid("it needs a dictionary");
+  const bool linked = (flg & 0x20) == 0;
+  const bool block_checksums = (flg & 0x10) != 0;
+  if ((flg & 0x04) == 0) return bad("the inner block's LZ4 frame has no content checksum");
+  uint64_t content_size = 0;
+  if ((flg & 0x08) != 0 && !field(8, content_size)) return invalid("the header is cut short");
+  uint64_t header_checksum = 0;
+  if (!field(1, header_checksum)) return invalid("the header is cut short");
+  if (((XXH32(frame.data() + 4, at - 5, 0) >> 8) & 0xff) != header_checksum) {
+    return invalid("its checksum does not match");
   }
-  if (info.frameType != LZ4F_frame) return bad("the inner block is not in an LZ4 frame");
-  // E2B always writes the content checksum; without it a flipped bit inside
-  // the block could go unseen.
-  if (info.contentChecksumFlag != LZ4F_contentChecksumEnabled) {
-    return bad("the inner block's LZ4 frame has no content checksum");
-  }
-  if (info.contentSize != 0 && info.contentSize != length) {
+  if ((flg & 0x08) != 0 && content_size != length) {
     return bad(fmt::format("the inner block's LZ4 frame says it holds {} bytes, its length field {}",
-                           info.contentSize, length));
+                           content_size, length));
   }
+  const uint32_t block_max = 1u << (8 + 2 * ((bd >> 4) & 7));  // 64 KiB to 4 MiB
   std::vector<std::byte> out;
-  std::vector<std::byte> step(kDecodeStep);
-  size_t at = consumed;
-  for (;;) {
-    size_t produced = step.size();
-    size_t taken = frame.size() - at;
-    const size_t hint =
-        LZ4F_decompress(d.ctx, step.data(), &produced, frame.data() + at, &taken, nullptr);
-    if (LZ4F_isError(hint)) {
-      return bad(fmt::format("the inner block's LZ4 frame does not decode: {}",
-                             LZ4F_getErrorName(hint)));
+  for (size_t block = 0;; ++block) {
+    uint64_t word = 0;
+    if (!field(4, word)) return bad(fmt::format("the header ends inside its LZ4 frame ({} of {} bytes decoded)", out.size(), length));
+    if (word == 0) break;  // the end mark
+    const bool stored = (word & 0x80000000u) != 0;
+    const uint32_t size = static_cast<uint32_t>(word & 0x7fffffffu);
+    if (size > block_max) {
+      return bad(fmt::format("LZ4 block {} is {} bytes, more than the frame's {}", block, size, block_max));
     }
-    at += taken;
-    if (produced > length - out.size()) {
-      return bad(fmt::format("the inner block holds more than the {} bytes its length field says",
-                             length));
+    if (frame.size() - at < size + (block_checksums ? 4u : 0u)) {
+      return bad(fmt::format("the header ends inside its LZ4 frame ({} of {} bytes decoded)", out.size(), length));
     }
-    out.insert(out.end(), step.begin(), step.begin() + static_cast<ptrdiff_t>(produced));
-    if (hint == 0) break;  // the frame's end, its checksum verified
-    if (taken == 0 && produced == 0) {
-      return bad(fmt::format("the header ends inside its LZ4 frame ({} of {} bytes decoded)",
-                             out.size(), length));
+    const std::byte* data = frame.data() + at;
+    at += size;
+    uint64_t checksum = 0;
+    if (block_checksums && (!field(4, checksum) || XXH32(data, size, 0) != checksum)) {
+      return bad(fmt::format("LZ4 block {} of the inner block does not match its checksum", block));
     }
+    // Room for what the block can hold: within the frame's block size and
+    // the length field, and at most 255 bytes for each byte of a compressed
+    // block (LZ4's greatest expansion): never more than the bytes in hand
+    // can decode to.
+    const size_t room = std::min<size_t>({block_max, length - out.size(),
+                                          stored ? size : size_t{size} * 256 + 64});
+    const size_t start = out.size();
+    if (stored) {
+      if (size > room) {
+        return bad(fmt::format("the inner block holds more than the {} bytes its length field says",
+                               length));
+      }
+      out.insert(out.end(), data, data + size);
+      continue;
+    }
+    out.resize(start + room);
+    // A linked block may refer to the 64 KiB of content before it.
+    const size_t window = linked ? std::min<size_t>(start, 64 * 1024) : 0;
+    const int decoded = LZ4_decompress_safe_usingDict(
+        reinterpret_cast<const char*>(data), reinterpret_cast<char*>(out.data() + start),
+        static_cast<int>(size), static_cast<int>(room),
+        reinterpret_cast<const char*>(out.data() + start - window), static_cast<int>(window));
+    if (decoded < 0) {
+      if (room == length - start) {
+        return bad(fmt::format("LZ4 block {} of the inner block does not decode into the {} bytes "
+                               "its length field leaves",
+                               block, room));
+      }
+      return bad(fmt::format("LZ4 block {} of the inner block does not decode", block));
+    }
+    out.resize(start + static_cast<size_t>(decoded));
+  }
+  uint64_t content_checksum = 0;
+  if (!field(4, content_checksum)) {
+    return bad(fmt::format("the header ends inside its LZ4 frame ({} of {} bytes decoded)", out.size(), length));
+  }
+  if (XXH32(out.data(), out.size(), 0) != content_checksum) {
+    return bad("the inner block does not match its LZ4 content checksum");
   }
   if (at != frame.size()) {
     return bad(fmt::format("{} bytes follow the inner block's LZ4 frame", frame.size() - at));
