@@ -64,6 +64,12 @@ Outcome run_lazyblock(const std::filesystem::path& dir, std::vector<std::string>
   return run_program_with_input(dir, args, input);
 }
 
+Outcome run_lazyblock_bounded(const std::filesystem::path& dir, std::vector<std::string> args,
+                              int seconds) {
+  args.insert(args.begin(), {"timeout", "-s", "KILL", std::to_string(seconds), lazyblock_binary()});
+  return run_program_with_input(dir, args, {});
+}
+
 Outcome run_program(const std::filesystem::path& dir, const std::string& program,
                     std::vector<std::string> args) {
   args.insert(args.begin(), program);

@@ -23,6 +23,12 @@ std::string slurp(const std::filesystem::path& path);
 Outcome run_lazyblock(const std::filesystem::path& dir, std::vector<std::string> args,
                       const std::filesystem::path& input = {});
 
+// run_lazyblock for a command that must end by itself (a server that is to
+// be refused): killed after `seconds` if it has not, so that a regression
+// fails the test instead of hanging it (exit status 137 then).
+Outcome run_lazyblock_bounded(const std::filesystem::path& dir, std::vector<std::string> args,
+                              int seconds = 30);
+
 // Runs `program` (found on PATH) with `args` the same way.
 Outcome run_program(const std::filesystem::path& dir, const std::string& program,
                     std::vector<std::string> args);

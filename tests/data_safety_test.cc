@@ -279,7 +279,7 @@ TEST_F(DataSafetyTest, AnOverlayHasOneServerAndBelongsToOneDevice) {
     ASSERT_EQ(client.flush(), 0);
   }
   // A second server on the same overlay, and a pack of it while served.
-  Outcome second = run_lazyblock(
+  Outcome second = run_lazyblock_bounded(
       dir_, serve_args(kBuild, dir_ / "b.sock", {"--overlay", overlay.string()}));
   EXPECT_EQ(second.status, 1) << second.err;
   EXPECT_NE(second.err.find("in use by another lazyblock process"), std::string::npos)
@@ -292,7 +292,7 @@ TEST_F(DataSafetyTest, AnOverlayHasOneServerAndBelongsToOneDevice) {
 
   // Over another build: refused, both named.
   pack(kOtherBuild, dir_ / "raw");
-  Outcome other = run_lazyblock(
+  Outcome other = run_lazyblock_bounded(
       dir_, serve_args(kOtherBuild, dir_ / "c.sock", {"--overlay", overlay.string()}));
   EXPECT_NE(other.status, 0);
   EXPECT_NE(other.err.find(kBuild), std::string::npos) << other.err;
@@ -307,7 +307,7 @@ TEST_F(DataSafetyTest, AnOverlayHasOneServerAndBelongsToOneDevice) {
 
   // The data file gone, its map kept: refused, not served as base data.
   std::filesystem::remove(overlay);
-  Outcome missing = run_lazyblock(
+  Outcome missing = run_lazyblock_bounded(
       dir_, serve_args(kBuild, dir_ / "d.sock", {"--overlay", overlay.string()}));
   EXPECT_EQ(missing.status, 1) << missing.err;
   EXPECT_NE(missing.err.find("data file is missing"), std::string::npos) << missing.err;
@@ -416,7 +416,7 @@ TEST_F(DataSafetyTest, ASocketPathIsTakenOnlyFromADeadServer) {
   // A regular file where the socket should go: refused and kept.
   const std::filesystem::path file = dir_ / "not-a-socket";
   std::ofstream(file) << "precious";
-  Outcome on_file = run_lazyblock(dir_, serve_args(kBuild, file, {}));
+  Outcome on_file = run_lazyblock_bounded(dir_, serve_args(kBuild, file, {}));
   EXPECT_EQ(on_file.status, 1) << on_file.err;
   EXPECT_NE(on_file.err.find("not a socket"), std::string::npos) << on_file.err;
   EXPECT_EQ(slurp(file), "precious");
@@ -424,7 +424,7 @@ TEST_F(DataSafetyTest, ASocketPathIsTakenOnlyFromADeadServer) {
   const std::filesystem::path socket = dir_ / "live.sock";
   ServerProcess first(dir_, serve_args(kBuild, socket, {}), socket);
   ASSERT_TRUE(first.running());
-  Outcome second = run_lazyblock(dir_, serve_args(kBuild, socket, {}));
+  Outcome second = run_lazyblock_bounded(dir_, serve_args(kBuild, socket, {}));
   EXPECT_EQ(second.status, 1) << second.err;
   EXPECT_NE(second.err.find("already in use by another server"), std::string::npos) << second.err;
   Outcome info = run_program(dir_, "nbdinfo", {"--size", uri(socket)});
