@@ -41,6 +41,7 @@ Status ChunkFetch::wait_for(std::unique_lock<std::mutex>& lock, uint64_t begin, 
   BlockCache* cache = context_.cache.load(std::memory_order_acquire);
   assert(cache != nullptr);  // callers wait on ranges once the size is known
   if (cache->is_cached(begin, end)) return Status::ok();
+  if (context_.stop.stop_requested()) return context_.cancelled_status();
   cover_locked(begin, end);
   maybe_split_locked(begin, end);
 
@@ -55,6 +56,15 @@ Status ChunkFetch::wait_for(std::unique_lock<std::mutex>& lock, uint64_t begin, 
   if (waiter.done) return waiter.status;
   return Status::timeout(fmt::format("fetch of {} [{}, {}) did not finish by its deadline",
                                      context_.key, begin, end));
+}
+
+void ChunkFetch::cancel_waiters_locked() {
+  for (auto& [due, waiter] : waiters_) {
+    waiter->done = true;
+    waiter->status = context_.cancelled_status();
+  }
+  waiters_.clear();
+  cv_.notify_all();
 }
 
 void ChunkFetch::cover_locked(uint64_t begin, uint64_t end) {

@@ -107,13 +107,15 @@ Result<uint64_t> FetchingChunker::learn_size(uint64_t offset) {
     // The first stream of a chunk learns the size: one in flight for this
     // chunk, or a new one.
     std::shared_ptr<ChunkFetch> fetch = context_.fetch_locked(offset / context_.options.chunk_size);
+    if (context_.stop.stop_requested()) return context_.cancelled_status();
     fetch->cover_locked(offset, offset);
     const bool in_time = context_.size_learned.wait_until(
         lock, Clock::now() + context_.options.fetch_timeout, [&] {
           return context_.cache.load(std::memory_order_acquire) != nullptr ||
-                 fetch->finished_locked();
+                 fetch->finished_locked() || context_.stop.stop_requested();
         });
     if (context_.cache.load(std::memory_order_acquire) != nullptr) continue;
+    if (context_.stop.stop_requested()) return context_.cancelled_status();
     if (!in_time) {
       return Status::timeout(fmt::format("size of {}: no answer by the deadline", context_.key));
     }
@@ -233,6 +235,15 @@ void FetchingChunker::prefetch(uint64_t offset, uint64_t length) {
   }
   context_.prefetches.emplace_back(offset, offset + std::min(length, UINT64_MAX - offset));
   context_.pump_readahead_locked();
+}
+
+void FetchingChunker::cancel() {
+  // The stores' waits end on the stop; the callers' waits end here, so that
+  // none depends on how soon a store notices.
+  context_.stop.request_stop();
+  std::lock_guard lock(context_.mu);
+  for (auto& [chunk, fetch] : context_.fetches) fetch->cancel_waiters_locked();
+  context_.size_learned.notify_all();
 }
 
 ChunkerStats FetchingChunker::stats() const {

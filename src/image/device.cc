@@ -87,8 +87,15 @@ Result<Chunker*> DataFiles::chunker(const Uuid& build, const std::string& name) 
       return made.status();
     }
     chunker = std::move(made).value();
+    if (cancelled_) chunker->cancel();
   }
   return chunker.get();
+}
+
+void DataFiles::cancel() {
+  std::lock_guard lock(mu_);
+  cancelled_ = true;
+  for (auto& [file, chunker] : chunkers_) chunker->cancel();
 }
 
 std::map<Uuid, ChunkerStats> DataFiles::stats() const {

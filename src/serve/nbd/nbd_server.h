@@ -15,7 +15,9 @@
 // error and the connection goes on; only a request with a wrong magic (the
 // stream is out of step) ends the connection. No length from the wire is
 // trusted to allocate beyond the 32 MiB block limit; a client that vanishes
-// mid-request ends only its own connection.
+// mid-request ends only its own connection. A client that has not finished
+// its handshake within the limit's timeout is closed; past the limit's
+// connection count, connections are refused (see Acceptor).
 #pragma once
 
 #include <atomic>
@@ -33,6 +35,7 @@
 #include "common/worker_pool.h"
 #include "image/device.h"
 #include "image/overlay.h"
+#include "serve/connection_limits.h"
 
 namespace lazyblock::nbd {
 
@@ -44,7 +47,7 @@ struct Export {
 
 class NbdServer {
  public:
-  explicit NbdServer(Export disk, int workers = 16);
+  NbdServer(Export disk, ConnectionLimits limits = {}, int workers = 16);
   // Stops serving and waits for the connections to end.
   ~NbdServer();
 
@@ -57,7 +60,10 @@ class NbdServer {
   // Accepts and serves connections until stop(); returns once every
   // connection has ended.
   Status serve();
-  // Ends serve(): no new connections, open ones are shut down. Thread-safe.
+  // Ends serve(): no new connections and no new requests; replies in flight
+  // are sent for up to half a second, then every connection is shut down.
+  // Requests waiting on fetches wait on: cancel those (DataFiles::cancel)
+  // for a prompt end. Thread-safe.
   void stop();
 
   // Counters, for tests and logs.
@@ -71,6 +77,7 @@ class NbdServer {
   void session_ended(int fd);
 
   const Export export_;
+  const ConnectionLimits limits_;
   std::unique_ptr<UnixListener> unix_listener_;  // listen_unix
   UniqueFd tcp_listener_;                        // listen_tcp
   int listen_fd_ = -1;                           // whichever of the two
