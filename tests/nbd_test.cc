@@ -6,6 +6,7 @@
 #include <linux/sockios.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -374,6 +375,66 @@ TEST_F(NbdTest, SigtermCancelsFetchesInFlightAndKeepsTheOverlay) {
   ASSERT_TRUE(client.request(0, kMiB, static_cast<uint32_t>(kMiB)));
   ASSERT_EQ(client.reply(kMiB, &data), 0u);
   EXPECT_EQ(std::memcmp(data.data(), raw_.data() + kMiB, kMiB), 0);
+  EXPECT_EQ(server.stop(), 0);
+}
+
+// The descriptor paths (/proc/PID/fd/N) of the unnamed regular files that
+// process `pid` holds: its block cache (one per data file), its temporary
+// overlay if it has one.
+std::vector<std::filesystem::path> unnamed_files_of(pid_t pid) {
+  std::vector<std::filesystem::path> files;
+  std::error_code error;
+  const std::filesystem::path fds = "/proc/" + std::to_string(pid) + "/fd";
+  for (const auto& entry : std::filesystem::directory_iterator(fds, error)) {
+    std::error_code link_error;
+    const std::string target = std::filesystem::read_symlink(entry.path(), link_error).string();
+    if (link_error || target.find("(deleted)") == std::string::npos) continue;
+    struct stat st {};
+    if (::stat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+      files.push_back(entry.path());
+    }
+  }
+  return files;
+}
+
+// The block cache's file cut short under the running server (as a failing
+// disk would make its map fault): the reads past the cut get an EIO at most,
+// then the right bytes; the server serves on.
+TEST_F(NbdTest, ACacheFileCutShortUnderTheServerCostsOneReadAtMost) {
+  Server server(dir_, store_, {"--read-only"});
+  ASSERT_TRUE(server.running());
+  Outcome copied = run_program(dir_, "nbdcopy", {server.uri(), (dir_ / "copy").string()});
+  ASSERT_EQ(copied.status, 0) << copied.err;
+  ASSERT_TRUE(slurp(dir_ / "copy") == raw_);
+  // One data file (the build has no parent), no overlay: one cache file.
+  const std::vector<std::filesystem::path> caches = unnamed_files_of(server.pid());
+  ASSERT_EQ(caches.size(), 1u);
+  const std::filesystem::path& cache = caches[0];
+  {
+    const int fd = ::open(cache.c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    ASSERT_EQ(::ftruncate(fd, static_cast<off_t>(kMiB)), 0) << std::strerror(errno);
+    ::close(fd);
+  }
+  RawClient client(server.socket());
+  ASSERT_TRUE(client.handshake(kName));
+  std::vector<std::byte> data;
+  const uint32_t length = 256 * 1024;
+  ASSERT_TRUE(client.request(0, 3 * kMiB, length));
+  std::optional<uint32_t> error = client.reply(length, &data);
+  ASSERT_TRUE(error.has_value()) << "no reply: " << slurp(dir_ / "server.log");
+  if (*error != 0) {
+    EXPECT_EQ(*error, kEio);
+    ASSERT_TRUE(client.request(0, 3 * kMiB, length));
+    ASSERT_EQ(client.reply(length, &data), 0u);
+  }
+  EXPECT_EQ(std::memcmp(data.data(), raw_.data() + 3 * kMiB, length), 0);
+  ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+  EXPECT_NE(slurp(dir_ / "server.log").find("could not be read"), std::string::npos)
+      << "the cut was not met: " << slurp(dir_ / "server.log");
+  Outcome again = run_program(dir_, "nbdcopy", {server.uri(), (dir_ / "again").string()});
+  ASSERT_EQ(again.status, 0) << again.err << slurp(dir_ / "server.log");
+  EXPECT_TRUE(slurp(dir_ / "again") == raw_);
   EXPECT_EQ(server.stop(), 0);
 }
 

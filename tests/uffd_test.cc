@@ -450,5 +450,61 @@ TEST_F(UffdTest, SigtermCancelsFetchesInFlight) {
   EXPECT_EQ(server.stop(), 0) << slurp(dir_ / "server.log");
 }
 
+// The descriptor paths (/proc/PID/fd/N) of the unnamed regular files that
+// process `pid` holds: its block cache (one per data file), its temporary
+// overlay if it has one.
+std::vector<std::filesystem::path> unnamed_files_of(pid_t pid) {
+  std::vector<std::filesystem::path> files;
+  std::error_code error;
+  const std::filesystem::path fds = "/proc/" + std::to_string(pid) + "/fd";
+  for (const auto& entry : std::filesystem::directory_iterator(fds, error)) {
+    std::error_code link_error;
+    const std::string target = std::filesystem::read_symlink(entry.path(), link_error).string();
+    if (link_error || target.find("(deleted)") == std::string::npos) continue;
+    struct stat st {};
+    if (::stat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+      files.push_back(entry.path());
+    }
+  }
+  return files;
+}
+
+// The block cache's file cut short under the running handler (as a failing
+// disk would make its map fault): the next VM's faults on the lost pages
+// are fetched again and every page is right; the handler serves on.
+TEST_F(UffdTest, ACacheFileCutShortUnderTheHandlerIsFetchedAgain) {
+  ServerProcess server = serve({"--no-prefetch"});
+  ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+  const auto want = [&](uint64_t offset) { return expected(offset, kPage); };
+  {
+    Result<std::unique_ptr<FirecrackerStandIn>> vm =
+        FirecrackerStandIn::restore(socket(), {{kMemfileSize, 0, false}});
+    ASSERT_TRUE(vm) << vm.status().to_string();
+    EXPECT_TRUE(touch_all((*vm)->memory(0), kMemfileSize, kPage, want, 2, 1).empty());
+  }
+  // One data file (the build has no parent), no overlay: one cache file.
+  const std::vector<std::filesystem::path> caches = unnamed_files_of(server.pid());
+  ASSERT_EQ(caches.size(), 1u);
+  const std::filesystem::path& cache = caches[0];
+  {
+    const int fd = ::open(cache.c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    ASSERT_EQ(::ftruncate(fd, static_cast<off_t>(kMiB)), 0) << std::strerror(errno);
+    ::close(fd);
+  }
+  Result<std::unique_ptr<FirecrackerStandIn>> vm =
+      FirecrackerStandIn::restore(socket(), {{kMemfileSize, 0, false}});
+  ASSERT_TRUE(vm) << vm.status().to_string();
+  const std::vector<uint64_t> wrong = touch_all((*vm)->memory(0), kMemfileSize, kPage, want, 2, 2);
+  EXPECT_TRUE(wrong.empty()) << wrong.size() << " pages wrong, the first at " << wrong[0];
+  ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+  // The cut was met (UFFDIO_COPY fails with EFAULT there), not missed.
+  EXPECT_NE(slurp(dir_ / "server.log").find("the source could not be read"), std::string::npos)
+      << slurp(dir_ / "server.log");
+  EXPECT_NE(slurp(dir_ / "server.log").find("the cache file could not be read"), std::string::npos)
+      << slurp(dir_ / "server.log");
+  EXPECT_EQ(server.stop(), 0) << slurp(dir_ / "server.log");
+}
+
 }  // namespace
 }  // namespace lazyblock

@@ -130,6 +130,10 @@ class FetchStream {
   BlockCache* cache_ = nullptr;
   uint64_t marked_;  // blocks [begin_, marked_) are marked cached
 
+  // Protected by context.mu: the cache's drops() when this stream last
+  // marked blocks (or began).
+  uint64_t drops_seen_ = 0;
+
   // State below is protected by context.mu (written by the stream's thread,
   // read by callers planning streams).
   uint64_t requested_end_;  // the end asked of the store (clipped to the object)

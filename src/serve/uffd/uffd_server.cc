@@ -95,7 +95,9 @@ class UffdServer::Session {
     uint64_t size;
     bool huge;
   };
-  enum class Install { kInstalled, kExisted, kAgain, kNoTarget, kFailed };
+  // kUnreadable: the source could not be read (EFAULT: the cache file
+  // failed under its map); the page is read again through a copy.
+  enum class Install { kInstalled, kExisted, kAgain, kNoTarget, kUnreadable, kFailed };
 
   Status receive_mappings();
   Status serve_events();
@@ -455,8 +457,8 @@ UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address,
     result = zero(*page);
     if (result != Install::kAgain) server_.counters_.served_zero.fetch_add(1);
   } else if (std::optional<std::span<const std::byte>> bytes =
-                 memfile.cached_slice(page->offset, page->size)) {
-    result = copy(*page, *bytes);
+                 memfile.cached_slice(page->offset, page->size);
+             bytes && (result = copy(*page, *bytes)) != Install::kUnreadable) {
     if (result != Install::kAgain) server_.counters_.served_cached.fetch_add(1);
   } else {
     {
@@ -487,10 +489,19 @@ void UffdServer::Session::fetch_and_install(Page page) {
                 : Result<std::span<const std::byte>>(got.status());
   }
   Install result = Install::kFailed;
-  if (bytes) {
-    result = copy(page, *bytes);
-    if (result != Install::kAgain) server_.counters_.served_fetched.fetch_add(1);
+  if (bytes) result = copy(page, *bytes);
+  if (result == Install::kUnreadable) {
+    // The cache file failed under its map: read_at copies through a guard,
+    // drops what it cannot read and fetches it again.
+    bounce.resize(page.size);
+    Result<size_t> got = memfile.read_at(bounce, page.offset);
+    if (got) {
+      result = copy(page, bounce);
+    } else {
+      bytes = Result<std::span<const std::byte>>(got.status());
+    }
   }
+  if (bytes && result != Install::kAgain) server_.counters_.served_fetched.fetch_add(1);
   std::lock_guard lock(mu_);
   if (!bytes && !stopping_) {
     // The vCPU must not see wrong bytes: it waits while the event thread
@@ -668,6 +679,10 @@ UffdServer::Session::Install UffdServer::Session::result_of(int error, const Pag
   switch (error) {
     case EEXIST: return Install::kExisted;  // installed by someone else first
     case EAGAIN: return Install::kAgain;    // an event is queued: drain, then retry
+    case EFAULT:
+      log(LogLevel::kWarn, "serve uffd: {} of page {:#x}: the source could not be read; "
+          "reading it again", what, page.address);
+      return Install::kUnreadable;
     case ENOENT:                             // unregistered (removed) or unmapped
     case ESRCH:                              // the VM's memory is gone
       return Install::kNoTarget;
