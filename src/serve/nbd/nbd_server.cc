@@ -33,6 +33,14 @@ constexpr uint32_t kMaxOptionBytes = 64 * 1024;
 // not read its replies cannot hold the server's exit.
 constexpr std::chrono::milliseconds kReplyGrace{500};
 
+// Reply and write-payload bytes held at once by one connection, and by all.
+constexpr uint64_t kConnectionBytesInFlight = 64 * 1024 * 1024;
+constexpr uint64_t kTotalBytesInFlight = 256 * 1024 * 1024;
+// A connection holding nothing may always have a request this small (a
+// VM's reads are far smaller), so that clients which exhaust the budget by
+// not reading their replies do not stall everyone else.
+constexpr uint64_t kAlwaysAdmitted = 1024 * 1024;
+
 // Reads all of `buffer`; false if the connection ended, or if `deadline`
 // (when given) passed first.
 bool read_exact(int fd, std::span<std::byte> buffer,
@@ -295,23 +303,34 @@ class NbdServer::Session : public std::enable_shared_from_this<Session> {
       server_.requests_.fetch_add(1, std::memory_order_relaxed);
       if (request->type == kCmdDisc) return;
       std::vector<std::byte> payload;
+      if (request->type == kCmdWrite && request->length > kMaxBlock) {
+        // Not worth holding: the bytes are read past, the request refused.
+        if (!discard(fd_, request->length)) return;
+        finish_error(*request, kEinval, "write longer than the 32 MiB limit");
+        continue;
+      }
+      // What the request makes the server hold: the reply of a read, the
+      // payload of a write (longer reads are refused unallocated).
+      const bool holds = (request->type == kCmdRead || request->type == kCmdWrite) &&
+                         request->length <= kMaxBlock;
+      const uint64_t cost = holds ? request->length : 0;
+      if (!server_.reserve(&bytes_held_, cost)) return;  // stopping
       if (request->type == kCmdWrite) {
-        if (request->length > kMaxBlock) {
-          // Not worth holding: the bytes are read past, the request refused.
-          if (!discard(fd_, request->length)) return;
-          finish_error(*request, kEinval, "write longer than the 32 MiB limit");
-          continue;
-        }
         payload.resize(request->length);
-        if (!read_exact(fd_, payload)) return;  // vanished mid-request
+        if (!read_exact(fd_, payload)) {  // vanished mid-request
+          server_.release(&bytes_held_, cost);
+          return;
+        }
       }
       {
         std::lock_guard lock(mu_);
         ++in_flight_;
       }
-      server_.workers_.submit([self = shared_from_this(), request = *request,
+      server_.workers_.submit([self = shared_from_this(), request = *request, cost,
                                payload = std::move(payload)]() mutable {
         self->handle(request, payload);
+        payload = {};
+        self->server_.release(&self->bytes_held_, cost);
         std::lock_guard lock(self->mu_);
         if (--self->in_flight_ == 0) self->idle_.notify_all();
       });
@@ -431,6 +450,7 @@ class NbdServer::Session : public std::enable_shared_from_this<Session> {
   std::mutex mu_;
   std::condition_variable idle_;
   int in_flight_ = 0;  // guarded by mu_
+  uint64_t bytes_held_ = 0;  // guarded by server_.budget_mu_
 };
 
 NbdServer::NbdServer(Export disk, ConnectionLimits limits, int workers)
@@ -527,8 +547,37 @@ void NbdServer::stop() {
   // Wake every connection's reader: it sees the end and finishes up. The
   // write side stays open for a while (see serve()), so that requests in
   // flight still get their replies, errors if their fetches were cancelled.
-  std::lock_guard lock(mu_);
-  for (int fd : open_fds_) ::shutdown(fd, SHUT_RD);
+  {
+    std::lock_guard lock(mu_);
+    for (int fd : open_fds_) ::shutdown(fd, SHUT_RD);
+  }
+  // Readers waiting for the reply budget end too.
+  { std::lock_guard lock(budget_mu_); }
+  budget_freed_.notify_all();
+}
+
+bool NbdServer::reserve(uint64_t* held, uint64_t bytes) {
+  if (bytes == 0) return !stopping_.load();
+  std::unique_lock lock(budget_mu_);
+  budget_freed_.wait(lock, [&] {
+    return stopping_.load() || (*held == 0 && bytes <= kAlwaysAdmitted) ||
+           (*held + bytes <= kConnectionBytesInFlight &&
+            bytes_in_flight_ + bytes <= kTotalBytesInFlight);
+  });
+  if (stopping_.load()) return false;
+  *held += bytes;
+  bytes_in_flight_ += bytes;
+  return true;
+}
+
+void NbdServer::release(uint64_t* held, uint64_t bytes) {
+  if (bytes == 0) return;
+  {
+    std::lock_guard lock(budget_mu_);
+    *held -= bytes;
+    bytes_in_flight_ -= bytes;
+  }
+  budget_freed_.notify_all();
 }
 
 void NbdServer::session_ended(int fd) {
