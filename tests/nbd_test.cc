@@ -491,7 +491,11 @@ TEST_F(NbdTest, ClientsThatDoNotReadRepliesHoldBoundedMemory) {
   EXPECT_TRUE(slurp(dir_ / "copy") == disk);
   std::printf("serve nbd resident: %.0f MiB before, at most %.0f MiB with 8 greedy clients\n",
               static_cast<double>(before) / kMiB, static_cast<double>(peak) / kMiB);
+#if !defined(__SANITIZE_THREAD__)
+  // (TSan's shadow memory multiplies what is resident: there only the
+  // service of the other client is checked.)
   EXPECT_LT(peak, before + 256 * kMiB + 100 * kMiB);
+#endif
   ASSERT_TRUE(server.running());
   greedy.clear();
   EXPECT_EQ(server.stop(), 0);

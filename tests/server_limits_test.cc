@@ -128,7 +128,7 @@ class ServerLimitsTest : public ::testing::Test {
                       std::vector<std::string> extra) {
     std::vector<std::string> args = {"serve", kind, "--store", store_, "--build", kBuild,
                                      "--name", name, "--socket", socket().string(),
-                                     "--handshake-timeout", "1s", "--log-level", "info"};
+                                     "--handshake-timeout", "5s", "--log-level", "info"};
     args.insert(args.end(), extra.begin(), extra.end());
     return ServerProcess(dir_, args, socket(), kOpenFiles);
   }
@@ -165,7 +165,8 @@ class ServerLimitsTest : public ::testing::Test {
     ASSERT_TRUE(silent.connect(socket(), kSilent - kSilentDuring));
     const size_t held = descriptors_of(server.pid());
     ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
-    // A hang guard, not a timing assertion: the handshake timeout is 1 s.
+    // A hang guard, not a timing assertion: the handshake timeout is 5 s
+    // (long enough for all of them to be open at once, even under TSan).
     EXPECT_EQ(silent.wait_closed(std::chrono::seconds(30)), silent.size());
     ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
     std::printf("server descriptors: %zu with %d silent clients, %zu once they were closed\n",
@@ -192,7 +193,8 @@ TEST_F(ServerLimitsTest, NbdRefusesConnectionsPastItsLimitAndClosesSilentOnes) {
 TEST_F(ServerLimitsTest, NbdOutOfDescriptorsKeepsAccepting) {
   ServerProcess server = serve("nbd", "disk", {"--max-connections", "100000"});
   survive_silent_clients(server, [&] { copy_disk_exactly("copy"); });
-  EXPECT_NE(slurp(dir_ / "server.log").find("out of file descriptors"), std::string::npos);
+  EXPECT_NE(slurp(dir_ / "server.log").find("out of file descriptors"), std::string::npos)
+      << slurp(dir_ / "server.log");
 }
 
 TEST_F(ServerLimitsTest, UffdRefusesConnectionsPastItsLimitAndClosesSilentOnes) {
@@ -205,7 +207,8 @@ TEST_F(ServerLimitsTest, UffdOutOfDescriptorsKeepsAccepting) {
   ServerProcess server =
       serve("uffd", "memfile", {"--no-prefetch", "--max-connections", "100000"});
   survive_silent_clients(server, [&] { restore_exactly(); });
-  EXPECT_NE(slurp(dir_ / "server.log").find("out of file descriptors"), std::string::npos);
+  EXPECT_NE(slurp(dir_ / "server.log").find("out of file descriptors"), std::string::npos)
+      << slurp(dir_ / "server.log");
 }
 
 }  // namespace
