@@ -1,6 +1,7 @@
 #include "tests/cli_runner.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -88,7 +89,7 @@ bool accepts(const std::filesystem::path& socket) {
 }  // namespace
 
 ServerProcess::ServerProcess(const std::filesystem::path& dir, std::vector<std::string> args,
-                             std::filesystem::path socket)
+                             std::filesystem::path socket, uint64_t open_files)
     : socket_(std::move(socket)) {
   args.insert(args.begin(), lazyblock_binary());
   const std::string log = (dir / "server.log").string();
@@ -97,6 +98,10 @@ ServerProcess::ServerProcess(const std::filesystem::path& dir, std::vector<std::
     const int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
     ::dup2(out, STDOUT_FILENO);
     ::dup2(out, STDERR_FILENO);
+    if (open_files != 0) {
+      const rlimit limit{open_files, open_files};
+      if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) ::_exit(126);
+    }
     std::vector<char*> argv;
     for (std::string& arg : args) argv.push_back(arg.data());
     argv.push_back(nullptr);

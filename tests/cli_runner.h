@@ -3,6 +3,7 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -39,11 +40,13 @@ std::string lazyblock_binary();
 
 // `lazyblock ARGS...` as a server in a child process (stdout and stderr to
 // DIR/server.log), ready once `socket` accepts connections; stopped with
-// SIGTERM, as an operator would, and reaped on destruction.
+// SIGTERM, as an operator would, and reaped on destruction. `open_files`,
+// if not 0, is the child's RLIMIT_NOFILE (soft and hard), as `ulimit -n`
+// would set it: for tests of running out of descriptors.
 class ServerProcess {
  public:
   ServerProcess(const std::filesystem::path& dir, std::vector<std::string> args,
-                std::filesystem::path socket);
+                std::filesystem::path socket, uint64_t open_files = 0);
   ~ServerProcess() { stop(); }
   ServerProcess(ServerProcess&& other) noexcept;
   ServerProcess& operator=(ServerProcess&&) = delete;

@@ -7,6 +7,7 @@
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -15,6 +16,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -390,6 +393,117 @@ TEST_F(UffdTest, RecordedWorkingSetIsPrefetchedOnTheNextRestore) {
   }
   // Pages outside the record were not installed.
   EXPECT_FALSE(resident(memory + 11 * kMiB, kPage));
+}
+
+// Bytes of unnamed (deleted) regular files that process `pid` holds: its
+// block cache, which fills as fetches bring data.
+uint64_t unnamed_file_blocks(pid_t pid) {
+  uint64_t blocks = 0;
+  std::error_code error;
+  const std::filesystem::path fds = "/proc/" + std::to_string(pid) + "/fd";
+  for (const auto& entry : std::filesystem::directory_iterator(fds, error)) {
+    std::error_code link_error;
+    const std::string target = std::filesystem::read_symlink(entry.path(), link_error).string();
+    if (link_error || target.find("(deleted)") == std::string::npos) continue;
+    struct stat st {};
+    if (::stat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+      blocks += static_cast<uint64_t>(st.st_blocks);
+    }
+  }
+  return blocks;
+}
+
+// SIGTERM while a fault waits on a store that never delivers its chunk: the
+// handler exits 0 promptly (not after its 60 s fetch timeout).
+TEST_F(UffdTest, SigtermCancelsFetchesInFlight) {
+  // Whole chunks only, and every stream stalls after 64 KiB (more than the
+  // header): no fault outside the cache can be served.
+  ServerProcess server = serve({"--no-prefetch", "--fetch", "full", "--timeout", "60s",
+                                "--faults", "stall-after=65536"});
+  ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+  Result<std::unique_ptr<FirecrackerStandIn>> vm =
+      FirecrackerStandIn::restore(socket(), {{4 * kMiB, 4 * kMiB, false}});
+  ASSERT_TRUE(vm) << vm.status().to_string();
+  const std::byte* page = (*vm)->memory(0) + 2 * kPage;  // not a zero page
+  std::thread vcpu([page] { (void)*reinterpret_cast<const volatile std::byte*>(page); });
+  // The fault's fetch is under way once its first bytes reach the cache.
+  const auto asked = std::chrono::steady_clock::now();
+  while (unnamed_file_blocks(server.pid()) == 0 && server.running() &&
+         std::chrono::steady_clock::now() - asked < std::chrono::seconds(10)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));  // polling a real condition
+  }
+  ASSERT_GT(unnamed_file_blocks(server.pid()), 0u) << slurp(dir_ / "server.log");
+  const auto signalled = std::chrono::steady_clock::now();
+  ASSERT_EQ(::kill(server.pid(), SIGTERM), 0);
+  // A hang guard, not a timing assertion: the fetch timeout is 60 s.
+  while (server.running() && std::chrono::steady_clock::now() - signalled < std::chrono::seconds(10)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a real condition
+  }
+  const bool exited = !server.running();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - signalled).count();
+  if (!exited) server.kill_hard();
+  (*vm)->close_userfaultfd();  // the VM goes too: its waiting fault is let go
+  vcpu.join();
+  ASSERT_TRUE(exited) << "still running 10 s after SIGTERM: " << slurp(dir_ / "server.log");
+  std::printf("serve uffd exited %.3f s after SIGTERM\n", seconds);
+  EXPECT_EQ(server.stop(), 0) << slurp(dir_ / "server.log");
+}
+
+// The descriptor paths (/proc/PID/fd/N) of the unnamed regular files that
+// process `pid` holds: its block cache (one per data file), its temporary
+// overlay if it has one.
+std::vector<std::filesystem::path> unnamed_files_of(pid_t pid) {
+  std::vector<std::filesystem::path> files;
+  std::error_code error;
+  const std::filesystem::path fds = "/proc/" + std::to_string(pid) + "/fd";
+  for (const auto& entry : std::filesystem::directory_iterator(fds, error)) {
+    std::error_code link_error;
+    const std::string target = std::filesystem::read_symlink(entry.path(), link_error).string();
+    if (link_error || target.find("(deleted)") == std::string::npos) continue;
+    struct stat st {};
+    if (::stat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+      files.push_back(entry.path());
+    }
+  }
+  return files;
+}
+
+// The block cache's file cut short under the running handler (as a failing
+// disk would make its map fault): the next VM's faults on the lost pages
+// are fetched again and every page is right; the handler serves on.
+TEST_F(UffdTest, ACacheFileCutShortUnderTheHandlerIsFetchedAgain) {
+  ServerProcess server = serve({"--no-prefetch"});
+  ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+  const auto want = [&](uint64_t offset) { return expected(offset, kPage); };
+  {
+    Result<std::unique_ptr<FirecrackerStandIn>> vm =
+        FirecrackerStandIn::restore(socket(), {{kMemfileSize, 0, false}});
+    ASSERT_TRUE(vm) << vm.status().to_string();
+    EXPECT_TRUE(touch_all((*vm)->memory(0), kMemfileSize, kPage, want, 2, 1).empty());
+  }
+  // One data file (the build has no parent), no overlay: one cache file.
+  const std::vector<std::filesystem::path> caches = unnamed_files_of(server.pid());
+  ASSERT_EQ(caches.size(), 1u);
+  const std::filesystem::path& cache = caches[0];
+  {
+    const int fd = ::open(cache.c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    ASSERT_EQ(::ftruncate(fd, static_cast<off_t>(kMiB)), 0) << std::strerror(errno);
+    ::close(fd);
+  }
+  Result<std::unique_ptr<FirecrackerStandIn>> vm =
+      FirecrackerStandIn::restore(socket(), {{kMemfileSize, 0, false}});
+  ASSERT_TRUE(vm) << vm.status().to_string();
+  const std::vector<uint64_t> wrong = touch_all((*vm)->memory(0), kMemfileSize, kPage, want, 2, 2);
+  EXPECT_TRUE(wrong.empty()) << wrong.size() << " pages wrong, the first at " << wrong[0];
+  ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+  // The cut was met (UFFDIO_COPY fails with EFAULT there), not missed.
+  EXPECT_NE(slurp(dir_ / "server.log").find("the source could not be read"), std::string::npos)
+      << slurp(dir_ / "server.log");
+  EXPECT_NE(slurp(dir_ / "server.log").find("the cache file could not be read"), std::string::npos)
+      << slurp(dir_ / "server.log");
+  EXPECT_EQ(server.stop(), 0) << slurp(dir_ / "server.log");
 }
 
 }  // namespace

@@ -1,8 +1,10 @@
 #include "cache/block_cache.h"
+#include "cache/guarded_copy.h"
 #include "common/file_io.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -84,6 +86,25 @@ Status BlockCache::write(uint64_t offset, std::span<const std::byte> data) {
 
 void BlockCache::mark_cached(uint64_t offset, uint64_t end) {
   cached_.set_range(offset / block_size_, block_end(end));
+}
+
+Status BlockCache::copy_out(uint64_t offset, std::span<std::byte> buffer) const {
+  if (buffer.empty()) return Status::ok();
+  if (!guarded_copy(buffer.data(), map_ + offset, buffer.size())) {
+    return Status::io_error(fmt::format(
+        "the cache file could not be read at [{}, {}) (a disk error, or the file was cut short)",
+        offset, offset + buffer.size()));
+  }
+  return Status::ok();
+}
+
+void BlockCache::drop(uint64_t offset, uint64_t end) {
+  drops_.fetch_add(1, std::memory_order_seq_cst);
+  cached_.clear_range(offset / block_size_, block_end(end));
+  struct stat st {};
+  if (::fstat(fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) < size_) {
+    cached_.clear_range(static_cast<uint64_t>(st.st_size) / block_size_, cached_.size());
+  }
 }
 
 uint64_t BlockCache::cached_bytes() const {

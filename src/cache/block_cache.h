@@ -10,7 +10,12 @@
 // rather than a SIGBUS. The
 // cached-bitmap has one bit per block; a bit is set (release) only after every
 // byte of its block is in the map, so a reader that sees it (acquire) sees the
-// bytes. A bit is never cleared, so a cached block never changes.
+// bytes. A bit is cleared only when its bytes are found lost (drop()).
+//
+// The map may fail under a reader (the file cut short, a disk error): that
+// raises SIGBUS. Copies out of the map go through copy_out(), which turns
+// it into an error; the caller then drops the blocks, which are fetched
+// again. (UFFDIO_COPY from such a page fails with EFAULT instead.)
 //
 // The file is unnamed (O_TMPFILE, or unlinked at once) in the directory given,
 // so nothing is left behind by a crash; its pages are allocated only as blocks
@@ -22,6 +27,7 @@
 // fetch streams guarantee both).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -71,6 +77,21 @@ class BlockCache {
     return {map_ + offset, length};
   }
 
+  // Copies [offset, offset + buffer.size()) of the map into `buffer`
+  // (blocks that are cached); kIoError if the file under the map failed.
+  // Requires offset + buffer.size() <= size().
+  Status copy_out(uint64_t offset, std::span<std::byte> buffer) const;
+
+  // Forgets the blocks touching [offset, end), whose bytes could not be
+  // read, and, if the file has been cut short, every block past its end
+  // (later writes extend it again): they are fetched again when next read.
+  // Counted in drops(). The caller keeps fetches from marking blocks they
+  // skipped as cached before the drop (see FetchStream).
+  void drop(uint64_t offset, uint64_t end);
+  // How many drops there have been: a reader that sees it change across its
+  // copy cannot trust what it copied.
+  uint64_t drops() const { return drops_.load(std::memory_order_seq_cst); }
+
   // How many bytes of the object are cached.
   uint64_t cached_bytes() const;
 
@@ -85,6 +106,7 @@ class BlockCache {
   const int fd_;
   std::byte* const map_;  // size_ bytes, or nullptr for an empty object
   AtomicBitmap cached_;
+  std::atomic<uint64_t> drops_{0};
 };
 
 }  // namespace lazyblock

@@ -41,6 +41,7 @@ Status ChunkFetch::wait_for(std::unique_lock<std::mutex>& lock, uint64_t begin, 
   BlockCache* cache = context_.cache.load(std::memory_order_acquire);
   assert(cache != nullptr);  // callers wait on ranges once the size is known
   if (cache->is_cached(begin, end)) return Status::ok();
+  if (context_.stop.stop_requested()) return context_.cancelled_status();
   cover_locked(begin, end);
   maybe_split_locked(begin, end);
 
@@ -55,6 +56,15 @@ Status ChunkFetch::wait_for(std::unique_lock<std::mutex>& lock, uint64_t begin, 
   if (waiter.done) return waiter.status;
   return Status::timeout(fmt::format("fetch of {} [{}, {}) did not finish by its deadline",
                                      context_.key, begin, end));
+}
+
+void ChunkFetch::cancel_waiters_locked() {
+  for (auto& [due, waiter] : waiters_) {
+    waiter->done = true;
+    waiter->status = context_.cancelled_status();
+  }
+  waiters_.clear();
+  cv_.notify_all();
 }
 
 void ChunkFetch::cover_locked(uint64_t begin, uint64_t end) {
@@ -260,6 +270,7 @@ Status FetchStream::stream() {
     Result<BlockCache*> cache = context_.cache_for_size_locked(reader.object_size());
     if (!cache) return cache.status();
     cache_ = *cache;
+    drops_seen_ = cache_->drops();
     if (begin_ > cache_->size()) {
       return Status::out_of_range(
           fmt::format("fetch {}: the object ends at {}", name_, cache_->size()));
@@ -342,11 +353,19 @@ void FetchStream::advance(uint64_t position, bool publish) {
   // block once the stream reaches the object's end.
   const uint64_t written =
       position == cache_->size() ? position : align_down(position, cache_->block_size());
+  std::lock_guard lock(context_.mu);
   if (publish && written > marked_) {
-    cache_->mark_cached(marked_, written);
+    // Blocks this stream skipped as cached may have been dropped since it
+    // skipped them: after a drop, what it has passed is left unmarked (its
+    // waiters look again and fetch what is missing).
+    const uint64_t drops = cache_->drops();
+    if (drops == drops_seen_) {
+      cache_->mark_cached(marked_, written);
+    } else {
+      drops_seen_ = drops;
+    }
     marked_ = written;
   }
-  std::lock_guard lock(context_.mu);
   position_ = position;
   if (publish) fetch_->wake_cached_locked();
   release_if_ending_locked();

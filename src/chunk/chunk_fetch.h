@@ -46,13 +46,17 @@ class ChunkFetch : public std::enable_shared_from_this<ChunkFetch> {
   // strategy says. `lock` holds context.mu. OK once the range is cached or
   // when every stream has ended without delivering it (the caller looks
   // again); else the error of a stream that was to deliver part of the range,
-  // or kTimeout.
+  // kTimeout, or kCancelled once the chunker is cancelled.
   Status wait_for(std::unique_lock<std::mutex>& lock, uint64_t begin, uint64_t end);
 
   // Starts streams for the uncached blocks of [begin, end) that no stream
   // covers; with the object's size unknown, a stream for the whole chunk if
   // none runs. Requires context.mu held.
   void cover_locked(uint64_t begin, uint64_t end);
+
+  // Ends every wait on this fetch with kCancelled (the chunker's cancel()).
+  // Requires context.mu held, and context.stop requested.
+  void cancel_waiters_locked();
 
   // Requires context.mu held.
   bool finished_locked() const { return streams_.empty(); }
@@ -125,6 +129,10 @@ class FetchStream {
   // Owned by the stream's thread.
   BlockCache* cache_ = nullptr;
   uint64_t marked_;  // blocks [begin_, marked_) are marked cached
+
+  // Protected by context.mu: the cache's drops() when this stream last
+  // marked blocks (or began).
+  uint64_t drops_seen_ = 0;
 
   // State below is protected by context.mu (written by the stream's thread,
   // read by callers planning streams).

@@ -113,6 +113,12 @@ class Chunker {
   virtual void prefetch(uint64_t offset, uint64_t length) = 0;
 
   virtual ChunkerStats stats() const = 0;
+
+  // Stops every fetch in flight at once and refuses new ones, for a server
+  // that is shutting down: callers waiting on fetches return kCancelled now,
+  // whatever the store does, and so does every later read of an uncached
+  // byte (cached bytes are still served). Thread-safe; cannot be undone.
+  virtual void cancel() = 0;
 };
 
 // A chunker for the object `key` of `store`. `size`, when given, saves the

@@ -174,6 +174,30 @@ TEST_P(ChunkerTest, ManyWaitersOnOneChunkShareOneFetch) {
   }
 }
 
+TEST_P(ChunkerTest, CancelEndsWaitsAtOnceAndRefusesNewFetches) {
+  put_object(2 * kChunk);
+  auto c = chunker(size_, std::chrono::seconds(60));
+  ASSERT_TRUE(read_and_check(*c, kChunk, kChunk).is_ok());  // the second chunk is cached
+  FaultSpec stall;
+  stall.stall_after = 0;
+  faults_->set(stall);
+  std::thread waiting([&] {
+    std::vector<std::byte> buffer(4096);
+    Result<size_t> got = c->read_at(buffer, 0);
+    ASSERT_FALSE(got);
+    EXPECT_EQ(got.status().code(), StatusCode::kCancelled) << got.status().to_string();
+  });
+  faults_->wait_for_stalls(1);  // the read's stream is stalled: it waits on it
+  c->cancel();
+  waiting.join();  // long before the 60 s deadline
+  // Cached bytes are still served; uncached ones are refused at once.
+  EXPECT_TRUE(read_and_check(*c, kChunk + 100, 5000).is_ok());
+  std::vector<std::byte> buffer(4096);
+  Result<size_t> again = c->read_at(buffer, 8192);
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.status().code(), StatusCode::kCancelled);
+}
+
 TEST_P(ChunkerTest, WaiterArrivingMidStreamJoinsTheFetch) {
   put_object(kChunk);
   FaultSpec stall;

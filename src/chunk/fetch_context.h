@@ -11,6 +11,8 @@
 #include <stop_token>
 #include <string>
 
+#include <fmt/format.h>
+
 #include "cache/block_cache.h"
 #include "chunk/chunker.h"
 #include "common/io_context.h"
@@ -33,7 +35,7 @@ struct FetchContext {
   std::shared_ptr<ObjectStore> store;
   std::string key;
   ChunkerOptions options;
-  std::stop_source stop;  // requested when the chunker goes away
+  std::stop_source stop;  // requested by cancel() or when the chunker goes away
   TaskGroup* tasks = nullptr;  // runs the streams
 
   // For ChunkerStats.
@@ -80,6 +82,11 @@ struct FetchContext {
   // prefetched ranges, while fewer than options.readahead_streams are busy.
   // Requires mu held.
   void pump_readahead_locked();
+
+  // What a caller gets once the chunker's fetches are cancelled.
+  Status cancelled_status() const {
+    return Status::cancelled(fmt::format("fetch of {} cancelled: the server is stopping", key));
+  }
 
   // Folds what one stream saw into the estimate. Require mu held.
   void observe_ttfb_locked(double seconds);

@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include "common/log.h"
 #include "common/units.h"
 
 namespace lazyblock {
@@ -107,13 +108,15 @@ Result<uint64_t> FetchingChunker::learn_size(uint64_t offset) {
     // The first stream of a chunk learns the size: one in flight for this
     // chunk, or a new one.
     std::shared_ptr<ChunkFetch> fetch = context_.fetch_locked(offset / context_.options.chunk_size);
+    if (context_.stop.stop_requested()) return context_.cancelled_status();
     fetch->cover_locked(offset, offset);
     const bool in_time = context_.size_learned.wait_until(
         lock, Clock::now() + context_.options.fetch_timeout, [&] {
           return context_.cache.load(std::memory_order_acquire) != nullptr ||
-                 fetch->finished_locked();
+                 fetch->finished_locked() || context_.stop.stop_requested();
         });
     if (context_.cache.load(std::memory_order_acquire) != nullptr) continue;
+    if (context_.stop.stop_requested()) return context_.cancelled_status();
     if (!in_time) {
       return Status::timeout(fmt::format("size of {}: no answer by the deadline", context_.key));
     }
@@ -197,10 +200,34 @@ std::optional<std::span<const std::byte>> FetchingChunker::cached_slice(uint64_t
 }
 
 Result<size_t> FetchingChunker::read_at(std::span<std::byte> buffer, uint64_t offset) {
-  Result<std::span<const std::byte>> bytes = slice(offset, buffer.size());
-  if (!bytes) return bytes.status();
-  if (!bytes->empty()) std::memcpy(buffer.data(), bytes->data(), bytes->size());
-  return bytes->size();
+  if (buffer.empty()) return size_t{0};
+  Result<uint64_t> size = learn_size(offset);
+  if (!size) return size.status();
+  BlockCache* cache = context_.cache.load(std::memory_order_acquire);
+  // A cache file that fails under the copy (cut short, a disk error) loses
+  // the blocks read: they are dropped and fetched once more. Only a second
+  // failure reaches the caller.
+  Status failed;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    const uint64_t drops = cache->drops();
+    Result<std::span<const std::byte>> bytes = slice(offset, buffer.size());
+    if (!bytes) return bytes.status();
+    failed = cache->copy_out(offset, buffer.first(bytes->size()));
+    if (failed.is_ok()) {
+      if (cache->drops() == drops) return bytes->size();
+      // Dropped during the copy: what was copied may be the hole the drop
+      // left; read again.
+      failed = Status::io_error(
+          fmt::format("{} [{}, +{}): the cache was dropped under the read", context_.key, offset,
+                      bytes->size()));
+      continue;
+    }
+    failed = failed.with_context(context_.key);
+    log(LogLevel::kWarn, "{}; fetching it again", failed.to_string());
+    std::lock_guard lock(context_.mu);
+    cache->drop(offset, offset + bytes->size());
+  }
+  return failed;
 }
 
 Status FetchingChunker::write_to(ByteSink& sink) {
@@ -233,6 +260,15 @@ void FetchingChunker::prefetch(uint64_t offset, uint64_t length) {
   }
   context_.prefetches.emplace_back(offset, offset + std::min(length, UINT64_MAX - offset));
   context_.pump_readahead_locked();
+}
+
+void FetchingChunker::cancel() {
+  // The stores' waits end on the stop; the callers' waits end here, so that
+  // none depends on how soon a store notices.
+  context_.stop.request_stop();
+  std::lock_guard lock(context_.mu);
+  for (auto& [chunk, fetch] : context_.fetches) fetch->cancel_waiters_locked();
+  context_.size_learned.notify_all();
 }
 
 ChunkerStats FetchingChunker::stats() const {

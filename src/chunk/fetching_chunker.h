@@ -31,6 +31,7 @@ class FetchingChunker final : public Chunker {
   Status write_to(ByteSink& sink) override;
   void prefetch(uint64_t offset, uint64_t length) override;
   ChunkerStats stats() const override;
+  void cancel() override;
 
  private:
   // The object's size; if unknown, learned by fetching the chunk holding

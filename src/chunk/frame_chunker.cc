@@ -88,10 +88,30 @@ class FrameChunker final : public Chunker {
   }
 
   Result<size_t> read_at(std::span<std::byte> buffer, uint64_t offset) override {
-    Result<std::span<const std::byte>> bytes = slice(offset, buffer.size());
-    if (!bytes) return bytes.status();
-    if (!bytes->empty()) std::memcpy(buffer.data(), bytes->data(), bytes->size());
-    return bytes->size();
+    for (int attempt = 0;; ++attempt) {
+      Result<std::span<const std::byte>> bytes = slice(offset, buffer.size());
+      if (!bytes) return bytes.status();
+      if (bytes->empty()) return size_t{0};
+      const Status copied = cache_->copy_out(offset, buffer.first(bytes->size()));
+      if (copied.is_ok()) return bytes->size();
+      if (attempt > 0) return copied.with_context(key_);
+      // The cache file lost those bytes (truncated, or a failing disk): the
+      // frames are dropped and fetched again, once.
+      const uint64_t end = offset + bytes->size();
+      for (size_t i = first_frame_from(offset); i < table_.frames.size() &&
+                                                table_.frames[i].offset < end;
+           ++i) {
+        cache_->drop(table_.frames[i].offset, table_.frames[i].offset + table_.frames[i].size);
+      }
+    }
+  }
+
+  void cancel() override {
+    std::lock_guard lock(mu_);
+    cancelled_ = true;
+    queued_.clear();
+    stop_.request_stop();
+    cv_.notify_all();
   }
 
   Status write_to(ByteSink& sink) override {
@@ -170,6 +190,7 @@ class FrameChunker final : public Chunker {
     const size_t first = *table_.frame_at(offset);
     const size_t last = *table_.frame_at(end - 1);
     std::unique_lock lock(mu_);
+    if (cancelled_) return Status::cancelled(key_ + ": the server is shutting down");
     for (size_t i = first; i <= last; ++i) start_locked(i);
     const Clock::time_point deadline = Clock::now() + options_.fetch_timeout;
     for (size_t i = first; i <= last; ++i) {
@@ -179,12 +200,14 @@ class FrameChunker final : public Chunker {
         if (it == in_flight_.end()) {
           start_locked(i);
           it = in_flight_.find(i);
+          if (it == in_flight_.end()) continue;  // cached meanwhile
         }
         const std::shared_ptr<Fetch> fetch = it->second;
         ++waiting_;
         const bool in_time =
-            cv_.wait_until(lock, deadline, [&] { return fetch->done; });
+            cv_.wait_until(lock, deadline, [&] { return fetch->done || cancelled_; });
         --waiting_;
+        if (cancelled_) return Status::cancelled(key_ + ": the server is shutting down");
         if (!in_time) {
           return Status::timeout(fmt::format("{} frame {}: no answer by the deadline", key_, i));
         }
@@ -198,7 +221,7 @@ class FrameChunker final : public Chunker {
   // Requires mu_ held.
   void start_locked(size_t index) {
     const CompressedFrame& frame = table_.frames[index];
-    if (in_flight_.contains(index) || cache_->is_cached(frame.offset, frame.offset + frame.size)) {
+    if (cancelled_ || in_flight_.contains(index) || cache_->is_cached(frame.offset, frame.offset + frame.size)) {
       return;
     }
     auto fetch = std::make_shared<Fetch>();
@@ -275,6 +298,7 @@ class FrameChunker final : public Chunker {
   std::map<size_t, std::shared_ptr<Fetch>> in_flight_;  // guarded by mu_, by frame
   std::deque<size_t> queued_;                         // guarded by mu_: prefetch and readahead
   uint64_t waiting_ = 0;                              // guarded by mu_
+  bool cancelled_ = false;                            // guarded by mu_
   TaskGroup tasks_;  // declared last: waited for first
 };
 

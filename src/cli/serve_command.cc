@@ -20,11 +20,39 @@
 #include "common/units.h"
 #include "image/device.h"
 #include "image/overlay.h"
+#include "serve/connection_limits.h"
 #include "serve/nbd/nbd_server.h"
 #include "serve/uffd/uffd_server.h"
 
 namespace lazyblock::cli {
 namespace {
+
+// What a server lets its clients hold (see ConnectionLimits).
+struct LimitFlags {
+  size_t max_connections = 0;
+  std::string handshake_timeout = "10s";
+};
+
+void add_limit_flags(CLI::App& command, LimitFlags& flags) {
+  command.add_option("--max-connections", flags.max_connections,
+                     "Connections served at once; more are refused (closed at once). 0: sized "
+                     "from the open-files limit (RLIMIT_NOFILE), leaving a quarter for caches");
+  command
+      .add_option("--handshake-timeout", flags.handshake_timeout,
+                  "(testing) Close a client that has not finished its handshake this soon")
+      ->capture_default_str()
+      ->group("Testing");
+}
+
+Result<ConnectionLimits> connection_limits(const LimitFlags& flags) {
+  Result<std::chrono::nanoseconds> timeout = parse_duration(flags.handshake_timeout);
+  if (!timeout) return timeout.status().with_context("--handshake-timeout");
+  const auto milliseconds = std::chrono::duration_cast<std::chrono::milliseconds>(*timeout);
+  if (milliseconds.count() <= 0) {
+    return Status::invalid_argument("--handshake-timeout must be at least 1ms");
+  }
+  return ConnectionLimits{flags.max_connections, milliseconds};
+}
 
 struct NbdFlags {
   StoreFlags store;
@@ -34,6 +62,7 @@ struct NbdFlags {
   std::string listen;
   std::string overlay;
   bool read_only = false;
+  LimitFlags limits;
   std::string log_level = "warn";
 };
 
@@ -60,6 +89,7 @@ struct UffdFlags {
   std::string record;
   std::string prefetch;
   bool no_prefetch = false;
+  LimitFlags limits;
   std::string log_level = "warn";
 };
 
@@ -120,8 +150,11 @@ int run_uffd(const UffdFlags& flags) {
   if (!served_device) return report_failure(served_device.status().with_context("serve uffd"));
   image::DataFiles& files = *served_device->files;
   std::unique_ptr<image::Device>& memfile = served_device->device;
+  Result<ConnectionLimits> limits = connection_limits(flags.limits);
+  if (!limits) return report_failure(limits.status());
   uffd::UffdOptions uffd_options;
   uffd_options.record = flags.record;
+  uffd_options.limits = *limits;
   Result<std::vector<uffd::PageRun>> plan = prefetch_plan(
       flags, files.store(), memfile->header().build_id, files.options().fetch_timeout);
   if (!plan) return report_failure(plan.status());
@@ -142,7 +175,12 @@ int run_uffd(const UffdFlags& flags) {
               flags.name.c_str(), flags.build.c_str(), format_size(memfile->size()).c_str(),
               path.c_str(), format_size(prefetch_bytes).c_str());
   std::fflush(stdout);
-  signals.on_signal([&] { server.stop(); });
+  // Fetches in flight are cancelled, not waited for: a slow store must not
+  // hold the exit.
+  signals.on_signal([&] {
+    server.stop();
+    files.cancel();
+  });
   const Status served = server.serve();
   signals.stop_waiting();  // its stop() may still be running: before the server goes
   if (!served.is_ok()) return report_failure(served.with_context("serve uffd"));
@@ -157,6 +195,8 @@ int run_nbd(const NbdFlags& flags) {
   if (flags.read_only && !flags.overlay.empty()) {
     return report_failure(Status::invalid_argument("--read-only takes no --overlay"));
   }
+  Result<ConnectionLimits> limits = connection_limits(flags.limits);
+  if (!limits) return report_failure(limits.status());
   Result<ServedDevice> served_device = open_served_device(flags.store, flags.build, flags.name);
   if (!served_device) return report_failure(served_device.status().with_context("serve nbd"));
   std::unique_ptr<image::Device>& device = served_device->device;
@@ -170,7 +210,7 @@ int run_nbd(const NbdFlags& flags) {
   }
 
   StopSignals signals;
-  nbd::NbdServer server({flags.name, device.get(), overlay.get()});
+  nbd::NbdServer server({flags.name, device.get(), overlay.get()}, *limits);
   std::string where;
   if (!flags.listen.empty()) {
     Result<std::pair<std::string, uint16_t>> address = parse_listen(flags.listen);
@@ -193,7 +233,12 @@ int run_nbd(const NbdFlags& flags) {
               flags.read_only ? ", read-only" : "", where.c_str());
   std::fflush(stdout);
 
-  signals.on_signal([&] { server.stop(); });
+  // Requests waiting on fetches get ESHUTDOWN at once instead of waiting
+  // for a slow store; then the overlay is flushed.
+  signals.on_signal([&] {
+    server.stop();
+    served_device->files->cancel();
+  });
   const Status served = server.serve();
   signals.stop_waiting();  // its stop() may still be running: before the server goes
   if (overlay) {
@@ -213,7 +258,9 @@ CommandRunner add_serve_command(CLI::App& app) {
       "uffd",
       "Serve a build's guest memory to Firecracker as its UFFD handler (snapshot/load with "
       "mem_backend UFFD and this socket), until SIGINT/SIGTERM: page faults are served from the "
-      "store, cached pages at once; a recorded working set is prefetched at each connect");
+      "store, cached pages at once; a recorded working set is prefetched at each connect. "
+      "SIGINT/SIGTERM cancel the fetches in flight and exit at once; a VM that has not sent "
+      "its mappings and descriptor within 10 s is closed");
   add_store_flags(*uffd, uffd_flags->store);
   uffd->add_option("--build", uffd_flags->build, "The build's id (a UUID)")->required();
   uffd->add_option("--name", uffd_flags->name, "The memory device")->capture_default_str();
@@ -228,12 +275,15 @@ CommandRunner add_serve_command(CLI::App& app) {
                    "Prefetch the pages of this page record at each connect (default: "
                    "BUILD/NAME.prefetch from the store, if there is one)");
   uffd->add_flag("--no-prefetch", uffd_flags->no_prefetch, "Prefetch nothing");
+  add_limit_flags(*uffd, uffd_flags->limits);
   add_log_flag(*uffd, uffd_flags->log_level);
   auto flags = std::make_shared<NbdFlags>();
   CLI::App* nbd = serve->add_subcommand(
       "nbd",
       "Serve a build's disk over NBD until SIGINT/SIGTERM: writes go to a copy-on-write overlay, "
-      "the stored objects are never modified");
+      "the stored objects are never modified. SIGINT/SIGTERM cancel the fetches in flight "
+      "(their requests fail with ESHUTDOWN), flush the overlay and exit at once; a client that "
+      "has not finished its handshake within 10 s is closed");
   add_store_flags(*nbd, flags->store);
   nbd->add_option("--build", flags->build, "The build's id (a UUID)")->required();
   nbd->add_option("--name", flags->name, "The device, also the export name: rootfs.ext4, ...")
@@ -246,6 +296,7 @@ CommandRunner add_serve_command(CLI::App& app) {
                   "`pack --parent BUILD --overlay FILE`; an existing one is resumed if it was made over this "
                   "very device (it records which), refused otherwise");
   nbd->add_flag("--read-only", flags->read_only, "Refuse writes (EPERM)");
+  add_limit_flags(*nbd, flags->limits);
   add_log_flag(*nbd, flags->log_level);
   return [serve, uffd, uffd_flags, flags] {
     if (serve->got_subcommand(uffd)) return run_uffd(*uffd_flags);

@@ -58,6 +58,13 @@ void AtomicBitmap::set_range(uint64_t begin, uint64_t end) {
   });
 }
 
+void AtomicBitmap::clear_range(uint64_t begin, uint64_t end) {
+  scan(begin, end, [&](uint64_t word, uint64_t mask) -> uint64_t {
+    words_[word].fetch_and(~mask, std::memory_order_seq_cst);
+    return 64;
+  });
+}
+
 uint64_t AtomicBitmap::count() const {
   uint64_t total = 0;
   for (uint64_t i = 0; i < (bits_ + 63) / 64; ++i) {

@@ -1,7 +1,9 @@
-// AtomicBitmap: one bit per block, set once and never cleared while readers
-// look. Readers test bits without a lock (acquire loads); writers set them
-// with release fetch_or after the bytes they stand for are in place, so a
-// reader that sees a bit set also sees the bytes.
+// AtomicBitmap: one bit per block, set once the block's bytes are in place.
+// Readers test bits without a lock (acquire loads); writers set them with
+// release fetch_or after the bytes they stand for are in place, so a reader
+// that sees a bit set also sees the bytes. A bit is cleared only when its
+// bytes are lost (clear_range): a reader that saw it set just before may
+// still be reading, and must find out another way (BlockCache::drops).
 #pragma once
 
 #include <atomic>
@@ -28,6 +30,8 @@ class AtomicBitmap {
   uint64_t first_set(uint64_t begin, uint64_t end) const;
   // Sets every bit in [begin, end).
   void set_range(uint64_t begin, uint64_t end);
+  // Clears every bit in [begin, end) (see above for what readers see).
+  void clear_range(uint64_t begin, uint64_t end);
   uint64_t count() const;
 
   // The bits as 64-bit words (bit i is bit i % 64 of word i / 64), each

@@ -1,18 +1,27 @@
 #include "common/unix_socket.h"
 
+#include <fcntl.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
 #include <fmt/format.h>
 
+#include "common/log.h"
+
 namespace lazyblock {
 namespace {
+
+// After a failed accept, the pause before the next: long enough not to spin,
+// short enough that connections resume promptly when descriptors free up.
+constexpr std::chrono::milliseconds kAcceptPause{50};
 
 // Binds `fd` at `address`, mode 0600 (the mode comes from the umask at bind
 // time); the errno of a failure.
@@ -72,20 +81,95 @@ UnixListener::~UnixListener() {
   }
 }
 
-Result<int> accept_or_wake(int listen_fd, int wake_fd) {
+size_t default_max_connections(size_t descriptors_per_connection) {
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) {
+    limit.rlim_cur = 1 << 20;
+  }
+  const uint64_t descriptors = limit.rlim_cur;
+  const uint64_t kept = descriptors / 4 + 32;
+  if (descriptors <= kept) return 1;
+  return std::max<size_t>(1, (descriptors - kept) / std::max<size_t>(1, descriptors_per_connection));
+}
+
+Acceptor::Acceptor(int listen_fd, int wake_fd, size_t max_connections, std::string what)
+    : listen_fd_(listen_fd),
+      wake_fd_(wake_fd),
+      max_connections_(max_connections),
+      what_(std::move(what)),
+      spare_(::open("/dev/null", O_RDONLY | O_CLOEXEC)) {}
+
+void Acceptor::log_throttled(const std::string& message) {
+  const auto now = std::chrono::steady_clock::now();
+  if (now < next_log_) {
+    ++not_logged_;
+    return;
+  }
+  if (not_logged_ > 0) {
+    log(LogLevel::kWarn, "{}: {} ({} more like it in the last second)", what_, message,
+        not_logged_);
+  } else {
+    log(LogLevel::kWarn, "{}: {}", what_, message);
+  }
+  not_logged_ = 0;
+  next_log_ = now + std::chrono::seconds(1);
+}
+
+bool Acceptor::pause() {
+  pollfd wake{wake_fd_, POLLIN, 0};
+  return ::poll(&wake, 1, static_cast<int>(kAcceptPause.count())) <= 0 || wake.revents == 0;
+}
+
+Result<int> Acceptor::accept(const std::function<size_t()>& open) {
   for (;;) {
-    pollfd fds[2] = {{listen_fd, POLLIN, 0}, {wake_fd, POLLIN, 0}};
+    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
     if (::poll(fds, 2, -1) < 0) {
       if (errno == EINTR) continue;
       return posix_error("poll", errno);
     }
     if (fds[1].revents != 0) return -1;
     if (!(fds[0].revents & POLLIN)) continue;
-    const int fd = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd >= 0) return fd;
-    // A client that gave up before we took it, or a signal: wait again.
-    if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED) {
-      return posix_error("accept", errno);
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd >= 0) {
+      const size_t served = open();
+      if (served < max_connections_) return fd;
+      ::close(fd);
+      log_throttled(fmt::format("refused a connection: {} are open, the most allowed "
+                                "(--max-connections)",
+                                served));
+      continue;
+    }
+    const int error = errno;
+    switch (error) {
+      case EINTR:
+      case EAGAIN:
+      case ECONNABORTED:
+        continue;  // a client that gave up before we took it, or a signal
+      case EMFILE:
+      case ENFILE: {
+        // The spare makes room to say no to the client waiting first.
+        spare_.reset();
+        const int refused = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+        if (refused >= 0) ::close(refused);
+        spare_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+        log_throttled(fmt::format("out of file descriptors ({}): refusing connections until "
+                                  "some end",
+                                  std::strerror(error)));
+        // Refusing one made progress: go on with the next at once. Else
+        // (no spare) wait a little rather than spin.
+        if (refused < 0 && !pause()) return -1;
+        continue;
+      }
+      case ENOMEM:
+      case ENOBUFS:
+      case EPROTO:
+      case EPERM:
+        log_throttled(fmt::format("accept failed ({}): trying again", std::strerror(error)));
+        if (!pause()) return -1;
+        continue;
+      default:
+        // EBADF, EINVAL, ENOTSOCK: the listening socket itself is wrong.
+        return posix_error("accept", error);
     }
   }
 }

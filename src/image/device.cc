@@ -117,7 +117,14 @@ Result<Chunker*> DataFiles::chunker(const Uuid& build, const std::string& name,
   std::lock_guard lock(mu_);
   // Another caller may have made it meanwhile: the first one stays.
   auto [it, inserted] = chunkers_.try_emplace({build, name}, std::move(made).value());
+  if (inserted && cancelled_) it->second->cancel();
   return it->second.get();
+}
+
+void DataFiles::cancel() {
+  std::lock_guard lock(mu_);
+  cancelled_ = true;
+  for (auto& [file, chunker] : chunkers_) chunker->cancel();
 }
 
 std::map<Uuid, ChunkerStats> DataFiles::stats() const {

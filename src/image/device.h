@@ -56,11 +56,15 @@ class DataFiles {
   const ChunkerOptions& options() const { return options_; }
   // Upstream traffic of every data file so far, by build.
   std::map<Uuid, ChunkerStats> stats() const;
+  // Cancels every data file's fetches (Chunker::cancel), those opened later
+  // too: a server's shutdown, which must not wait for a slow store.
+  void cancel();
 
  private:
   const std::shared_ptr<ObjectStore> store_;
   const ChunkerOptions options_;
   mutable std::mutex mu_;
+  bool cancelled_ = false;  // guarded by mu_
   std::map<std::pair<Uuid, std::string>, std::unique_ptr<Chunker>> chunkers_;  // guarded by mu_
 };
 

@@ -4,11 +4,15 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <optional>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -24,9 +28,34 @@ namespace {
 // Option payloads beyond this are refused unread (names are at most 4 KiB).
 constexpr uint32_t kMaxOptionBytes = 64 * 1024;
 
-bool read_exact(int fd, std::span<std::byte> buffer) {
+// After stop(), replies still being made may take this long to reach their
+// clients; then every connection is shut down, so that a client that does
+// not read its replies cannot hold the server's exit.
+constexpr std::chrono::milliseconds kReplyGrace{500};
+
+// Reply and write-payload bytes held at once by one connection, and by all.
+constexpr uint64_t kConnectionBytesInFlight = 64 * 1024 * 1024;
+constexpr uint64_t kTotalBytesInFlight = 256 * 1024 * 1024;
+// A connection holding nothing may always have a request this small (a
+// VM's reads are far smaller), so that clients which exhaust the budget by
+// not reading their replies do not stall everyone else.
+constexpr uint64_t kAlwaysAdmitted = 1024 * 1024;
+
+// Reads all of `buffer`; false if the connection ended, or if `deadline`
+// (when given) passed first.
+bool read_exact(int fd, std::span<std::byte> buffer,
+                std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt) {
   size_t done = 0;
   while (done < buffer.size()) {
+    if (deadline) {
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(
+          *deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return false;
+      pollfd ready{fd, POLLIN, 0};
+      const int polled = ::poll(&ready, 1, static_cast<int>(left.count()));
+      if (polled < 0 && errno == EINTR) continue;
+      if (polled <= 0) return false;
+    }
     const ssize_t got = ::recv(fd, buffer.data() + done, buffer.size() - done, 0);
     if (got < 0 && errno == EINTR) continue;
     if (got <= 0) return false;
@@ -48,11 +77,12 @@ bool write_all(int fd, std::span<const std::byte> data) {
 }
 
 // Reads and drops `length` bytes (a payload the server will not use).
-bool discard(int fd, uint64_t length) {
+bool discard(int fd, uint64_t length,
+             std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt) {
   std::byte scratch[65536];
   while (length > 0) {
     const size_t take = static_cast<size_t>(std::min<uint64_t>(length, sizeof scratch));
-    if (!read_exact(fd, std::span(scratch, take))) return false;
+    if (!read_exact(fd, std::span(scratch, take), deadline)) return false;
     length -= take;
   }
   return true;
@@ -64,8 +94,14 @@ uint32_t nbd_error(const Status& status) {
   switch (status.code()) {
     case StatusCode::kInvalidArgument: return kEinval;
     case StatusCode::kNoSpace: return kEnospc;
+    case StatusCode::kCancelled: return kEshutdown;
     default: return kEio;
   }
+}
+
+// A failed read: ESHUTDOWN if the server is stopping, else EIO.
+uint32_t nbd_read_error(const Status& status) {
+  return status.code() == StatusCode::kCancelled ? kEshutdown : kEio;
 }
 
 }  // namespace
@@ -76,7 +112,7 @@ class NbdServer::Session : public std::enable_shared_from_this<Session> {
   Session(NbdServer& server, int fd) : server_(server), fd_(fd) {}
 
   void run() {
-    if (handshake()) transmission();
+    if (negotiate()) transmission();
     // Replies still being made need the socket; wait for them.
     std::unique_lock lock(mu_);
     idle_.wait(lock, [&] { return in_flight_ == 0; });
@@ -110,12 +146,36 @@ class NbdServer::Session : public std::enable_shared_from_this<Session> {
     return send_reply(option, type, std::as_bytes(std::span(message.data(), message.size())));
   }
 
+  // The handshake within the time limit: a client that is silent, or
+  // trickles, or does not read our replies, is closed when it runs out.
+  bool negotiate() {
+    const auto timeout = server_.limits_.handshake_timeout;
+    deadline_ = std::chrono::steady_clock::now() + timeout;
+    timeval send_timeout{static_cast<time_t>(timeout.count() / 1000),
+                         static_cast<suseconds_t>(timeout.count() % 1000 * 1000)};
+    ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof send_timeout);
+    const bool agreed = handshake();
+    if (!agreed) {
+      if (std::chrono::steady_clock::now() >= deadline_) {
+        log(LogLevel::kInfo, "nbd: a client did not finish its handshake within {} ms: closing",
+            timeout.count());
+      }
+      return false;
+    }
+    // Replies may wait on a slow client as long as it likes from now on.
+    send_timeout = {};
+    ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof send_timeout);
+    return true;
+  }
+
+  bool receive(std::span<std::byte> buffer) { return read_exact(fd_, buffer, deadline_); }
+
   bool handshake() {
     Writer greeting;
     greeting.u64(kNbdMagic).u64(kOptionMagic).u16(kFlagFixedNewstyle | kFlagNoZeroes);
     if (!write_all(fd_, greeting.data())) return false;
     std::byte flags_bytes[4];
-    if (!read_exact(fd_, flags_bytes)) return false;
+    if (!receive(flags_bytes)) return false;
     const uint32_t client_flags = get_u32(flags_bytes);
     if ((client_flags & ~(kClientFlagFixedNewstyle | kClientFlagNoZeroes)) != 0) {
       log(LogLevel::kInfo, "nbd: a client asked for unknown flags {:#x}: closing", client_flags);
@@ -124,7 +184,7 @@ class NbdServer::Session : public std::enable_shared_from_this<Session> {
     no_zeroes_ = (client_flags & kClientFlagNoZeroes) != 0;
     for (;;) {
       std::byte header[16];
-      if (!read_exact(fd_, header)) return false;
+      if (!receive(header)) return false;
       if (get_u64(header) != kOptionMagic) {
         log(LogLevel::kInfo, "nbd: bad option magic: closing");
         return false;
@@ -132,12 +192,12 @@ class NbdServer::Session : public std::enable_shared_from_this<Session> {
       const uint32_t option = get_u32(header + 8);
       const uint32_t length = get_u32(header + 12);
       if (length > kMaxOptionBytes) {
-        if (!discard(fd_, length)) return false;
+        if (!discard(fd_, length, deadline_)) return false;
         if (!send_error(option, kRepErrTooBig, "option data too large")) return false;
         continue;
       }
       std::vector<std::byte> data(length);
-      if (!read_exact(fd_, data)) return false;
+      if (!receive(data)) return false;
       switch (option) {
         case kOptExportName: {
           const std::string name(reinterpret_cast<const char*>(data.data()), data.size());
@@ -243,23 +303,34 @@ class NbdServer::Session : public std::enable_shared_from_this<Session> {
       server_.requests_.fetch_add(1, std::memory_order_relaxed);
       if (request->type == kCmdDisc) return;
       std::vector<std::byte> payload;
+      if (request->type == kCmdWrite && request->length > kMaxBlock) {
+        // Not worth holding: the bytes are read past, the request refused.
+        if (!discard(fd_, request->length)) return;
+        finish_error(*request, kEinval, "write longer than the 32 MiB limit");
+        continue;
+      }
+      // What the request makes the server hold: the reply of a read, the
+      // payload of a write (longer reads are refused unallocated).
+      const bool holds = (request->type == kCmdRead || request->type == kCmdWrite) &&
+                         request->length <= kMaxBlock;
+      const uint64_t cost = holds ? request->length : 0;
+      if (!server_.reserve(&bytes_held_, cost)) return;  // stopping
       if (request->type == kCmdWrite) {
-        if (request->length > kMaxBlock) {
-          // Not worth holding: the bytes are read past, the request refused.
-          if (!discard(fd_, request->length)) return;
-          finish_error(*request, kEinval, "write longer than the 32 MiB limit");
-          continue;
-        }
         payload.resize(request->length);
-        if (!read_exact(fd_, payload)) return;  // vanished mid-request
+        if (!read_exact(fd_, payload)) {  // vanished mid-request
+          server_.release(&bytes_held_, cost);
+          return;
+        }
       }
       {
         std::lock_guard lock(mu_);
         ++in_flight_;
       }
-      server_.workers_.submit([self = shared_from_this(), request = *request,
+      server_.workers_.submit([self = shared_from_this(), request = *request, cost,
                                payload = std::move(payload)]() mutable {
         self->handle(request, payload);
+        payload = {};
+        self->server_.release(&self->bytes_held_, cost);
         std::lock_guard lock(self->mu_);
         if (--self->in_flight_ == 0) self->idle_.notify_all();
       });
@@ -306,7 +377,7 @@ class NbdServer::Session : public std::enable_shared_from_this<Session> {
         if (!got) {
           log(LogLevel::kWarn, "nbd: read of {} bytes at {} failed: {}", request.length,
               request.offset, got.status().to_string());
-          finish_error(request, kEio, got.status().message());
+          finish_error(request, nbd_read_error(got.status()), got.status().message());
           return;
         }
         finish_read(request, data);
@@ -371,6 +442,7 @@ class NbdServer::Session : public std::enable_shared_from_this<Session> {
 
   NbdServer& server_;
   const int fd_;
+  std::chrono::steady_clock::time_point deadline_;  // of the handshake
   bool no_zeroes_ = false;
   bool structured_ = false;  // set during the handshake, read-only after
   std::mutex write_mu_;      // one reply at a time on the socket
@@ -378,9 +450,11 @@ class NbdServer::Session : public std::enable_shared_from_this<Session> {
   std::mutex mu_;
   std::condition_variable idle_;
   int in_flight_ = 0;  // guarded by mu_
+  uint64_t bytes_held_ = 0;  // guarded by server_.budget_mu_
 };
 
-NbdServer::NbdServer(Export disk, int workers) : export_(std::move(disk)), workers_(workers) {
+NbdServer::NbdServer(Export disk, ConnectionLimits limits, int workers)
+    : export_(std::move(disk)), limits_(limits), workers_(workers) {
   if (::pipe2(wake_, O_CLOEXEC) != 0) wake_[0] = wake_[1] = -1;
 }
 
@@ -426,8 +500,17 @@ Status NbdServer::listen_tcp(const std::string& host, uint16_t port) {
 
 Status NbdServer::serve() {
   if (listen_fd_ < 0) return Status::invalid_argument("serve() before listen");
+  // One descriptor per connection.
+  Acceptor acceptor(listen_fd_, wake_[0],
+                    limits_.max_connections > 0 ? limits_.max_connections
+                                                : default_max_connections(1),
+                    "serve nbd");
+  const auto open = [&] {
+    std::lock_guard lock(mu_);
+    return open_fds_.size();
+  };
   while (!stopping_.load()) {
-    Result<int> accepted = accept_or_wake(listen_fd_, wake_[0]);
+    Result<int> accepted = acceptor.accept(open);
     if (!accepted) return accepted.status();
     if (*accepted < 0) break;  // stop()
     const int fd = *accepted;
@@ -439,9 +522,18 @@ Status NbdServer::serve() {
     }
     connections_.fetch_add(1);
     auto session = std::make_shared<Session>(*this, fd);
-    std::thread([session] { session->run(); }).detach();
+    try {
+      std::thread([session] { session->run(); }).detach();
+    } catch (const std::system_error& error) {
+      // Out of threads: this connection is refused; the server goes on.
+      log(LogLevel::kWarn, "serve nbd: refused a connection: no thread for it ({})", error.what());
+      session_ended(fd);
+    }
   }
   std::unique_lock lock(mu_);
+  if (!all_ended_.wait_for(lock, kReplyGrace, [&] { return open_fds_.empty(); })) {
+    for (int fd : open_fds_) ::shutdown(fd, SHUT_RDWR);
+  }
   all_ended_.wait(lock, [&] { return open_fds_.empty(); });
   return Status::ok();
 }
@@ -452,15 +544,48 @@ void NbdServer::stop() {
     const char byte = 1;
     (void)!::write(wake_[1], &byte, 1);
   }
-  // Wake every connection's reader: it sees the end and finishes up.
-  std::lock_guard lock(mu_);
-  for (int fd : open_fds_) ::shutdown(fd, SHUT_RDWR);
+  // Wake every connection's reader: it sees the end and finishes up. The
+  // write side stays open for a while (see serve()), so that requests in
+  // flight still get their replies, errors if their fetches were cancelled.
+  {
+    std::lock_guard lock(mu_);
+    for (int fd : open_fds_) ::shutdown(fd, SHUT_RD);
+  }
+  // Readers waiting for the reply budget end too.
+  { std::lock_guard lock(budget_mu_); }
+  budget_freed_.notify_all();
+}
+
+bool NbdServer::reserve(uint64_t* held, uint64_t bytes) {
+  if (bytes == 0) return !stopping_.load();
+  std::unique_lock lock(budget_mu_);
+  budget_freed_.wait(lock, [&] {
+    return stopping_.load() || (*held == 0 && bytes <= kAlwaysAdmitted) ||
+           (*held + bytes <= kConnectionBytesInFlight &&
+            bytes_in_flight_ + bytes <= kTotalBytesInFlight);
+  });
+  if (stopping_.load()) return false;
+  *held += bytes;
+  bytes_in_flight_ += bytes;
+  return true;
+}
+
+void NbdServer::release(uint64_t* held, uint64_t bytes) {
+  if (bytes == 0) return;
+  {
+    std::lock_guard lock(budget_mu_);
+    *held -= bytes;
+    bytes_in_flight_ -= bytes;
+  }
+  budget_freed_.notify_all();
 }
 
 void NbdServer::session_ended(int fd) {
-  ::close(fd);
+  // Closed under the lock: stop() must never shut down a descriptor that
+  // has been closed and reused.
   std::lock_guard lock(mu_);
   open_fds_.erase(fd);
+  ::close(fd);
   if (open_fds_.empty()) all_ended_.notify_all();
 }
 

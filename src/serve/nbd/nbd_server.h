@@ -15,7 +15,12 @@
 // error and the connection goes on; only a request with a wrong magic (the
 // stream is out of step) ends the connection. No length from the wire is
 // trusted to allocate beyond the 32 MiB block limit; a client that vanishes
-// mid-request ends only its own connection.
+// mid-request ends only its own connection. A connection holds at most
+// 64 MiB of replies and write payloads at once, all of them 256 MiB (and a
+// connection holding nothing may always have one request of up to 1 MiB):
+// past that its requests are not read until replies are sent. A client that has not finished
+// its handshake within the limit's timeout is closed; past the limit's
+// connection count, connections are refused (see Acceptor).
 #pragma once
 
 #include <atomic>
@@ -33,6 +38,7 @@
 #include "common/worker_pool.h"
 #include "image/device.h"
 #include "image/overlay.h"
+#include "serve/connection_limits.h"
 
 namespace lazyblock::nbd {
 
@@ -44,7 +50,7 @@ struct Export {
 
 class NbdServer {
  public:
-  explicit NbdServer(Export disk, int workers = 16);
+  NbdServer(Export disk, ConnectionLimits limits = {}, int workers = 16);
   // Stops serving and waits for the connections to end.
   ~NbdServer();
 
@@ -57,7 +63,10 @@ class NbdServer {
   // Accepts and serves connections until stop(); returns once every
   // connection has ended.
   Status serve();
-  // Ends serve(): no new connections, open ones are shut down. Thread-safe.
+  // Ends serve(): no new connections and no new requests; replies in flight
+  // are sent for up to half a second, then every connection is shut down.
+  // Requests waiting on fetches wait on: cancel those (DataFiles::cancel)
+  // for a prompt end. Thread-safe.
   void stop();
 
   // Counters, for tests and logs.
@@ -69,8 +78,14 @@ class NbdServer {
   friend class Session;
 
   void session_ended(int fd);
+  // Takes `bytes` of the reply budget for a request of `session` (whose
+  // share is `*held`), waiting while that connection holds its share or all
+  // of them the whole budget; false once the server stops.
+  bool reserve(uint64_t* held, uint64_t bytes);
+  void release(uint64_t* held, uint64_t bytes);
 
   const Export export_;
+  const ConnectionLimits limits_;
   std::unique_ptr<UnixListener> unix_listener_;  // listen_unix
   UniqueFd tcp_listener_;                        // listen_tcp
   int listen_fd_ = -1;                           // whichever of the two
@@ -79,6 +94,13 @@ class NbdServer {
   std::atomic<bool> stopping_{false};
   std::atomic<uint64_t> connections_{0};
   std::atomic<uint64_t> requests_{0};
+
+  // The bytes of replies (and write payloads) held in memory, by every
+  // connection: bounded, so that clients that send reads without reading
+  // the replies cannot make the server hold more.
+  std::mutex budget_mu_;
+  std::condition_variable budget_freed_;
+  uint64_t bytes_in_flight_ = 0;  // guarded by budget_mu_
 
   std::mutex mu_;
   std::condition_variable all_ended_;

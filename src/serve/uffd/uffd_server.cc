@@ -17,6 +17,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <system_error>
 #include <thread>
 
 #include <fmt/format.h>
@@ -30,8 +31,6 @@
 namespace lazyblock::uffd {
 namespace {
 
-// How long a VM may take to send its mappings and descriptor after connecting.
-constexpr std::chrono::seconds kHandshakeTimeout{5};
 // Mappings larger than this are not a VM's: Firecracker sends one small
 // object per memory region.
 constexpr size_t kMaxMappingsBytes = 1 * kMiB;
@@ -96,7 +95,9 @@ class UffdServer::Session {
     uint64_t size;
     bool huge;
   };
-  enum class Install { kInstalled, kExisted, kAgain, kNoTarget, kFailed };
+  // kUnreadable: the source could not be read (EFAULT: the cache file
+  // failed under its map); the page is read again through a copy.
+  enum class Install { kInstalled, kExisted, kAgain, kNoTarget, kUnreadable, kFailed };
 
   Status receive_mappings();
   Status serve_events();
@@ -193,17 +194,18 @@ void UffdServer::Session::stop() {
 }
 
 Status UffdServer::Session::receive_mappings() {
-  const Clock::time_point deadline = Clock::now() + kHandshakeTimeout;
+  const std::chrono::milliseconds timeout = server_.options_.limits.handshake_timeout;
+  const Clock::time_point deadline = Clock::now() + timeout;
   std::string body;
   std::vector<char> buffer(64 * 1024);
   for (;;) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
     if (left.count() <= 0) {
-      return Status::timeout(uffd_ < 0 ? fmt::format("no userfaultfd descriptor within {} s",
-                                                      kHandshakeTimeout.count())
+      return Status::timeout(uffd_ < 0 ? fmt::format("no userfaultfd descriptor within {} ms",
+                                                      timeout.count())
                                        : fmt::format("the memory mappings did not arrive whole "
-                                                     "within {} s",
-                                                     kHandshakeTimeout.count()));
+                                                     "within {} ms",
+                                                     timeout.count()));
     }
     pollfd fds{socket_, POLLIN, 0};
     const int ready = ::poll(&fds, 1, static_cast<int>(left.count()));
@@ -455,8 +457,8 @@ UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address,
     result = zero(*page);
     if (result != Install::kAgain) server_.counters_.served_zero.fetch_add(1);
   } else if (std::optional<std::span<const std::byte>> bytes =
-                 memfile.cached_slice(page->offset, page->size)) {
-    result = copy(*page, *bytes);
+                 memfile.cached_slice(page->offset, page->size);
+             bytes && (result = copy(*page, *bytes)) != Install::kUnreadable) {
     if (result != Install::kAgain) server_.counters_.served_cached.fetch_add(1);
   } else {
     {
@@ -487,10 +489,19 @@ void UffdServer::Session::fetch_and_install(Page page) {
                 : Result<std::span<const std::byte>>(got.status());
   }
   Install result = Install::kFailed;
-  if (bytes) {
-    result = copy(page, *bytes);
-    if (result != Install::kAgain) server_.counters_.served_fetched.fetch_add(1);
+  if (bytes) result = copy(page, *bytes);
+  if (result == Install::kUnreadable) {
+    // The cache file failed under its map: read_at copies through a guard,
+    // drops what it cannot read and fetches it again.
+    bounce.resize(page.size);
+    Result<size_t> got = memfile.read_at(bounce, page.offset);
+    if (got) {
+      result = copy(page, bounce);
+    } else {
+      bytes = Result<std::span<const std::byte>>(got.status());
+    }
   }
+  if (bytes && result != Install::kAgain) server_.counters_.served_fetched.fetch_add(1);
   std::lock_guard lock(mu_);
   if (!bytes && !stopping_) {
     // The vCPU must not see wrong bytes: it waits while the event thread
@@ -668,6 +679,10 @@ UffdServer::Session::Install UffdServer::Session::result_of(int error, const Pag
   switch (error) {
     case EEXIST: return Install::kExisted;  // installed by someone else first
     case EAGAIN: return Install::kAgain;    // an event is queued: drain, then retry
+    case EFAULT:
+      log(LogLevel::kWarn, "serve uffd: {} of page {:#x}: the source could not be read; "
+          "reading it again", what, page.address);
+      return Install::kUnreadable;
     case ENOENT:                             // unregistered (removed) or unmapped
     case ESRCH:                              // the VM's memory is gone
       return Install::kNoTarget;
@@ -706,8 +721,17 @@ Status UffdServer::listen_unix(const std::filesystem::path& path) {
 
 Status UffdServer::serve() {
   if (!listener_) return Status::invalid_argument("serve() before listen");
+  // Three descriptors per VM: its socket, its userfaultfd, an eventfd.
+  Acceptor acceptor(listener_->fd(), wake_fd_,
+                    options_.limits.max_connections > 0 ? options_.limits.max_connections
+                                                        : default_max_connections(3),
+                    "serve uffd");
+  const auto open = [&] {
+    std::lock_guard lock(mu_);
+    return sessions_.size();
+  };
   while (!stopping_.load()) {
-    Result<int> accepted = accept_or_wake(listener_->fd(), wake_fd_);
+    Result<int> accepted = acceptor.accept(open);
     if (!accepted) return accepted.status();
     if (*accepted < 0) break;  // stop()
     const int fd = *accepted;
@@ -717,13 +741,22 @@ Status UffdServer::serve() {
       std::lock_guard lock(mu_);
       sessions_.insert(session);
     }
-    std::thread([this, session] {
-      session->run();
+    const auto end = [this, session] {
       std::lock_guard lock(mu_);
       sessions_.erase(session);
       delete session;
       all_ended_.notify_all();
-    }).detach();
+    };
+    try {
+      std::thread([session, end] {
+        session->run();
+        end();
+      }).detach();
+    } catch (const std::system_error& error) {
+      // Out of threads: this VM is refused; the server goes on.
+      log(LogLevel::kWarn, "serve uffd: refused a VM: no thread for it ({})", error.what());
+      end();
+    }
   }
   std::unique_lock lock(mu_);
   all_ended_.wait(lock, [&] { return sessions_.empty(); });

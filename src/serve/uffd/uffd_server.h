@@ -27,7 +27,8 @@
 // Session writes the order of its first faults there when its VM ends.
 //
 // Bad input (unparsable or inconsistent mappings, regions outside the
-// memfile, no descriptor) ends that connection with a log line naming the
+// memfile, no descriptor, nothing whole within the handshake timeout; a
+// connection past the limit is refused at once) ends that connection with a log line naming the
 // cause; the server goes on serving others. A fault the store cannot serve is
 // logged and retried: the vCPU waits, it never sees wrong bytes.
 #pragma once
@@ -46,6 +47,7 @@
 #include "common/unix_socket.h"
 #include "common/worker_pool.h"
 #include "image/device.h"
+#include "serve/connection_limits.h"
 #include "serve/uffd/page_record.h"
 
 namespace lazyblock::uffd {
@@ -57,6 +59,9 @@ struct UffdOptions {
   std::vector<PageRun> prefetch;
   // Threads that wait on fetches for faults, shared by all VMs.
   int workers = 16;
+  // VMs served at once, and how soon each must have sent its mappings and
+  // descriptor.
+  ConnectionLimits limits;
 };
 
 // Counters, for tests, benchmarks and logs.
