@@ -210,9 +210,10 @@ TEST_F(CacheCliTest, ABuildRepackedUnderTheSameIdIsServedAnew) {
     const std::filesystem::path raw = dir_ / "rootfs.raw";
     const std::string bytes = as_string(testing::make_pattern(seed, 0, 9 * kMiB));
     std::ofstream(raw, std::ios::binary | std::ios::trunc) << bytes;
+    // Re-packed under the same id, as `pack --force` does.
     Outcome packed = run_lazyblock(dir_, {"pack", "--store", url("store"), "--build", build,
                                           "--name", "rootfs.ext4", "--block-size", "4096",
-                                          raw.string()});
+                                          "--force", raw.string()});
     ASSERT_EQ(packed.status, 0) << packed.err;
     const std::filesystem::path output = dir_ / "exported";
     Outcome exported = run_lazyblock(

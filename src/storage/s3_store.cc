@@ -138,6 +138,7 @@ class S3RangeReader final : public RangeReader {
   }
   uint64_t object_size() const override { return inner_->object_size(); }
   uint64_t range_length() const override { return inner_->range_length(); }
+  std::string object_version() const override { return inner_->object_version(); }
 
  private:
   const std::unique_ptr<RangeReader> inner_;
@@ -385,22 +386,20 @@ Status S3Store::answer_failure(std::string_view what, const std::string& key,
 }
 
 Result<uint64_t> S3Store::stat(const std::string& key, const IoContext& io) {
+  Result<ObjectInfo> info = stat_info(key, io);
+  if (!info) return info.status();
+  return info->size;
+}
+
+// The version is the ETag (a GCS generation through the gs:// path).
+Result<ObjectInfo> S3Store::stat_info(const std::string& key, const IoContext& io) {
   LB_RETURN_IF_ERROR(check_key(key));
   const std::string what = "stat " + key;
   const HttpRequest head = request("HEAD", key, {}, {}, {});
   Result<std::unique_ptr<HttpResponse>> response = client_.send(head, io);
   if (!response) return transport_failure(what, head, response.status());
   const long status = (*response)->status();
-  if (status == 200) {
-    const std::string length = (*response)->header("Content-Length").value_or("");
-    uint64_t size = 0;
-    const auto [end, error] = std::from_chars(length.data(), length.data() + length.size(), size);
-    if (length.empty() || error != std::errc() || end != length.data() + length.size()) {
-      return Status::corruption(
-          fmt::format("{}: {}: the answer has no Content-Length", describe(), what));
-    }
-    return size;
-  }
+  if (status == 200) return info_from_head(std::move(response), key);
   if (status != 408 && status != 429 && status < 500) {
     // A HEAD answer has no body to say why it failed; the same request as a
     // one-byte GET fails alike, with the body that does.
@@ -412,11 +411,6 @@ Result<uint64_t> S3Store::stat(const std::string& key, const IoContext& io) {
     }
   }
   return answer_failure(what, key, **response, status, "");
-}
-
-// The version is the ETag (a GCS generation through the gs:// path).
-Result<ObjectInfo> S3Store::stat_info(const std::string& key, const IoContext& io) {
-  return info_from_head(client_.send(request("HEAD", key, {}, {}, {}), io), key);
 }
 
 Result<std::unique_ptr<RangeReader>> S3Store::open_range(const std::string& key, uint64_t offset,
