@@ -31,7 +31,8 @@ struct Fixture {
     files = std::make_shared<image::DataFiles>(nullptr, ChunkerOptions{});
     device = std::make_unique<image::Device>(files, header, "disk");
     overlay = std::move(image::Overlay::open(*device, std::nullopt).value());
-    server = std::make_unique<nbd::NbdServer>(nbd::Export{"disk", device.get(), overlay.get()}, 4);
+    server = std::make_unique<nbd::NbdServer>(nbd::Export{"disk", device.get(), overlay.get()},
+                                              ConnectionLimits{}, 4);
     socket = std::filesystem::temp_directory_path() /
              ("lazyblock-nbd-fuzz-" + std::to_string(::getpid()) + ".sock");
     if (!server->listen_unix(socket).is_ok()) std::abort();
