@@ -92,6 +92,8 @@ Status restated(const Status& status, std::string message) {
     case StatusCode::kTimeout: return Status::timeout(std::move(message));
     case StatusCode::kCancelled: return Status::cancelled(std::move(message));
     case StatusCode::kUnavailable: return Status::unavailable(std::move(message));
+    case StatusCode::kNoSpace: return Status::no_space(std::move(message));
+    case StatusCode::kAlreadyExists: return Status::already_exists(std::move(message));
     case StatusCode::kOk:
     case StatusCode::kIoError: break;
   }
