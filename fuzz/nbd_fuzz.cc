@@ -1,25 +1,57 @@
 // libFuzzer target: arbitrary bytes as an NBD client's whole conversation
-// with the server (handshake and requests), over a real Unix socket. The
-// server must answer or close, never crash, hang or allocate past its
-// limits; a zero-filled 1 MiB disk with an overlay stands behind it.
-#include <sys/socket.h>
-#include <sys/un.h>
-#include <unistd.h>
-
+// (handshake and requests), fed straight into an nbd::Session: the input is
+// the transport's byte source, replies go to a buffer, and requests run
+// inline, so no socket and no thread is made per input. The session must
+// answer or end, never crash, hang or allocate past its limits; a
+// zero-filled 1 MiB disk with an overlay stands behind it.
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <memory>
-#include <thread>
+#include <vector>
 
 #include "image/device.h"
 #include "image/overlay.h"
-#include "serve/nbd/nbd_server.h"
+#include "serve/nbd/session.h"
 
 namespace {
 
 using namespace lazyblock;
+
+// The input as what the client says; what the session answers is kept
+// (and dropped with the next input).
+class BufferTransport final : public nbd::Transport {
+ public:
+  BufferTransport(const uint8_t* data, size_t size, std::vector<std::byte>& replies)
+      : data_(data), size_(size), replies_(replies) {}
+
+  bool read(std::span<std::byte> buffer) override {
+    if (buffer.size() > size_ - offset_) return false;  // the client went away
+    std::memcpy(buffer.data(), data_ + offset_, buffer.size());
+    offset_ += buffer.size();
+    return true;
+  }
+  bool write(std::span<const std::byte> data) override {
+    replies_.insert(replies_.end(), data.begin(), data.end());
+    return true;
+  }
+
+ private:
+  const uint8_t* const data_;
+  const size_t size_;
+  size_t offset_ = 0;
+  std::vector<std::byte>& replies_;
+};
+
+// Every request runs at once on the caller's thread, with no budget to wait for.
+class InlineRunner final : public nbd::RequestRunner {
+ public:
+  bool admit(uint64_t) override { return true; }
+  void release(uint64_t) override {}
+  void run(std::function<void()> request) override { request(); }
+};
 
 struct Fixture {
   Fixture() {
@@ -27,50 +59,29 @@ struct Fixture {
     header.size = 1 << 20;
     header.build_id = header.base_build_id = image::Uuid::random();
     header.mappings = {{0, 1 << 20, image::Uuid::nil(), 0}};
-    // Nil mappings never reach the store: none is needed.
+    // Zero mappings never reach the store: none is needed.
     files = std::make_shared<image::DataFiles>(nullptr, ChunkerOptions{});
     device = std::make_unique<image::Device>(files, header, "disk");
-    overlay = std::move(image::Overlay::open(*device, std::nullopt).value());
-    server = std::make_unique<nbd::NbdServer>(nbd::Export{"disk", device.get(), overlay.get()},
-                                              ConnectionLimits{}, 4);
-    socket = std::filesystem::temp_directory_path() /
-             ("lazyblock-nbd-fuzz-" + std::to_string(::getpid()) + ".sock");
-    if (!server->listen_unix(socket).is_ok()) std::abort();
-    serving = std::thread([this] { (void)server->serve(); });
-  }
-  ~Fixture() {
-    server->stop();
-    serving.join();
+    Result<std::unique_ptr<image::Overlay>> opened = image::Overlay::open(*device, std::nullopt);
+    if (!opened) std::abort();
+    overlay = std::move(opened).value();
   }
   std::shared_ptr<image::DataFiles> files;
   std::unique_ptr<image::Device> device;
   std::unique_ptr<image::Overlay> overlay;
-  std::unique_ptr<nbd::NbdServer> server;
-  std::filesystem::path socket;
-  std::thread serving;
+  std::vector<std::byte> replies;
+  std::atomic<uint64_t> requests{0};
 };
 
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static Fixture* fixture = new Fixture();  // lives for the whole run
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  std::strncpy(address.sun_path, fixture->socket.c_str(), sizeof address.sun_path - 1);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) std::abort();
-  // Everything the client says, then the end of what it says; then read
-  // whatever the server answers until it closes.
-  size_t sent = 0;
-  while (sent < size) {
-    const ssize_t put = ::send(fd, data + sent, size - sent, MSG_NOSIGNAL);
-    if (put <= 0) break;  // the server closed early: fine
-    sent += static_cast<size_t>(put);
-  }
-  ::shutdown(fd, SHUT_WR);
-  char buffer[65536];
-  while (::recv(fd, buffer, sizeof buffer, 0) > 0) {
-  }
-  ::close(fd);
+  fixture->replies.clear();
+  const nbd::Export disk{"disk", *fixture->overlay};
+  BufferTransport transport(data, size, fixture->replies);
+  InlineRunner runner;
+  nbd::Session session(disk, transport, runner, fixture->requests);
+  session.run();
   return 0;
 }

@@ -135,7 +135,7 @@ TEST_F(CompressedTest, AColdPageReadFetchesExactlyOneFrame) {
   }
   ASSERT_NE(device_offset, UINT64_MAX);
   std::vector<std::byte> page(4096);
-  ASSERT_TRUE((*device)->read_at(page, device_offset));
+  ASSERT_TRUE((*device)->read(page, device_offset));
   EXPECT_TRUE(std::equal(page.begin(), page.end(),
                          reinterpret_cast<const std::byte*>(bytes.data()) + device_offset));
   const std::optional<size_t> frame = info->frame_table.find(stored_at);

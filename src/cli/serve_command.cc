@@ -210,7 +210,8 @@ int run_nbd(const NbdFlags& flags) {
   }
 
   StopSignals signals;
-  nbd::NbdServer server({flags.name, device.get(), overlay.get()}, *limits);
+  image::Disk& disk = overlay ? static_cast<image::Disk&>(*overlay) : *device;
+  nbd::NbdServer server({flags.name, disk}, *limits);
   std::string where;
   if (!flags.listen.empty()) {
     Result<std::pair<std::string, uint16_t>> address = parse_listen(flags.listen);

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <future>
-#include <set>
+#include <map>
 #include <vector>
 
 #include <fmt/format.h>
@@ -150,20 +150,42 @@ Result<std::unique_ptr<Device>> Device::open(std::shared_ptr<DataFiles> files, c
 }
 
 Device::Device(std::shared_ptr<DataFiles> files, Header header, std::string name)
-    : files_(std::move(files)), header_(std::move(header)), name_(std::move(name)) {}
+    : Disk(header.size, header.block_size, /*writable=*/false),
+      files_(std::move(files)),
+      header_(std::move(header)),
+      name_(std::move(name)) {
+  // One source per build, in the order the mappings first name them.
+  std::map<Uuid, size_t> source_of;
+  for (const Mapping& mapping : header_.mappings) {
+    if (mapping.build_id.is_nil() || source_of.contains(mapping.build_id)) continue;
+    source_of.emplace(mapping.build_id, sources_.size());
+    Source source{mapping.build_id, nullptr, Status::ok()};
+    Result<Chunker*> chunker = files_->chunker(mapping.build_id, name_, header_);
+    if (chunker) {
+      source.chunker = *chunker;
+    } else {
+      source.error = chunker.status();
+    }
+    sources_.push_back(std::move(source));
+  }
+  extents_.reserve(header_.mappings.size());
+  for (const Mapping& mapping : header_.mappings) {
+    if (mapping.offset >= size()) break;  // the padding of a last partial block
+    const Source* source =
+        mapping.build_id.is_nil() ? nullptr : &sources_[source_of.at(mapping.build_id)];
+    extents_.push_back({mapping.offset, std::min(mapping.end(), size()), source,
+                        mapping.build_storage_offset});
+  }
+}
 
 Status Device::learn_sizes() {
-  std::set<Uuid> builds;
-  for (const Mapping& mapping : header_.mappings) {
-    if (!mapping.build_id.is_nil()) builds.insert(mapping.build_id);
-  }
   std::vector<std::future<Status>> learned;
-  for (const Uuid& build : builds) {
-    learned.push_back(std::async(std::launch::async, [this, build]() -> Status {
-      Result<Chunker*> chunker = files_->chunker(build, name_, header_);
+  for (const Source& source : sources_) {
+    learned.push_back(std::async(std::launch::async, [this, &source]() -> Status {
+      Result<Chunker*> chunker = chunker_of(source);
       if (!chunker) return chunker.status();
       Result<uint64_t> size = (*chunker)->size();
-      if (!size) return size.status().with_context("data file " + data_key(build, name_));
+      if (!size) return size.status().with_context("data file " + data_key(source.build, name_));
       return Status::ok();
     }));
   }
@@ -175,146 +197,123 @@ Status Device::learn_sizes() {
   return first_error;
 }
 
-Result<Chunker*> Device::chunker_for(const Mapping& mapping) {
-  return files_->chunker(mapping.build_id, name_, header_);
+const Device::Extent& Device::extent_at(uint64_t offset) const {
+  // The last extent beginning at or before `offset`: the table covers the
+  // device from 0, so there is one.
+  const auto after = std::upper_bound(extents_.begin(), extents_.end(), offset,
+                                      [](uint64_t at, const Extent& e) { return at < e.begin; });
+  return *(after - 1);
 }
 
-Result<size_t> Device::read_at(std::span<std::byte> buffer, uint64_t offset) {
-  if (offset >= size() || buffer.empty()) return size_t{0};
-  const uint64_t end = offset + std::min<uint64_t>(buffer.size(), size() - offset);
+Result<Chunker*> Device::chunker_of(const Source& source) const {
+  if (source.chunker == nullptr) return source.error;
+  return source.chunker;
+}
+
+Status Device::short_data_file(const Extent& extent, uint64_t stored_end,
+                               uint64_t device_end) const {
+  return Status::corruption(fmt::format(
+      "data file {} ends before {}, where the header maps device byte {}",
+      data_key(extent.source->build, name_), stored_end, device_end));
+}
+
+Status Device::do_read(std::span<std::byte> buffer, uint64_t offset) {
+  const uint64_t end = offset + buffer.size();
   for (uint64_t position = offset; position < end;) {
-    const Mapping& mapping = header_.mappings[header_.mapping_at(position)];
-    const uint64_t piece_end = std::min(end, mapping.end());
+    const Extent& extent = extent_at(position);
+    const uint64_t piece_end = std::min(end, extent.end);
     const std::span<std::byte> piece = buffer.subspan(position - offset, piece_end - position);
-    if (mapping.build_id.is_nil()) {
+    if (extent.source == nullptr) {
       std::memset(piece.data(), 0, piece.size());
     } else {
-      Result<Chunker*> chunker = chunker_for(mapping);
+      Result<Chunker*> chunker = chunker_of(*extent.source);
       if (!chunker) return chunker.status();
-      const uint64_t stored_at = mapping.build_storage_offset + (position - mapping.offset);
+      const uint64_t stored_at = extent.storage_offset + (position - extent.begin);
       Result<size_t> got = (*chunker)->read_at(piece, stored_at);
       if (!got) return got.status();
-      if (*got != piece.size()) {
-        return Status::corruption(fmt::format(
-            "data file {} ends before {}, where the header maps device byte {}",
-            data_key(mapping.build_id, name_), stored_at + piece.size(), piece_end));
-      }
-    }
-    position = piece_end;
-  }
-  return end - offset;
-}
-
-Result<std::span<const std::byte>> Device::slice(uint64_t offset, uint64_t length) {
-  if (offset >= size() || length == 0) return std::span<const std::byte>();
-  const uint64_t end = offset + std::min(length, size() - offset);
-  const Mapping& mapping = header_.mappings[header_.mapping_at(offset)];
-  if (end > mapping.end()) {
-    return Status::invalid_argument(fmt::format(
-        "device {} [{}, {}) crosses mappings: read it with read_at", name_, offset, end));
-  }
-  if (mapping.build_id.is_nil()) {
-    if (end - offset > kZeroSliceMax) {
-      return Status::invalid_argument(fmt::format(
-          "device {} [{}, {}): a zero slice is at most {}", name_, offset, end,
-          format_size(kZeroSliceMax)));
-    }
-    return zeros(end - offset);
-  }
-  Result<Chunker*> chunker = chunker_for(mapping);
-  if (!chunker) return chunker.status();
-  const uint64_t stored_at = mapping.build_storage_offset + (offset - mapping.offset);
-  Result<std::span<const std::byte>> bytes = (*chunker)->slice(stored_at, end - offset);
-  if (!bytes) return bytes.status();
-  if (bytes->size() != end - offset) {
-    return Status::corruption(fmt::format(
-        "data file {} ends before {}, where the header maps device byte {}",
-        data_key(mapping.build_id, name_), stored_at + (end - offset), end));
-  }
-  return bytes;
-}
-
-bool Device::is_zero(uint64_t offset, uint64_t length) const {
-  if (offset >= size()) return true;
-  const uint64_t end = offset + std::min(length, size() - offset);
-  for (uint64_t position = offset; position < end;) {
-    const Mapping& mapping = header_.mappings[header_.mapping_at(position)];
-    if (!mapping.build_id.is_nil()) return false;
-    position = mapping.end();
-  }
-  return true;
-}
-
-std::optional<std::span<const std::byte>> Device::cached_slice(uint64_t offset, uint64_t length) {
-  if (offset >= size() || length == 0) return std::span<const std::byte>();
-  const uint64_t end = offset + std::min(length, size() - offset);
-  const Mapping& mapping = header_.mappings[header_.mapping_at(offset)];
-  if (end > mapping.end()) return std::nullopt;
-  if (mapping.build_id.is_nil()) {
-    if (end - offset > kZeroSliceMax) return std::nullopt;
-    return zeros(end - offset);
-  }
-  Result<Chunker*> chunker = chunker_for(mapping);
-  if (!chunker) return std::nullopt;
-  const uint64_t stored_at = mapping.build_storage_offset + (offset - mapping.offset);
-  std::optional<std::span<const std::byte>> bytes = (*chunker)->cached_slice(stored_at, end - offset);
-  // A data file shorter than the header says is slice()'s error to report.
-  if (bytes && bytes->size() != end - offset) return std::nullopt;
-  return bytes;
-}
-
-void Device::prefetch(uint64_t offset, uint64_t length) {
-  if (offset >= size()) return;
-  const uint64_t end = offset + std::min(length, size() - offset);
-  for (uint64_t position = offset; position < end;) {
-    const Mapping& mapping = header_.mappings[header_.mapping_at(position)];
-    const uint64_t piece_end = std::min(end, mapping.end());
-    if (!mapping.build_id.is_nil()) {
-      // A data file that cannot be opened fails the reads that need it.
-      if (Result<Chunker*> chunker = chunker_for(mapping)) {
-        (*chunker)->prefetch(mapping.build_storage_offset + (position - mapping.offset),
-                             piece_end - position);
-      }
-    }
-    position = piece_end;
-  }
-}
-
-Status Device::write_to(ByteSink& sink) {
-  const ChunkerOptions& options = files_->options();
-  const uint64_t piece_max = options.chunk_size;
-  // Ranges up to this far ahead of the writer are asked of their chunkers,
-  // which start them readahead_streams at a time each.
-  const uint64_t window = 2 * static_cast<uint64_t>(options.readahead_streams) * options.chunk_size;
-  uint64_t asked_until = 0;
-  const auto ask_ahead = [&](uint64_t until) -> Status {
-    while (asked_until < until) {
-      const Mapping& mapping = header_.mappings[header_.mapping_at(asked_until)];
-      const uint64_t piece_end = std::min(until, mapping.end());
-      if (!mapping.build_id.is_nil()) {
-        Result<Chunker*> chunker = chunker_for(mapping);
-        if (!chunker) return chunker.status();
-        (*chunker)->prefetch(mapping.build_storage_offset + (asked_until - mapping.offset),
-                             piece_end - asked_until);
-      }
-      asked_until = piece_end;
-    }
-    return Status::ok();
-  };
-  for (uint64_t position = 0; position < size();) {
-    LB_RETURN_IF_ERROR(ask_ahead(std::min(size(), position + window)));
-    const Mapping& mapping = header_.mappings[header_.mapping_at(position)];
-    const uint64_t piece_end = std::min({size(), mapping.end(), position + piece_max});
-    if (mapping.build_id.is_nil()) {
-      LB_RETURN_IF_ERROR(sink.write_zeros(piece_end - position));
-    } else {
-      Result<std::span<const std::byte>> bytes = slice(position, piece_end - position);
-      if (!bytes) return bytes.status();
-      LB_RETURN_IF_ERROR(sink.write(*bytes));
+      if (*got != piece.size()) return short_data_file(extent, stored_at + piece.size(), piece_end);
     }
     position = piece_end;
   }
   return Status::ok();
+}
+
+Result<std::optional<std::span<const std::byte>>> Device::do_view(uint64_t offset,
+                                                                  uint64_t length) {
+  const uint64_t end = offset + length;
+  const Extent& extent = extent_at(offset);
+  if (end > extent.end) return std::optional<std::span<const std::byte>>();
+  if (extent.source == nullptr) {
+    if (length > kZeroSliceMax) return std::optional<std::span<const std::byte>>();
+    return std::optional(zeros(length));
+  }
+  Result<Chunker*> chunker = chunker_of(*extent.source);
+  if (!chunker) return chunker.status();
+  const uint64_t stored_at = extent.storage_offset + (offset - extent.begin);
+  Result<std::span<const std::byte>> bytes = (*chunker)->slice(stored_at, length);
+  if (!bytes) return bytes.status();
+  if (bytes->size() != length) return short_data_file(extent, stored_at + length, end);
+  return std::optional(*bytes);
+}
+
+std::optional<std::span<const std::byte>> Device::do_cached_view(uint64_t offset,
+                                                                 uint64_t length) {
+  const Extent& extent = extent_at(offset);
+  if (offset + length > extent.end) return std::nullopt;
+  if (extent.source == nullptr) {
+    if (length > kZeroSliceMax) return std::nullopt;
+    return zeros(length);
+  }
+  if (extent.source->chunker == nullptr) return std::nullopt;
+  std::optional<std::span<const std::byte>> bytes = extent.source->chunker->cached_slice(
+      extent.storage_offset + (offset - extent.begin), length);
+  // A data file shorter than the header says is view()'s error to report.
+  if (bytes && bytes->size() != length) return std::nullopt;
+  return bytes;
+}
+
+bool Device::do_is_zero(uint64_t offset, uint64_t length) {
+  const uint64_t end = offset + length;
+  for (uint64_t position = offset; position < end;) {
+    const Extent& extent = extent_at(position);
+    if (extent.source != nullptr) return false;
+    position = extent.end;
+  }
+  return true;
+}
+
+void Device::do_prefetch(uint64_t offset, uint64_t length) {
+  const uint64_t end = offset + length;
+  for (uint64_t position = offset; position < end;) {
+    const Extent& extent = extent_at(position);
+    const uint64_t piece_end = std::min(end, extent.end);
+    // A data file without a chunker fails the reads that need it.
+    if (extent.source != nullptr && extent.source->chunker != nullptr) {
+      extent.source->chunker->prefetch(extent.storage_offset + (position - extent.begin),
+                                       piece_end - position);
+    }
+    position = piece_end;
+  }
+}
+
+Status Device::do_extents(uint64_t offset, uint64_t length, std::vector<DiskExtent>& out) {
+  const uint64_t end = offset + length;
+  for (uint64_t position = offset; position < end;) {
+    const Extent& extent = extent_at(position);
+    const uint64_t piece_end = std::min(end, extent.end);
+    out.push_back({position, piece_end - position,
+                   extent.source == nullptr ? DiskExtent::Kind::kZero : DiskExtent::Kind::kData});
+    position = piece_end;
+  }
+  return Status::ok();
+}
+
+Disk::Readahead Device::readahead() const {
+  const ChunkerOptions& options = files_->options();
+  // Ranges up to this far ahead of the writer are asked of their chunkers,
+  // which start them readahead_streams at a time each.
+  return {options.chunk_size,
+          2 * static_cast<uint64_t>(options.readahead_streams) * options.chunk_size};
 }
 
 }  // namespace lazyblock::image

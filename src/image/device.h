@@ -1,12 +1,16 @@
 // image::Device: a build's device (its memfile or rootfs) as the bytes a VM
-// sees, assembled from the data files of the build and its ancestors.
+// sees, assembled from the data files of the build and its ancestors: the
+// read-only Disk (disk.h).
 //
-// Data flow: a read of [offset, offset + length) is split along the header's
-// mappings; each piece is read from the chunker of the data file its mapping
-// names (BUILD/NAME of that build, one chunker per data file, shared through
-// a DataFiles), and nil pieces are zeros without any fetch. write_to walks
-// the mappings in order, asking each chunker to prefetch the ranges coming
-// up, so that several data files stream at once.
+// Data flow: at open, the header's mappings become an immutable extent
+// table (begin, end, the chunker of the data file or zeros, the storage
+// offset), with every chunker created then (BUILD/NAME of each build, one
+// chunker per data file, shared through a DataFiles; plain or framed as the
+// header's BuildInfo says). A read finds its first extent by binary search,
+// takes no lock of the device's, and splits along the extents; each piece is
+// read from its chunker, and zero pieces are zeros without any fetch.
+// write_to walks the extents in order, asking the chunkers to prefetch the
+// ranges coming up, so that several data files stream at once.
 #pragma once
 
 #include <chrono>
@@ -21,6 +25,7 @@
 
 #include "chunk/chunker.h"
 #include "common/byte_sink.h"
+#include "image/disk.h"
 #include "image/header.h"
 #include "storage/object_store.h"
 
@@ -68,12 +73,14 @@ class DataFiles {
   std::map<std::pair<Uuid, std::string>, std::unique_ptr<Chunker>> chunkers_;  // guarded by mu_
 };
 
-class Device {
+class Device final : public Disk {
  public:
   // The device `name` of `build`: loads its header from the files' store.
   static Result<std::unique_ptr<Device>> open(std::shared_ptr<DataFiles> files, const Uuid& build,
                                               std::string name);
-  // A device from a header already in hand.
+  // A device from a header already in hand: resolves it into the extent
+  // table, creating the chunker of every data file it maps into (a data
+  // file whose chunker cannot be made fails the reads that need it).
   Device(std::shared_ptr<DataFiles> files, Header header, std::string name);
 
   // Learns the size of every data file the header maps into now (a stat
@@ -82,42 +89,46 @@ class Device {
   Status learn_sizes();
 
   const Header& header() const { return header_; }
-  uint64_t size() const { return header_.size; }
   const std::string& name() const { return name_; }
-
-  // Copies [offset, offset + buffer.size()) clipped to the device's end into
-  // `buffer`; returns the count copied.
-  Result<size_t> read_at(std::span<std::byte> buffer, uint64_t offset);
-
-  // A view of [offset, offset + length) clipped to the end, valid for the
-  // data files' lifetime, when one mapping holds the whole range (a page
-  // fault's case; zeros come from a shared zero buffer of up to 2 MiB).
-  // kInvalidArgument if the range crosses mappings: use read_at.
-  Result<std::span<const std::byte>> slice(uint64_t offset, uint64_t length);
-
-  // Whether every byte of [offset, offset + length) (clipped) lies in nil
-  // ranges: zeros that need no fetch.
-  bool is_zero(uint64_t offset, uint64_t length) const;
-
-  // slice() without waiting: the view if one mapping holds the range and its
-  // bytes are cached (or nil), else nullopt. Never waits on a fetch: a page
-  // fault's fast path.
-  std::optional<std::span<const std::byte>> cached_slice(uint64_t offset, uint64_t length);
-
-  // Writes the whole device to `sink` in order; nil ranges as write_zeros.
-  Status write_to(ByteSink& sink);
-
-  // Starts fetching [offset, offset + length) (clipped) without waiting
-  // (NBD's CACHE, and prefetch of a recorded working set).
-  void prefetch(uint64_t offset, uint64_t length);
+  Readahead readahead() const override;
 
  private:
-  // The chunker of the data file `mapping` (not nil) names.
-  Result<Chunker*> chunker_for(const Mapping& mapping);
+  // A data file the header maps into, resolved at open.
+  struct Source {
+    Uuid build;
+    Chunker* chunker = nullptr;  // null: `error` says why there is none
+    Status error;
+  };
+  // [begin, end) of the device: zeros (source null), or the bytes of
+  // `source` from `storage_offset` on. Sorted, contiguous, covering the
+  // device; immutable after construction, so reads search it without a lock.
+  struct Extent {
+    uint64_t begin;
+    uint64_t end;
+    const Source* source;
+    uint64_t storage_offset;  // of `begin` in the source's data file
+  };
+
+  // The extent holding byte `offset` (< size()).
+  const Extent& extent_at(uint64_t offset) const;
+  // The source's chunker, or its error.
+  Result<Chunker*> chunker_of(const Source& source) const;
+  Status short_data_file(const Extent& extent, uint64_t stored_end, uint64_t device_end) const;
+
+  Status do_read(std::span<std::byte> buffer, uint64_t offset) override;
+  Result<std::optional<std::span<const std::byte>>> do_view(uint64_t offset,
+                                                            uint64_t length) override;
+  std::optional<std::span<const std::byte>> do_cached_view(uint64_t offset,
+                                                           uint64_t length) override;
+  bool do_is_zero(uint64_t offset, uint64_t length) override;
+  void do_prefetch(uint64_t offset, uint64_t length) override;
+  Status do_extents(uint64_t offset, uint64_t length, std::vector<DiskExtent>& out) override;
 
   const std::shared_ptr<DataFiles> files_;
   const Header header_;
   const std::string name_;
+  std::vector<Source> sources_;  // built before extents_, which point into it
+  std::vector<Extent> extents_;
 };
 
 }  // namespace lazyblock::image

@@ -98,7 +98,7 @@ TEST_F(DeviceTest, ReadsSplitAlongTheMappings) {
            {5 * kMiB, 4096}, {5 * kMiB + 99, 1}, {5 * kMiB + 100, 10}, {0, 6 * kMiB}}) {
     std::string buffer(length, 'x');
     Result<size_t> got =
-        device->read_at(std::as_writable_bytes(std::span(buffer.data(), buffer.size())), offset);
+        device->read(std::as_writable_bytes(std::span(buffer.data(), buffer.size())), offset);
     ASSERT_TRUE(got) << got.status().to_string();
     const uint64_t want = offset >= header_.size ? 0 : std::min(length, header_.size - offset);
     ASSERT_EQ(*got, want) << offset;
@@ -106,19 +106,36 @@ TEST_F(DeviceTest, ReadsSplitAlongTheMappings) {
   }
 }
 
-TEST_F(DeviceTest, SlicesWithinOneMapping) {
+TEST_F(DeviceTest, ViewsWithinOneMappingAndNoneAcross) {
   auto device = open();
   ASSERT_TRUE(device);
-  Result<std::span<const std::byte>> data = device->slice(2 * kMiB + kBlock, kBlock);
+  Result<std::optional<std::span<const std::byte>>> data = device->view(2 * kMiB + kBlock, kBlock);
   ASSERT_TRUE(data) << data.status().to_string();
-  EXPECT_EQ(std::memcmp(data->data(), expected_.data() + 2 * kMiB + kBlock, kBlock), 0);
-  Result<std::span<const std::byte>> zeros = device->slice(1 * kMiB, 2 * kMiB - 1 * kMiB);
-  ASSERT_TRUE(zeros);
-  EXPECT_EQ(zeros->size(), 1 * kMiB);
-  EXPECT_EQ(std::count(zeros->begin(), zeros->end(), std::byte{0}), static_cast<long>(1 * kMiB));
-  Result<std::span<const std::byte>> across = device->slice(1 * kMiB - kBlock, 2 * kBlock);
-  ASSERT_FALSE(across);
-  EXPECT_EQ(across.status().code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(*data);
+  EXPECT_EQ(std::memcmp((*data)->data(), expected_.data() + 2 * kMiB + kBlock, kBlock), 0);
+  Result<std::optional<std::span<const std::byte>>> zeros = device->view(1 * kMiB, 1 * kMiB);
+  ASSERT_TRUE(zeros && *zeros);
+  EXPECT_EQ((*zeros)->size(), 1 * kMiB);
+  EXPECT_EQ(std::count((*zeros)->begin(), (*zeros)->end(), std::byte{0}),
+            static_cast<long>(1 * kMiB));
+  // Across mappings the bytes are not contiguous: no view, and no error;
+  // view_or_read copies them.
+  Result<std::optional<std::span<const std::byte>>> across = device->view(1 * kMiB - kBlock, 2 * kBlock);
+  ASSERT_TRUE(across) << across.status().to_string();
+  EXPECT_FALSE(*across);
+  std::vector<std::byte> scratch;
+  Result<std::span<const std::byte>> copied =
+      device->view_or_read(1 * kMiB - kBlock, 2 * kBlock, scratch);
+  ASSERT_TRUE(copied) << copied.status().to_string();
+  ASSERT_EQ(copied->size(), 2 * kBlock);
+  EXPECT_EQ(std::memcmp(copied->data(), expected_.data() + 1 * kMiB - kBlock, 2 * kBlock), 0);
+  // The extent table, clipped to the range asked for.
+  Result<std::vector<DiskExtent>> extents = device->extents(1 * kMiB - kBlock, 1 * kMiB + 2 * kBlock);
+  ASSERT_TRUE(extents);
+  ASSERT_EQ(extents->size(), 3u);
+  EXPECT_EQ((*extents)[0], (DiskExtent{1 * kMiB - kBlock, kBlock, DiskExtent::Kind::kData}));
+  EXPECT_EQ((*extents)[1], (DiskExtent{1 * kMiB, 1 * kMiB, DiskExtent::Kind::kZero}));
+  EXPECT_EQ((*extents)[2], (DiskExtent{2 * kMiB, kBlock, DiskExtent::Kind::kData}));
 }
 
 TEST_F(DeviceTest, WriteToGivesTheWholeDevice) {
@@ -136,7 +153,7 @@ TEST_F(DeviceTest, ADataFileShorterThanItsMappingsIsCorruption) {
   ASSERT_TRUE(device);
   std::string buffer(4096, '\0');
   Result<size_t> got =
-      device->read_at(std::as_writable_bytes(std::span(buffer.data(), buffer.size())), 4 * kMiB);
+      device->read(std::as_writable_bytes(std::span(buffer.data(), buffer.size())), 4 * kMiB);
   ASSERT_FALSE(got);
   EXPECT_EQ(got.status().code(), StatusCode::kCorruption);
   EXPECT_NE(got.status().message().find(data_key(parent_, "memfile")), std::string::npos)

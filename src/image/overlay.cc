@@ -81,7 +81,7 @@ Result<std::unique_ptr<Overlay>> Overlay::open(Device& device,
     if (::ftruncate(fd.get(), static_cast<off_t>(data_size)) != 0) {
       return posix_error("size the overlay", errno);
     }
-    return std::unique_ptr<Overlay>(new Overlay(device, std::move(fd), nullptr, size, block));
+    return std::unique_ptr<Overlay>(new Overlay(device, std::move(fd), nullptr));
   }
 
   std::unique_ptr<OverlayMap> map;
@@ -122,57 +122,139 @@ Result<std::unique_ptr<Overlay>> Overlay::open(Device& device,
     }
     LB_RETURN_IF_ERROR(check_data_file(fd.get(), *path, map->data_file_size()));
   }
-  std::unique_ptr<Overlay> overlay(
-      new Overlay(device, std::move(fd), std::move(map), size, block));
+  std::unique_ptr<Overlay> overlay(new Overlay(device, std::move(fd), std::move(map)));
   overlay->present_.set_words(overlay->map_->words());
   return overlay;
 }
 
-Overlay::Overlay(Device& device, UniqueFd fd, std::unique_ptr<OverlayMap> map, uint64_t size,
-                 uint64_t block_size)
-    : device_(device),
+Overlay::Overlay(Disk& device, UniqueFd fd, std::unique_ptr<OverlayMap> map)
+    : Disk(device.size(), device.block_size(), /*writable=*/true),
+      device_(device),
       fd_(std::move(fd)),
       map_(std::move(map)),
-      size_(size),
-      block_size_(block_size),
-      present_(div_round_up(size, block_size)) {}
+      present_(div_round_up(device.size(), device.block_size())) {}
 
 Overlay::~Overlay() {
-  if (map_) (void)flush();  // what cannot be saved now was reported by the last flush
+  if (map_) (void)do_flush();  // what cannot be saved now was reported by the last flush
 }
 
-Result<size_t> Overlay::read_at(std::span<std::byte> buffer, uint64_t offset) {
-  if (offset >= size_ || buffer.empty()) return size_t{0};
-  const uint64_t end = offset + std::min<uint64_t>(buffer.size(), size_ - offset);
+Status Overlay::do_read(std::span<std::byte> buffer, uint64_t offset) {
+  const uint64_t end = offset + buffer.size();
+  const uint64_t block_size = this->block_size();
   for (uint64_t position = offset; position < end;) {
-    const uint64_t block = position / block_size_;
-    const uint64_t last_block = div_round_up(end, block_size_);
+    const uint64_t block = position / block_size;
+    const uint64_t last_block = div_round_up(end, block_size);
     const bool in_overlay = present_.test(block);
     const uint64_t run_end_block = in_overlay ? present_.first_clear(block, last_block)
                                               : present_.first_set(block, last_block);
-    const uint64_t run_end = std::min(end, run_end_block * block_size_);
+    const uint64_t run_end = std::min(end, run_end_block * block_size);
     const std::span<std::byte> piece = buffer.subspan(position - offset, run_end - position);
     if (in_overlay) {
       LB_RETURN_IF_ERROR(pread_full(fd_.get(), piece, position));
     } else {
-      Result<size_t> got = device_.read_at(piece, position);
+      Result<size_t> got = device_.read(piece, position);
       if (!got) return got.status();
     }
     position = run_end;
   }
-  return end - offset;
+  return Status::ok();
+}
+
+bool Overlay::all_on_device(uint64_t offset, uint64_t length) const {
+  const uint64_t first = offset / block_size();
+  const uint64_t last = div_round_up(offset + length, block_size());
+  return present_.first_set(first, last) >= last;
+}
+
+Result<std::optional<std::span<const std::byte>>> Overlay::do_view(uint64_t offset,
+                                                                   uint64_t length) {
+  // The file's bytes are not mapped: only the device's can be viewed.
+  if (!all_on_device(offset, length)) return std::optional<std::span<const std::byte>>();
+  return device_.view(offset, length);
+}
+
+std::optional<std::span<const std::byte>> Overlay::do_cached_view(uint64_t offset,
+                                                                  uint64_t length) {
+  if (!all_on_device(offset, length)) return std::nullopt;
+  return device_.cached_view(offset, length);
+}
+
+bool Overlay::do_is_zero(uint64_t offset, uint64_t length) {
+  return all_on_device(offset, length) && device_.is_zero(offset, length);
+}
+
+void Overlay::do_prefetch(uint64_t offset, uint64_t length) {
+  // Only the runs of blocks still on the device need fetching.
+  const uint64_t end = offset + length;
+  const uint64_t last_block = div_round_up(end, block_size());
+  for (uint64_t block = offset / block_size(); block < last_block;) {
+    if (present_.test(block)) {
+      block = present_.first_clear(block, last_block);
+      continue;
+    }
+    const uint64_t run_end_block = present_.first_set(block, last_block);
+    const uint64_t from = std::max(offset, block * block_size());
+    device_.prefetch(from, std::min(end, run_end_block * block_size()) - from);
+    block = run_end_block;
+  }
+}
+
+Status Overlay::file_extents(uint64_t offset, uint64_t end, std::vector<DiskExtent>& out) const {
+  for (uint64_t position = offset; position < end;) {
+    // The next data at or after `position`; none (ENXIO): a hole to the end.
+    const off_t data = ::lseek(fd_.get(), static_cast<off_t>(position), SEEK_DATA);
+    if (data < 0 && errno != ENXIO) return posix_error("find the overlay's data", errno);
+    const uint64_t data_at = data < 0 ? end : std::min<uint64_t>(end, static_cast<uint64_t>(data));
+    if (data_at > position) {
+      out.push_back({position, data_at - position, DiskExtent::Kind::kZero});
+      position = data_at;
+      if (position >= end) break;
+    }
+    const off_t hole = ::lseek(fd_.get(), static_cast<off_t>(position), SEEK_HOLE);
+    if (hole < 0) return posix_error("find the overlay's holes", errno);
+    const uint64_t hole_at = std::min<uint64_t>(end, static_cast<uint64_t>(hole));
+    out.push_back({position, hole_at - position, DiskExtent::Kind::kData});
+    position = hole_at;
+  }
+  return Status::ok();
+}
+
+Status Overlay::do_extents(uint64_t offset, uint64_t length, std::vector<DiskExtent>& out) {
+  const uint64_t end = offset + length;
+  const uint64_t block_size = this->block_size();
+  const uint64_t last_block = div_round_up(end, block_size);
+  for (uint64_t position = offset; position < end;) {
+    const uint64_t block = position / block_size;
+    const bool in_overlay = present_.test(block);
+    const uint64_t run_end_block = in_overlay ? present_.first_clear(block, last_block)
+                                              : present_.first_set(block, last_block);
+    const uint64_t run_end = std::min(end, run_end_block * block_size);
+    if (in_overlay) {
+      LB_RETURN_IF_ERROR(file_extents(position, run_end, out));
+    } else {
+      Result<std::vector<DiskExtent>> below = device_.extents(position, run_end - position);
+      if (!below) return below.status();
+      out.insert(out.end(), below->begin(), below->end());
+    }
+    position = run_end;
+  }
+  return Status::ok();
+}
+
+Disk::Readahead Overlay::readahead() const {
+  return device_.readahead();
 }
 
 Status Overlay::write_partial_locked(uint64_t index, uint64_t offset_in_block,
                                      std::span<const std::byte> data) {
-  const uint64_t block_offset = index * block_size_;
+  const uint64_t block_offset = index * block_size();
   if (present_.test(index)) {
     return pwrite_all(fd_.get(), data, block_offset + offset_in_block, "the overlay");
   }
   // The block's other bytes come from the device: merged here and written
   // whole, so the file never holds half of a block's old and new bytes.
-  std::vector<std::byte> block(block_size_);
-  Result<size_t> got = device_.read_at(block, block_offset);
+  std::vector<std::byte> block(block_size());
+  Result<size_t> got = device_.read(block, block_offset);
   if (!got) return got.status();
   std::memset(block.data() + *got, 0, block.size() - *got);
   std::memcpy(block.data() + offset_in_block, data.data(), data.size());
@@ -181,27 +263,22 @@ Status Overlay::write_partial_locked(uint64_t index, uint64_t offset_in_block,
   return Status::ok();
 }
 
-Status Overlay::write_at(std::span<const std::byte> data, uint64_t offset) {
-  if (offset > size_ || data.size() > size_ - offset) {
-    return Status::invalid_argument(fmt::format("write of {} bytes at {} past the disk's end at {}",
-                                                data.size(), offset, size_));
-  }
-  if (data.empty()) return Status::ok();
+Status Overlay::do_write(std::span<const std::byte> data, uint64_t offset) {
   const uint64_t end = offset + data.size();
-  BlockLocks locks(*this, offset / block_size_, (end - 1) / block_size_);
+  BlockLocks locks(*this, offset / block_size(), (end - 1) / block_size());
   for (uint64_t position = offset; position < end;) {
-    const uint64_t block = position / block_size_;
-    const uint64_t block_begin = block * block_size_;
-    if (position == block_begin && end - position >= block_size_) {
+    const uint64_t block = position / block_size();
+    const uint64_t block_begin = block * block_size();
+    if (position == block_begin && end - position >= block_size()) {
       // A run of whole blocks: straight to the file, then marked.
-      const uint64_t whole = align_down(end - position, block_size_);
+      const uint64_t whole = align_down(end - position, block_size());
       LB_RETURN_IF_ERROR(
           pwrite_all(fd_.get(), data.subspan(position - offset, whole), position, "the overlay"));
-      present_.set_range(block, block + whole / block_size_);
+      present_.set_range(block, block + whole / block_size());
       position += whole;
       continue;
     }
-    const uint64_t piece_end = std::min(end, block_begin + block_size_);
+    const uint64_t piece_end = std::min(end, block_begin + block_size());
     LB_RETURN_IF_ERROR(write_partial_locked(block, position - block_begin,
                                             data.subspan(position - offset, piece_end - position)));
     position = piece_end;
@@ -209,19 +286,19 @@ Status Overlay::write_at(std::span<const std::byte> data, uint64_t offset) {
   return Status::ok();
 }
 
-Status Overlay::write_zeros(uint64_t offset, uint64_t length) {
-  if (offset > size_ || length > size_ - offset) {
-    return Status::invalid_argument(fmt::format("zeroing {} bytes at {} past the disk's end at {}",
-                                                length, offset, size_));
-  }
+Status Overlay::do_trim(uint64_t offset, uint64_t length) {
+  return do_write_zeroes(offset, length);
+}
+
+Status Overlay::do_write_zeroes(uint64_t offset, uint64_t length) {
   const uint64_t end = offset + length;
-  const uint64_t first_whole = align_up(offset, block_size_);
-  const uint64_t last_whole = std::max(first_whole, align_down(end, block_size_));
+  const uint64_t first_whole = align_up(offset, block_size());
+  const uint64_t last_whole = std::max(first_whole, align_down(end, block_size()));
   static const std::vector<std::byte> kZeros(64 * 1024);
   const auto zero_bytes = [&](uint64_t from, uint64_t to) -> Status {
     for (uint64_t at = from; at < to;) {
       const uint64_t take = std::min<uint64_t>(to - at, kZeros.size());
-      LB_RETURN_IF_ERROR(write_at(std::span(kZeros).first(take), at));
+      LB_RETURN_IF_ERROR(do_write(std::span(kZeros).first(take), at));
       at += take;
     }
     return Status::ok();
@@ -229,19 +306,19 @@ Status Overlay::write_zeros(uint64_t offset, uint64_t length) {
   if (first_whole >= end) return zero_bytes(offset, end);
   LB_RETURN_IF_ERROR(zero_bytes(offset, first_whole));
   if (last_whole > first_whole) {
-    BlockLocks locks(*this, first_whole / block_size_, last_whole / block_size_ - 1);
+    BlockLocks locks(*this, first_whole / block_size(), last_whole / block_size() - 1);
     // A hole reads as zeros and costs no space.
     if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                     static_cast<off_t>(first_whole),
                     static_cast<off_t>(last_whole - first_whole)) != 0) {
       return posix_error("punch a hole in the overlay", errno);
     }
-    present_.set_range(first_whole / block_size_, last_whole / block_size_);
+    present_.set_range(first_whole / block_size(), last_whole / block_size());
   }
   return zero_bytes(last_whole, end);
 }
 
-Status Overlay::flush() {
+Status Overlay::do_flush() {
   if (!map_) return Status::ok();  // a temporary overlay does not outlive the process
   std::unique_lock lock(flush_mu_);
   // A round already running may have taken its snapshot before this
@@ -271,7 +348,7 @@ Status Overlay::flush_round() {
   // before the map that names it is.
   const std::vector<uint64_t> snapshot = present_.words();
   if (::fdatasync(fd_.get()) != 0) return posix_error("sync the overlay", errno);
-  return map_->save(snapshot, align_up(size_, block_size_));
+  return map_->save(snapshot, align_up(size(), block_size()));
 }
 
 Result<Overlay::Kept> Overlay::open_kept(const std::filesystem::path& path,

@@ -1,6 +1,6 @@
-// image::Overlay: a writable disk over a read-only Device. Writes, trims and
-// zeroes go to a local sparse file; reads merge it with the device; the
-// stored objects are never modified.
+// image::Overlay: a writable Disk (disk.h) stacked on a read-only one (a
+// build's Device). Writes, trims and zeroes go to a local sparse file; reads
+// merge it with the device; the stored objects are never modified.
 //
 // Data flow: one bit per device block says whether the block lives in the
 // overlay file. Every write takes the locks of the blocks it touches (lock
@@ -9,7 +9,8 @@
 // block not yet in the file is merged with the device's bytes in memory and
 // written whole. A read takes each run of blocks from the overlay or from
 // the device, without a lock: a bit is set only after its block's bytes are
-// in the file, and never cleared. Zeroing whole blocks punches a hole.
+// in the file, and never cleared. Zeroing whole blocks punches a hole,
+// which extents() reports as a zero extent (the file's holes, by SEEK_HOLE).
 //
 // Kept overlays (`--overlay PATH`): the data file is PATH, its block map
 // PATH.map (overlay_map.h), which records the device the overlay belongs
@@ -40,7 +41,7 @@
 
 namespace lazyblock::image {
 
-class Overlay {
+class Overlay final : public Disk {
  public:
   // An overlay of `device` in an unnamed file in `temp_dir` (gone when
   // closed), or kept at `path`: created there if PATH does not exist,
@@ -51,20 +52,9 @@ class Overlay {
                                                std::optional<std::filesystem::path> path,
                                                const std::filesystem::path& temp_dir = {});
   // Flushes a kept overlay.
-  ~Overlay();
+  ~Overlay() override;
 
-  uint64_t size() const { return size_; }
-  uint64_t block_size() const { return block_size_; }
-
-  // Copies [offset, offset + buffer.size()) of the disk, clipped to its end.
-  Result<size_t> read_at(std::span<std::byte> buffer, uint64_t offset);
-  // Writes `data` at `offset`; the range must lie within the disk.
-  // kNoSpace when the overlay's file system is full.
-  Status write_at(std::span<const std::byte> data, uint64_t offset);
-  // Makes [offset, offset + length) read as zeros (trim and write-zeroes).
-  Status write_zeros(uint64_t offset, uint64_t length);
-  // Makes every write completed before the call durable (see above).
-  Status flush();
+  Readahead readahead() const override;
 
   // Whether block `index` lives in the overlay.
   bool has_block(uint64_t index) const { return present_.test(index); }
@@ -82,8 +72,27 @@ class Overlay {
                                 const OverlayIdentity& expected);
 
  private:
-  Overlay(Device& device, UniqueFd fd, std::unique_ptr<OverlayMap> map, uint64_t size,
-          uint64_t block_size);
+  Overlay(Disk& device, UniqueFd fd, std::unique_ptr<OverlayMap> map);
+
+  // Reads of blocks not in the file go to the device; a range lies in runs
+  // of blocks wholly in the file or wholly not.
+  Status do_read(std::span<std::byte> buffer, uint64_t offset) override;
+  Result<std::optional<std::span<const std::byte>>> do_view(uint64_t offset,
+                                                            uint64_t length) override;
+  std::optional<std::span<const std::byte>> do_cached_view(uint64_t offset,
+                                                           uint64_t length) override;
+  bool do_is_zero(uint64_t offset, uint64_t length) override;
+  void do_prefetch(uint64_t offset, uint64_t length) override;
+  Status do_extents(uint64_t offset, uint64_t length, std::vector<DiskExtent>& out) override;
+  Status do_write(std::span<const std::byte> data, uint64_t offset) override;
+  // Trim and write-zeroes alike make the range read as zeros.
+  Status do_write_zeroes(uint64_t offset, uint64_t length) override;
+  Status do_trim(uint64_t offset, uint64_t length) override;
+  Status do_flush() override;
+  // Whether [offset, offset + length) lies wholly outside the file's blocks.
+  bool all_on_device(uint64_t offset, uint64_t length) const;
+  // Appends the extents of [offset, end), wholly in the file: its holes are zeros.
+  Status file_extents(uint64_t offset, uint64_t end, std::vector<DiskExtent>& out) const;
 
   // The lock stripes of blocks [first, last], taken in stripe order.
   class BlockLocks;
@@ -95,11 +104,9 @@ class Overlay {
   // One round of flushing: snapshot, sync the data, save the map.
   Status flush_round();
 
-  Device& device_;
+  Disk& device_;
   const UniqueFd fd_;
   const std::unique_ptr<OverlayMap> map_;  // null for a temporary overlay
-  const uint64_t size_;
-  const uint64_t block_size_;
   AtomicBitmap present_;
   std::array<std::mutex, 64> stripes_;
 

@@ -42,7 +42,7 @@ class OverlayTest : public ::testing::Test {
 
   std::vector<std::byte> block_of(const Overlay& overlay, uint64_t index) {
     std::vector<std::byte> bytes(kBlock);
-    Result<size_t> got = const_cast<Overlay&>(overlay).read_at(bytes, index * kBlock);
+    Result<size_t> got = const_cast<Overlay&>(overlay).read(bytes, index * kBlock);
     EXPECT_TRUE(got);
     return bytes;
   }
@@ -73,8 +73,8 @@ TEST_F(OverlayTest, WholeAndPartialWritesToOneBlockAreAtomic) {
       threads.emplace_back([&, order, t] {
         for (uint64_t block : order) {
           const Status status =
-              t % 2 == 0 ? (*overlay)->write_at(filled(kBlock, 0xAA), block * kBlock)
-                         : (*overlay)->write_at(filled(kPartLength, 0xBB), block * kBlock + kPartAt);
+              t % 2 == 0 ? (*overlay)->write(filled(kBlock, 0xAA), block * kBlock)
+                         : (*overlay)->write(filled(kPartLength, 0xBB), block * kBlock + kPartAt);
           ASSERT_TRUE(status.is_ok()) << status.to_string();
         }
       });
@@ -99,13 +99,13 @@ TEST_F(OverlayTest, OverlappingWritesEachLandWhole) {
   for (int round = 0; round < 50; ++round) {
     Result<std::unique_ptr<Overlay>> overlay = Overlay::open(*device_, std::nullopt, scratch_->path());
     ASSERT_TRUE(overlay);
-    std::thread first([&] { ASSERT_TRUE((*overlay)->write_at(filled(8 * kBlock + 300, 1), 0).is_ok()); });
+    std::thread first([&] { ASSERT_TRUE((*overlay)->write(filled(8 * kBlock + 300, 1), 0).is_ok()); });
     std::thread second(
-        [&] { ASSERT_TRUE((*overlay)->write_at(filled(8 * kBlock, 2), 4 * kBlock + 300).is_ok()); });
+        [&] { ASSERT_TRUE((*overlay)->write(filled(8 * kBlock, 2), 4 * kBlock + 300).is_ok()); });
     first.join();
     second.join();
     std::vector<std::byte> shared(4 * kBlock + 0);
-    ASSERT_TRUE((*overlay)->read_at(shared, 4 * kBlock + 300));
+    ASSERT_TRUE((*overlay)->read(shared, 4 * kBlock + 300));
     const std::byte winner = shared[0];
     for (size_t i = 0; i < shared.size(); ++i) {
       ASSERT_EQ(shared[i], winner) << "round " << round << ": bytes of two writes interleave at "
@@ -119,9 +119,9 @@ TEST_F(OverlayTest, AKeptOverlayComesBackAsOfItsLastFlushAndSurvivesATornMap) {
   {
     Result<std::unique_ptr<Overlay>> overlay = Overlay::open(*device_, path);
     ASSERT_TRUE(overlay) << overlay.status().to_string();
-    ASSERT_TRUE((*overlay)->write_at(filled(kBlock, 1), 1 * kBlock).is_ok());
+    ASSERT_TRUE((*overlay)->write(filled(kBlock, 1), 1 * kBlock).is_ok());
     ASSERT_TRUE((*overlay)->flush().is_ok());
-    ASSERT_TRUE((*overlay)->write_at(filled(kBlock, 2), 2 * kBlock).is_ok());
+    ASSERT_TRUE((*overlay)->write(filled(kBlock, 2), 2 * kBlock).is_ok());
     ASSERT_TRUE((*overlay)->flush().is_ok());
   }
   {

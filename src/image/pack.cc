@@ -126,7 +126,7 @@ Status pack_source(Device* parent, int source_fd, int data_fd, const PackOptions
     std::memset(batch.data() + *got, 0, padded - *got);
     uint64_t parent_bytes = 0;
     if (parent != nullptr) {
-      Result<size_t> read = parent->read_at(std::span(before).first(padded), offset);
+      Result<size_t> read = parent->read(std::span(before).first(padded), offset);
       if (!read) return read.status().with_context("read the parent");
       parent_bytes = *read;
       std::memset(before.data() + parent_bytes, 0, padded - parent_bytes);
@@ -179,7 +179,7 @@ Status pack_overlay(Device& parent, const std::filesystem::path& path, int data_
                                      "overlay " + path.string());
     if (!got) return got.status();
     std::memset(bytes.data() + *got, 0, length - *got);
-    Result<size_t> read = parent.read_at(std::span(before).first(length), offset);
+    Result<size_t> read = parent.read(std::span(before).first(length), offset);
     if (!read) return read.status().with_context("read the parent");
     std::memset(before.data() + *read, 0, length - *read);
     for (uint64_t at = 0; at < length; at += block) {

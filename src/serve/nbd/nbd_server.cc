@@ -25,9 +25,6 @@
 namespace lazyblock::nbd {
 namespace {
 
-// Option payloads beyond this are refused unread (names are at most 4 KiB).
-constexpr uint32_t kMaxOptionBytes = 64 * 1024;
-
 // After stop(), replies still being made may take this long to reach their
 // clients; then every connection is shut down, so that a client that does
 // not read its replies cannot hold the server's exit.
@@ -41,417 +38,107 @@ constexpr uint64_t kTotalBytesInFlight = 256 * 1024 * 1024;
 // not reading their replies do not stall everyone else.
 constexpr uint64_t kAlwaysAdmitted = 1024 * 1024;
 
-// Reads all of `buffer`; false if the connection ended, or if `deadline`
-// (when given) passed first.
-bool read_exact(int fd, std::span<std::byte> buffer,
-                std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt) {
-  size_t done = 0;
-  while (done < buffer.size()) {
-    if (deadline) {
-      const auto left = std::chrono::ceil<std::chrono::milliseconds>(
-          *deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0) return false;
-      pollfd ready{fd, POLLIN, 0};
-      const int polled = ::poll(&ready, 1, static_cast<int>(left.count()));
-      if (polled < 0 && errno == EINTR) continue;
-      if (polled <= 0) return false;
-    }
-    const ssize_t got = ::recv(fd, buffer.data() + done, buffer.size() - done, 0);
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) return false;
-    done += static_cast<size_t>(got);
-  }
-  return true;
-}
-
-bool write_all(int fd, std::span<const std::byte> data) {
-  size_t done = 0;
-  while (done < data.size()) {
-    // MSG_NOSIGNAL: a client that went away is an error here, not a SIGPIPE.
-    const ssize_t put = ::send(fd, data.data() + done, data.size() - done, MSG_NOSIGNAL);
-    if (put < 0 && errno == EINTR) continue;
-    if (put <= 0) return false;
-    done += static_cast<size_t>(put);
-  }
-  return true;
-}
-
-// Reads and drops `length` bytes (a payload the server will not use).
-bool discard(int fd, uint64_t length,
-             std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt) {
-  std::byte scratch[65536];
-  while (length > 0) {
-    const size_t take = static_cast<size_t>(std::min<uint64_t>(length, sizeof scratch));
-    if (!read_exact(fd, std::span(scratch, take), deadline)) return false;
-    length -= take;
-  }
-  return true;
-}
-
-// The NBD error for a failed request: a full disk is ENOSPC (the guest's
-// file system sees a full disk, not a broken one).
-uint32_t nbd_error(const Status& status) {
-  switch (status.code()) {
-    case StatusCode::kInvalidArgument: return kEinval;
-    case StatusCode::kNoSpace: return kEnospc;
-    case StatusCode::kCancelled: return kEshutdown;
-    default: return kEio;
-  }
-}
-
-// A failed read: ESHUTDOWN if the server is stopping, else EIO.
-uint32_t nbd_read_error(const Status& status) {
-  return status.code() == StatusCode::kCancelled ? kEshutdown : kEio;
-}
-
-}  // namespace
-
-// One client connection: the handshake, then the requests.
-class NbdServer::Session : public std::enable_shared_from_this<Session> {
+// A connection's socket as a session's transport. During the handshake,
+// reads and writes give up at its deadline: a client that is silent, or
+// trickles, or does not read the replies, is closed when it runs out.
+class SocketTransport final : public Transport {
  public:
-  Session(NbdServer& server, int fd) : server_(server), fd_(fd) {}
-
-  void run() {
-    if (negotiate()) transmission();
-    // Replies still being made need the socket; wait for them.
-    std::unique_lock lock(mu_);
-    idle_.wait(lock, [&] { return in_flight_ == 0; });
-    lock.unlock();
-    server_.session_ended(fd_);
+  SocketTransport(int fd, std::chrono::milliseconds handshake_timeout)
+      : fd_(fd),
+        timeout_(handshake_timeout),
+        deadline_(std::chrono::steady_clock::now() + handshake_timeout) {
+    set_send_timeout(timeout_);
   }
 
- private:
-  const Export& disk() const { return server_.export_; }
-  bool writable() const { return disk().overlay != nullptr; }
-  uint64_t size() const { return disk().device->size(); }
-
-  uint16_t transmission_flags() const {
-    uint16_t flags = kFlagHasFlags | kFlagSendFlush | kFlagSendCache | kFlagCanMultiConn;
-    if (writable()) {
-      flags |= kFlagSendFua | kFlagSendTrim | kFlagSendWriteZeroes;
-    } else {
-      flags |= kFlagReadOnly;
-    }
-    return flags;
-  }
-
-  bool send(std::span<const std::byte> data) {
-    std::lock_guard lock(write_mu_);
-    return write_all(fd_, data);
-  }
-  bool send_reply(uint32_t option, uint32_t type, std::span<const std::byte> payload = {}) {
-    return write_all(fd_, option_reply(option, type, payload));
-  }
-  bool send_error(uint32_t option, uint32_t type, const std::string& message) {
-    return send_reply(option, type, std::as_bytes(std::span(message.data(), message.size())));
-  }
-
-  // The handshake within the time limit: a client that is silent, or
-  // trickles, or does not read our replies, is closed when it runs out.
-  bool negotiate() {
-    const auto timeout = server_.limits_.handshake_timeout;
-    deadline_ = std::chrono::steady_clock::now() + timeout;
-    timeval send_timeout{static_cast<time_t>(timeout.count() / 1000),
-                         static_cast<suseconds_t>(timeout.count() % 1000 * 1000)};
-    ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof send_timeout);
-    const bool agreed = handshake();
-    if (!agreed) {
-      if (std::chrono::steady_clock::now() >= deadline_) {
-        log(LogLevel::kInfo, "nbd: a client did not finish its handshake within {} ms: closing",
-            timeout.count());
+  bool read(std::span<std::byte> buffer) override {
+    size_t done = 0;
+    while (done < buffer.size()) {
+      if (deadline_) {
+        const auto left = std::chrono::ceil<std::chrono::milliseconds>(
+            *deadline_ - std::chrono::steady_clock::now());
+        if (left.count() <= 0) return timed_out();
+        pollfd ready{fd_, POLLIN, 0};
+        const int polled = ::poll(&ready, 1, static_cast<int>(left.count()));
+        if (polled < 0 && errno == EINTR) continue;
+        if (polled == 0) return timed_out();
+        if (polled < 0) return false;
       }
-      return false;
+      const ssize_t got = ::recv(fd_, buffer.data() + done, buffer.size() - done, 0);
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) return false;
+      done += static_cast<size_t>(got);
     }
-    // Replies may wait on a slow client as long as it likes from now on.
-    send_timeout = {};
-    ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof send_timeout);
     return true;
   }
 
-  bool receive(std::span<std::byte> buffer) { return read_exact(fd_, buffer, deadline_); }
-
-  bool handshake() {
-    Writer greeting;
-    greeting.u64(kNbdMagic).u64(kOptionMagic).u16(kFlagFixedNewstyle | kFlagNoZeroes);
-    if (!write_all(fd_, greeting.data())) return false;
-    std::byte flags_bytes[4];
-    if (!receive(flags_bytes)) return false;
-    const uint32_t client_flags = get_u32(flags_bytes);
-    if ((client_flags & ~(kClientFlagFixedNewstyle | kClientFlagNoZeroes)) != 0) {
-      log(LogLevel::kInfo, "nbd: a client asked for unknown flags {:#x}: closing", client_flags);
-      return false;
-    }
-    no_zeroes_ = (client_flags & kClientFlagNoZeroes) != 0;
-    for (;;) {
-      std::byte header[16];
-      if (!receive(header)) return false;
-      if (get_u64(header) != kOptionMagic) {
-        log(LogLevel::kInfo, "nbd: bad option magic: closing");
+  bool write(std::span<const std::byte> data) override {
+    size_t done = 0;
+    while (done < data.size()) {
+      // MSG_NOSIGNAL: a client that went away is an error here, not a SIGPIPE.
+      const ssize_t put = ::send(fd_, data.data() + done, data.size() - done, MSG_NOSIGNAL);
+      if (put < 0 && errno == EINTR) continue;
+      if (put <= 0) {
+        if (deadline_ && std::chrono::steady_clock::now() >= *deadline_) return timed_out();
         return false;
       }
-      const uint32_t option = get_u32(header + 8);
-      const uint32_t length = get_u32(header + 12);
-      if (length > kMaxOptionBytes) {
-        if (!discard(fd_, length, deadline_)) return false;
-        if (!send_error(option, kRepErrTooBig, "option data too large")) return false;
-        continue;
-      }
-      std::vector<std::byte> data(length);
-      if (!receive(data)) return false;
-      switch (option) {
-        case kOptExportName: {
-          const std::string name(reinterpret_cast<const char*>(data.data()), data.size());
-          if (!known_export(name)) return false;  // this option has no error reply
-          Writer reply;
-          reply.u64(size()).u16(transmission_flags());
-          if (!no_zeroes_) reply.bytes(std::vector<std::byte>(124));
-          return write_all(fd_, reply.data());
-        }
-        case kOptAbort:
-          send_reply(option, kRepAck);
-          return false;
-        case kOptList: {
-          if (!data.empty()) {
-            if (!send_error(option, kRepErrInvalid, "LIST takes no data")) return false;
-            break;
-          }
-          Writer server;
-          server.u32(static_cast<uint32_t>(disk().name.size())).text(disk().name);
-          if (!send_reply(option, kRepServer, server.data())) return false;
-          if (!send_reply(option, kRepAck)) return false;
-          break;
-        }
-        case kOptInfo:
-        case kOptGo: {
-          const int outcome = info_or_go(option, data);
-          if (outcome < 0) return false;
-          if (outcome > 0) return true;  // GO: transmission starts
-          break;
-        }
-        case kOptStructuredReply:
-          if (!data.empty()) {
-            if (!send_error(option, kRepErrInvalid, "STRUCTURED_REPLY takes no data")) return false;
-            break;
-          }
-          structured_ = true;
-          if (!send_reply(option, kRepAck)) return false;
-          break;
-        case kOptListMetaContext:
-        case kOptSetMetaContext:
-          // No metadata contexts are offered: an empty answer says so.
-          if (!structured_) {
-            if (!send_error(option, kRepErrInvalid, "structured replies first")) return false;
-            break;
-          }
-          if (!send_reply(option, kRepAck)) return false;
-          break;
-        case kOptStartTls:
-          if (!send_error(option, kRepErrPolicy, "TLS is not offered")) return false;
-          break;
-        default:
-          if (!send_error(option, kRepErrUnsup, "unsupported option")) return false;
-      }
+      done += static_cast<size_t>(put);
     }
+    return true;
   }
 
-  bool known_export(const std::string& name) const {
-    return name.empty() || name == disk().name;
+  void handshake_done() override {
+    // Replies may wait on a slow client as long as it likes from now on.
+    deadline_.reset();
+    set_send_timeout(std::chrono::milliseconds(0));
   }
 
-  // NBD_OPT_INFO and NBD_OPT_GO: -1 to close, 0 to go on negotiating, 1 to
-  // start transmission.
-  int info_or_go(uint32_t option, std::span<const std::byte> data) {
-    if (data.size() < 6) return send_error(option, kRepErrInvalid, "short INFO/GO") ? 0 : -1;
-    const uint32_t name_length = get_u32(data.data());
-    if (name_length > data.size() - 6) {
-      return send_error(option, kRepErrInvalid, "name longer than the option") ? 0 : -1;
+ private:
+  bool timed_out() {
+    if (!reported_) {
+      reported_ = true;
+      log(LogLevel::kInfo, "nbd: a client did not finish its handshake within {} ms: closing",
+          timeout_.count());
     }
-    const std::string name(reinterpret_cast<const char*>(data.data() + 4), name_length);
-    const uint16_t requests = get_u16(data.data() + 4 + name_length);
-    if (data.size() != 6 + name_length + 2ULL * requests) {
-      return send_error(option, kRepErrInvalid, "INFO/GO length mismatch") ? 0 : -1;
-    }
-    if (!known_export(name)) {
-      return send_error(option, kRepErrUnknown, "no export named '" + name + "'") ? 0 : -1;
-    }
-    Writer info;
-    info.u16(kInfoExport).u64(size()).u16(transmission_flags());
-    if (!send_reply(option, kRepInfo, info.data())) return -1;
-    Writer block;
-    block.u16(kInfoBlockSize).u32(kMinBlock).u32(kPreferredBlock).u32(kMaxBlock);
-    if (!send_reply(option, kRepInfo, block.data())) return -1;
-    for (uint16_t i = 0; i < requests; ++i) {
-      if (get_u16(data.data() + 6 + name_length + 2 * i) == kInfoName) {
-        Writer named;
-        named.u16(kInfoName).text(disk().name);
-        if (!send_reply(option, kRepInfo, named.data())) return -1;
-      }
-    }
-    if (!send_reply(option, kRepAck)) return -1;
-    return option == kOptGo ? 1 : 0;
+    return false;
   }
 
-  void transmission() {
-    for (;;) {
-      std::array<std::byte, kRequestBytes> header;
-      if (!read_exact(fd_, header)) return;  // the client went away
-      const std::optional<Request> request = parse_request(header);
-      if (!request) {
-        log(LogLevel::kInfo, "nbd: bad request magic: closing the connection");
-        return;
-      }
-      server_.requests_.fetch_add(1, std::memory_order_relaxed);
-      if (request->type == kCmdDisc) return;
-      std::vector<std::byte> payload;
-      if (request->type == kCmdWrite && request->length > kMaxBlock) {
-        // Not worth holding: the bytes are read past, the request refused.
-        if (!discard(fd_, request->length)) return;
-        finish_error(*request, kEinval, "write longer than the 32 MiB limit");
-        continue;
-      }
-      // What the request makes the server hold: the reply of a read, the
-      // payload of a write (longer reads are refused unallocated).
-      const bool holds = (request->type == kCmdRead || request->type == kCmdWrite) &&
-                         request->length <= kMaxBlock;
-      const uint64_t cost = holds ? request->length : 0;
-      if (!server_.reserve(&bytes_held_, cost)) return;  // stopping
-      if (request->type == kCmdWrite) {
-        payload.resize(request->length);
-        if (!read_exact(fd_, payload)) {  // vanished mid-request
-          server_.release(&bytes_held_, cost);
-          return;
-        }
-      }
-      {
-        std::lock_guard lock(mu_);
-        ++in_flight_;
-      }
-      server_.workers_.submit([self = shared_from_this(), request = *request, cost,
-                               payload = std::move(payload)]() mutable {
-        self->handle(request, payload);
-        payload = {};
-        self->server_.release(&self->bytes_held_, cost);
-        std::lock_guard lock(self->mu_);
-        if (--self->in_flight_ == 0) self->idle_.notify_all();
-      });
-    }
+  void set_send_timeout(std::chrono::milliseconds timeout) {
+    timeval send_timeout{static_cast<time_t>(timeout.count() / 1000),
+                         static_cast<suseconds_t>(timeout.count() % 1000 * 1000)};
+    ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof send_timeout);
   }
 
-  // The error for a request that does not fit the export, or 0.
-  uint32_t check(const Request& request) const {
-    const uint16_t known = kCmdFlagFua | kCmdFlagNoHole | kCmdFlagDf | kCmdFlagFastZero;
-    if ((request.flags & ~known) != 0) return kEinval;
-    switch (request.type) {
-      case kCmdRead:
-      case kCmdCache:
-        if (request.length > kMaxBlock) return structured_ ? kEoverflow : kEinval;
-        if (request.offset > size() || request.length > size() - request.offset) return kEinval;
-        return 0;
-      case kCmdWrite:
-      case kCmdTrim:
-      case kCmdWriteZeroes:
-        if (!writable()) return kEperm;
-        if (request.offset > size() || request.length > size() - request.offset) return kEnospc;
-        return 0;
-      case kCmdFlush:
-        return 0;
-      default:
-        return kEinval;
-    }
-  }
-
-  void handle(const Request& request, std::span<const std::byte> payload) {
-    if (const uint32_t error = check(request); error != 0) {
-      finish_error(request, error, fmt::format("request {} at {} of {} bytes refused", request.type,
-                                               request.offset, request.length));
-      return;
-    }
-    Status status;
-    switch (request.type) {
-      case kCmdRead: {
-        std::vector<std::byte> data(request.length);
-        Result<size_t> got = disk().overlay != nullptr
-                                 ? disk().overlay->read_at(data, request.offset)
-                                 : disk().device->read_at(data, request.offset);
-        if (got && *got != data.size()) got = Status::corruption("short read");
-        if (!got) {
-          log(LogLevel::kWarn, "nbd: read of {} bytes at {} failed: {}", request.length,
-              request.offset, got.status().to_string());
-          finish_error(request, nbd_read_error(got.status()), got.status().message());
-          return;
-        }
-        finish_read(request, data);
-        return;
-      }
-      case kCmdWrite:
-        status = disk().overlay->write_at(payload, request.offset);
-        if (status.is_ok() && (request.flags & kCmdFlagFua)) status = disk().overlay->flush();
-        break;
-      case kCmdTrim:
-        status = disk().overlay->write_zeros(request.offset, request.length);
-        break;
-      case kCmdWriteZeroes:
-        status = disk().overlay->write_zeros(request.offset, request.length);
-        if (status.is_ok() && (request.flags & kCmdFlagFua)) status = disk().overlay->flush();
-        break;
-      case kCmdFlush:
-        if (disk().overlay != nullptr) status = disk().overlay->flush();
-        break;
-      case kCmdCache:
-        disk().device->prefetch(request.offset, request.length);
-        break;
-    }
-    if (!status.is_ok()) {
-      log(LogLevel::kWarn, "nbd: request {} at {} failed: {}", request.type, request.offset,
-          status.to_string());
-      finish_error(request, nbd_error(status), status.message());
-      return;
-    }
-    if (structured_) {
-      send(structured_header(kReplyFlagDone, kReplyTypeNone, request.cookie, 0));
-    } else {
-      send(simple_reply(request.cookie, 0));
-    }
-  }
-
-  void finish_read(const Request& request, std::span<const std::byte> data) {
-    std::lock_guard lock(write_mu_);
-    if (structured_) {
-      Writer chunk;
-      chunk.bytes(structured_header(kReplyFlagDone, kReplyTypeOffsetData, request.cookie,
-                                    static_cast<uint32_t>(8 + data.size())));
-      chunk.u64(request.offset);
-      if (write_all(fd_, chunk.data())) write_all(fd_, data);
-    } else {
-      if (write_all(fd_, simple_reply(request.cookie, 0))) write_all(fd_, data);
-    }
-  }
-
-  void finish_error(const Request& request, uint32_t error, const std::string& message) {
-    if (structured_) {
-      const std::string text = message.substr(0, 1024);
-      Writer chunk;
-      chunk.bytes(structured_header(kReplyFlagDone, kReplyTypeError, request.cookie,
-                                    static_cast<uint32_t>(6 + text.size())));
-      chunk.u32(error).u16(static_cast<uint16_t>(text.size())).text(text);
-      send(chunk.data());
-    } else {
-      send(simple_reply(request.cookie, error));
-    }
-  }
-
-  NbdServer& server_;
   const int fd_;
-  std::chrono::steady_clock::time_point deadline_;  // of the handshake
-  bool no_zeroes_ = false;
-  bool structured_ = false;  // set during the handshake, read-only after
-  std::mutex write_mu_;      // one reply at a time on the socket
-
-  std::mutex mu_;
-  std::condition_variable idle_;
-  int in_flight_ = 0;  // guarded by mu_
-  uint64_t bytes_held_ = 0;  // guarded by server_.budget_mu_
+  const std::chrono::milliseconds timeout_;
+  std::optional<std::chrono::steady_clock::time_point> deadline_;  // of the handshake
+  bool reported_ = false;
 };
+
+}  // namespace
+
+// One connection's requests on the server's workers, within its share of
+// the reply budget.
+class NbdServer::Runner final : public RequestRunner {
+ public:
+  explicit Runner(NbdServer& server) : server_(server) {}
+  bool admit(uint64_t bytes) override { return server_.reserve(&held_, bytes); }
+  void release(uint64_t bytes) override { server_.release(&held_, bytes); }
+  void run(std::function<void()> request) override { server_.workers_.submit(std::move(request)); }
+
+ private:
+  NbdServer& server_;
+  uint64_t held_ = 0;  // guarded by server_.budget_mu_
+};
+
+void NbdServer::serve_connection(int fd) {
+  {
+    SocketTransport transport(fd, limits_.handshake_timeout);
+    Runner runner(*this);
+    Session session(export_, transport, runner, requests_);
+    session.run();
+  }
+  session_ended(fd);
+}
 
 NbdServer::NbdServer(Export disk, ConnectionLimits limits, int workers)
     : export_(std::move(disk)), limits_(limits), workers_(workers) {
@@ -521,9 +208,8 @@ Status NbdServer::serve() {
       open_fds_.insert(fd);
     }
     connections_.fetch_add(1);
-    auto session = std::make_shared<Session>(*this, fd);
     try {
-      std::thread([session] { session->run(); }).detach();
+      std::thread([this, fd] { serve_connection(fd); }).detach();
     } catch (const std::system_error& error) {
       // Out of threads: this connection is refused; the server goes on.
       log(LogLevel::kWarn, "serve nbd: refused a connection: no thread for it ({})", error.what());

@@ -1,21 +1,13 @@
 // NbdServer: serves one build's disk over NBD (fixed newstyle) to any
 // standard client: the Linux kernel's nbd.ko, qemu, libnbd's tools.
 //
-// Data flow: each connection runs on a thread of its own that does the
-// handshake (NBD_OPT_GO/INFO/LIST/ABORT/STRUCTURED_REPLY; EXPORT_NAME for
-// old clients), then reads requests; each request (a write's payload read
-// first) goes to a worker pool, which reads from or writes to the disk and
-// sends the reply under the connection's write lock, so requests complete
-// out of order as their data arrives. Reads come from the overlay (which
-// merges the image) or, read-only, from the device; writes, trims and
-// zeroes go to the overlay; the stored objects are never modified.
-//
-// Bad input: a request the server cannot satisfy (out of range, too long,
-// an unknown command or flag, a write to a read-only export) gets its NBD
-// error and the connection goes on; only a request with a wrong magic (the
-// stream is out of step) ends the connection. No length from the wire is
-// trusted to allocate beyond the 32 MiB block limit; a client that vanishes
-// mid-request ends only its own connection. A connection holds at most
+// Data flow: each connection runs on a thread of its own a Session
+// (session.h: the handshake and the requests, the protocol itself) over
+// the socket; its requests run on the server's worker pool, which reads
+// from or writes to the export's Disk and sends each reply as its data
+// arrives. A writable Disk (an Overlay) takes writes, trims and zeroes; the
+// stored objects are never modified. A client that vanishes mid-request
+// ends only its own connection. A connection holds at most
 // 64 MiB of replies and write payloads at once, all of them 256 MiB (and a
 // connection holding nothing may always have one request of up to 1 MiB):
 // past that its requests are not read until replies are sent. A client that has not finished
@@ -36,17 +28,10 @@
 #include "common/unique_fd.h"
 #include "common/unix_socket.h"
 #include "common/worker_pool.h"
-#include "image/device.h"
-#include "image/overlay.h"
 #include "serve/connection_limits.h"
+#include "serve/nbd/session.h"
 
 namespace lazyblock::nbd {
-
-struct Export {
-  std::string name;             // what clients ask for ("" asks for this one too)
-  image::Device* device;        // the image
-  image::Overlay* overlay;      // writes go here; null: a read-only export
-};
 
 class NbdServer {
  public:
@@ -74,9 +59,11 @@ class NbdServer {
   uint64_t requests() const { return requests_.load(); }
 
  private:
-  class Session;
-  friend class Session;
+  class Runner;
+  friend class Runner;
 
+  // A connection's thread: its session, then its end.
+  void serve_connection(int fd);
   void session_ended(int fd);
   // Takes `bytes` of the reply budget for a request of `session` (whose
   // share is `*held`), waiting while that connection holds its share or all

@@ -39,6 +39,7 @@ enum OptionReply : uint32_t {
   kRepAck = 1,
   kRepServer = 2,
   kRepInfo = 3,
+  kRepMetaContext = 4,
   kRepErrUnsup = 0x80000001,
   kRepErrPolicy = 0x80000002,
   kRepErrInvalid = 0x80000003,
@@ -83,13 +84,22 @@ enum Command : uint16_t {
 constexpr uint16_t kCmdFlagFua = 1 << 0;
 constexpr uint16_t kCmdFlagNoHole = 1 << 1;
 constexpr uint16_t kCmdFlagDf = 1 << 2;
+constexpr uint16_t kCmdFlagReqOne = 1 << 3;
 constexpr uint16_t kCmdFlagFastZero = 1 << 4;
 
 // Structured reply chunks.
 constexpr uint16_t kReplyFlagDone = 1;
 constexpr uint16_t kReplyTypeNone = 0;
 constexpr uint16_t kReplyTypeOffsetData = 1;
+constexpr uint16_t kReplyTypeBlockStatus = 5;
 constexpr uint16_t kReplyTypeError = (1 << 15) + 1;
+
+// The one metadata context offered (NBD_OPT_SET_META_CONTEXT), its id in
+// block status replies, and its flags.
+constexpr const char* kAllocationContext = "base:allocation";
+constexpr uint32_t kAllocationContextId = 1;
+constexpr uint32_t kStateHole = 1 << 0;
+constexpr uint32_t kStateZero = 1 << 1;
 
 // Errors (errno values fixed by the protocol).
 enum Error : uint32_t {

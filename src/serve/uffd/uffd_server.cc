@@ -23,6 +23,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "common/io_context.h"
 #include "common/log.h"
 #include "common/units.h"
 #include "common/unix_socket.h"
@@ -451,13 +452,13 @@ UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address,
     // vCPU waiting on it.
     if (!removed && !retry && in_flight_.contains(page->address)) return Install::kExisted;
   }
-  image::Device& memfile = server_.memfile_;
+  image::Disk& memfile = server_.memfile_;
   Install result;
   if (removed || memfile.is_zero(page->offset, page->size)) {
     result = zero(*page);
     if (result != Install::kAgain) server_.counters_.served_zero.fetch_add(1);
   } else if (std::optional<std::span<const std::byte>> bytes =
-                 memfile.cached_slice(page->offset, page->size);
+                 memfile.cached_view(page->offset, page->size);
              bytes && (result = copy(*page, *bytes)) != Install::kUnreadable) {
     if (result != Install::kAgain) server_.counters_.served_cached.fetch_add(1);
   } else {
@@ -478,23 +479,18 @@ UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address,
 }
 
 void UffdServer::Session::fetch_and_install(Page page) {
-  image::Device& memfile = server_.memfile_;
+  image::Disk& memfile = server_.memfile_;
+  // The page in place, or, where it is not contiguous (a huge page over
+  // diff layers), assembled in the bounce buffer.
   std::vector<std::byte> bounce;
-  Result<std::span<const std::byte>> bytes = memfile.slice(page.offset, page.size);
-  if (!bytes && bytes.status().code() == StatusCode::kInvalidArgument) {
-    // The page crosses mappings (a huge page over diff layers): assemble it.
-    bounce.resize(page.size);
-    Result<size_t> got = memfile.read_at(bounce, page.offset);
-    bytes = got ? Result<std::span<const std::byte>>(std::span<const std::byte>(bounce))
-                : Result<std::span<const std::byte>>(got.status());
-  }
+  Result<std::span<const std::byte>> bytes = memfile.view_or_read(page.offset, page.size, bounce);
   Install result = Install::kFailed;
   if (bytes) result = copy(page, *bytes);
   if (result == Install::kUnreadable) {
-    // The cache file failed under its map: read_at copies through a guard,
+    // The cache file failed under its map: read copies through a guard,
     // drops what it cannot read and fetches it again.
     bounce.resize(page.size);
-    Result<size_t> got = memfile.read_at(bounce, page.offset);
+    Result<size_t> got = memfile.read(bounce, page.offset);
     if (got) {
       result = copy(page, bounce);
     } else {
@@ -527,7 +523,7 @@ void UffdServer::Session::fetch_and_install(Page page) {
 }
 
 void UffdServer::Session::prefetch() {
-  image::Device& memfile = server_.memfile_;
+  image::Disk& memfile = server_.memfile_;
   struct Piece {
     const GuestRegion* region;
     uint64_t begin;  // memfile offsets, whole pages of the region
@@ -561,7 +557,7 @@ void UffdServer::Session::prefetch() {
     for (size_t i = 0; i < window; ++i) {
       const Piece& piece = pending[i];
       if (memfile.is_zero(piece.begin, piece.end - piece.begin) ||
-          memfile.cached_slice(piece.begin, piece.end - piece.begin)) {
+          memfile.cached_view(piece.begin, piece.end - piece.begin)) {
         prefetch_range(*piece.region, piece.begin, piece.end);
       } else {
         pending[kept++] = piece;
@@ -578,15 +574,16 @@ void UffdServer::Session::prefetch() {
 
 void UffdServer::Session::prefetch_range(const GuestRegion& region, uint64_t begin,
                                          uint64_t end) {
-  image::Device& memfile = server_.memfile_;
+  image::Disk& memfile = server_.memfile_;
   const bool zero = memfile.is_zero(begin, end - begin);
   std::span<const std::byte> bytes;
   if (zero && region.huge()) {
     bytes = zeros(end - begin);
   } else if (!zero) {
-    Result<std::span<const std::byte>> slice = memfile.slice(begin, end - begin);
-    if (!slice && slice.status().code() == StatusCode::kInvalidArgument) {
-      // Across mappings (data and zeros, or two layers): page by page; a
+    Result<std::optional<std::span<const std::byte>>> view = memfile.view(begin, end - begin);
+    if (!view) return;  // a fault there will fetch (and report) it again
+    if (!*view) {
+      // Not contiguous (data and zeros, or two layers): page by page; a
       // single page across layers is left to its fault, which assembles it.
       if (end - begin == region.page_size) return;
       for (uint64_t page = begin; page < end; page += region.page_size) {
@@ -594,8 +591,7 @@ void UffdServer::Session::prefetch_range(const GuestRegion& region, uint64_t beg
       }
       return;
     }
-    if (!slice) return;  // a fault there will fetch (and report) it again
-    bytes = *slice;
+    bytes = **view;
   }
   // One ioctl installs the whole range, stopping short at a page already
   // there (a vCPU got to it first: skip it) or at a queued event (drain).
@@ -698,7 +694,7 @@ void UffdServer::Session::wake_events() {
   (void)!::write(wake_, &one, sizeof one);
 }
 
-UffdServer::UffdServer(image::Device& memfile, UffdOptions options)
+UffdServer::UffdServer(image::Disk& memfile, UffdOptions options)
     : memfile_(memfile), options_(std::move(options)), workers_(options_.workers) {}
 
 UffdServer::~UffdServer() {

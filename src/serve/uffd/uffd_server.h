@@ -46,7 +46,7 @@
 #include "common/status.h"
 #include "common/unix_socket.h"
 #include "common/worker_pool.h"
-#include "image/device.h"
+#include "image/disk.h"
 #include "serve/connection_limits.h"
 #include "serve/uffd/page_record.h"
 
@@ -77,7 +77,7 @@ struct UffdStats {
 
 class UffdServer {
  public:
-  UffdServer(image::Device& memfile, UffdOptions options);
+  UffdServer(image::Disk& memfile, UffdOptions options);
   // Stops serving and waits for every session to end.
   ~UffdServer();
 
@@ -95,7 +95,7 @@ class UffdServer {
   class Session;
   friend class Session;
 
-  image::Device& memfile_;
+  image::Disk& memfile_;
   const UffdOptions options_;
   std::unique_ptr<UnixListener> listener_;
   int wake_fd_ = -1;  // an eventfd that wakes serve() for stop()
