@@ -1,6 +1,7 @@
 #include "serve/nbd/session.h"
 
 #include <algorithm>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -16,7 +17,7 @@ constexpr uint32_t kMaxOptionBytes = 64 * 1024;
 
 // A write's payload buffer grows by this much as its bytes arrive, so that
 // a client announcing 32 MiB and sending less costs no 32 MiB.
-constexpr size_t kPayloadStep = 1024 * 1024;
+constexpr size_t kPayloadStep = 64 * 1024;
 
 // The NBD error for a failed request: a full disk is ENOSPC (the guest's
 // file system sees a full disk, not a broken one).
@@ -268,7 +269,6 @@ void Session::transmission() {
     if (!runner_.admit(cost)) return;  // stopping
     std::vector<std::byte> payload;
     if (request->type == kCmdWrite) {
-      payload.reserve(request->length);
       while (payload.size() < request->length) {
         const size_t from = payload.size();
         payload.resize(std::min<size_t>(request->length, from + kPayloadStep));
@@ -327,7 +327,10 @@ void Session::handle(const Request& request, std::span<const std::byte> payload)
   Status status;
   switch (request.type) {
     case kCmdRead: {
-      std::vector<std::byte> data(request.length);
+      // Not zeroed first: the read fills it whole or fails.
+      const std::unique_ptr<std::byte[]> buffer =
+          std::make_unique_for_overwrite<std::byte[]>(request.length);
+      const std::span<std::byte> data(buffer.get(), request.length);
       Result<size_t> got = disk_.read(data, request.offset);
       if (got && *got != data.size()) got = Status::corruption("short read");
       if (!got) {
