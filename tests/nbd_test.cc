@@ -501,5 +501,110 @@ TEST_F(NbdTest, ClientsThatDoNotReadRepliesHoldBoundedMemory) {
   EXPECT_EQ(server.stop(), 0);
 }
 
+// [begin, end) ranges, sorted and merged.
+using Ranges = std::vector<std::pair<uint64_t, uint64_t>>;
+
+Ranges merged(Ranges ranges) {
+  std::sort(ranges.begin(), ranges.end());
+  Ranges out;
+  for (const auto& [begin, end] : ranges) {
+    if (!out.empty() && begin <= out.back().second) {
+      out.back().second = std::max(out.back().second, end);
+    } else {
+      out.emplace_back(begin, end);
+    }
+  }
+  return out;
+}
+
+Ranges without(const Ranges& ranges, uint64_t begin, uint64_t end) {
+  Ranges out;
+  for (const auto& [b, e] : ranges) {
+    if (e <= begin || b >= end) {
+      out.emplace_back(b, e);
+      continue;
+    }
+    if (b < begin) out.emplace_back(b, begin);
+    if (e > end) out.emplace_back(end, e);
+  }
+  return out;
+}
+
+TEST_F(NbdTest, BlockStatusShowsZeroMappingsAndTrimmedBlocksAsHoles) {
+  // The zero ranges as the header has them.
+  Outcome inspected = run_lazyblock(dir_, {"inspect", "--store", store_, "--build", kBuild,
+                                           "--name", kName, "--json"});
+  ASSERT_EQ(inspected.status, 0) << inspected.err;
+  const nlohmann::json header = nlohmann::json::parse(inspected.out);
+  Ranges holes;
+  for (const nlohmann::json& m : header.at("mappings")) {
+    if (m.at("build_id").get<std::string>() != "00000000-0000-0000-0000-000000000000") continue;
+    const uint64_t offset = m.at("offset");
+    const uint64_t length = m.at("length");
+    holes.emplace_back(offset, std::min<uint64_t>(offset + length, raw_.size()));
+  }
+  holes = merged(holes);
+  ASSERT_GT(holes.size(), 100u);  // every fifth block of the test's disk
+
+  // What a client sees: base:allocation's holes, as nbdinfo and qemu-img map them.
+  const auto nbdinfo_holes = [&](const std::string& uri) {
+    Outcome map = run_program(dir_, "nbdinfo", {"--map", "--json", uri});
+    EXPECT_EQ(map.status, 0) << map.err;
+    Ranges seen;
+    uint64_t covered = 0;
+    for (const nlohmann::json& e : nlohmann::json::parse(map.out)) {
+      const uint64_t offset = e.at("offset");
+      const uint64_t length = e.at("length");
+      EXPECT_EQ(offset, covered);
+      covered = offset + length;
+      const uint32_t type = e.at("type");
+      if (type != 0) {
+        EXPECT_EQ(type, 3u) << "a hole reads as zeros";
+        seen.emplace_back(offset, offset + length);
+      }
+    }
+    EXPECT_EQ(covered, raw_.size());
+    return merged(seen);
+  };
+  const auto qemu_holes = [&](const std::string& uri) {
+    Outcome map = run_program(dir_, "qemu-img", {"map", "--output=json", "-f", "raw", uri});
+    EXPECT_EQ(map.status, 0) << map.err;
+    Ranges seen;
+    for (const nlohmann::json& e : nlohmann::json::parse(map.out)) {
+      if (e.at("zero").get<bool>() && !e.at("data").get<bool>()) {
+        const uint64_t start = e.at("start");
+        const uint64_t length = e.at("length");
+        seen.emplace_back(start, start + length);
+      }
+    }
+    return merged(seen);
+  };
+
+  Server server(dir_, store_, {});
+  ASSERT_TRUE(server.running());
+  EXPECT_EQ(nbdinfo_holes(server.uri()), holes);
+  EXPECT_EQ(qemu_holes(server.uri()), holes);
+
+  // Through the overlay: a trimmed data range and one written with zeroes
+  // become holes; data written over a zero block is data.
+  Outcome changed = run_program(
+      dir_, "qemu-io",
+      {"-f", "raw", "-c", "discard 1048576 65536", "-c", "write -z -u 3145728 16384", "-c",
+       "write -P 0x55 8192 4096", server.uri()});
+  ASSERT_EQ(changed.status, 0) << changed.out << changed.err;
+  holes.emplace_back(1048576, 1048576 + 65536);
+  holes.emplace_back(3145728, 3145728 + 16384);
+  holes = without(merged(holes), 8192, 8192 + 4096);
+  EXPECT_EQ(nbdinfo_holes(server.uri()), holes);
+  EXPECT_EQ(qemu_holes(server.uri()), holes);
+  // And they read as they are reported.
+  Outcome reread = run_program(dir_, "qemu-io",
+                               {"-f", "raw", "-r", "-c", "read -P 0 1048576 65536", "-c",
+                                "read -P 0x55 8192 4096", server.uri()});
+  ASSERT_EQ(reread.status, 0) << reread.out << reread.err;
+  EXPECT_EQ(reread.out.find("Pattern verification failed"), std::string::npos) << reread.out;
+  EXPECT_EQ(server.stop(), 0);
+}
+
 }  // namespace
 }  // namespace lazyblock
