@@ -76,9 +76,37 @@ struct PackFlags {
   std::string block_size;
   std::string input;
   std::string overlay;
+  std::string compress;
+  std::string frame_size;
+  std::optional<int> level;
+  std::optional<uint64_t> header_version;
   bool force = false;
   bool json = false;
 };
+
+// The codec and frames of `pack --compress`.
+Status apply_compression_flags(const PackFlags& flags, image::PackOptions& options) {
+  if (flags.compress.empty()) {
+    if (flags.level || !flags.frame_size.empty()) {
+      return Status::invalid_argument("--level and --frame-size need --compress zstd|lz4");
+    }
+  } else if (flags.compress == "zstd") {
+    options.codec = image::Codec::kZstd;
+  } else if (flags.compress == "lz4") {
+    options.codec = image::Codec::kLz4;
+  } else {
+    return Status::invalid_argument(
+        fmt::format("--compress {}: the codecs are zstd and lz4", flags.compress));
+  }
+  options.level = flags.level;
+  if (!flags.frame_size.empty()) {
+    Result<uint64_t> frame_size = parse_size(flags.frame_size);
+    if (!frame_size) return frame_size.status().with_context("--frame-size");
+    options.frame_size = *frame_size;
+  }
+  options.header_version = flags.header_version;
+  return Status::ok();
+}
 
 int run_pack(const PackFlags& flags) {
   // Before any thread starts: a signal mid-upload stops the upload (and
@@ -107,6 +135,7 @@ int run_pack(const PackFlags& flags) {
         "pack takes a raw image FILE (- for stdin), or --overlay PATH with --parent"));
   }
   if (!flags.overlay.empty()) options.overlay = flags.overlay;
+  if (Status s = apply_compression_flags(flags, options); !s.is_ok()) return report_failure(s);
   int fd = STDIN_FILENO;
   if (!flags.input.empty() && flags.input != "-") {
     fd = ::open(flags.input.c_str(), O_RDONLY | O_CLOEXEC);
@@ -153,6 +182,11 @@ int run_pack(const PackFlags& flags) {
                           {"zero", summary->zero},
                           {"unchanged", summary->unchanged},
                           {"data_bytes", summary->data_bytes},
+                          {"header_version", header.version},
+                          {"data_key", summary->data_key},
+                          {"codec", image::codec_name(summary->frame_table.codec)},
+                          {"frames", summary->frame_table.frames.size()},
+                          {"stored_bytes", summary->stored_bytes},
                           {"header_bytes", summary->header_bytes},
                           {"seconds", seconds}};
     std::printf("%s\n", doc.dump(2).c_str());
@@ -160,7 +194,7 @@ int run_pack(const PackFlags& flags) {
   }
   std::printf(
       "packed %s of build %s (generation %llu): %s in %llu blocks of %llu bytes: %llu changed, "
-      "%llu zero, %llu unchanged; stored %s of data and a %s header\n",
+      "%llu zero, %llu unchanged; stored %s of data%s and a version %llu header of %s\n",
       flags.device.name.c_str(), header.build_id.to_string().c_str(),
       static_cast<unsigned long long>(header.generation), format_size(header.size).c_str(),
       static_cast<unsigned long long>(summary->blocks),
@@ -168,7 +202,16 @@ int run_pack(const PackFlags& flags) {
       static_cast<unsigned long long>(summary->changed),
       static_cast<unsigned long long>(summary->zero),
       static_cast<unsigned long long>(summary->unchanged),
-      format_size(summary->data_bytes).c_str(), format_size(summary->header_bytes).c_str());
+      format_size(summary->data_bytes).c_str(),
+      summary->frame_table.compressed()
+          ? fmt::format(" as {} in {} {} frames ({:.2f}x)", format_size(summary->stored_bytes),
+                        summary->frame_table.frames.size(),
+                        image::codec_name(summary->frame_table.codec),
+                        static_cast<double>(summary->data_bytes) /
+                            static_cast<double>(summary->stored_bytes))
+                .c_str()
+          : "",
+      static_cast<unsigned long long>(header.version), format_size(summary->header_bytes).c_str());
   return 0;
 }
 
@@ -328,7 +371,9 @@ CommandRunner add_pack_command(CLI::App& app) {
   CLI::App* pack = app.add_subcommand(
       "pack",
       "Store a raw image as a build: only the blocks that differ from --parent (or, without a "
-      "parent, that are not zeros) go to BUILD/NAME; BUILD/NAME.header maps every block");
+      "parent, that are not zeros) go to BUILD/NAME (with --compress, BUILD/NAME.zstd or "
+      "BUILD/NAME.lz4: independently compressed frames, as E2B writes them); BUILD/NAME.header "
+      "maps every block");
   add_device_flags(*pack, flags->device);
   add_progress_flags(*pack);
   pack->add_option("--parent", flags->parent, "The build this one changes (a UUID)");
@@ -342,6 +387,21 @@ CommandRunner add_pack_command(CLI::App& app) {
   pack->add_flag("--json", flags->json,
                  "Print the summary as one JSON document: blocks changed, zero, unchanged, bytes "
                  "stored, seconds");
+  pack->add_option("--compress", flags->compress,
+                   "Store the data file compressed: zstd or lz4, in frames of --frame-size "
+                   "compressed in parallel on every core; the header is then version 4 (or "
+                   "--header-version 5) and records the frames, the uncompressed size and the "
+                   "SHA-256");
+  pack->add_option("--frame-size", flags->frame_size,
+                   "Uncompressed bytes per frame (a multiple of the block size, at most 64MiB): "
+                   "the unit a cold read fetches and decompresses; default 2MiB, as E2B");
+  pack->add_option("--level", flags->level,
+                   "Compression level: zstd 1 to 22 (default 3; negative: faster), lz4 0 (fast, "
+                   "the default) to 12 (high compression)");
+  pack->add_option("--header-version", flags->header_version,
+                   "The header's layout: 3 (plain builds only), 4 or 5 (E2B's compact mappings); "
+                   "default: the parent's, and at least 4 with --compress, else 3")
+      ->check(CLI::IsMember({3, 4, 5}));
   pack->add_option("FILE", flags->input, "The raw image; - for stdin");
   pack->add_option("--overlay", flags->overlay,
                    "Instead of FILE: an overlay kept by `serve nbd --overlay` over --parent's "
