@@ -406,5 +406,70 @@ TEST_F(CompressedTest, PackWritesTheBytesOfAHandBuiltBuild) {
   }
 }
 
+TEST_F(CompressedTest, InspectShowsCodecsAndVerifyNamesTheFirstBadFrame) {
+  const std::string base = memory_image(5 * kMiB, 11);
+  pack(0, std::nullopt, base, {"--compress", "zstd"});
+  pack(1, 0, changed_image(base, 12), {});
+  const std::vector<std::string> inspect = {"inspect", "--store", store_, "--build", build_id(1),
+                                            "--name", kName, "--no-mappings"};
+  std::vector<std::string> as_json = inspect;
+  as_json.insert(as_json.end(), {"--json", "--verify"});
+  Outcome listed = run_lazyblock(dir_, as_json);
+  ASSERT_EQ(listed.status, 0) << listed.err;
+  const nlohmann::json doc = nlohmann::json::parse(listed.out);
+  EXPECT_EQ(doc["version"], 4);
+  ASSERT_EQ(doc["chain"].size(), 2u);
+  const nlohmann::json& child = doc["chain"][0];
+  const nlohmann::json& parent = doc["chain"][1];
+  EXPECT_EQ(child["codec"], "none");
+  EXPECT_TRUE(child["verified"]["sha256_checked"].get<bool>());
+  EXPECT_EQ(parent["codec"], "zstd");
+  const uint64_t frames = parent["frames"];
+  EXPECT_GE(frames, 2u);
+  EXPECT_EQ(parent["verified"]["frames"], frames);
+  EXPECT_EQ(parent["verified"]["size"], parent["size"]);
+  EXPECT_TRUE(parent["verified"]["sha256_checked"].get<bool>());
+  EXPECT_GT(parent["ratio"].get<double>(), 1.5);
+
+  const std::string header_bytes = slurp(dir_ / "store" / build_id(0) / (kName + ".header"));
+  Result<image::Header> header = image::Header::parse(std::as_bytes(std::span(header_bytes)));
+  ASSERT_TRUE(header);
+  const std::vector<image::Frame>& table = header->builds.at(0).frame_table.frames;
+  const std::filesystem::path data = dir_ / "store" / build_id(0) / (kName + ".zstd");
+  const std::string good = slurp(data);
+  std::vector<std::string> verify = inspect;
+  verify.push_back("--verify");
+  // One byte changed in the middle of frame 1.
+  std::string bad = good;
+  bad[table[1].start_c + table[1].size_c / 2] ^= 0x5a;
+  std::ofstream(data, std::ios::binary | std::ios::trunc) << bad;
+  Outcome corrupt = run_lazyblock(dir_, verify);
+  EXPECT_EQ(corrupt.status, 1);
+  EXPECT_NE(corrupt.err.find(build_id(0) + "/" + kName + ".zstd: frame 1 of " +
+                             std::to_string(table.size())),
+            std::string::npos)
+      << corrupt.err;
+  // Cut in the middle of the last frame.
+  std::ofstream(data, std::ios::binary | std::ios::trunc)
+      << good.substr(0, table.back().start_c + table.back().size_c / 2);
+  Outcome truncated = run_lazyblock(dir_, verify);
+  EXPECT_EQ(truncated.status, 1);
+  EXPECT_NE(truncated.err.find("frame " + std::to_string(table.size() - 1) + " of " +
+                               std::to_string(table.size())),
+            std::string::npos)
+      << truncated.err;
+  EXPECT_NE(truncated.err.find("cut short"), std::string::npos) << truncated.err;
+  // A plain data file that lost a byte's worth of bits: its SHA-256 says so.
+  std::ofstream(data, std::ios::binary | std::ios::trunc) << good;
+  const std::filesystem::path plain = dir_ / "store" / build_id(1) / kName;
+  std::string changed = slurp(plain);
+  changed[changed.size() / 2] ^= 1;
+  std::ofstream(plain, std::ios::binary | std::ios::trunc) << changed;
+  Outcome flipped = run_lazyblock(dir_, verify);
+  EXPECT_EQ(flipped.status, 1);
+  EXPECT_NE(flipped.err.find(build_id(1) + "/" + kName + ": its "), std::string::npos) << flipped.err;
+  EXPECT_NE(flipped.err.find("SHA-256"), std::string::npos) << flipped.err;
+}
+
 }  // namespace
 }  // namespace lazyblock
