@@ -284,6 +284,34 @@ TEST_F(CompressedTest, AChainMixingPlainAndCompressedPacksRoundTrips) {
   EXPECT_FALSE(std::filesystem::exists(dir_ / "store" / build_id(3)));
 }
 
+TEST_F(CompressedTest, PackRefusesCompressionSettingsItCannotUse) {
+  const std::filesystem::path raw = dir_ / "image";
+  std::ofstream(raw, std::ios::binary) << memory_image(64 * 1024, 5);
+  struct Case {
+    std::vector<std::string> flags;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {{"--compress", "gzip"}, "--compress gzip: the codecs are zstd and lz4"},
+      {{"--compress", "zstd", "--level", "99"}, "zstd compresses at levels"},
+      {{"--compress", "lz4", "--level", "13"}, "lz4 compresses at levels 0 to 12, not 13"},
+      {{"--level", "3"}, "--level and --frame-size need --compress"},
+      {{"--compress", "zstd", "--frame-size", "6KiB"}, "not a multiple of the block size 4096"},
+      {{"--compress", "zstd", "--frame-size", "128MiB"}, "at most 64 MiB"},
+      {{"--compress", "lz4", "--header-version", "3"}, "a version 3 header cannot describe"},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::string> args = {"pack", "--store", store_, "--build", build_id(0), "--name",
+                                     kName};
+    args.insert(args.end(), c.flags.begin(), c.flags.end());
+    args.push_back(raw.string());
+    Outcome refused = run_lazyblock(dir_, args);
+    EXPECT_EQ(refused.status, 2) << c.message;
+    EXPECT_NE(refused.err.find(c.message), std::string::npos) << refused.err;
+    EXPECT_FALSE(std::filesystem::exists(dir_ / "store" / build_id(0))) << c.message;
+  }
+}
+
 // Little-endian field writers for the hand-built header.
 void put(std::string& out, uint64_t value, int width) {
   for (int i = 0; i < width; ++i) out.push_back(static_cast<char>(value >> (8 * i)));
