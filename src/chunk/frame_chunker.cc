@@ -152,42 +152,6 @@ class FrameChunker final : public Chunker {
     Status status;
   };
 
-  // A fetch's two buffers (the stored frame, its content), taken from the
-  // chunker's spares and given back when the fetch ends: a fresh 2 MiB
-  // buffer costs a memset and 512 page faults, per frame, on the path of a
-  // cold read. Each only grows, so a spare is used without clearing it.
-  struct Buffers {
-    std::vector<std::byte> stored, plain;
-  };
-  class SpareBuffers {
-   public:
-    explicit SpareBuffers(FrameChunker& owner) : owner_(owner) {
-      std::lock_guard lock(owner_.mu_);
-      if (!owner_.spare_.empty()) {
-        buffers_ = std::move(owner_.spare_.back());
-        owner_.spare_.pop_back();
-      }
-    }
-    ~SpareBuffers() {
-      std::lock_guard lock(owner_.mu_);
-      if (owner_.spare_.size() < static_cast<size_t>(owner_.options_.readahead_streams)) {
-        owner_.spare_.push_back(std::move(buffers_));
-      }
-    }
-    SpareBuffers(const SpareBuffers&) = delete;
-    SpareBuffers& operator=(const SpareBuffers&) = delete;
-    std::span<std::byte> stored(size_t size) { return grown(buffers_.stored, size); }
-    std::span<std::byte> plain(size_t size) { return grown(buffers_.plain, size); }
-
-   private:
-    static std::span<std::byte> grown(std::vector<std::byte>& buffer, size_t size) {
-      if (buffer.size() < size) buffer.resize(size);
-      return std::span(buffer).first(size);
-    }
-    FrameChunker& owner_;
-    Buffers buffers_;
-  };
-
   // The first frame that ends after `offset`.
   size_t first_frame_from(uint64_t offset) const {
     const auto it = std::upper_bound(
@@ -296,8 +260,10 @@ class FrameChunker final : public Chunker {
     Result<std::unique_ptr<RangeReader>> reader =
         store_->open_range(key_, frame.stored_offset, frame.stored_size, io);
     if (!reader) return reader.status().with_context(what);
-    SpareBuffers buffers(*this);
-    const std::span<std::byte> stored = buffers.stored(frame.stored_size);
+    // Left uninitialised: every byte is written before it is read, and a
+    // memset of 2 MiB per frame would sit on the path of a cold read.
+    const auto stored_buffer = std::make_unique_for_overwrite<std::byte[]>(frame.stored_size);
+    const std::span<std::byte> stored(stored_buffer.get(), frame.stored_size);
     uint64_t got = 0;
     while (got < stored.size()) {
       Result<size_t> n = (*reader)->read(std::span(stored).subspan(got));
@@ -310,7 +276,8 @@ class FrameChunker final : public Chunker {
       return Status::corruption(fmt::format(
           "{}: the object ends after {} of the frame's {} bytes", what, got, stored.size()));
     }
-    const std::span<std::byte> plain = buffers.plain(frame.size);
+    const auto plain_buffer = std::make_unique_for_overwrite<std::byte[]>(frame.size);
+    const std::span<std::byte> plain(plain_buffer.get(), frame.size);
     if (Status s = decompress_frame(table_.codec, stored, plain); !s.is_ok()) {
       return s.with_context(what);
     }
@@ -335,7 +302,6 @@ class FrameChunker final : public Chunker {
   std::map<size_t, std::shared_ptr<Fetch>> in_flight_;  // guarded by mu_, by frame
   std::deque<size_t> queued_;                         // guarded by mu_: prefetch and readahead
   uint64_t waiting_ = 0;                              // guarded by mu_
-  std::vector<Buffers> spare_;                        // guarded by mu_: of ended fetches
   bool cancelled_ = false;                            // guarded by mu_
   TaskGroup tasks_;  // declared last: waited for first
 };
