@@ -16,6 +16,8 @@
 
 #include <fmt/format.h>
 
+#include "bench/compressed_object.h"
+#include "chunk/frame_chunker.h"
 #include "common/units.h"
 #include "storage/file_store.h"
 #include "testing/pattern.h"
@@ -66,7 +68,16 @@ struct Workload {
   std::string key;
   uint64_t object_size = 0;
   std::function<bool(uint64_t offset, std::span<const std::byte> bytes)> bytes_are_right;
+  std::optional<CompressedObject> compressed;  // read through a frame chunker
 };
+
+// The frame model: TTFB + the frame's stored bytes / BW + its decompression.
+double frame_seconds(const FetchBenchOptions& o, const CompressedObject& object, uint64_t offset) {
+  const size_t index = *object.geometry.frame_at(offset);
+  return std::chrono::duration<double>(o.profile.ttfb).count() +
+         static_cast<double>(object.geometry.frames[index].stored_size) / o.profile.bytes_per_second +
+         object.decompress_seconds(index);
+}
 
 // Runs every iteration of one strategy; fills the latencies (seconds).
 Status run_strategy(const FetchBenchOptions& o, FetchStrategy strategy, const Workload& workload,
@@ -82,7 +93,10 @@ Status run_strategy(const FetchBenchOptions& o, FetchStrategy strategy, const Wo
   chunker_options.expected_bandwidth = o.profile.bytes_per_second;
   for (int iteration = 0; iteration < o.iterations; ++iteration) {
     Result<std::unique_ptr<Chunker>> chunker =
-        make_chunker(workload.store, workload.key, workload.object_size, chunker_options);
+        workload.compressed
+            ? make_frame_chunker(workload.store, workload.key, workload.compressed->geometry,
+                                 chunker_options)
+            : make_chunker(workload.store, workload.key, workload.object_size, chunker_options);
     if (!chunker) return chunker.status();
     std::barrier start(o.callers);
     std::vector<double> iteration_latencies(o.callers);
@@ -170,17 +184,32 @@ Result<FetchBenchReport> run_measured(const FetchBenchOptions& options, const Wo
   report.limit_us = seconds_to_us(std::chrono::duration<double>(options.profile.ttfb).count() +
                                   static_cast<double>(options.block) /
                                       options.profile.bytes_per_second);
-  for (FetchStrategy strategy : options.strategies) {
-    if (progress) progress(fetch_strategy_name(strategy));
+  std::vector<FetchStrategy> strategies = options.strategies;
+  if (workload.compressed) {
+    // Frames are fetched whole whatever the strategy: one row.
+    strategies = {options.strategies.front()};
+    double limit = 0;
+    for (uint64_t offset : offsets) limit += frame_seconds(options, *workload.compressed, offset);
+    report.limit_us = seconds_to_us(limit / static_cast<double>(offsets.size()));
+    report.stored_bytes = workload.compressed->stored_bytes;
+    report.ratio = workload.compressed->ratio();
+    report.decompress_mb_per_s_per_core = workload.compressed->decompress_bytes_per_second / 1e6;
+  }
+  for (FetchStrategy strategy : strategies) {
+    if (progress) progress(workload.compressed ? "frame" : fetch_strategy_name(strategy));
     std::vector<double> latencies;
     ChunkerStats traffic;
     LB_RETURN_IF_ERROR(
         run_strategy(options, strategy, workload, cache_dir, offsets, &latencies, &traffic));
     std::sort(latencies.begin(), latencies.end());
     StrategyResult result;
+    result.name = workload.compressed ? "frame" : std::string(fetch_strategy_name(strategy));
     result.strategy = strategy;
     double model = 0;
-    for (uint64_t offset : offsets) model += model_seconds(options, strategy, offset);
+    for (uint64_t offset : offsets) {
+      model += workload.compressed ? frame_seconds(options, *workload.compressed, offset)
+                                   : model_seconds(options, strategy, offset);
+    }
     result.model_us = seconds_to_us(model / static_cast<double>(offsets.size()));
     result.avg_us = seconds_to_us(std::accumulate(latencies.begin(), latencies.end(), 0.0) /
                                   static_cast<double>(latencies.size()));
@@ -214,7 +243,25 @@ Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
   FetchBenchOptions measured = options;
   Workload workload;
   std::vector<std::byte> copy;  // of a real store's sampled bytes
-  if (options.store) {
+  if (options.store && options.compressed) {
+    return Status::invalid_argument("bench fetch --compressed reads a simulated store (--profile)");
+  }
+  if (options.compressed) {
+    Result<CompressedObject> object = write_compressed_object(
+        scratch->path() / "store" / kKey, options.object_size, *options.compressed, kPatternSeed);
+    if (!object) return object.status();
+    Result<std::shared_ptr<FileStore>> files = FileStore::open(scratch->path() / "store");
+    if (!files) return files.status();
+    copy.resize(options.object_size);
+    fill_memory_image(options.object_size, kPatternSeed, 0, copy);
+    workload = {std::make_shared<SimulateStore>(*files, options.profile), kKey,
+                options.object_size,
+                [&copy](uint64_t offset, std::span<const std::byte> bytes) {
+                  return std::equal(bytes.begin(), bytes.end(),
+                                    copy.begin() + static_cast<ptrdiff_t>(offset));
+                },
+                std::move(object).value()};
+  } else if (options.store) {
     Result<uint64_t> size = options.store->stat(options.key, IoContext{});
     if (!size) return size.status();
     if (*size < options.block) {
@@ -231,7 +278,8 @@ Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
                 [&copy](uint64_t offset, std::span<const std::byte> bytes) {
                   return std::equal(bytes.begin(), bytes.end(),
                                     copy.begin() + static_cast<ptrdiff_t>(offset));
-                }};
+                },
+                std::nullopt};
   } else {
     std::filesystem::create_directories(scratch->path() / "store");
     Result<std::shared_ptr<FileStore>> files = FileStore::open(scratch->path() / "store");
@@ -242,7 +290,8 @@ Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
                 options.object_size, [](uint64_t offset, std::span<const std::byte> bytes) {
                   return testing::first_pattern_mismatch(kPatternSeed, offset, bytes) ==
                          bytes.size();
-                }};
+                },
+                std::nullopt};
   }
   return run_measured(measured, workload, scratch->path(), progress);
 }
@@ -252,14 +301,26 @@ std::string format_fetch_report(const FetchBenchReport& report) {
   const FetchBenchOptions& o = report.options;
   std::string out = fmt::format(
       "bench fetch: profile {} ({}), {} object, {} callers x {} iterations, {}-byte reads, "
-      "seed {}\n"
-      "physical limit (TTFB + block/BW): {:.2f} ms\n\n",
+      "seed {}\n",
       o.profile_name, o.profile.to_string(), format_size(o.object_size), o.callers, o.iterations,
-      o.block, o.seed, report.limit_us / 1000);
+      o.block, o.seed);
+  if (!o.compressed) {
+    out += fmt::format("physical limit (TTFB + block/BW): {:.2f} ms\n\n", report.limit_us / 1000);
+  }
   if (o.store) {
     out = fmt::format("store {}, key {} (reads in its first {})\n", o.store->describe(), o.key,
                       format_size(o.object_size)) +
           out;
+  }
+  if (o.compressed) {
+    out += fmt::format(
+        "a memory-like image stored as {} frames of 2 MiB: {} in {} ({:.2f}x), {:.0f} MB/s of "
+        "decompression per core\n"
+        "frame limit (TTFB + compressed frame/BW + decompression), averaged over the reads: "
+        "{:.2f} ms\n\n",
+        frame_codec_name(*o.compressed), format_size(o.object_size),
+        format_size(report.stored_bytes), report.ratio, report.decompress_mb_per_s_per_core,
+        report.limit_us / 1000);
   }
   out += fmt::format("{:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9}   {}\n", "strategy",
                      "model ms", "avg ms", "p50 ms", "p99 ms", "worst ms", "avg/model", "req/it",
@@ -267,13 +328,13 @@ std::string format_fetch_report(const FetchBenchReport& report) {
   for (const StrategyResult& r : report.results) {
     std::string seed = "-";
     for (const SeedFigures& figures : kSeedFigures) {
-      if (figures.profile == o.profile_name && figures.strategy == r.strategy) {
+      if (!o.compressed && figures.profile == o.profile_name && figures.strategy == r.strategy) {
         seed = fmt::format("{:.1f} / {:.1f}", figures.avg_ms, figures.worst_ms);
       }
     }
     out += fmt::format("{:<10} {:>9.2f} {:>9.2f} {:>9.2f} {:>9.2f} {:>9.2f} {:>10.3f} {:>8.1f} "
                        "{:>9.2f}   {}\n",
-                       fetch_strategy_name(r.strategy), r.model_us / 1000, r.avg_us / 1000,
+                       r.name, r.model_us / 1000, r.avg_us / 1000,
                        r.p50_us / 1000, r.p99_us / 1000, r.worst_us / 1000, r.avg_us / r.model_us,
                        r.requests_per_iter, r.bytes_per_iter / kMiB, seed);
   }
@@ -283,7 +344,7 @@ std::string format_fetch_report(const FetchBenchReport& report) {
 nlohmann::json fetch_report_json(const FetchBenchReport& report) {
   nlohmann::json results = nlohmann::json::array();
   for (const StrategyResult& r : report.results) {
-    results.push_back({{"strategy", fetch_strategy_name(r.strategy)},
+    results.push_back({{"strategy", r.name},
                        {"model_us", r.model_us},
                        {"avg_us", r.avg_us},
                        {"p50_us", r.p50_us},
@@ -295,6 +356,12 @@ nlohmann::json fetch_report_json(const FetchBenchReport& report) {
   nlohmann::json document = {{"profile", report.options.profile_name},
                               {"limit_us", report.limit_us},
                               {"results", std::move(results)}};
+  if (report.options.compressed) {
+    document["compressed"] = frame_codec_name(*report.options.compressed);
+    document["stored_bytes"] = report.stored_bytes;
+    document["ratio"] = report.ratio;
+    document["decompress_mb_per_s_per_core"] = report.decompress_mb_per_s_per_core;
+  }
   if (report.options.store) {
     document["store"] = report.options.store->describe();
     document["key"] = report.options.key;

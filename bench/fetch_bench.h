@@ -11,16 +11,24 @@
 // Beside each measured figure the report gives the strategy's model latency
 // (full: TTFB + chunk/BW; streaming: TTFB + (offset in chunk + block)/BW,
 // averaged over the offsets drawn) and the physical limit, TTFB + block/BW.
+//
+// --compressed zstd|lz4 (simulated store only): the object is 4 MiB of a
+// memory-like image stored as 2 MiB compressed frames (bench/compressed_object.h),
+// read through the frame chunker, whose unit of fetching is the frame: one
+// row, "frame", whose model and limit are the frame's, TTFB + compressed
+// frame size / BW + the frame's decompression time on one core (measured).
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "chunk/chunker.h"
+#include "chunk/frame_codec.h"
 #include "common/status.h"
 #include "storage/object_store.h"
 #include "storage/simulate_store.h"
@@ -42,9 +50,11 @@ struct FetchBenchOptions {
   uint64_t block = 4096;
   uint64_t seed = 42;
   uint64_t object_size = 4 * 1024 * 1024;
+  std::optional<FrameCodec> compressed;
 };
 
 struct StrategyResult {
+  std::string name;  // the strategy's, or "frame" for a compressed object
   FetchStrategy strategy;
   double model_us = 0;
   double avg_us = 0;
@@ -59,6 +69,10 @@ struct FetchBenchReport {
   FetchBenchOptions options;
   double limit_us = 0;
   std::vector<StrategyResult> results;
+  // --compressed only:
+  uint64_t stored_bytes = 0;  // the compressed object's size
+  double ratio = 0;
+  double decompress_mb_per_s_per_core = 0;
 };
 
 // Runs the benchmark; `progress` (may be empty) hears of each strategy as it

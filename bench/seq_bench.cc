@@ -3,9 +3,11 @@
 #include <sys/prctl.h>
 
 #include <fstream>
+#include <thread>
 
 #include <fmt/format.h>
 
+#include "bench/compressed_object.h"
 #include "common/units.h"
 #include "storage/file_store.h"
 #include "testing/pattern.h"
@@ -66,7 +68,15 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
   ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);  // as in bench fetch: precise pacing
   Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
   if (!scratch) return scratch.status();
-  LB_RETURN_IF_ERROR(write_object(scratch->path() / "store" / kKey, options.size));
+  std::optional<CompressedObject> compressed;
+  if (options.compressed) {
+    Result<CompressedObject> written = write_compressed_object(
+        scratch->path() / "store" / kKey, options.size, *options.compressed, kPatternSeed);
+    if (!written) return written.status();
+    compressed = std::move(written).value();
+  } else {
+    LB_RETURN_IF_ERROR(write_object(scratch->path() / "store" / kKey, options.size));
+  }
   Result<std::shared_ptr<FileStore>> files = FileStore::open(scratch->path() / "store");
   if (!files) return files.status();
   auto store = std::make_shared<SimulateStore>(*files, options.profile);
@@ -78,7 +88,8 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
   chunker_options.expected_ttfb = options.profile.ttfb;
   chunker_options.expected_bandwidth = options.profile.bytes_per_second;
   Result<std::unique_ptr<Chunker>> chunker =
-      make_chunker(store, kKey, options.size, chunker_options);
+      compressed ? make_frame_chunker(store, kKey, compressed->geometry, chunker_options)
+                 : make_chunker(store, kKey, options.size, chunker_options);
   if (!chunker) return chunker.status();
 
   CountingSink counted;
@@ -89,8 +100,14 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
     return Status::corruption(fmt::format("bench seq: wrote {} of {} bytes", counted.bytes,
                                           options.size));
   }
-  VerifyingSink verified;  // untimed, from the cache
-  LB_RETURN_IF_ERROR((*chunker)->write_to(verified));
+  // Untimed, from the cache.
+  if (compressed) {
+    MemoryImageChecker verified(options.size, kPatternSeed);
+    LB_RETURN_IF_ERROR((*chunker)->write_to(verified));
+  } else {
+    VerifyingSink verified;
+    LB_RETURN_IF_ERROR((*chunker)->write_to(verified));
+  }
 
   SeqBenchReport report;
   report.options = options;
@@ -98,11 +115,36 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
   report.mb_per_s = static_cast<double>(options.size) / 1e6 / seconds;
   report.limit_mb_per_s = options.parallelism * options.profile.bytes_per_second / 1e6;
   report.requests = (*chunker)->stats().requests;
+  report.bytes_fetched = (*chunker)->stats().bytes;
+  if (compressed) {
+    report.ratio = compressed->ratio();
+    report.stream_limit_mb_per_s = report.limit_mb_per_s * report.ratio;
+    report.decompress_mb_per_s_per_core = compressed->decompress_bytes_per_second / 1e6;
+    report.cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    report.decompress_limit_mb_per_s = report.cores * report.decompress_mb_per_s_per_core;
+    report.limit_mb_per_s = std::min(report.stream_limit_mb_per_s, report.decompress_limit_mb_per_s);
+  }
   return report;
 }
 
 std::string format_seq_report(const SeqBenchReport& report) {
   const SeqBenchOptions& o = report.options;
+  if (o.compressed) {
+    return fmt::format(
+        "bench seq: cold write_to of a {} memory-like image stored as {} frames of 2 MiB "
+        "({:.2f}x), profile {} ({}), {} streams\n"
+        "{:.0f} MB/s of uncompressed data in {:.2f} s ({:.0f}% of the limit {:.0f} MB/s), {} "
+        "requests, {:.1f} MB fetched, output byte-exact\n"
+        "limit: the lower of the streams' {:.0f} MB/s ({} x {:.0f} MB/s x {:.2f}) and the "
+        "cores' {:.0f} MB/s ({} x {:.0f} MB/s of {} decompression per core)\n",
+        format_size(o.size), frame_codec_name(*o.compressed), report.ratio, o.profile_name,
+        o.profile.to_string(), o.parallelism, report.mb_per_s, report.seconds,
+        100 * report.mb_per_s / report.limit_mb_per_s, report.limit_mb_per_s, report.requests,
+        static_cast<double>(report.bytes_fetched) / 1e6, report.stream_limit_mb_per_s,
+        o.parallelism, o.profile.bytes_per_second / 1e6, report.ratio,
+        report.decompress_limit_mb_per_s, report.cores, report.decompress_mb_per_s_per_core,
+        frame_codec_name(*o.compressed));
+  }
   return fmt::format(
       "bench seq: cold write_to of a {} object, profile {} ({}), {} streams, {}\n"
       "{:.0f} MB/s in {:.2f} s ({:.0f}% of the limit {:.0f} MB/s = {} streams x {:.0f} MB/s), "
@@ -114,11 +156,21 @@ std::string format_seq_report(const SeqBenchReport& report) {
 }
 
 nlohmann::json seq_report_json(const SeqBenchReport& report) {
-  return {{"profile", report.options.profile_name},
-          {"size", report.options.size},
-          {"mb_per_s", report.mb_per_s},
-          {"limit_mb_per_s", report.limit_mb_per_s},
-          {"requests", report.requests}};
+  nlohmann::json doc = {{"profile", report.options.profile_name},
+                        {"size", report.options.size},
+                        {"mb_per_s", report.mb_per_s},
+                        {"limit_mb_per_s", report.limit_mb_per_s},
+                        {"requests", report.requests},
+                        {"bytes_fetched", report.bytes_fetched}};
+  if (report.options.compressed) {
+    doc["compressed"] = frame_codec_name(*report.options.compressed);
+    doc["ratio"] = report.ratio;
+    doc["stream_limit_mb_per_s"] = report.stream_limit_mb_per_s;
+    doc["decompress_mb_per_s_per_core"] = report.decompress_mb_per_s_per_core;
+    doc["cores"] = report.cores;
+    doc["decompress_limit_mb_per_s"] = report.decompress_limit_mb_per_s;
+  }
+  return doc;
 }
 
 }  // namespace lazyblock

@@ -5,11 +5,13 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include <nlohmann/json.hpp>
 
 #include "chunk/chunker.h"
+#include "chunk/frame_codec.h"
 #include "common/status.h"
 #include "storage/simulate_store.h"
 
@@ -21,6 +23,7 @@ struct SeqBenchOptions {
   uint64_t size = 1ULL << 30;
   int parallelism = 8;
   FetchStrategy strategy = FetchStrategy::kSplit;
+  std::optional<FrameCodec> compressed;
 };
 
 struct SeqBenchReport {
@@ -29,6 +32,13 @@ struct SeqBenchReport {
   double mb_per_s = 0;
   double limit_mb_per_s = 0;
   uint64_t requests = 0;
+  uint64_t bytes_fetched = 0;  // from the store
+  // --compressed only:
+  double ratio = 0;                     // uncompressed / stored bytes
+  double stream_limit_mb_per_s = 0;     // streams x bandwidth x ratio
+  double decompress_mb_per_s_per_core = 0;
+  int cores = 0;
+  double decompress_limit_mb_per_s = 0;  // cores x one core's speed
 };
 
 Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options);

@@ -36,6 +36,7 @@
 #include "storage/file_store.h"
 #include "testing/firecracker_stand_in.h"
 #include "testing/local_port.h"
+#include "testing/memory_image.h"
 #include "testing/pattern.h"
 #include "testing/scratch_dir.h"
 #include "tests/cli_runner.h"
@@ -168,6 +169,39 @@ TEST_F(UffdTest, ServesEveryPageByteExactToSeveralVcpus) {
   EXPECT_EQ(server.stop(), 0) << slurp(dir_ / "server.log");
   const std::string log = slurp(dir_ / "server.log");
   EXPECT_NE(log.find("VM ended"), std::string::npos) << log;
+}
+
+TEST_F(UffdTest, ServesACompressedMemfileByteExact) {
+  // A memory-like memfile (zero, repeated, text and random pages) packed
+  // with --compress: every fault is served from a decompressed frame.
+  const std::string compressed_build = "5c5c5c5c-1111-4222-8333-44445555aaaa";
+  const std::vector<std::byte> memfile = testing::make_memory_image(kMemfileSize, 21);
+  std::ofstream(dir_ / "memory-like", std::ios::binary)
+      .write(reinterpret_cast<const char*>(memfile.data()),
+             static_cast<std::streamsize>(memfile.size()));
+  Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_, "--build", compressed_build,
+                                        "--name", "memfile", "--compress", "zstd",
+                                        (dir_ / "memory-like").string()});
+  ASSERT_EQ(packed.status, 0) << packed.err;
+  ASSERT_TRUE(std::filesystem::exists(dir_ / "store" / compressed_build / "memfile.zstd"));
+  ServerProcess server(dir_, {"serve", "uffd", "--store", store_, "--build", compressed_build,
+                              "--socket", socket().string()},
+                       socket());
+  ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
+  Result<std::unique_ptr<FirecrackerStandIn>> vm =
+      FirecrackerStandIn::restore(socket(), {{6 * kMiB, 0, false}, {4 * kMiB, 8 * kMiB, false}});
+  ASSERT_TRUE(vm) << vm.status().to_string();
+  for (size_t region = 0; region < 2; ++region) {
+    const uint64_t base = region == 0 ? 0 : 8 * kMiB;
+    const std::vector<uint64_t> wrong = touch_all(
+        (*vm)->memory(region), (*vm)->size(region), kPage,
+        [&](uint64_t offset) { return std::span(memfile).subspan(base + offset, kPage); }, 4,
+        region);
+    EXPECT_TRUE(wrong.empty()) << wrong.size() << " wrong pages in region " << region
+                               << ", the first at " << wrong.front();
+  }
+  vm->reset();
+  EXPECT_EQ(server.stop(), 0) << slurp(dir_ / "server.log");
 }
 
 TEST_F(UffdTest, HugePageRegionsAreServedWhole) {

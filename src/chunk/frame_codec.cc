@@ -1,6 +1,7 @@
 #include "chunk/frame_codec.h"
 
 #include <lz4frame.h>
+#include <lz4hc.h>
 #include <zstd.h>
 
 #include <memory>
@@ -98,6 +99,9 @@ Result<std::vector<std::byte>> compress_frame(FrameCodec codec, int level,
     return out;
   }
   LZ4F_preferences_t preferences{};
+  preferences.frameInfo.blockSizeID = LZ4F_max4MB;
+  preferences.frameInfo.blockMode = LZ4F_blockIndependent;
+  preferences.frameInfo.blockChecksumFlag = LZ4F_blockChecksumEnabled;
   preferences.frameInfo.contentChecksumFlag = LZ4F_contentChecksumEnabled;
   preferences.frameInfo.contentSize = data.size();
   preferences.compressionLevel = level;
@@ -107,6 +111,18 @@ Result<std::vector<std::byte>> compress_frame(FrameCodec codec, int level,
   if (LZ4F_isError(size)) return Status::io_error(fmt::format("lz4: {}", LZ4F_getErrorName(size)));
   out.resize(size);
   return out;
+}
+
+int default_level(FrameCodec codec) { return codec == FrameCodec::kZstd ? ZSTD_CLEVEL_DEFAULT : 0; }
+
+Status check_level(FrameCodec codec, int level) {
+  const int lowest = codec == FrameCodec::kZstd ? ZSTD_minCLevel() : 0;
+  const int highest = codec == FrameCodec::kZstd ? ZSTD_maxCLevel() : LZ4HC_CLEVEL_MAX;
+  if (level < lowest || level > highest) {
+    return Status::invalid_argument(fmt::format("{} compresses at levels {} to {}, not {}",
+                                                frame_codec_name(codec), lowest, highest, level));
+  }
+  return Status::ok();
 }
 
 }  // namespace lazyblock

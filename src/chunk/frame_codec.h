@@ -24,9 +24,19 @@ std::string_view frame_codec_name(FrameCodec codec);
 Status decompress_frame(FrameCodec codec, std::span<const std::byte> frame,
                         std::span<std::byte> out);
 
-// One frame holding `data`, with a content checksum (zstd: level `level`,
-// 0 for the library's default; LZ4: a level of 0 or less is its fast mode).
+// One frame holding `data`, with its content size and a content checksum
+// (LZ4: also block checksums and 4 MiB independent blocks, E2B's settings),
+// at compression level `level` (see check_level).
 Result<std::vector<std::byte>> compress_frame(FrameCodec codec, int level,
                                               std::span<const std::byte> data);
+
+// The level each codec compresses at unless told otherwise: zstd's default
+// (3), LZ4's fast mode (0).
+int default_level(FrameCodec codec);
+
+// OK if `level` is one the codec has: zstd from its fastest negative level
+// to 22 (0 meaning its default), LZ4 from 0 (fast) to 12 (high compression).
+// kInvalidArgument saying the range otherwise.
+Status check_level(FrameCodec codec, int level);
 
 }  // namespace lazyblock

@@ -3,7 +3,10 @@
 
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <sstream>
+
+#include <fmt/format.h>
 
 #include "bench/fetch_bench.h"
 #include "bench/hit_bench.h"
@@ -26,9 +29,18 @@ struct FetchBenchFlags {
   int callers = 3;
   std::string block = "4096";
   uint64_t seed = 42;
+  std::string compressed;
   bool json = false;
   std::string log_level = "warn";
 };
+
+// --compressed zstd|lz4 of bench fetch and bench seq; nullopt without it.
+Result<std::optional<FrameCodec>> parse_compressed(const std::string& name) {
+  if (name.empty()) return std::optional<FrameCodec>();
+  if (name == "zstd") return std::optional<FrameCodec>(FrameCodec::kZstd);
+  if (name == "lz4") return std::optional<FrameCodec>(FrameCodec::kLz4);
+  return Status::invalid_argument(fmt::format("--compressed {}: the codecs are zstd and lz4", name));
+}
 
 Result<FetchBenchOptions> fetch_bench_options(const FetchBenchFlags& flags) {
   FetchBenchOptions options;
@@ -59,6 +71,9 @@ Result<FetchBenchOptions> fetch_bench_options(const FetchBenchFlags& flags) {
   options.iterations = flags.iterations;
   options.callers = flags.callers;
   options.seed = flags.seed;
+  Result<std::optional<FrameCodec>> compressed = parse_compressed(flags.compressed);
+  if (!compressed) return compressed.status();
+  options.compressed = *compressed;
   return options;
 }
 
@@ -105,6 +120,7 @@ struct SeqBenchFlags {
   std::string size = "1GiB";
   int parallelism = 8;
   std::string fetch = "split";
+  std::string compressed;
   bool json = false;
   std::string log_level = "warn";
 };
@@ -123,6 +139,9 @@ int run_seq_bench_command(const SeqBenchFlags& flags) {
   Result<FetchStrategy> strategy = parse_fetch_strategy(flags.fetch);
   if (!strategy) return report_failure(strategy.status());
   options.strategy = *strategy;
+  Result<std::optional<FrameCodec>> compressed = parse_compressed(flags.compressed);
+  if (!compressed) return report_failure(compressed.status());
+  options.compressed = *compressed;
   Result<SeqBenchReport> report = run_seq_bench(options);
   if (!report) return report_failure(report.status().with_context("bench seq"));
   if (flags.json) {
@@ -197,6 +216,10 @@ CommandRunner add_bench_command(CLI::App& app) {
       ->capture_default_str();
   fetch->add_option("--seed", fetch_flags->seed, "Seed of the offset sequence")
       ->capture_default_str();
+  fetch->add_option("--compressed", fetch_flags->compressed,
+                    "zstd or lz4: the object is a memory-like image stored as compressed 2 MiB "
+                    "frames (as pack --compress writes it), fetched a frame at a time; one row, "
+                    "beside the frame limit TTFB + compressed frame/BW + decompression");
   fetch->add_flag("--json", fetch_flags->json, "Print one JSON document instead of the table");
   add_log_flag(*fetch, fetch_flags->log_level);
 
@@ -217,6 +240,11 @@ CommandRunner add_bench_command(CLI::App& app) {
       ->capture_default_str()
       ->check(at_least(1));
   seq->add_option("--fetch", seq_flags->fetch, "Fetch strategy")->capture_default_str();
+  seq->add_option("--compressed", seq_flags->compressed,
+                  "zstd or lz4: read a memory-like image stored as compressed 2 MiB frames (as "
+                  "pack --compress writes it) instead of plain chunks; MB/s of uncompressed data, "
+                  "beside the lower of the streams' limit (x the ratio) and the cores' "
+                  "decompression limit");
   seq->add_flag("--json", seq_flags->json, "Print one JSON document instead of the line");
   add_log_flag(*seq, seq_flags->log_level);
 

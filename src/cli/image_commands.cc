@@ -26,6 +26,7 @@
 #include "common/units.h"
 #include "image/device.h"
 #include "image/pack.h"
+#include "image/verify.h"
 
 namespace lazyblock::cli {
 namespace {
@@ -76,9 +77,37 @@ struct PackFlags {
   std::string block_size;
   std::string input;
   std::string overlay;
+  std::string compress;
+  std::string frame_size;
+  std::optional<int> level;
+  std::optional<uint64_t> header_version;
   bool force = false;
   bool json = false;
 };
+
+// The codec and frames of `pack --compress`.
+Status apply_compression_flags(const PackFlags& flags, image::PackOptions& options) {
+  if (flags.compress.empty()) {
+    if (flags.level || !flags.frame_size.empty()) {
+      return Status::invalid_argument("--level and --frame-size need --compress zstd|lz4");
+    }
+  } else if (flags.compress == "zstd") {
+    options.codec = image::Codec::kZstd;
+  } else if (flags.compress == "lz4") {
+    options.codec = image::Codec::kLz4;
+  } else {
+    return Status::invalid_argument(
+        fmt::format("--compress {}: the codecs are zstd and lz4", flags.compress));
+  }
+  options.level = flags.level;
+  if (!flags.frame_size.empty()) {
+    Result<uint64_t> frame_size = parse_size(flags.frame_size);
+    if (!frame_size) return frame_size.status().with_context("--frame-size");
+    options.frame_size = *frame_size;
+  }
+  options.header_version = flags.header_version;
+  return Status::ok();
+}
 
 int run_pack(const PackFlags& flags) {
   // Before any thread starts: a signal mid-upload stops the upload (and
@@ -107,6 +136,7 @@ int run_pack(const PackFlags& flags) {
         "pack takes a raw image FILE (- for stdin), or --overlay PATH with --parent"));
   }
   if (!flags.overlay.empty()) options.overlay = flags.overlay;
+  if (Status s = apply_compression_flags(flags, options); !s.is_ok()) return report_failure(s);
   int fd = STDIN_FILENO;
   if (!flags.input.empty() && flags.input != "-") {
     fd = ::open(flags.input.c_str(), O_RDONLY | O_CLOEXEC);
@@ -153,6 +183,11 @@ int run_pack(const PackFlags& flags) {
                           {"zero", summary->zero},
                           {"unchanged", summary->unchanged},
                           {"data_bytes", summary->data_bytes},
+                          {"header_version", header.version},
+                          {"data_key", summary->data_key},
+                          {"codec", image::codec_name(summary->frame_table.codec)},
+                          {"frames", summary->frame_table.frames.size()},
+                          {"stored_bytes", summary->stored_bytes},
                           {"header_bytes", summary->header_bytes},
                           {"seconds", seconds}};
     std::printf("%s\n", doc.dump(2).c_str());
@@ -160,7 +195,7 @@ int run_pack(const PackFlags& flags) {
   }
   std::printf(
       "packed %s of build %s (generation %llu): %s in %llu blocks of %llu bytes: %llu changed, "
-      "%llu zero, %llu unchanged; stored %s of data and a %s header\n",
+      "%llu zero, %llu unchanged; stored %s of data%s and a version %llu header of %s\n",
       flags.device.name.c_str(), header.build_id.to_string().c_str(),
       static_cast<unsigned long long>(header.generation), format_size(header.size).c_str(),
       static_cast<unsigned long long>(summary->blocks),
@@ -168,7 +203,16 @@ int run_pack(const PackFlags& flags) {
       static_cast<unsigned long long>(summary->changed),
       static_cast<unsigned long long>(summary->zero),
       static_cast<unsigned long long>(summary->unchanged),
-      format_size(summary->data_bytes).c_str(), format_size(summary->header_bytes).c_str());
+      format_size(summary->data_bytes).c_str(),
+      summary->frame_table.compressed()
+          ? fmt::format(" as {} in {} {} frames ({:.2f}x)", format_size(summary->stored_bytes),
+                        summary->frame_table.frames.size(),
+                        image::codec_name(summary->frame_table.codec),
+                        static_cast<double>(summary->data_bytes) /
+                            static_cast<double>(summary->stored_bytes))
+                .c_str()
+          : "",
+      static_cast<unsigned long long>(header.version), format_size(summary->header_bytes).c_str());
   return 0;
 }
 
@@ -201,15 +245,50 @@ struct InspectFlags {
   DeviceFlags device;
   bool json = false;
   bool no_mappings = false;
+  bool verify = false;
 };
 
 // A build whose data file the device reads, with its generation (from its
-// own header; unknown if that header cannot be read).
+// own header; unknown if that header cannot be read) and how its data file
+// is stored.
 struct ChainLink {
   image::Uuid build;
   std::optional<uint64_t> generation;
   std::string problem;  // why the generation is unknown
+  // The build's own header's entry for itself (its whole frame table), else
+  // the device's header's (only the frames its mappings reach), else an
+  // empty one: stored plain, size unknown.
+  image::BuildInfo info;
+  uint64_t mapped_end = 0;  // the end of the furthest range mappings take from it
 };
+
+// What a link's frame table says of its stored bytes.
+struct StoredSizes {
+  uint64_t uncompressed = 0;  // of the frames listed
+  uint64_t compressed = 0;
+};
+
+StoredSizes stored_sizes(const image::BuildInfo& info) {
+  StoredSizes sizes;
+  for (const image::Frame& f : info.frame_table.frames) {
+    sizes.uncompressed += f.size_u;
+    sizes.compressed += f.size_c;
+  }
+  return sizes;
+}
+
+// "zstd, 4 frames, 2.6 MiB stored for 7.6 MiB (2.97x)", "plain, 7.6 MiB",
+// "plain, size not recorded".
+std::string describe_storage(const image::BuildInfo& info) {
+  if (!info.frame_table.compressed()) {
+    return info.size == 0 ? "plain, size not recorded" : "plain, " + format_size(info.size);
+  }
+  const StoredSizes sizes = stored_sizes(info);
+  return fmt::format("{}, {} frames, {} stored for {} ({:.2f}x)",
+                     image::codec_name(info.frame_table.codec), info.frame_table.frames.size(),
+                     format_size(sizes.compressed), format_size(sizes.uncompressed),
+                     static_cast<double>(sizes.uncompressed) / static_cast<double>(sizes.compressed));
+}
 
 // The builds the device's bytes come from, newest generation first: the
 // chain of ancestors that still contribute bytes (a v3 header records no
@@ -220,15 +299,31 @@ std::vector<ChainLink> build_chain(ObjectStore& store, const image::Header& head
   std::set<image::Uuid> seen;
   for (const image::Mapping& m : header.mappings) {
     if (m.build_id.is_nil() || !seen.insert(m.build_id).second) continue;
-    ChainLink link{m.build_id, std::nullopt, ""};
+    ChainLink link{m.build_id, std::nullopt, "", {m.build_id, 0, {}, {}}, 0};
+    const image::BuildInfo* own_entry = nullptr;
+    std::optional<image::Header> other;
     if (m.build_id == header.build_id) {
       link.generation = header.generation;
-    } else if (Result<image::Header> other = image::load_header(store, m.build_id, name, timeout)) {
-      link.generation = other->generation;
+    } else if (Result<image::Header> loaded = image::load_header(store, m.build_id, name, timeout)) {
+      link.generation = loaded->generation;
+      other = std::move(loaded).value();
+      own_entry = other->find_build(m.build_id);
     } else {
-      link.problem = other.status().message();
+      link.problem = loaded.status().message();
+    }
+    if (own_entry != nullptr) {
+      link.info = *own_entry;
+    } else if (const image::BuildInfo* entry = header.find_build(m.build_id)) {
+      link.info = *entry;
     }
     chain.push_back(std::move(link));
+  }
+  for (const image::Mapping& m : header.mappings) {
+    for (ChainLink& link : chain) {
+      if (link.build == m.build_id) {
+        link.mapped_end = std::max(link.mapped_end, m.build_storage_offset + m.length);
+      }
+    }
   }
   std::stable_sort(chain.begin(), chain.end(), [](const ChainLink& a, const ChainLink& b) {
     return a.generation.value_or(0) > b.generation.value_or(0);
@@ -258,12 +353,43 @@ int run_inspect(const InspectFlags& flags) {
   const std::vector<ChainLink> chain =
       build_chain(opened->files->store(), *header, flags.device.name,
                   opened->files->options().fetch_timeout);
+  // --verify: every data file read whole and checked, the first problem
+  // ending the command (exit 1).
+  const auto verify = [&](const ChainLink& link) -> Result<image::DataFileCheck> {
+    const IoContext io{Clock::time_point::max(), {}};
+    Result<image::DataFileCheck> check = image::verify_data_file(
+        opened->files->store(), flags.device.name, link.info, link.mapped_end, io);
+    if (!check) {
+      return check.status().with_context("inspect --verify: build " + link.build.to_string());
+    }
+    return check;
+  };
   if (flags.json) {
     nlohmann::json links = nlohmann::json::array();
     for (const ChainLink& link : chain) {
-      links.push_back({{"build_id", link.build.to_string()},
-                       {"generation", link.generation ? nlohmann::json(*link.generation)
-                                                      : nlohmann::json()}});
+      const StoredSizes sizes = stored_sizes(link.info);
+      nlohmann::json entry = {
+          {"build_id", link.build.to_string()},
+          {"generation", link.generation ? nlohmann::json(*link.generation) : nlohmann::json()},
+          {"codec", image::codec_name(link.info.frame_table.codec)},
+          {"size", link.info.size != 0 ? nlohmann::json(link.info.size) : nlohmann::json()},
+          {"frames", link.info.frame_table.frames.size()},
+          {"frames_uncompressed_bytes", sizes.uncompressed},
+          {"frames_compressed_bytes", sizes.compressed},
+          {"ratio", sizes.compressed != 0 ? nlohmann::json(static_cast<double>(sizes.uncompressed) /
+                                                           static_cast<double>(sizes.compressed))
+                                          : nlohmann::json()}};
+      if (flags.verify) {
+        Result<image::DataFileCheck> check = verify(link);
+        if (!check) return report_failure(check.status());
+        entry["verified"] = {{"key", check->key},
+                             {"stored_bytes", check->stored_bytes},
+                             {"size", check->size},
+                             {"frames", check->frames},
+                             {"size_checked", check->size_checked},
+                             {"sha256_checked", check->sha256_checked}};
+      }
+      links.push_back(std::move(entry));
     }
     nlohmann::json doc = {{"version", header->version},
                           {"block_size", header->block_size},
@@ -297,13 +423,25 @@ int run_inspect(const InspectFlags& flags) {
   std::printf("  chain (the builds its bytes come from, newest first):\n");
   for (const ChainLink& link : chain) {
     const auto bytes = by_build.find(link.build.to_string());
-    std::printf("    %-36s %s, %s\n", link.build.to_string().c_str(),
+    std::printf("    %-36s %s, %s; data file %s\n", link.build.to_string().c_str(),
                 link.generation ? fmt::format("generation {}", *link.generation).c_str()
                                 : fmt::format("header unreadable: {}", link.problem).c_str(),
-                format_size(bytes == by_build.end() ? 0 : bytes->second).c_str());
+                format_size(bytes == by_build.end() ? 0 : bytes->second).c_str(),
+                describe_storage(link.info).c_str());
   }
   if (const auto zeros = by_build.find("zeros"); zeros != by_build.end()) {
     std::printf("    %-36s %s\n", "zeros", format_size(zeros->second).c_str());
+  }
+  if (flags.verify) {
+    for (const ChainLink& link : chain) {
+      Result<image::DataFileCheck> check = verify(link);
+      if (!check) return report_failure(check.status());
+      std::printf("  verified %s: %s bytes%s%s%s\n", check->key.c_str(),
+                  fmt::format("{}", check->size).c_str(),
+                  check->frames != 0 ? fmt::format(" in {} frames", check->frames).c_str() : "",
+                  check->size_checked ? ", size as recorded" : "",
+                  check->sha256_checked ? ", SHA-256 as recorded" : "");
+    }
   }
   if (flags.no_mappings) return 0;
   constexpr size_t kShown = 50;
@@ -328,7 +466,9 @@ CommandRunner add_pack_command(CLI::App& app) {
   CLI::App* pack = app.add_subcommand(
       "pack",
       "Store a raw image as a build: only the blocks that differ from --parent (or, without a "
-      "parent, that are not zeros) go to BUILD/NAME; BUILD/NAME.header maps every block");
+      "parent, that are not zeros) go to BUILD/NAME (with --compress, BUILD/NAME.zstd or "
+      "BUILD/NAME.lz4: independently compressed frames, as E2B writes them); BUILD/NAME.header "
+      "maps every block");
   add_device_flags(*pack, flags->device);
   add_progress_flags(*pack);
   pack->add_option("--parent", flags->parent, "The build this one changes (a UUID)");
@@ -342,6 +482,21 @@ CommandRunner add_pack_command(CLI::App& app) {
   pack->add_flag("--json", flags->json,
                  "Print the summary as one JSON document: blocks changed, zero, unchanged, bytes "
                  "stored, seconds");
+  pack->add_option("--compress", flags->compress,
+                   "Store the data file compressed: zstd or lz4, in frames of --frame-size "
+                   "compressed in parallel on every core; the header is then version 4 (or "
+                   "--header-version 5) and records the frames, the uncompressed size and the "
+                   "SHA-256");
+  pack->add_option("--frame-size", flags->frame_size,
+                   "Uncompressed bytes per frame (a multiple of the block size, at most 64MiB): "
+                   "the unit a cold read fetches and decompresses; default 2MiB, as E2B");
+  pack->add_option("--level", flags->level,
+                   "Compression level: zstd 1 to 22 (default 3; negative: faster), lz4 0 (fast, "
+                   "the default) to 12 (high compression)");
+  pack->add_option("--header-version", flags->header_version,
+                   "The header's layout: 3 (plain builds only), 4 or 5 (E2B's compact mappings); "
+                   "default: the parent's, and at least 4 with --compress, else 3")
+      ->check(CLI::IsMember({3, 4, 5}));
   pack->add_option("FILE", flags->input, "The raw image; - for stdin");
   pack->add_option("--overlay", flags->overlay,
                    "Instead of FILE: an overlay kept by `serve nbd --overlay` over --parent's "
@@ -364,11 +519,17 @@ CommandRunner add_export_command(CLI::App& app) {
 CommandRunner add_inspect_command(CLI::App& app) {
   auto flags = std::make_shared<InspectFlags>();
   CLI::App* command = app.add_subcommand(
-      "inspect", "Show a build's header: metadata, bytes by source build, the mappings");
+      "inspect",
+      "Show a build's header: its version, metadata, the builds its bytes come from (each with "
+      "its codec, frames, stored and uncompressed sizes), the mappings");
   add_device_flags(*command, flags->device);
   command->add_flag("--json", flags->json, "Print one JSON document");
   command->add_flag("--no-mappings", flags->no_mappings,
                     "Leave the mappings out (the summary and the chain of builds only)");
+  command->add_flag("--verify", flags->verify,
+                    "Read every data file the device uses whole and check it: each frame's "
+                    "checksum and decompressed size, and the file's size and SHA-256 where the "
+                    "header records them; the first problem (naming the object and frame) exits 1");
   return [flags] { return run_inspect(*flags); };
 }
 

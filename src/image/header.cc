@@ -243,29 +243,6 @@ std::optional<Codec> Header::codec_of(const Uuid& build) const {
   return std::nullopt;
 }
 
-Status check_plain_whole_blocks(const Header& header) {
-  // kCorruption, as an unsupported header version is: the object is not
-  // one this reader can serve (exit status 1, not a usage error).
-  for (const Mapping& m : header.mappings) {
-    if (m.build_id.is_nil()) continue;
-    if (header.codec_of(m.build_id).value_or(Codec::kNone) != Codec::kNone) {
-      return Status::corruption(fmt::format(
-          "build {} is stored compressed ({}): compressed builds cannot be read yet",
-          m.build_id.to_string(), codec_name(*header.codec_of(m.build_id))));
-    }
-  }
-  for (size_t i = 0; i < header.mappings.size(); ++i) {
-    const Mapping& m = header.mappings[i];
-    if (m.offset % header.block_size != 0 || m.length % header.block_size != 0 ||
-        m.build_storage_offset % header.block_size != 0) {
-      return Status::corruption(fmt::format(
-          "mapping {} [{}, +{}) is not in whole blocks of {}: such headers cannot be read yet", i,
-          m.offset, m.length, header.block_size));
-    }
-  }
-  return Status::ok();
-}
-
 std::vector<Mapping> merge_mappings(const std::vector<Mapping>& parent,
                                     const std::vector<Mapping>& changed) {
   std::vector<Mapping> pieces;

@@ -153,13 +153,6 @@ struct Header {
   friend bool operator==(const Header&, const Header&) = default;
 };
 
-// OK if a reader of uncompressed data files in whole blocks can serve the
-// device of `header`: no build it maps into is compressed (one of unknown
-// codec is read as BUILD/NAME, and is not found if compressed), and every
-// mapping is in whole blocks (versions 4 and 5 allow 4 KiB mappings under
-// 2 MiB blocks). What devices and pack need until they read compressed builds.
-Status check_plain_whole_blocks(const Header& header);
-
 // The mappings of a child build: its parent's, with the device ranges in
 // `changed` (sorted, disjoint, block-aligned, each mapped into the child's
 // own data file or to nil) laid over them. Neighbouring ranges are joined

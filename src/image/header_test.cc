@@ -1012,17 +1012,6 @@ TEST(FrameTableTest, FindsFramesByBinarySearchAndSeesGaps) {
   EXPECT_TRUE(FrameTable{}.validate().is_ok());
 }
 
-TEST(HeaderV4V5Test, PlainWholeBlockReadersRefuseWhatTheyCannotRead) {
-  EXPECT_TRUE(check_plain_whole_blocks(sample()).is_ok());
-  EXPECT_HAS(check_plain_whole_blocks(trimmed45(4)).message(),
-             "build b2b2b2b2-b2b2-b2b2-b2b2-b2b2b2b2b2b2 is stored compressed (lz4)");
-  Header plain = trimmed45(5);
-  for (BuildInfo& b : plain.builds) b.frame_table = {};
-  EXPECT_TRUE(check_plain_whole_blocks(plain).is_ok());
-  plain.block_size = 2 << 20;
-  EXPECT_HAS(check_plain_whole_blocks(plain).message(), "not in whole blocks of 2097152");
-}
-
 // ---------------------------------------------------------------------------
 // Against the independent Python implementation (tests/e2b_reference).
 

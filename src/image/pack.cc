@@ -9,10 +9,12 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <set>
 #include <vector>
 
 #include <fmt/format.h>
 
+#include "chunk/frame_codec.h"
 #include "common/units.h"
 #include "common/unique_fd.h"
 #include "image/overlay.h"
@@ -84,32 +86,44 @@ Status put_file(ObjectStore& store, const std::string& key, int fd, uint64_t len
 
 // Adds block `device_offset`'s bytes to the new build: nil if zeros, else
 // appended to the new data file.
-Status add_block(std::span<const std::byte> bytes, uint64_t device_offset, int data_fd,
+Status add_block(std::span<const std::byte> bytes, uint64_t device_offset, DataFileWriter& data,
                  const PackOptions& options, PackSummary& summary) {
   if (all_zero(bytes)) {
     add_run(summary.header.mappings, device_offset, bytes.size(), Uuid::nil(), 0);
     ++summary.zero;
     return Status::ok();
   }
-  LB_RETURN_IF_ERROR(pwrite_all(data_fd, bytes, summary.data_bytes, "the new data file"));
-  add_run(summary.header.mappings, device_offset, bytes.size(), options.build, summary.data_bytes);
-  summary.data_bytes += bytes.size();
+  const uint64_t stored_at = data.size();
+  LB_RETURN_IF_ERROR(data.append(bytes));
+  add_run(summary.header.mappings, device_offset, bytes.size(), options.build, stored_at);
   ++summary.changed;
   return Status::ok();
 }
 
-// Maps block `device_offset` where `parent` maps it.
+// Maps block `device_offset` where `parent` maps it: piece by piece, as a
+// version 4 or 5 parent may map a block of 2 MiB in 4 KiB pieces. Past the
+// parent's mappings (its device's last page) the block reads as zeros.
 void keep_parent_block(const Device& parent, uint64_t device_offset, uint64_t block,
                        PackSummary& summary) {
-  const Mapping& source = parent.header().mappings[parent.header().mapping_at(device_offset)];
-  add_run(summary.header.mappings, device_offset, block, source.build_id,
-          source.build_storage_offset + (device_offset - source.offset));
+  const Header& from = parent.header();
+  const uint64_t mapped_end = from.mappings.empty() ? 0 : from.mappings.back().end();
+  for (uint64_t at = device_offset; at < device_offset + block;) {
+    if (at >= mapped_end) {
+      add_run(summary.header.mappings, at, device_offset + block - at, Uuid::nil(), 0);
+      break;
+    }
+    const Mapping& source = from.mappings[from.mapping_at(at)];
+    const uint64_t end = std::min(source.end(), device_offset + block);
+    add_run(summary.header.mappings, at, end - at, source.build_id,
+            source.build_id.is_nil() ? 0 : source.build_storage_offset + (at - source.offset));
+    at = end;
+  }
   ++summary.unchanged;
 }
 
 // Packs a raw image read from `source_fd`, compared block by block with
 // `parent` (if any).
-Status pack_source(Device* parent, int source_fd, int data_fd, const PackOptions& options,
+Status pack_source(Device* parent, int source_fd, DataFileWriter& data, const PackOptions& options,
                    PackSummary& summary, const std::function<void(uint64_t)>& progress) {
   const uint64_t block = *options.block_size;
   std::vector<std::byte> batch(kBatch);
@@ -137,7 +151,7 @@ Status pack_source(Device* parent, int source_fd, int data_fd, const PackOptions
           std::memcmp(bytes.data(), before.data() + at, block) == 0) {
         keep_parent_block(*parent, offset + at, block, summary);
       } else {
-        LB_RETURN_IF_ERROR(add_block(bytes, offset + at, data_fd, options, summary));
+        LB_RETURN_IF_ERROR(add_block(bytes, offset + at, data, options, summary));
       }
     }
     offset += *got;
@@ -152,7 +166,7 @@ Status pack_source(Device* parent, int source_fd, int data_fd, const PackOptions
 // blocks are read, and each is stored only if its bytes differ from the
 // parent's (a block written back with the bytes it had keeps the parent's
 // mapping, as pack of a raw image does).
-Status pack_overlay(Device& parent, const std::filesystem::path& path, int data_fd,
+Status pack_overlay(Device& parent, const std::filesystem::path& path, DataFileWriter& data,
                     const PackOptions& options, PackSummary& summary,
                     const std::function<void(uint64_t)>& progress) {
   const uint64_t block = parent.header().block_size;
@@ -187,7 +201,7 @@ Status pack_overlay(Device& parent, const std::filesystem::path& path, int data_
       if (!all_zero(piece) && std::memcmp(piece.data(), before.data() + at, block) == 0) {
         keep_parent_block(parent, offset + at, block, summary);
       } else {
-        LB_RETURN_IF_ERROR(add_block(piece, offset + at, data_fd, options, summary));
+        LB_RETURN_IF_ERROR(add_block(piece, offset + at, data, options, summary));
       }
     }
     index = run_end;
@@ -225,6 +239,73 @@ Status check_target(ObjectStore& store, const PackOptions& options) {
   return Status::ok();
 }
 
+// The header version of the new build (see PackOptions::header_version).
+Result<uint64_t> resolve_version(const PackOptions& options, const Header* parent) {
+  const uint64_t inherited = parent != nullptr ? parent->version : 3;
+  const uint64_t version = options.header_version.value_or(
+      std::max<uint64_t>(inherited, options.codec != Codec::kNone ? 4 : 3));
+  if (version < 3 || version > 5) {
+    return Status::invalid_argument(
+        fmt::format("header version {}: pack writes versions 3, 4 and 5", version));
+  }
+  if (version == 3 && options.codec != Codec::kNone) {
+    return Status::invalid_argument(fmt::format(
+        "a version 3 header cannot describe a build compressed with {}: use version 4 or 5",
+        codec_name(options.codec)));
+  }
+  return version;
+}
+
+// What a version 4 or 5 header records of each build its mappings name (as
+// E2B's upload does): the new build's own data file as written, and for each
+// ancestor the parent's entry, else, where the parent's header has none, the
+// ancestor's own header's entry for itself (an empty one, meaning plain,
+// for a build stored plain). For a version 3 header, whose every build
+// reads as plain, it only checks that none is compressed.
+Status record_builds(DataFiles& files, const PackOptions& options, const Header* parent,
+                     const WrittenDataFile& written, Header& header) {
+  std::set<Uuid> named;
+  for (const Mapping& m : header.mappings) {
+    if (!m.build_id.is_nil() && m.build_id != header.build_id) named.insert(m.build_id);
+  }
+  std::vector<BuildInfo> builds;
+  for (const Uuid& ancestor : named) {
+    BuildInfo info{ancestor, 0, {}, {}};
+    if (const BuildInfo* recorded = parent != nullptr ? parent->find_build(ancestor) : nullptr) {
+      info = *recorded;
+    } else if (parent == nullptr || !parent->codec_of(ancestor)) {
+      Result<Header> own =
+          load_header(files.store(), ancestor, options.name, files.options().fetch_timeout);
+      if (!own) return own.status().with_context("how build " + ancestor.to_string() + " is stored");
+      if (const BuildInfo* recorded = own->find_build(ancestor)) info = *recorded;
+    }
+    if (header.version == 3 && info.frame_table.compressed()) {
+      return Status::invalid_argument(fmt::format(
+          "a version 3 header cannot map into build {}, which is compressed with {}: use "
+          "version 4 or 5",
+          ancestor.to_string(), codec_name(info.frame_table.codec)));
+    }
+    builds.push_back(std::move(info));
+  }
+  if (header.version == 3) return Status::ok();
+  builds.push_back({header.build_id, written.size, written.sha256, written.frame_table});
+  std::sort(builds.begin(), builds.end(),
+            [](const BuildInfo& a, const BuildInfo& b) { return a.build_id < b.build_id; });
+  header.builds = std::move(builds);
+  return Status::ok();
+}
+
+// Versions 4 and 5 map the device to its last 4 KiB page, not to the end of
+// its last block: the mappings past that are cut.
+void trim_to_pages(Header& header) {
+  const uint64_t end = align_up(header.size, kPageSize);
+  std::vector<Mapping>& mappings = header.mappings;
+  while (!mappings.empty() && mappings.back().offset >= end) mappings.pop_back();
+  if (!mappings.empty() && mappings.back().end() > end) {
+    mappings.back().length = end - mappings.back().offset;
+  }
+}
+
 }  // namespace
 
 Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd, const PackOptions& options,
@@ -241,7 +322,6 @@ Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd,
                                                files->options().fetch_timeout);
     if (!parent_header) return parent_header.status().with_context("parent");
     if (!options.block_size) block = parent_header->block_size;
-    LB_RETURN_IF_ERROR(check_plain_whole_blocks(*parent_header));
     if (parent_header->block_size != block) {
       return Status::invalid_argument(fmt::format(
           "the parent {} has blocks of {} bytes, not {}", options.parent->to_string(),
@@ -257,31 +337,59 @@ Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd,
         "block size {} must be a power of two no larger than {}", block, format_size(kBatch)));
   }
   header.block_size = block;
+  Result<uint64_t> version = resolve_version(options, parent ? &parent->header() : nullptr);
+  if (!version) return version.status();
+  header.version = *version;
+  if (options.codec != Codec::kNone && options.frame_size % block != 0) {
+    return Status::invalid_argument(fmt::format(
+        "frame size {} is not a multiple of the block size {}: a block must not straddle frames",
+        options.frame_size, block));
+  }
   PackOptions resolved = options;
   resolved.block_size = block;
 
   Result<int> opened_fd = open_temporary(options.temp_dir);
   if (!opened_fd) return opened_fd.status();
   const UniqueFd data_fd(*opened_fd);
+  DataFileFormat format;
+  format.codec = options.codec;
+  if (options.codec != Codec::kNone) {
+    const FrameCodec codec = options.codec == Codec::kLz4 ? FrameCodec::kLz4 : FrameCodec::kZstd;
+    format.level = options.level.value_or(default_level(codec));
+  }
+  format.frame_size = options.frame_size;
+  format.threads = options.encoder_threads;
+  format.digest = header.version >= 4;
+  Result<std::unique_ptr<DataFileWriter>> data = DataFileWriter::create(data_fd.get(), format);
+  if (!data) return data.status();
 
   if (options.overlay) {
     if (!parent) return Status::invalid_argument("pack --overlay needs --parent");
     LB_RETURN_IF_ERROR(
-        pack_overlay(*parent, *options.overlay, data_fd.get(), resolved, summary, progress));
+        pack_overlay(*parent, *options.overlay, **data, resolved, summary, progress));
   } else {
-    LB_RETURN_IF_ERROR(
-        pack_source(parent.get(), source_fd, data_fd.get(), resolved, summary, progress));
+    LB_RETURN_IF_ERROR(pack_source(parent.get(), source_fd, **data, resolved, summary, progress));
   }
   summary.blocks = div_round_up(header.size, block);
+  Result<WrittenDataFile> written = (*data)->finish();
+  if (!written) return written.status();
+  summary.data_bytes = written->size;
+  summary.stored_bytes = written->stored_bytes;
+  summary.frame_table = written->frame_table;
+  if (header.version >= 4) trim_to_pages(header);
+  LB_RETURN_IF_ERROR(
+      record_builds(*files, options, parent ? &parent->header() : nullptr, *written, header));
 
   Result<std::vector<std::byte>> header_bytes = header.serialize();
   if (!header_bytes) return header_bytes.status();
   summary.header_bytes = header_bytes->size();
+  summary.data_key = data_key(options.build, options.name) +
+                     std::string(data_file_suffix(written->frame_table.codec));
   // No deadline of a fetch's length for uploads of any size: the store's own
   // connect and stall timeouts guard them; a stop abandons them.
   const IoContext io{Clock::time_point::max(), options.stop};
-  LB_RETURN_IF_ERROR(put_file(files->store(), data_key(options.build, options.name), data_fd.get(),
-                              summary.data_bytes, io));
+  LB_RETURN_IF_ERROR(
+      put_file(files->store(), summary.data_key, data_fd.get(), summary.stored_bytes, io));
   if (options.stop.stop_requested()) return Status::cancelled("pack: interrupted");
   // The header last: a build is visible only once its data is in place.
   LB_RETURN_IF_ERROR(files->store().put(header_key(options.build, options.name), *header_bytes, io));

@@ -6,9 +6,16 @@
 // with zeros) is classified: all zeros -> mapped to nil (stored nowhere);
 // equal to the parent device's block -> mapped where the parent maps it;
 // else -> appended to the new data file and mapped there. Neighbouring
-// blocks with the same source join into one mapping. The data file goes to
-// the store first, then the header, so a build is never visible without its
-// data.
+// blocks with the same source join into one mapping. The data file is
+// assembled in a local temporary file, plain or (with a codec) cut into
+// frames that encoder threads compress in parallel (data_file_writer.h), and
+// streamed from there to the store (in parts, for S3); then the header goes
+// up, so a build is never visible without its data.
+//
+// Header versions: 3 for a plain build over plain ancestors; 4 (or 5, on
+// request) when the build is compressed or maps into a compressed ancestor,
+// recording for every build it names the data file's uncompressed size,
+// SHA-256 (the new build's own) and frame table.
 #pragma once
 
 #include <chrono>
@@ -20,6 +27,7 @@
 #include <stop_token>
 #include <string>
 
+#include "image/data_file_writer.h"
 #include "image/device.h"
 #include "image/header.h"
 
@@ -42,6 +50,16 @@ struct PackOptions {
   // --overlay`). Only its blocks are read; every other block keeps the
   // parent's mapping.
   std::optional<std::filesystem::path> overlay;
+  // How the new data file is stored: codec kNone for BUILD/NAME, else
+  // BUILD/NAME.zstd or .lz4 in frames of frame_size. `level` unset: the
+  // codec's default.
+  Codec codec = Codec::kNone;
+  std::optional<int> level;
+  uint64_t frame_size = 2 * 1024 * 1024;
+  int encoder_threads = 0;  // 0: one per core
+  // The header's version; unset: the parent's, but at least 4 for a
+  // compressed build (3 without a parent and codec).
+  std::optional<uint64_t> header_version;
 };
 
 struct PackSummary {
@@ -50,8 +68,11 @@ struct PackSummary {
   uint64_t changed = 0;    // stored in the new data file
   uint64_t zero = 0;       // mapped to nil
   uint64_t unchanged = 0;  // mapped into an ancestor's data file
-  uint64_t data_bytes = 0;    // the new data file's size
+  uint64_t data_bytes = 0;    // the new data file's size, uncompressed
+  uint64_t stored_bytes = 0;  // the data object's size (compressed, if it is)
   uint64_t header_bytes = 0;  // the new header's size
+  std::string data_key;       // where the data file went
+  FrameTable frame_table;     // codec kNone: stored plain
   std::optional<uint64_t> parent_size;  // the parent device's size, if there is a parent
 };
 

@@ -20,6 +20,10 @@ python3-zstandard):
                  --block-size 4096|2MiB --codec none|zstd|lz4 --version 3|4|5
                  [--frame-size 2MiB] IMAGE
     e2b.py read  --store DIR --build UUID --name NAME -o OUT
+                                     the device, checking every data file it
+                                     reads against the size and SHA-256 its
+                                     own header records and every frame
+                                     against its table (exit 1 if not)
     e2b.py dump  HEADER...           the header as JSON on stdout (several
                                      headers: a JSON array of them, in order)
     e2b.py encode JSON HEADER...     headers from JSON shaped as dump prints
@@ -496,6 +500,14 @@ class DataFiles:
 
     def __init__(self, store, name):
         self.store, self.name, self.files, self.objects = store, name, {}, {}
+        self.frames = {}  # (build, start_c) -> that frame's content, decoded once
+
+    def frame(self, build, codec, stored, frame):
+        start_u, start_c, size_u, size_c = frame
+        key = (build, start_c)
+        if key not in self.frames:
+            self.frames[key] = decode_frame(codec, stored[start_c:start_c + size_c], size_u)
+        return self.frames[key]
 
     def stored(self, build, codec):
         path = data_path(self.store, build, self.name, codec)
@@ -520,7 +532,7 @@ class DataFiles:
             for start_u, start_c, size_u, size_c in data.frames:
                 if start_u != at_u or start_c != at_c:
                     raise FormatError(f"{build}'s own frame table has a gap at {at_u}")
-                pieces.append(decode_frame(codec, stored[start_c:start_c + size_c], size_u))
+                pieces.append(self.frame(build, codec, stored, (start_u, start_c, size_u, size_c)))
                 at_u, at_c = start_u + size_u, start_c + size_c
             if at_c != len(stored):
                 raise FormatError(f"{build}'s data file has {len(stored) - at_c} bytes past its frames")
@@ -545,8 +557,8 @@ class DataFiles:
                 frame = next((f for f in data.frames if f[0] <= position < f[0] + f[2]), None)
                 if frame is None:
                     raise FormatError(f"{build}: offset {position} is in no frame of the table")
-                start_u, start_c, size_u, size_c = frame
-                content = decode_frame(data.codec, stored[start_c:start_c + size_c], size_u)
+                start_u, size_u = frame[0], frame[2]
+                content = self.frame(build, data.codec, stored, frame)
                 parts.append(content[position - start_u:min(offset + length, start_u + size_u) - start_u])
                 position = start_u + size_u
             piece = b"".join(parts)
