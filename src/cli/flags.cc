@@ -52,6 +52,9 @@ void add_store_flags(CLI::App& command, StoreFlags& flags) {
       ->check(at_least(1));
   command.add_flag("--no-readahead", flags.no_readahead,
                    "Do not read ahead of runs of sequential reads (whole-object copies still do)");
+  command.add_option("--ca-file", flags.ca_file,
+                     "CA certificates (PEM) to verify an https store's server with, instead of "
+                     "the system's (default: $AWS_CA_BUNDLE, else $SSL_CERT_FILE)");
 }
 
 CLI::Validator at_least(long long least) {
@@ -118,6 +121,7 @@ Result<ChunkerOptions> chunker_options(const StoreFlags& flags) {
 
 Result<StoreStackOptions> store_stack_options(const StoreFlags& flags) {
   StoreStackOptions options;
+  options.ca_file = flags.ca_file;
   if (!flags.simulate.empty()) {
     Result<SimulateProfile> profile = SimulateProfile::parse(flags.simulate);
     if (!profile) return profile.status();

@@ -27,6 +27,7 @@ struct StoreFlags {
   std::string cache_dir;
   std::string cache_size = "16GiB";
   bool no_readahead = false;
+  std::string ca_file;
 };
 
 void add_store_flags(CLI::App& command, StoreFlags& flags);

@@ -46,11 +46,11 @@ std::string_view trim(std::string_view text) {
   return text;
 }
 
-// Whether a transport failure may pass if tried again.
+// Whether a transport failure may pass if tried again. A name that does not
+// resolve is taken as a typo, not an outage: failing at once says so sooner
+// than a minute of retries would.
 bool transient(CURLcode code) {
   switch (code) {
-    case CURLE_COULDNT_RESOLVE_HOST:
-    case CURLE_COULDNT_RESOLVE_PROXY:
     case CURLE_COULDNT_CONNECT:
     case CURLE_OPERATION_TIMEDOUT:
     case CURLE_SEND_ERROR:
@@ -131,6 +131,9 @@ class HttpClient::Transfer final : public HttpResponse {
     curl_easy_setopt(easy_, CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_2TLS));
     curl_easy_setopt(easy_, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(easy_, CURLOPT_BUFFERSIZE, kReceiveBuffer);
+    if (!client.options().ca_file.empty()) {
+      curl_easy_setopt(easy_, CURLOPT_CAINFO, client.options().ca_file.c_str());
+    }
     curl_easy_setopt(easy_, CURLOPT_CONNECTTIMEOUT_MS,
                      static_cast<long>(client.options().connect_timeout.count()));
     curl_easy_setopt(easy_, CURLOPT_HEADERFUNCTION, &Transfer::on_header);
@@ -319,9 +322,35 @@ class HttpClient::Transfer final : public HttpResponse {
   // The outcome of a finished transfer.
   Status finished_status() const {
     if (result_ == CURLE_OK) return Status::ok();
-    const std::string message =
-        fmt::format("{} {}: {}", method_, url_, error_[0] != '\0' ? error_ : curl_easy_strerror(result_));
+    const std::string_view detail = error_[0] != '\0' ? error_ : curl_easy_strerror(result_);
+    std::string message = fmt::format("{} {}: {}", method_, url_, detail);
+    message += advice(detail);
     return transient(result_) ? Status::unavailable(message) : Status::io_error(message);
+  }
+
+  // What to do about a failure that another try would not mend.
+  std::string advice(std::string_view detail) const {
+    const std::string& ca_file = client_.options().ca_file;
+    const std::string trusted =
+        ca_file.empty() ? "the system's CAs"
+                        : fmt::format("the CAs of {}", ca_file);
+    switch (result_) {
+      case CURLE_COULDNT_RESOLVE_HOST:
+        return " (the host name does not resolve: check the store URL)";
+      case CURLE_PEER_FAILED_VERIFICATION:
+        if (detail.find("name") != std::string_view::npos) {
+          return " (TLS: the server's certificate is not valid for this host name: use the "
+                 "name the certificate was issued for)";
+        }
+        return fmt::format(" (TLS: the server's certificate is not signed by {}: name its CA "
+                           "with --ca-file, AWS_CA_BUNDLE or SSL_CERT_FILE)",
+                           trusted);
+      case CURLE_SSL_CACERT_BADFILE:
+        return fmt::format(" (TLS: the CA file {} cannot be read)",
+                           ca_file.empty() ? "of the system" : ca_file);
+      default:
+        return "";
+    }
   }
 
   HttpClient& client_;

@@ -14,14 +14,17 @@
 // object ride one connection. (libcurl's shared connection cache is not safe
 // across threads, so connections are pooled with their handles instead; DNS
 // and TLS sessions are shared.) HTTP/2 is used where a TLS server offers it.
-// TLS peers are verified.
+// TLS peers are always verified, against the system's CAs or the bundle
+// HttpClientOptions::ca_file names.
 //
 // Every wait honours the IoContext: kTimeout at the deadline, kCancelled on a
 // stop (which wakes a blocked read at once). A connection that cannot be made
 // within connect_timeout, or a response that sends no byte for
 // stall_timeout, fails with kUnavailable, as do resets and other transport
-// failures: a retry layer may try again. HTTP statuses are the caller's to
-// judge.
+// failures: a retry layer may try again. What another try cannot change
+// fails with kIoError and says so: a host name that does not resolve, a
+// certificate that is not trusted or does not name the host, a CA bundle
+// that cannot be read. HTTP statuses are the caller's to judge.
 #pragma once
 
 #include <chrono>
@@ -63,6 +66,9 @@ class HttpResponse {
 struct HttpClientOptions {
   std::chrono::milliseconds connect_timeout{10000};
   std::chrono::milliseconds stall_timeout{30000};  // no byte for this long: kUnavailable
+  // The CA certificates (PEM) that TLS peers are verified against instead
+  // of the system's; empty for the system's.
+  std::string ca_file;
 };
 
 class HttpClient {
