@@ -281,5 +281,65 @@ TEST_F(CliTest, BenchFetchAgainstARealStore) {
   EXPECT_NE(missing.err.find("object not found: nope"), std::string::npos) << missing.err;
 }
 
+// `serve nbd` with ARGS in the background, from `dir`; once it prints its
+// URI, nbdinfo (from /) asks that URI the export's size. Prints the URI, then
+// the size.
+const char* kServeAndAsk = R"SH(
+lazyblock=$1 dir=$2; shift 2
+cd "$dir" && "$lazyblock" serve nbd "$@" > served 2>&1 & pid=$!
+for _ in $(seq 1 1000); do grep -q 'nbd[+a-z]*://' "$dir/served" && break; sleep 0.01; done
+uri=$(grep -o 'nbd[+a-z]*://[^ ]*' "$dir/served")
+echo "$uri"
+cd / && nbdinfo --size "$uri"; status=$?
+kill $pid; wait $pid
+cat "$dir/served" >&2
+exit $status
+)SH";
+
+TEST_F(CliTest, ServeNbdListensOnHostNamesAndIpv6AndPrintsAnAbsoluteSocketPath) {
+  const std::string build = "0c0c0c0c-1111-4222-8333-444455556666";
+  put_object("raw", 4 * kMiB);
+  std::filesystem::copy_file(dir_ / "store" / "raw", dir_ / "raw.img");
+  Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_url_, "--build", build, "--name",
+                                        "rootfs.ext4", (dir_ / "raw.img").string(), "--quiet"});
+  ASSERT_EQ(packed.status, 0) << packed.err;
+  const std::vector<std::string> served = {"--store", store_url_, "--build", build, "--name",
+                                           "rootfs.ext4", "--read-only"};
+  const auto serve = [&](std::vector<std::string> where) {
+    std::vector<std::string> args = {"-c", kServeAndAsk, "sh", lazyblock_binary(), dir_.string()};
+    args.insert(args.end(), served.begin(), served.end());
+    args.insert(args.end(), where.begin(), where.end());
+    return run_program(dir_, "sh", args);
+  };
+  const std::string size = std::to_string(4 * kMiB);
+
+  Outcome by_name = serve({"--listen", "localhost:0"});
+  EXPECT_EQ(by_name.status, 0) << by_name.err;
+  EXPECT_EQ(by_name.out.rfind("nbd://localhost:", 0), 0u) << by_name.out;
+  EXPECT_NE(by_name.out.find("\n" + size + "\n"), std::string::npos) << by_name.out;
+
+  Outcome ipv6 = serve({"--listen", "[::1]:0"});
+  if (ipv6.err.find("Address family not supported") != std::string::npos ||
+      ipv6.err.find("Cannot assign requested address") != std::string::npos) {
+    GTEST_SKIP() << "no IPv6 loopback here: " << ipv6.err;
+  }
+  EXPECT_EQ(ipv6.status, 0) << ipv6.err;
+  EXPECT_EQ(ipv6.out.rfind("nbd://[::1]:", 0), 0u) << ipv6.out;
+  EXPECT_NE(ipv6.out.find("\n" + size + "\n"), std::string::npos) << ipv6.out;
+
+  // A relative --socket, and a client in another directory.
+  Outcome relative = serve({"--socket", "nbd.sock"});
+  EXPECT_EQ(relative.status, 0) << relative.err;
+  EXPECT_EQ(relative.out.rfind("nbd+unix:///rootfs.ext4?socket=" + (dir_ / "nbd.sock").string(), 0),
+            0u)
+      << relative.out;
+  EXPECT_NE(relative.out.find("\n" + size + "\n"), std::string::npos) << relative.out;
+
+  Outcome ambiguous = run_lazyblock(dir_, {"serve", "nbd", "--store", store_url_, "--build", build,
+                                           "--name", "rootfs.ext4", "--listen", "::1:10809"});
+  EXPECT_EQ(ambiguous.status, 2) << ambiguous.err;
+  EXPECT_NE(ambiguous.err.find("[::1]:10809"), std::string::npos) << ambiguous.err;
+}
+
 }  // namespace
 }  // namespace lazyblock
