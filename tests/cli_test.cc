@@ -341,5 +341,70 @@ TEST_F(CliTest, ServeNbdListensOnHostNamesAndIpv6AndPrintsAnAbsoluteSocketPath) 
   EXPECT_NE(ambiguous.err.find("[::1]:10809"), std::string::npos) << ambiguous.err;
 }
 
+TEST_F(CliTest, TheLogLevelMayComeBeforeTheCommand) {
+  const std::vector<std::string> cat = {"cat", "--store", store_url_, "--key", "no/such", "-o",
+                                        (dir_ / "out").string()};
+  std::vector<std::string> global = {"--log-level", "info"};
+  global.insert(global.end(), cat.begin(), cat.end());
+  Outcome before = run_lazyblock(dir_, global);
+  EXPECT_EQ(before.status, 1) << before.err;
+  EXPECT_NE(before.err.find("lazyblock: info: "), std::string::npos) << before.err;
+
+  // The command's own wins.
+  global.insert(global.end(), {"--log-level", "error"});
+  Outcome own = run_lazyblock(dir_, global);
+  EXPECT_EQ(own.status, 1) << own.err;
+  EXPECT_EQ(own.err.find("info: "), std::string::npos) << own.err;
+  EXPECT_NE(own.err.find("lazyblock: error: "), std::string::npos) << own.err;
+
+  // Without either: warnings and errors only.
+  Outcome neither = run_lazyblock(dir_, cat);
+  EXPECT_EQ(neither.err.find("info: "), std::string::npos) << neither.err;
+
+  Outcome typo = run_lazyblock(dir_, {"--log-level=debug", "packk"});
+  EXPECT_EQ(typo.status, 2) << typo.err;
+  EXPECT_NE(typo.err.find("unknown command 'packk' (did you mean 'pack'?)"), std::string::npos)
+      << typo.err;
+  Outcome bad = run_lazyblock(dir_, {"--log-level", "loud", "cat", "--store", store_url_, "--key",
+                                     "k"});
+  EXPECT_EQ(bad.status, 2) << bad.err;
+  EXPECT_NE(bad.err.find("loud"), std::string::npos) << bad.err;
+}
+
+TEST_F(CliTest, EachCommandsHelpListsOnlyTheFlagsItUses) {
+  const auto help_of = [&](std::vector<std::string> command) {
+    command.push_back("--help");
+    Outcome help = run_lazyblock(dir_, command);
+    EXPECT_EQ(help.status, 0) << help.err;
+    return help.out;
+  };
+  const std::string pack = help_of({"pack"});
+  // An option's line in the help ("  --flag TEXT  what it does").
+  const auto listed = [](const std::string& help, const std::string& flag) {
+    return help.find("\n  " + flag + " ") != std::string::npos;
+  };
+  for (const char* flag : {"--store", "--retry", "--timeout", "--ca-file", "--faults"}) {
+    EXPECT_TRUE(listed(pack, flag)) << flag << " missing from: " << pack;
+  }
+  // How reads are fetched and cached is no writer's business.
+  for (const char* flag :
+       {"--fetch", "--parallel", "--cache-dir", "--cache-size", "--no-readahead", "--simulate"}) {
+    EXPECT_FALSE(listed(pack, flag)) << flag << " in: " << pack;
+  }
+  for (const std::vector<std::string>& reader :
+       std::vector<std::vector<std::string>>{{"cat"}, {"export"}, {"serve", "nbd"}}) {
+    const std::string help = help_of(reader);
+    const size_t reading = help.find("\nReading:");
+    const size_t testing = help.find("\nTesting:");
+    ASSERT_NE(reading, std::string::npos) << help;
+    ASSERT_NE(testing, std::string::npos) << help;
+    EXPECT_GT(help.find("--parallel"), reading) << help;
+    EXPECT_GT(help.find("--cache-dir"), reading) << help;
+    // --faults only under "Testing".
+    EXPECT_GT(help.find("--faults"), testing) << help;
+  }
+  EXPECT_GT(pack.find("--faults"), pack.find("\nTesting:")) << pack;
+}
+
 }  // namespace
 }  // namespace lazyblock

@@ -40,8 +40,8 @@ struct DeviceFlags {
   std::string log_level = "warn";
 };
 
-void add_device_flags(CLI::App& command, DeviceFlags& flags) {
-  add_store_flags(command, flags.store);
+void add_device_flags(CLI::App& command, DeviceFlags& flags, StoreUse use = StoreUse::kRead) {
+  add_store_flags(command, flags.store, use);
   command.add_option("--build", flags.build, "The build's id (a UUID)")->required();
   command.add_option("--name", flags.name, "The device: memfile, rootfs.ext4, ...")->required();
   add_log_flag(command, flags.log_level);
@@ -329,7 +329,7 @@ CommandRunner add_pack_command(CLI::App& app) {
       "pack",
       "Store a raw image as a build: only the blocks that differ from --parent (or, without a "
       "parent, that are not zeros) go to BUILD/NAME; BUILD/NAME.header maps every block");
-  add_device_flags(*pack, flags->device);
+  add_device_flags(*pack, flags->device, StoreUse::kWrite);
   add_progress_flags(*pack);
   pack->add_option("--parent", flags->parent, "The build this one changes (a UUID)");
   pack->add_option("--block-size", flags->block_size,
