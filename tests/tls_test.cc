@@ -3,7 +3,8 @@
 // by default, the CA comes from --ca-file, AWS_CA_BUNDLE or SSL_CERT_FILE,
 // an unknown CA or a certificate for another name fails at once (no retry)
 // saying so, HTTP/2 is spoken when the server offers it, and connections
-// and TLS sessions are reused (as nginx's log shows).
+// and TLS sessions are reused (as nginx's log shows); S3 works through a
+// TLS front end.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -14,7 +15,6 @@
 #include <fstream>
 #include <map>
 #include <optional>
-#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -25,6 +25,7 @@
 #include "storage/http_client.h"
 #include "testing/nginx_server.h"
 #include "testing/pattern.h"
+#include "testing/s3_server.h"
 #include "testing/scratch_dir.h"
 #include "tests/cli_runner.h"
 
@@ -251,6 +252,51 @@ TEST_F(TlsTest, ASecondConnectionResumesTheTlsSession) {
   ASSERT_EQ(reused.size(), 2u) << "two connections: " << log;
   EXPECT_EQ(count_of(log, " r HTTP/2.0"), 1) << log;
   EXPECT_EQ(count_of(log, " . HTTP/2.0"), 1) << log;
+}
+
+TEST(TlsS3Test, PackAndExportThroughAnS3ServerOverHttps) {
+  Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
+  ASSERT_TRUE(scratch);
+  const std::filesystem::path dir = scratch->path();
+  Result<std::unique_ptr<testing::S3Server>> s3 = testing::S3Server::start({"snapshots"}, {});
+  ASSERT_TRUE(s3) << s3.status().to_string();
+  Result<testing::TestCertificates> certificates =
+      testing::TestCertificates::make(dir / "tls", {"localhost"});
+  ASSERT_TRUE(certificates) << certificates.status().to_string();
+  // nginx terminates TLS and passes requests on to the (signature-checking)
+  // S3 server, Host header and all.
+  testing::NginxOptions options;
+  options.tls = *certificates;
+  options.proxy_to = (*s3)->endpoint();
+  Result<std::unique_ptr<testing::NginxServer>> front =
+      testing::NginxServer::start(std::nullopt, options);
+  ASSERT_TRUE(front) << front.status().to_string();
+
+  const std::string build = "5e5e5e5e-1111-4222-8333-444455556666";
+  const std::vector<std::byte> image = testing::make_pattern(5, 0, 5 * kMiB);
+  std::ofstream(dir / "image", std::ios::binary)
+      .write(reinterpret_cast<const char*>(image.data()), static_cast<std::streamsize>(image.size()));
+  const auto run = [&](std::vector<std::string> args) {
+    std::vector<std::string> command = {
+        "-u", "SSL_CERT_FILE", "AWS_ENDPOINT_URL=" + (*front)->url("localhost"),
+        std::string("AWS_ACCESS_KEY_ID=") + testing::S3Server::kAccessKeyId,
+        std::string("AWS_SECRET_ACCESS_KEY=") + testing::S3Server::kSecretAccessKey,
+        "AWS_CA_BUNDLE=" + certificates->ca.string(), lazyblock_binary()};
+    command.insert(command.end(), args.begin(), args.end());
+    return run_program(dir, "env", command);
+  };
+  Outcome packed = run({"pack", "--store", "s3://snapshots/templates", "--build", build, "--name",
+                        "rootfs.ext4", (dir / "image").string(), "--quiet"});
+  ASSERT_EQ(packed.status, 0) << packed.err;
+  Outcome exported = run({"export", "--store", "s3://snapshots/templates", "--build", build,
+                          "--name", "rootfs.ext4", "-o", (dir / "out").string(), "--quiet"});
+  ASSERT_EQ(exported.status, 0) << exported.err;
+  EXPECT_TRUE(slurp(dir / "out") ==
+              std::string(reinterpret_cast<const char*>(image.data()), image.size()));
+  const std::string log = (*front)->access_log();
+  EXPECT_NE(log.find(" PUT /snapshots/templates/" + build + "/rootfs.ext4"), std::string::npos)
+      << log;
+  EXPECT_NE(log.find(" HTTP/2.0"), std::string::npos) << log;
 }
 
 }  // namespace

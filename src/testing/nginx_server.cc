@@ -55,7 +55,7 @@ http {{
 {tls}
     add_header X-Connection-Requests $connection_requests always;
 
-    location / {{ }}
+    location / {{ {proxy} }}
     location /full/ {{
       alias {docroot}/;
       max_ranges 0;
@@ -268,6 +268,16 @@ Result<std::unique_ptr<NginxServer>> NginxServer::start(
           "    ssl_session_cache shared:lazyblock_tls:1m;\n    ssl_session_tickets on;\n",
           options.tls->certificate.string(), options.tls->key.string());
     }
+    std::string proxy;
+    if (!options.proxy_to.empty()) {
+      // As a TLS front end passes requests on: the Host header (which
+      // signatures cover) and the bodies as they come, unbuffered.
+      proxy = fmt::format(
+          "proxy_pass {}; proxy_set_header Host $http_host; proxy_http_version 1.1; "
+          "proxy_request_buffering off; proxy_buffering off; client_max_body_size 0;",
+          options.proxy_to);
+    }
+    replace_all(config, "{proxy}", proxy);
     replace_all(config, "{listen_options}", options.tls ? " ssl http2" : "");
     replace_all(config, "{tls}", tls);
     // The config's braces are doubled for the format-like placeholders.

@@ -49,6 +49,9 @@ struct TestCertificates {
 
 struct NginxOptions {
   std::optional<TestCertificates> tls;  // serve https with these
+  // If set ("http://127.0.0.1:PORT"), requests outside the prefixes above
+  // are passed to this server (a TLS front end for an S3 server, say).
+  std::string proxy_to;
 };
 
 class NginxServer {
