@@ -281,5 +281,130 @@ TEST_F(CliTest, BenchFetchAgainstARealStore) {
   EXPECT_NE(missing.err.find("object not found: nope"), std::string::npos) << missing.err;
 }
 
+// `serve nbd` with ARGS in the background, from `dir`; once it prints its
+// URI, nbdinfo (from /) asks that URI the export's size. Prints the URI, then
+// the size.
+const char* kServeAndAsk = R"SH(
+lazyblock=$1 dir=$2; shift 2
+cd "$dir" && "$lazyblock" serve nbd "$@" > served 2>&1 & pid=$!
+for _ in $(seq 1 1000); do grep -q 'nbd[+a-z]*://' "$dir/served" && break; sleep 0.01; done
+uri=$(grep -o 'nbd[+a-z]*://[^ ]*' "$dir/served")
+echo "$uri"
+cd / && nbdinfo --size "$uri"; status=$?
+kill $pid; wait $pid
+cat "$dir/served" >&2
+exit $status
+)SH";
+
+TEST_F(CliTest, ServeNbdListensOnHostNamesAndIpv6AndPrintsAnAbsoluteSocketPath) {
+  const std::string build = "0c0c0c0c-1111-4222-8333-444455556666";
+  put_object("raw", 4 * kMiB);
+  std::filesystem::copy_file(dir_ / "store" / "raw", dir_ / "raw.img");
+  Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_url_, "--build", build, "--name",
+                                        "rootfs.ext4", (dir_ / "raw.img").string(), "--quiet"});
+  ASSERT_EQ(packed.status, 0) << packed.err;
+  const std::vector<std::string> served = {"--store", store_url_, "--build", build, "--name",
+                                           "rootfs.ext4", "--read-only"};
+  const auto serve = [&](std::vector<std::string> where) {
+    std::vector<std::string> args = {"-c", kServeAndAsk, "sh", lazyblock_binary(), dir_.string()};
+    args.insert(args.end(), served.begin(), served.end());
+    args.insert(args.end(), where.begin(), where.end());
+    return run_program(dir_, "sh", args);
+  };
+  const std::string size = std::to_string(4 * kMiB);
+
+  Outcome by_name = serve({"--listen", "localhost:0"});
+  EXPECT_EQ(by_name.status, 0) << by_name.err;
+  EXPECT_EQ(by_name.out.rfind("nbd://localhost:", 0), 0u) << by_name.out;
+  EXPECT_NE(by_name.out.find("\n" + size + "\n"), std::string::npos) << by_name.out;
+
+  Outcome ipv6 = serve({"--listen", "[::1]:0"});
+  if (ipv6.err.find("Address family not supported") != std::string::npos ||
+      ipv6.err.find("Cannot assign requested address") != std::string::npos) {
+    GTEST_SKIP() << "no IPv6 loopback here: " << ipv6.err;
+  }
+  EXPECT_EQ(ipv6.status, 0) << ipv6.err;
+  EXPECT_EQ(ipv6.out.rfind("nbd://[::1]:", 0), 0u) << ipv6.out;
+  EXPECT_NE(ipv6.out.find("\n" + size + "\n"), std::string::npos) << ipv6.out;
+
+  // A relative --socket, and a client in another directory.
+  Outcome relative = serve({"--socket", "nbd.sock"});
+  EXPECT_EQ(relative.status, 0) << relative.err;
+  EXPECT_EQ(relative.out.rfind("nbd+unix:///rootfs.ext4?socket=" + (dir_ / "nbd.sock").string(), 0),
+            0u)
+      << relative.out;
+  EXPECT_NE(relative.out.find("\n" + size + "\n"), std::string::npos) << relative.out;
+
+  Outcome ambiguous = run_lazyblock(dir_, {"serve", "nbd", "--store", store_url_, "--build", build,
+                                           "--name", "rootfs.ext4", "--listen", "::1:10809"});
+  EXPECT_EQ(ambiguous.status, 2) << ambiguous.err;
+  EXPECT_NE(ambiguous.err.find("[::1]:10809"), std::string::npos) << ambiguous.err;
+}
+
+TEST_F(CliTest, TheLogLevelMayComeBeforeTheCommand) {
+  const std::vector<std::string> cat = {"cat", "--store", store_url_, "--key", "no/such", "-o",
+                                        (dir_ / "out").string()};
+  std::vector<std::string> global = {"--log-level", "info"};
+  global.insert(global.end(), cat.begin(), cat.end());
+  Outcome before = run_lazyblock(dir_, global);
+  EXPECT_EQ(before.status, 1) << before.err;
+  EXPECT_NE(before.err.find("lazyblock: info: "), std::string::npos) << before.err;
+
+  // The command's own wins.
+  global.insert(global.end(), {"--log-level", "error"});
+  Outcome own = run_lazyblock(dir_, global);
+  EXPECT_EQ(own.status, 1) << own.err;
+  EXPECT_EQ(own.err.find("info: "), std::string::npos) << own.err;
+  EXPECT_NE(own.err.find("lazyblock: error: "), std::string::npos) << own.err;
+
+  // Without either: warnings and errors only.
+  Outcome neither = run_lazyblock(dir_, cat);
+  EXPECT_EQ(neither.err.find("info: "), std::string::npos) << neither.err;
+
+  Outcome typo = run_lazyblock(dir_, {"--log-level=debug", "packk"});
+  EXPECT_EQ(typo.status, 2) << typo.err;
+  EXPECT_NE(typo.err.find("unknown command 'packk' (did you mean 'pack'?)"), std::string::npos)
+      << typo.err;
+  Outcome bad = run_lazyblock(dir_, {"--log-level", "loud", "cat", "--store", store_url_, "--key",
+                                     "k"});
+  EXPECT_EQ(bad.status, 2) << bad.err;
+  EXPECT_NE(bad.err.find("loud"), std::string::npos) << bad.err;
+}
+
+TEST_F(CliTest, EachCommandsHelpListsOnlyTheFlagsItUses) {
+  const auto help_of = [&](std::vector<std::string> command) {
+    command.push_back("--help");
+    Outcome help = run_lazyblock(dir_, command);
+    EXPECT_EQ(help.status, 0) << help.err;
+    return help.out;
+  };
+  const std::string pack = help_of({"pack"});
+  // An option's line in the help ("  --flag TEXT  what it does").
+  const auto listed = [](const std::string& help, const std::string& flag) {
+    return help.find("\n  " + flag + " ") != std::string::npos;
+  };
+  for (const char* flag : {"--store", "--retry", "--timeout", "--ca-file", "--faults"}) {
+    EXPECT_TRUE(listed(pack, flag)) << flag << " missing from: " << pack;
+  }
+  // How reads are fetched and cached is no writer's business.
+  for (const char* flag :
+       {"--fetch", "--parallel", "--cache-dir", "--cache-size", "--no-readahead", "--simulate"}) {
+    EXPECT_FALSE(listed(pack, flag)) << flag << " in: " << pack;
+  }
+  for (const std::vector<std::string>& reader :
+       std::vector<std::vector<std::string>>{{"cat"}, {"export"}, {"serve", "nbd"}}) {
+    const std::string help = help_of(reader);
+    const size_t reading = help.find("\nReading:");
+    const size_t testing = help.find("\nTesting:");
+    ASSERT_NE(reading, std::string::npos) << help;
+    ASSERT_NE(testing, std::string::npos) << help;
+    EXPECT_GT(help.find("--parallel"), reading) << help;
+    EXPECT_GT(help.find("--cache-dir"), reading) << help;
+    // --faults only under "Testing".
+    EXPECT_GT(help.find("--faults"), testing) << help;
+  }
+  EXPECT_GT(pack.find("--faults"), pack.find("\nTesting:")) << pack;
+}
+
 }  // namespace
 }  // namespace lazyblock

@@ -132,5 +132,21 @@ TEST_F(HttpCliTest, EveryMisbehaviourIsAnErrorNamingTheKeyAndLeavesNoFile) {
   EXPECT_NE(missing.err.find("object not found: nope"), std::string::npos) << missing.err;
 }
 
+TEST_F(HttpCliTest, AHostNameThatDoesNotResolveFailsAtOnceSayingSo) {
+  // In a network namespace of its own (loopback only) no query leaves the
+  // machine, and the name cannot resolve.
+  Outcome run = run_program(dir_, "unshare",
+                            {"-n", lazyblock_binary(), "cat", "--store", "http://store.example/p",
+                             "--key", kKey, "-o", (dir_ / "out").string(), "--log-level", "info"});
+  if (run.status != 1 || run.err.find("lazyblock: ") == std::string::npos) {
+    GTEST_SKIP() << "cannot make a network namespace here: " << run.err;
+  }
+  EXPECT_EQ(count_of(run.err, "lazyblock: error: "), 1) << run.err;
+  EXPECT_EQ(count_of(run.err, "retry"), 0) << "a typo is not worth retrying: " << run.err;
+  EXPECT_NE(run.err.find("store.example"), std::string::npos) << run.err;
+  EXPECT_NE(run.err.find("the host name does not resolve"), std::string::npos) << run.err;
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "out"));
+}
+
 }  // namespace
 }  // namespace lazyblock

@@ -2,56 +2,91 @@
 
 #include <charconv>
 #include <cstdio>
+#include <optional>
 
 #include "cli/output.h"
 #include "common/log.h"
 #include "common/units.h"
 
 namespace lazyblock::cli {
+namespace {
 
-void add_store_flags(CLI::App& command, StoreFlags& flags) {
+constexpr const char* kStoreGroup = "Store";
+constexpr const char* kReadGroup = "Reading";
+constexpr const char* kTestingGroup = "Testing";
+
+// --log-level given before the command, if it was; and whether the
+// command's own --log-level was given (one command runs per process).
+std::optional<std::string> global_log_level;
+bool command_log_level_given = false;
+
+}  // namespace
+
+void add_store_flags(CLI::App& command, StoreFlags& flags, StoreUse use) {
   command
       .add_option("--store", flags.store,
                   "Where the objects live: file:///DIR, http(s)://HOST/PREFIX, s3://BUCKET/PREFIX "
                   "or gs://BUCKET/PREFIX (settings from AWS_* / GCS_* variables, see README)")
-      ->required();
-  command
-      .add_option("--fetch", flags.fetch,
-                  "Fetch strategy: split (a far reader gets a stream of its own), streaming "
-                  "(one stream per chunk, each reader woken as its bytes arrive) or full (wait "
-                  "for whole 4 MiB chunks)")
-      ->capture_default_str();
-  command.add_option("--simulate", flags.simulate,
-                     "Make the store behave like a remote one: gcs, nfs or ttfb=20ms,bw=100MB/s");
-  command.add_option("--faults", flags.faults,
-                     "Inject faults (testing): fail-open, fail-after=N, stall-after=N, short=N, "
-                     "size=N, times=N (only the first N calls), comma-separated");
-  command
-      .add_option("--timeout", flags.timeout,
-                  "Deadline of each chunk fetch, e.g. 250ms, 5s, 2m")
-      ->capture_default_str();
-  command.add_option("--cache-dir", flags.cache_dir,
-                     "Persistent chunk cache shared by processes (a local disk or an NFS mount): "
-                     "chunks read are kept there, whole and checksummed, and served from there "
-                     "next time");
-  command
-      .add_option("--cache-size", flags.cache_size,
-                  "Bound of --cache-dir; the least recently used chunks go first")
-      ->capture_default_str();
+      ->required()
+      ->group(kStoreGroup);
   command
       .add_option("--retry", flags.retry,
                   "Retries of a transient failure (connection reset, 5xx, SlowDown, truncated "
                   "response), with capped exponential backoff; streams resume where they broke. "
                   "'deadline': for as long as --timeout leaves time; N: also at most N in a row; "
                   "0: none")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->group(kStoreGroup);
+  command
+      .add_option("--ca-file", flags.ca_file,
+                  "CA certificates (PEM) to verify an https store's server with, instead of the "
+                  "system's (default: $AWS_CA_BUNDLE, else $SSL_CERT_FILE)")
+      ->group(kStoreGroup);
+  command
+      .add_option("--faults", flags.faults,
+                  "Inject faults: fail-open, fail-after=N, stall-after=N, short=N, size=N, "
+                  "times=N (only the first N calls), comma-separated")
+      ->group(kTestingGroup);
+  command
+      .add_option("--timeout", flags.timeout,
+                  use == StoreUse::kRead ? "Deadline of each chunk fetch, e.g. 250ms, 5s, 2m"
+                                         : "Deadline of each chunk fetch (of the parent's "
+                                           "blocks) and of retries, e.g. 250ms, 5s, 2m")
+      ->capture_default_str()
+      ->group(kStoreGroup);
+  if (use == StoreUse::kWrite) return;
+  command
+      .add_option("--fetch", flags.fetch,
+                  "Fetch strategy: split (a far reader gets a stream of its own), streaming "
+                  "(one stream per chunk, each reader woken as its bytes arrive) or full (wait "
+                  "for whole 4 MiB chunks)")
+      ->capture_default_str()
+      ->group(kReadGroup);
+  command
+      .add_option("--simulate", flags.simulate,
+                  "Make the store behave like a remote one: gcs, nfs or ttfb=20ms,bw=100MB/s")
+      ->group(kTestingGroup);
+  command
+      .add_option("--cache-dir", flags.cache_dir,
+                  "Persistent chunk cache shared by processes (a local disk or an NFS mount): "
+                  "chunks read are kept there, whole and checksummed, and served from there "
+                  "next time")
+      ->group(kReadGroup);
+  command
+      .add_option("--cache-size", flags.cache_size,
+                  "Bound of --cache-dir; the least recently used chunks go first")
+      ->capture_default_str()
+      ->group(kReadGroup);
   command
       .add_option("--parallel", flags.parallel,
                   "Streams a sequential read keeps transferring ahead of the reader")
       ->capture_default_str()
-      ->check(at_least(1));
-  command.add_flag("--no-readahead", flags.no_readahead,
-                   "Do not read ahead of runs of sequential reads (whole-object copies still do)");
+      ->check(at_least(1))
+      ->group(kReadGroup);
+  command
+      .add_flag("--no-readahead", flags.no_readahead,
+                "Do not read ahead of runs of sequential reads (whole-object copies still do)")
+      ->group(kReadGroup);
 }
 
 CLI::Validator at_least(long long least) {
@@ -74,8 +109,17 @@ CLI::Validator at_least(long long least) {
 }
 
 void add_log_flag(CLI::App& command, std::string& level) {
-  command.add_option("--log-level", level, "debug, info, warn, error or off")
-      ->capture_default_str();
+  command
+      .add_option("--log-level", level,
+                  "debug, info, warn, error or off (may also come before the command)")
+      ->capture_default_str()
+      ->each([](const std::string&) { command_log_level_given = true; });
+}
+
+void add_global_flags(CLI::App& app) {
+  app.add_option_function<std::string>(
+      "--log-level", [](const std::string& level) { global_log_level = level; },
+      "debug, info, warn, error or off, for any command (its own --log-level wins)");
 }
 
 void add_progress_flags(CLI::App& command) {
@@ -88,7 +132,9 @@ void add_progress_flags(CLI::App& command) {
       ->excludes(progress);
 }
 
-Status apply_log_level(const std::string& level) {
+Status apply_log_level(const std::string& command_level) {
+  const std::string& level =
+      global_log_level && !command_log_level_given ? *global_log_level : command_level;
   Result<LogLevel> parsed = parse_log_level(level);
   if (!parsed) return parsed.status();
   set_log_level(*parsed);
@@ -118,6 +164,7 @@ Result<ChunkerOptions> chunker_options(const StoreFlags& flags) {
 
 Result<StoreStackOptions> store_stack_options(const StoreFlags& flags) {
   StoreStackOptions options;
+  options.ca_file = flags.ca_file;
   if (!flags.simulate.empty()) {
     Result<SimulateProfile> profile = SimulateProfile::parse(flags.simulate);
     if (!profile) return profile.status();

@@ -27,17 +27,29 @@ struct StoreFlags {
   std::string cache_dir;
   std::string cache_size = "16GiB";
   bool no_readahead = false;
+  std::string ca_file;
 };
 
-void add_store_flags(CLI::App& command, StoreFlags& flags);
+// What a command does with its store, and so which of the store flags it
+// takes: how to fetch and cache what is read (--fetch, --parallel,
+// --cache-dir, ...) is only for commands that read; pack writes (and reads
+// its parent, if any, with the defaults).
+enum class StoreUse { kRead, kWrite };
+
+// The store flags, in help groups: "Store" (where and how to reach it),
+// "Reading" (fetching and caching) and "Testing" (--faults, --simulate).
+void add_store_flags(CLI::App& command, StoreFlags& flags, StoreUse use = StoreUse::kRead);
 
 // A check that a whole number is at least `least`, saying so in words
 // ("must be a whole number of at least 1") rather than CLI11's range of
 // doubles.
 CLI::Validator at_least(long long least);
 
-// --log-level, for every command.
+// --log-level, for every command; also taken before the command
+// (add_global_flags), where it applies unless the command's own is given.
 void add_log_flag(CLI::App& command, std::string& level);
+// The flags that may come before the command: --log-level.
+void add_global_flags(CLI::App& app);
 
 // --progress / --quiet, for the commands that move whole images; applied
 // when the command line is parsed.

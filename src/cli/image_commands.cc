@@ -41,8 +41,8 @@ struct DeviceFlags {
   std::string log_level = "warn";
 };
 
-void add_device_flags(CLI::App& command, DeviceFlags& flags) {
-  add_store_flags(command, flags.store);
+void add_device_flags(CLI::App& command, DeviceFlags& flags, StoreUse use = StoreUse::kRead) {
+  add_store_flags(command, flags.store, use);
   command.add_option("--build", flags.build, "The build's id (a UUID)")->required();
   command.add_option("--name", flags.name, "The device: memfile, rootfs.ext4, ...")->required();
   add_log_flag(command, flags.log_level);
@@ -469,7 +469,7 @@ CommandRunner add_pack_command(CLI::App& app) {
       "parent, that are not zeros) go to BUILD/NAME (with --compress, BUILD/NAME.zstd or "
       "BUILD/NAME.lz4: independently compressed frames, as E2B writes them); BUILD/NAME.header "
       "maps every block");
-  add_device_flags(*pack, flags->device);
+  add_device_flags(*pack, flags->device, StoreUse::kWrite);
   add_progress_flags(*pack);
   pack->add_option("--parent", flags->parent, "The build this one changes (a UUID)");
   pack->add_option("--block-size", flags->block_size,

@@ -56,6 +56,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Show help for every command");
   app.set_version_flag("--version", std::string("lazyblock ") + LAZYBLOCK_VERSION);
+  add_global_flags(app);
 
   CommandRunner cat = add_cat_command(app);
   CommandRunner pack = add_pack_command(app);
@@ -70,6 +71,12 @@ int main(int argc, char** argv) {
   std::string path;
   for (int i = 1; i < argc && !level->get_subcommands({}).empty(); ++i) {
     const std::string_view word = argv[i];
+    // A global flag before the command, and its value.
+    if (level == &app && word == "--log-level") {
+      ++i;
+      continue;
+    }
+    if (level == &app && word.rfind("--log-level=", 0) == 0) continue;
     if (word.empty() || word.front() == '-') break;
     if (const std::string unknown = unknown_command(*level, word, path); !unknown.empty()) {
       std::fprintf(stderr, "lazyblock: usage: %s\n", unknown.c_str());

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <atomic>
 #include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -66,11 +67,19 @@ struct NbdFlags {
   std::string log_level = "warn";
 };
 
-// "127.0.0.1:10809" -> host and port.
+// "127.0.0.1:10809", "localhost:10809", "[::1]:10809" -> host and port.
 Result<std::pair<std::string, uint16_t>> parse_listen(const std::string& text) {
   const size_t colon = text.rfind(':');
-  if (colon == std::string::npos) {
-    return Status::invalid_argument(fmt::format("--listen '{}' is not HOST:PORT", text));
+  std::string host = colon == std::string::npos ? "" : text.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);  // an IPv6 literal
+  } else if (host.find(':') != std::string::npos) {
+    host.clear();  // an IPv6 address without brackets: its port is ambiguous
+  }
+  if (host.empty()) {
+    return Status::invalid_argument(fmt::format(
+        "--listen '{}' is not HOST:PORT (e.g. 127.0.0.1:10809, localhost:10809, [::1]:10809)",
+        text));
   }
   const std::string port = text.substr(colon + 1);
   char* end = nullptr;
@@ -78,7 +87,7 @@ Result<std::pair<std::string, uint16_t>> parse_listen(const std::string& text) {
   if (port.empty() || *end != '\0' || value > 65535) {
     return Status::invalid_argument(fmt::format("--listen '{}': bad port", text));
   }
-  return std::pair{text.substr(0, colon), static_cast<uint16_t>(value)};
+  return std::pair{host, static_cast<uint16_t>(value)};
 }
 
 struct UffdFlags {
@@ -219,7 +228,9 @@ int run_nbd(const NbdFlags& flags) {
     if (Status s = server.listen_tcp(address->first, address->second); !s.is_ok()) {
       return report_failure(s);
     }
-    where = fmt::format("nbd://{}:{}/{}", address->first, server.port(), flags.name);
+    const bool ipv6 = address->first.find(':') != std::string::npos;
+    where = fmt::format("nbd://{}:{}/{}", ipv6 ? "[" + address->first + "]" : address->first,
+                        server.port(), flags.name);
   } else {
     std::string path = flags.socket;
     if (path.empty()) {
@@ -227,7 +238,9 @@ int run_nbd(const NbdFlags& flags) {
                  .string();
     }
     if (Status s = server.listen_unix(path); !s.is_ok()) return report_failure(s);
-    where = fmt::format("nbd+unix:///{}?socket={}", flags.name, path);
+    // Absolute, so that the URI works from any directory.
+    where = fmt::format("nbd+unix:///{}?socket={}", flags.name,
+                        std::filesystem::absolute(path).string());
   }
   std::printf("serving %s of build %s (%llu bytes%s) at %s\n", flags.name.c_str(),
               flags.build.c_str(), static_cast<unsigned long long>(device->size()),

@@ -12,11 +12,13 @@
 namespace lazyblock {
 namespace {
 
-// Body bytes held for a reader that has not asked for them yet; beyond this
-// the transfer pauses (TCP then holds the rest), so memory stays small.
-constexpr size_t kMaxPending = 512 * 1024;
-// libcurl's receive buffer: large, so that a chunk costs few callbacks.
+// libcurl's receive buffer: large, so that a chunk costs few system calls
+// (libcurl still hands the body over in pieces of CURL_MAX_WRITE_SIZE).
 constexpr long kReceiveBuffer = 256 * 1024;
+// Body bytes held for a reader that has not asked for them yet (those that
+// come with the headers, or beyond a read's buffer); beyond this the
+// transfer pauses (TCP then holds the rest), so memory stays small.
+constexpr size_t kSpillCapacity = kReceiveBuffer;
 // Longest single wait in the transfer loop: deadlines and stalls are checked
 // at least this often even if libcurl wants to wait longer.
 constexpr std::chrono::milliseconds kMaxPoll{1000};
@@ -44,11 +46,11 @@ std::string_view trim(std::string_view text) {
   return text;
 }
 
-// Whether a transport failure may pass if tried again.
+// Whether a transport failure may pass if tried again. A name that does not
+// resolve is taken as a typo, not an outage: failing at once says so sooner
+// than a minute of retries would.
 bool transient(CURLcode code) {
   switch (code) {
-    case CURLE_COULDNT_RESOLVE_HOST:
-    case CURLE_COULDNT_RESOLVE_PROXY:
     case CURLE_COULDNT_CONNECT:
     case CURLE_OPERATION_TIMEDOUT:
     case CURLE_SEND_ERROR:
@@ -89,6 +91,23 @@ struct HttpClient::Share {
   std::mutex mutexes[CURL_LOCK_DATA_LAST];
 };
 
+struct HttpClient::Connection {
+  Connection() : easy(curl_easy_init()), multi(curl_multi_init()) {
+    // A piece may land on a full spill buffer once (see on_body).
+    spill.reserve(kSpillCapacity + CURL_MAX_WRITE_SIZE);
+  }
+  ~Connection() {
+    curl_easy_cleanup(easy);
+    curl_multi_cleanup(multi);
+  }
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  CURL* const easy;
+  CURLM* const multi;
+  std::vector<std::byte> spill;
+};
+
 // One request and its response: an easy handle on a multi handle of its own,
 // driven by the thread that reads it.
 class HttpClient::Transfer final : public HttpResponse {
@@ -100,9 +119,10 @@ class HttpClient::Transfer final : public HttpResponse {
         io_(io),
         stall_timeout_(client.options().stall_timeout),
         upload_(request.body),
-        handles_(client.acquire()),
-        easy_(static_cast<CURL*>(handles_.easy)),
-        multi_(static_cast<CURLM*>(handles_.multi)) {
+        connection_(client.acquire()),
+        easy_(connection_->easy),
+        multi_(connection_->multi),
+        spill_(connection_->spill) {
     error_[0] = '\0';
     curl_easy_setopt(easy_, CURLOPT_URL, url_.c_str());
     curl_easy_setopt(easy_, CURLOPT_SHARE, client.share_->handle);
@@ -111,6 +131,9 @@ class HttpClient::Transfer final : public HttpResponse {
     curl_easy_setopt(easy_, CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_2TLS));
     curl_easy_setopt(easy_, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(easy_, CURLOPT_BUFFERSIZE, kReceiveBuffer);
+    if (!client.options().ca_file.empty()) {
+      curl_easy_setopt(easy_, CURLOPT_CAINFO, client.options().ca_file.c_str());
+    }
     curl_easy_setopt(easy_, CURLOPT_CONNECTTIMEOUT_MS,
                      static_cast<long>(client.options().connect_timeout.count()));
     curl_easy_setopt(easy_, CURLOPT_HEADERFUNCTION, &Transfer::on_header);
@@ -146,8 +169,9 @@ class HttpClient::Transfer final : public HttpResponse {
   ~Transfer() override {
     stop_wakeup_.reset();
     curl_multi_remove_handle(multi_, easy_);
+    spill_.clear();
     // A connection is worth keeping only after a clean, complete response.
-    client_.release(handles_, finished_ && result_ == CURLE_OK);
+    client_.release(std::move(connection_), finished_ && result_ == CURLE_OK);
     curl_slist_free_all(headers_);
   }
 
@@ -169,29 +193,40 @@ class HttpClient::Transfer final : public HttpResponse {
   }
 
   Result<size_t> read(std::span<std::byte> buffer) override {
-    for (;;) {
-      if (pending_at_ < pending_.size()) {
-        const size_t take = std::min(buffer.size(), pending_.size() - pending_at_);
-        std::memcpy(buffer.data(), pending_.data() + pending_at_, take);
-        pending_at_ += take;
-        if (pending_at_ == pending_.size()) {
-          pending_.clear();
-          pending_at_ = 0;
-        }
-        return take;
+    if (buffer.empty()) return size_t{0};
+    if (spill_at_ < spill_.size()) {
+      const size_t take = std::min(buffer.size(), spill_.size() - spill_at_);
+      std::memcpy(buffer.data(), spill_.data() + spill_at_, take);
+      spill_at_ += take;
+      if (spill_at_ == spill_.size()) {
+        spill_.clear();
+        spill_at_ = 0;
       }
-      if (finished_) {
-        LB_RETURN_IF_ERROR(finished_status());
-        return size_t{0};
-      }
-      if (paused_) {
-        paused_ = false;
-        last_progress_ = Clock::now();
-        curl_easy_pause(easy_, CURLPAUSE_CONT);  // may deliver bytes at once
-        continue;
-      }
-      LB_RETURN_IF_ERROR(drive([this] { return pending_at_ < pending_.size(); }));
+      return take;
     }
+    if (finished_) {
+      LB_RETURN_IF_ERROR(finished_status());
+      return size_t{0};
+    }
+    // libcurl writes into `buffer` from here until the read returns.
+    target_ = buffer;
+    target_filled_ = 0;
+    Status driven = Status::ok();
+    if (paused_) {
+      paused_ = false;
+      last_progress_ = Clock::now();
+      curl_easy_pause(easy_, CURLPAUSE_CONT);  // may deliver bytes at once
+    }
+    if (target_filled_ == 0) driven = drive([this] { return target_filled_ > 0; });
+    const size_t filled = target_filled_;
+    target_ = {};
+    target_filled_ = 0;
+    if (filled > 0) return filled;  // a failure, if any, recurs on the next read
+    LB_RETURN_IF_ERROR(driven);
+    // Nothing came and drive() ended: the transfer is over (no byte was
+    // spilled, since spilling starts only once the buffer is full).
+    LB_RETURN_IF_ERROR(finished_status());
+    return size_t{0};
   }
 
  private:
@@ -223,16 +258,27 @@ class HttpClient::Transfer final : public HttpResponse {
     return size;
   }
 
+  // A piece of the body (at most CURL_MAX_WRITE_SIZE bytes): into the
+  // waiting read's buffer as far as it goes, the rest into the spill buffer;
+  // refused (the transfer pauses) when neither has room.
   static size_t on_body(char* data, size_t, size_t size, void* self_pointer) {
     auto* self = static_cast<Transfer*>(self_pointer);
-    if (self->pending_.size() - self->pending_at_ >= kMaxPending) {
+    const size_t room = self->target_.size() - self->target_filled_;
+    if (room == 0 && self->spill_.size() - self->spill_at_ >= kSpillCapacity) {
       // Not consumed: libcurl hands the same bytes again once unpaused.
       self->paused_ = true;
       return CURL_WRITEFUNC_PAUSE;
     }
     self->last_progress_ = Clock::now();
     const auto* bytes = reinterpret_cast<const std::byte*>(data);
-    self->pending_.insert(self->pending_.end(), bytes, bytes + size);
+    const size_t direct = std::min(room, size);
+    if (direct > 0) {
+      std::memcpy(self->target_.data() + self->target_filled_, bytes, direct);
+      self->target_filled_ += direct;
+    }
+    // Bytes are spilled only once the read's buffer is full, so they follow
+    // its bytes in order.
+    self->spill_.insert(self->spill_.end(), bytes + direct, bytes + size);
     return size;
   }
 
@@ -276,9 +322,35 @@ class HttpClient::Transfer final : public HttpResponse {
   // The outcome of a finished transfer.
   Status finished_status() const {
     if (result_ == CURLE_OK) return Status::ok();
-    const std::string message =
-        fmt::format("{} {}: {}", method_, url_, error_[0] != '\0' ? error_ : curl_easy_strerror(result_));
+    const std::string_view detail = error_[0] != '\0' ? error_ : curl_easy_strerror(result_);
+    std::string message = fmt::format("{} {}: {}", method_, url_, detail);
+    message += advice(detail);
     return transient(result_) ? Status::unavailable(message) : Status::io_error(message);
+  }
+
+  // What to do about a failure that another try would not mend.
+  std::string advice(std::string_view detail) const {
+    const std::string& ca_file = client_.options().ca_file;
+    const std::string trusted =
+        ca_file.empty() ? "the system's CAs"
+                        : fmt::format("the CAs of {}", ca_file);
+    switch (result_) {
+      case CURLE_COULDNT_RESOLVE_HOST:
+        return " (the host name does not resolve: check the store URL)";
+      case CURLE_PEER_FAILED_VERIFICATION:
+        if (detail.find("name") != std::string_view::npos) {
+          return " (TLS: the server's certificate is not valid for this host name: use the "
+                 "name the certificate was issued for)";
+        }
+        return fmt::format(" (TLS: the server's certificate is not signed by {}: name its CA "
+                           "with --ca-file, AWS_CA_BUNDLE or SSL_CERT_FILE)",
+                           trusted);
+      case CURLE_SSL_CACERT_BADFILE:
+        return fmt::format(" (TLS: the CA file {} cannot be read)",
+                           ca_file.empty() ? "of the system" : ca_file);
+      default:
+        return "";
+    }
   }
 
   HttpClient& client_;
@@ -289,7 +361,7 @@ class HttpClient::Transfer final : public HttpResponse {
   const std::span<const std::byte> upload_;
   size_t uploaded_ = 0;
 
-  const Handles handles_;
+  std::unique_ptr<Connection> connection_;
   CURL* const easy_;
   CURLM* const multi_;
   curl_slist* headers_ = nullptr;
@@ -299,8 +371,10 @@ class HttpClient::Transfer final : public HttpResponse {
   std::vector<std::pair<std::string, std::string>> response_headers_;
   bool headers_done_ = false;
   long status_ = 0;
-  std::vector<std::byte> pending_;  // body bytes not yet read, from pending_at_
-  size_t pending_at_ = 0;
+  std::vector<std::byte>& spill_;  // body bytes not yet read, from spill_at_
+  size_t spill_at_ = 0;
+  std::span<std::byte> target_;  // the waiting read's buffer, filled up to target_filled_
+  size_t target_filled_ = 0;
   bool paused_ = false;
   bool finished_ = false;
   CURLcode result_ = CURLE_OK;
@@ -326,37 +400,26 @@ HttpClient::HttpClient(HttpClientOptions options) : options_(options) {
   share_ = std::make_unique<Share>();
 }
 
-HttpClient::~HttpClient() {
-  for (const Handles& handles : idle_) {
-    curl_easy_cleanup(static_cast<CURL*>(handles.easy));
-    curl_multi_cleanup(static_cast<CURLM*>(handles.multi));
-  }
-}
+HttpClient::~HttpClient() = default;
 
-HttpClient::Handles HttpClient::acquire() {
+std::unique_ptr<HttpClient::Connection> HttpClient::acquire() {
   {
     std::lock_guard lock(pool_mu_);
     if (!idle_.empty()) {
-      const Handles handles = idle_.back();
+      std::unique_ptr<Connection> connection = std::move(idle_.back());
       idle_.pop_back();
-      return handles;
+      return connection;
     }
   }
-  return {curl_easy_init(), curl_multi_init()};
+  return std::make_unique<Connection>();
 }
 
-void HttpClient::release(Handles handles, bool reusable) {
-  if (reusable) {
-    // Options go; the multi handle's connection stays.
-    curl_easy_reset(static_cast<CURL*>(handles.easy));
-    std::lock_guard lock(pool_mu_);
-    if (idle_.size() < kMaxIdle) {
-      idle_.push_back(handles);
-      return;
-    }
-  }
-  curl_easy_cleanup(static_cast<CURL*>(handles.easy));
-  curl_multi_cleanup(static_cast<CURLM*>(handles.multi));
+void HttpClient::release(std::unique_ptr<Connection> connection, bool reusable) {
+  if (!reusable) return;  // closed with its handles
+  // Options go; the multi handle's connection stays.
+  curl_easy_reset(connection->easy);
+  std::lock_guard lock(pool_mu_);
+  if (idle_.size() < kMaxIdle) idle_.push_back(std::move(connection));
 }
 
 Result<std::unique_ptr<HttpResponse>> HttpClient::send(const HttpRequest& request,

@@ -2,23 +2,29 @@
 // a stream, for the http, s3 and gs stores.
 //
 // Data flow: send() starts a transfer on a handle of its own and returns once
-// the response's status and headers are in; HttpResponse::read() then pulls
-// body bytes as they arrive (libcurl pushes them into a small buffer that
-// read() drains; the transfer pauses while the buffer is full, so a slow
-// reader never makes the client buffer a whole chunk). Connections are kept
+// the response's status and headers are in; HttpResponse::read() then drives
+// libcurl, which writes body bytes straight into the reader's buffer (one
+// copy from libcurl's receive buffer, none in between). Bytes that arrive
+// when no read is waiting, or beyond its buffer, go to a small spill buffer
+// that the next read drains first; once that is full the transfer pauses
+// (TCP then holds the rest), so a slow reader never makes the client buffer
+// a whole chunk. Connections are kept
 // alive: a transfer that ends cleanly returns its handles, connection and
 // all, to a pool the next transfer takes from, so consecutive ranges of an
 // object ride one connection. (libcurl's shared connection cache is not safe
 // across threads, so connections are pooled with their handles instead; DNS
 // and TLS sessions are shared.) HTTP/2 is used where a TLS server offers it.
-// TLS peers are verified.
+// TLS peers are always verified, against the system's CAs or the bundle
+// HttpClientOptions::ca_file names.
 //
 // Every wait honours the IoContext: kTimeout at the deadline, kCancelled on a
 // stop (which wakes a blocked read at once). A connection that cannot be made
 // within connect_timeout, or a response that sends no byte for
 // stall_timeout, fails with kUnavailable, as do resets and other transport
-// failures: a retry layer may try again. HTTP statuses are the caller's to
-// judge.
+// failures: a retry layer may try again. What another try cannot change
+// fails with kIoError and says so: a host name that does not resolve, a
+// certificate that is not trusted or does not name the host, a CA bundle
+// that cannot be read. HTTP statuses are the caller's to judge.
 #pragma once
 
 #include <chrono>
@@ -60,6 +66,9 @@ class HttpResponse {
 struct HttpClientOptions {
   std::chrono::milliseconds connect_timeout{10000};
   std::chrono::milliseconds stall_timeout{30000};  // no byte for this long: kUnavailable
+  // The CA certificates (PEM) that TLS peers are verified against instead
+  // of the system's; empty for the system's.
+  std::string ca_file;
 };
 
 class HttpClient {
@@ -77,20 +86,18 @@ class HttpClient {
  private:
   class Transfer;
   struct Share;
-  // An easy handle on a multi handle of its own; the multi handle holds the
-  // connection, so a pair reused keeps its connection alive.
-  struct Handles {
-    void* easy;
-    void* multi;
-  };
-  Handles acquire();
+  // An easy handle on a multi handle of its own (the multi handle holds the
+  // connection, so a pair reused keeps its connection alive), and the spill
+  // buffer its transfers use, allocated once.
+  struct Connection;
+  std::unique_ptr<Connection> acquire();
   // Back to the pool if `reusable` (the transfer ended cleanly), else closed.
-  void release(Handles handles, bool reusable);
+  void release(std::unique_ptr<Connection> connection, bool reusable);
 
   const HttpClientOptions options_;
   std::unique_ptr<Share> share_;  // DNS and TLS sessions shared by transfers
   std::mutex pool_mu_;
-  std::vector<Handles> idle_;  // guarded by pool_mu_; the most recent last
+  std::vector<std::unique_ptr<Connection>> idle_;  // guarded by pool_mu_; the most recent last
 };
 
 // Percent-encodes `text` for a URL path: unreserved characters and '/' stay.

@@ -1,5 +1,6 @@
 #include "storage/store_url.h"
 
+#include <cstdlib>
 #include <filesystem>
 
 #include <fmt/format.h>
@@ -9,6 +10,35 @@
 #include "storage/s3_store.h"
 
 namespace lazyblock {
+namespace {
+
+// The CA bundle to verify TLS servers with: the flag's, else the first of
+// the variables that tools of the kind read (the AWS CLI and SDKs, then
+// OpenSSL), else none (the system's).
+Result<HttpClientOptions> http_client_options(const StoreStackOptions& options) {
+  HttpClientOptions http;
+  std::string origin = "--ca-file";
+  http.ca_file = options.ca_file;
+  for (const char* variable : {"AWS_CA_BUNDLE", "SSL_CERT_FILE"}) {
+    if (!http.ca_file.empty()) break;
+    const char* value = std::getenv(variable);
+    if (value != nullptr && *value != '\0') {
+      http.ca_file = value;
+      origin = variable;
+    }
+  }
+  if (!http.ca_file.empty()) {
+    std::error_code error;
+    if (!std::filesystem::is_regular_file(http.ca_file, error)) {
+      return Status::invalid_argument(
+          fmt::format("{} {}: no such file (expected the CA certificates, PEM)", origin,
+                      http.ca_file));
+    }
+  }
+  return http;
+}
+
+}  // namespace
 
 Result<std::shared_ptr<ObjectStore>> open_store(const std::string& url,
                                                 const StoreStackOptions& options) {
@@ -30,13 +60,17 @@ Result<std::shared_ptr<ObjectStore>> open_store(const std::string& url,
     if (!files) return files.status();
     store = *files;
   } else if (scheme == "http" || scheme == "https") {
-    Result<std::shared_ptr<HttpStore>> http = HttpStore::open(url);
+    Result<HttpClientOptions> client = http_client_options(options);
+    if (!client) return client.status();
+    Result<std::shared_ptr<HttpStore>> http = HttpStore::open(url, *client);
     if (!http) return http.status();
     store = *http;
   } else if (scheme == "s3" || scheme == "gs") {
     Result<S3Config> config = S3Config::from_url(url);
     if (!config) return config.status();
-    Result<std::shared_ptr<S3Store>> s3 = S3Store::open(std::move(config).value());
+    Result<HttpClientOptions> client = http_client_options(options);
+    if (!client) return client.status();
+    Result<std::shared_ptr<S3Store>> s3 = S3Store::open(std::move(config).value(), *client);
     if (!s3) return s3.status();
     store = *s3;
   } else {

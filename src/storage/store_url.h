@@ -22,6 +22,10 @@ struct StoreStackOptions {
   std::optional<DiskCacheOptions> disk_cache;  // --cache-dir, --cache-size
   // A file:// store's directory is created if missing (for writers: pack).
   bool create_directory = false;
+  // --ca-file: the CAs that https:// (and s3:// and gs:// over https)
+  // servers are verified against; if empty, AWS_CA_BUNDLE's, else
+  // SSL_CERT_FILE's, else the system's.
+  std::string ca_file;
 };
 
 // "file:///abs/dir" or "file://relative/dir" -> FileStore. Other schemes

@@ -2,10 +2,12 @@
 
 #include "testing/local_port.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <fstream>
@@ -32,7 +34,8 @@ pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-  log_format lazyblock '$connection $request_method $uri $status $bytes_sent';
+  log_format lazyblock '$connection $request_method $uri $status $bytes_sent '
+                       '$connection_requests $ssl_session_reused $server_protocol';
   access_log {dir}/access.log lazyblock;
   client_body_temp_path {dir}/tmp/body;
   proxy_temp_path {dir}/tmp/proxy;
@@ -47,11 +50,12 @@ http {{
   lua_shared_dict outages 1m;
 
   server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port}{listen_options};
     root {docroot};
+{tls}
     add_header X-Connection-Requests $connection_requests always;
 
-    location / {{ }}
+    location / {{ {proxy} }}
     location /full/ {{
       alias {docroot}/;
       max_ranges 0;
@@ -169,10 +173,72 @@ std::string slurp(const std::filesystem::path& path) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
+// Runs `args` (the program found on PATH), its output to `log`; fails with
+// that output if it does not exit with 0.
+Status run_command(const std::vector<std::string>& args, const std::filesystem::path& log) {
+  const pid_t pid = ::fork();
+  if (pid < 0) return posix_error("fork", errno);
+  if (pid == 0) {
+    const int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (out >= 0) {
+      ::dup2(out, STDOUT_FILENO);
+      ::dup2(out, STDERR_FILENO);
+    }
+    std::vector<char*> argv;
+    for (const std::string& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
+    argv.push_back(nullptr);
+    ::execvp(argv[0], argv.data());
+    ::_exit(127);
+  }
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    return Status::io_error(fmt::format("{} failed: {}", args.front(), slurp(log)));
+  }
+  return Status::ok();
+}
+
 }  // namespace
 
+Result<TestCertificates> TestCertificates::make(const std::filesystem::path& dir,
+                                                const std::vector<std::string>& names) {
+  std::filesystem::create_directories(dir);
+  TestCertificates made{dir / "ca.pem", dir / "server.pem", dir / "server.key"};
+  const std::filesystem::path ca_key = dir / "ca.key";
+  const std::filesystem::path request = dir / "server.csr";
+  const std::filesystem::path extensions = dir / "server.ext";
+  const std::filesystem::path log = dir / "openssl.log";
+  // P-256 keys: as good as RSA for a test, and made in milliseconds.
+  LB_RETURN_IF_ERROR(run_command(
+      {"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+       "-nodes", "-keyout", ca_key.string(), "-out", made.ca.string(), "-days", "2", "-subj",
+       "/CN=lazyblock test CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext",
+       "keyUsage=critical,keyCertSign,cRLSign"},
+      log));
+  LB_RETURN_IF_ERROR(run_command(
+      {"openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+       "-nodes", "-keyout", made.key.string(), "-out", request.string(), "-subj",
+       "/CN=" + names.front()},
+      log));
+  std::string alt_names;
+  for (const std::string& name : names) {
+    const bool address = !name.empty() && (std::isdigit(static_cast<unsigned char>(name[0])) ||
+                                           name.find(':') != std::string::npos);
+    alt_names += fmt::format("{}{}:{}", alt_names.empty() ? "" : ",", address ? "IP" : "DNS", name);
+  }
+  std::ofstream(extensions) << "subjectAltName=" << alt_names
+                            << "\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n";
+  LB_RETURN_IF_ERROR(run_command(
+      {"openssl", "x509", "-req", "-in", request.string(), "-CA", made.ca.string(), "-CAkey",
+       ca_key.string(), "-CAcreateserial", "-out", made.certificate.string(), "-days", "2",
+       "-extfile", extensions.string()},
+      log));
+  return made;
+}
+
 Result<std::unique_ptr<NginxServer>> NginxServer::start(
-    std::optional<std::filesystem::path> docroot_option) {
+    std::optional<std::filesystem::path> docroot_option, NginxOptions options) {
   const char* nginx = "/usr/sbin/nginx";
   if (::access(nginx, X_OK) != 0 ||
       ::access((std::string(kModules) + "/ngx_http_lua_module.so").c_str(), R_OK) != 0) {
@@ -194,6 +260,26 @@ Result<std::unique_ptr<NginxServer>> NginxServer::start(
     std::filesystem::create_directories(root / "tmp");
     std::string config = kConfig;
     std::string lua = kStoreLua;
+    std::string tls;
+    if (options.tls) {
+      // Sessions resumable by ID and by ticket, as cloud front ends do.
+      tls = fmt::format(
+          "    ssl_certificate {};\n    ssl_certificate_key {};\n"
+          "    ssl_session_cache shared:lazyblock_tls:1m;\n    ssl_session_tickets on;\n",
+          options.tls->certificate.string(), options.tls->key.string());
+    }
+    std::string proxy;
+    if (!options.proxy_to.empty()) {
+      // As a TLS front end passes requests on: the Host header (which
+      // signatures cover) and the bodies as they come, unbuffered.
+      proxy = fmt::format(
+          "proxy_pass {}; proxy_set_header Host $http_host; proxy_http_version 1.1; "
+          "proxy_request_buffering off; proxy_buffering off; client_max_body_size 0;",
+          options.proxy_to);
+    }
+    replace_all(config, "{proxy}", proxy);
+    replace_all(config, "{listen_options}", options.tls ? " ssl http2" : "");
+    replace_all(config, "{tls}", tls);
     // The config's braces are doubled for the format-like placeholders.
     replace_all(config, "{{", "\x01");
     replace_all(config, "}}", "\x02");
@@ -226,7 +312,7 @@ Result<std::unique_ptr<NginxServer>> NginxServer::start(
     while (std::chrono::steady_clock::now() < deadline) {
       if (accepts_connections(*port)) {
         return std::unique_ptr<NginxServer>(
-            new NginxServer(std::move(dir).value(), docroot, *port, pid));
+            new NginxServer(std::move(dir).value(), docroot, *port, pid, options.tls.has_value()));
       }
       if (::waitpid(pid, &status, WNOHANG) == pid) {
         exited = true;
@@ -245,8 +331,9 @@ Result<std::unique_ptr<NginxServer>> NginxServer::start(
   return last_failure;
 }
 
-NginxServer::NginxServer(ScratchDir dir, std::filesystem::path docroot, uint16_t port, pid_t pid)
-    : dir_(std::move(dir)), docroot_(std::move(docroot)), port_(port), pid_(pid) {}
+NginxServer::NginxServer(ScratchDir dir, std::filesystem::path docroot, uint16_t port, pid_t pid,
+                         bool tls)
+    : dir_(std::move(dir)), docroot_(std::move(docroot)), port_(port), pid_(pid), tls_(tls) {}
 
 NginxServer::~NginxServer() {
   ::kill(pid_, SIGKILL);
@@ -254,7 +341,9 @@ NginxServer::~NginxServer() {
   ::waitpid(pid_, &status, 0);
 }
 
-std::string NginxServer::url() const { return fmt::format("http://127.0.0.1:{}", port_); }
+std::string NginxServer::url(std::string_view host) const {
+  return fmt::format("{}://{}:{}", tls_ ? "https" : "http", host, port_);
+}
 
 std::string NginxServer::access_log() const { return slurp(dir_.path() / "access.log"); }
 

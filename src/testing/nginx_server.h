@@ -15,7 +15,9 @@
 //   /stall/KEY                       the first 64 KiB, then nothing for 60 s
 //   /slow/KEY                        nothing for 60 s, then the response
 // Every response carries X-Connection-Requests (requests served so far on
-// its connection), to show keep-alive at work. The server is stopped, and
+// its connection), to show keep-alive at work. With NginxOptions::tls it
+// serves https (and HTTP/2 to clients that ask for it by ALPN) with a
+// certificate a test made (TestCertificates). The server is stopped, and
 // its process reaped, when the object goes away, even if a test fails.
 #pragma once
 
@@ -26,11 +28,31 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "common/status.h"
 #include "testing/scratch_dir.h"
 
 namespace lazyblock::testing {
+
+// A CA and a server certificate it signed, made with the openssl command in
+// `dir`: what a TLS test's server presents and its client trusts.
+struct TestCertificates {
+  std::filesystem::path ca;           // the CA's certificate (PEM)
+  std::filesystem::path certificate;  // the server's, naming `names`
+  std::filesystem::path key;          // the server's private key
+  // `names`: host names and IP addresses the certificate is valid for.
+  static Result<TestCertificates> make(const std::filesystem::path& dir,
+                                       const std::vector<std::string>& names);
+};
+
+struct NginxOptions {
+  std::optional<TestCertificates> tls;  // serve https with these
+  // If set ("http://127.0.0.1:PORT"), requests outside the prefixes above
+  // are passed to this server (a TLS front end for an S3 server, say).
+  std::string proxy_to;
+};
 
 class NginxServer {
  public:
@@ -38,7 +60,7 @@ class NginxServer {
   // fails with a message saying what to install if nginx or its lua module
   // is missing.
   static Result<std::unique_ptr<NginxServer>> start(
-      std::optional<std::filesystem::path> docroot = std::nullopt);
+      std::optional<std::filesystem::path> docroot = std::nullopt, NginxOptions options = {});
   ~NginxServer();
   NginxServer(const NginxServer&) = delete;
   NginxServer& operator=(const NginxServer&) = delete;
@@ -46,20 +68,25 @@ class NginxServer {
   // Where the served files go (readable by nginx).
   const std::filesystem::path& docroot() const { return docroot_; }
   uint16_t port() const { return port_; }
-  // "http://127.0.0.1:PORT"
-  std::string url() const;
-  // Lines of the access log so far: "CONNECTION METHOD URI STATUS BYTES_SENT".
+  // "http://127.0.0.1:PORT" ("https://" with TLS), or with another name
+  // for this host.
+  std::string url(std::string_view host = "127.0.0.1") const;
+  // Lines of the access log so far: "CONNECTION METHOD URI STATUS BYTES_SENT
+  // CONNECTION_REQUESTS SESSION_REUSED PROTOCOL" (SESSION_REUSED: "r" for a
+  // TLS session resumed, "." for a full handshake, "-" without TLS;
+  // PROTOCOL: "HTTP/1.1", "HTTP/2.0").
   std::string access_log() const;
   // Whether a request has reached /slow/ (and sleeps there).
   bool slow_request_arrived() const;
 
  private:
-  NginxServer(ScratchDir dir, std::filesystem::path docroot, uint16_t port, pid_t pid);
+  NginxServer(ScratchDir dir, std::filesystem::path docroot, uint16_t port, pid_t pid, bool tls);
 
   ScratchDir dir_;
   std::filesystem::path docroot_;
   uint16_t port_;
   pid_t pid_;
+  bool tls_;
 };
 
 }  // namespace lazyblock::testing

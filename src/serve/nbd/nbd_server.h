@@ -40,7 +40,8 @@ class NbdServer {
   ~NbdServer();
 
   // Listens on a Unix socket at `path` (mode 0600; see UnixListener for
-  // what may be there already), or on TCP `host`:`port` (0: any free port).
+  // what may be there already), or on TCP `host`:`port` (0: any free port;
+  // `host` an IPv4 or IPv6 address or a name such as localhost).
   Status listen_unix(const std::filesystem::path& path);
   Status listen_tcp(const std::string& host, uint16_t port);
   uint16_t port() const { return port_; }
