@@ -4,7 +4,9 @@
 // cached), then threads read random 4 KiB blocks through slice() (a view, no
 // copy) and read_at() (a copy). Each sample times a run of kCallsPerSample
 // calls, so that the clock's own cost is spread thin; the figures are per
-// call. No lock that a fetch holds is taken on this path.
+// call. No lock that a fetch holds is taken on this path. The disk rows
+// make the same calls through image::Disk (cached_view, read) of a device
+// whose header maps pieces of several builds: the extent table's cost.
 #pragma once
 
 #include <string>
@@ -24,10 +26,11 @@ struct HitResult {
 };
 
 struct HitBenchReport {
-  std::vector<HitResult> results;
+  std::vector<HitResult> results;  // the chunker's: "slice", "read_at"
+  std::vector<HitResult> disk;     // image::Disk's: "cached_view", "read"
 };
 
-// Runs slice and read_at from 1 and 2 threads.
+// Runs each call from 1 and 2 threads.
 Result<HitBenchReport> run_hit_bench();
 
 std::string format_hit_report(const HitBenchReport& report);

@@ -225,7 +225,8 @@ CommandRunner add_bench_command(CLI::App& app) {
 
   auto hit_flags = std::make_shared<HitBenchFlags>();
   CLI::App* hit = bench->add_subcommand(
-      "hit", "Cost of reads whose blocks are cached: slice and read_at of 4 KiB, 1 and 2 threads");
+      "hit", "Cost of reads whose blocks are cached: slice and read_at of 4 KiB, 1 and 2 threads, "
+             "and cached_view and read through a disk of several builds");
   hit->add_flag("--json", hit_flags->json, "Print one JSON document instead of the table");
   add_log_flag(*hit, hit_flags->log_level);
 

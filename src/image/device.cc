@@ -176,6 +176,16 @@ Device::Device(std::shared_ptr<DataFiles> files, Header header, std::string name
     extents_.push_back({mapping.offset, std::min(mapping.end(), size()), source,
                         mapping.build_storage_offset});
   }
+  if (extents_.empty()) return;  // an empty device: nothing is ever looked up
+  bucket_shift_ = 12;
+  while ((size() >> bucket_shift_) > extents_.size()) ++bucket_shift_;
+  bucket_first_.resize(((size() - 1) >> bucket_shift_) + 2);
+  size_t extent = 0;
+  for (size_t bucket = 0; bucket < bucket_first_.size(); ++bucket) {
+    const uint64_t first_byte = std::min<uint64_t>(uint64_t{bucket} << bucket_shift_, size() - 1);
+    while (extents_[extent].end <= first_byte) ++extent;
+    bucket_first_[bucket] = static_cast<uint32_t>(extent);
+  }
 }
 
 Status Device::learn_sizes() {
@@ -198,9 +208,13 @@ Status Device::learn_sizes() {
 }
 
 const Device::Extent& Device::extent_at(uint64_t offset) const {
-  // The last extent beginning at or before `offset`: the table covers the
-  // device from 0, so there is one.
-  const auto after = std::upper_bound(extents_.begin(), extents_.end(), offset,
+  // The last extent beginning at or before `offset`, among those of its
+  // bucket (from the one holding the bucket's first byte to the one
+  // holding the next bucket's, inclusive).
+  const size_t bucket = offset >> bucket_shift_;
+  const auto first = extents_.begin() + bucket_first_[bucket];
+  const auto last = extents_.begin() + bucket_first_[bucket + 1] + 1;
+  const auto after = std::upper_bound(first, last, offset,
                                       [](uint64_t at, const Extent& e) { return at < e.begin; });
   return *(after - 1);
 }

@@ -129,6 +129,13 @@ class Device final : public Disk {
   const std::string name_;
   std::vector<Source> sources_;  // built before extents_, which point into it
   std::vector<Extent> extents_;
+  // Where extent_at's binary search starts: the device in buckets of
+  // 2^bucket_shift_ bytes (about one per extent), and for each the index of
+  // the extent holding its first byte. A search spans only the extents of
+  // one bucket, often one, so a fault's lookup costs no chain of
+  // unpredictable branches.
+  unsigned bucket_shift_ = 0;
+  std::vector<uint32_t> bucket_first_;
 };
 
 }  // namespace lazyblock::image
