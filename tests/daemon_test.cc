@@ -266,6 +266,12 @@ TEST_F(DaemonTest, EightDisksOfOneTemplateFetchItOnceAndKeepTheirWritesApart) {
   Outcome other = run_program(dir_, "nbdcopy", {uri("vm1.sock"), (dir_ / "other").string()});
   ASSERT_EQ(other.status, 0) << other.err;
   EXPECT_TRUE(slurp(dir_ / "other") == bytes);
+  // The one write request qemu-io sent is counted, and timed.
+  const std::string after = call("GET", "/metrics").body;
+  EXPECT_EQ(metric(after, "lazyblock_nbd_requests_total{command=\"write\"}"), 1) << after;
+  EXPECT_EQ(metric(after, "lazyblock_nbd_request_seconds_count{command=\"write\"}"), 1);
+  EXPECT_GE(metric(after, "lazyblock_nbd_requests_total{command=\"read\"}"),
+            static_cast<double>(kDisks + 1) * static_cast<double>(size) / (32 * kMiB));
 
   // GET /disks lists the eight; DELETE of all leaves the template idle.
   ApiReply disks = call("GET", "/disks");
@@ -355,6 +361,13 @@ TEST_F(DaemonTest, TwoVmsRestoreOneBuildsMemoryAtOnceEachPageFetchedOnce) {
               row["served_zero"].get<uint64_t>();
   }
   EXPECT_GE(served, 2 * size / 4096 / 5 * 4) << listed.body;  // at least every data page, twice
+  const std::string metrics = call("GET", "/metrics").body;
+  EXPECT_EQ(metric(metrics, "lazyblock_uffd_faults_total{outcome=\"cached\"}") +
+                metric(metrics, "lazyblock_uffd_faults_total{outcome=\"fetched\"}") +
+                metric(metrics, "lazyblock_uffd_faults_total{outcome=\"zero\"}"),
+            static_cast<double>(served));
+  EXPECT_EQ(metric(metrics, "lazyblock_uffd_fault_seconds_count{outcome=\"fetched\"}"),
+            metric(metrics, "lazyblock_uffd_faults_total{outcome=\"fetched\"}"));
   EXPECT_EQ(call("DELETE", "/memory/a").status, 204);
   EXPECT_EQ(call("DELETE", "/memory/b").status, 204);
   EXPECT_EQ(call("DELETE", "/memory/b").status, 404);

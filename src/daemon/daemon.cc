@@ -147,6 +147,7 @@ HttpResponse Daemon::put_disk(const std::string& id, const std::string& body) {
     }
     disk->server = std::make_unique<nbd::NbdServer>(
         nbd::Export{spec->name, &device, disk->overlay.get()}, ConnectionLimits{}, kDiskWorkers);
+    disk->server->set_observer(&serve_metrics_);
     LB_RETURN_IF_ERROR(disk->server->listen_unix(spec->socket));
     return disk;
   }();
@@ -194,6 +195,7 @@ HttpResponse Daemon::put_memory(const std::string& id, const std::string& body) 
     }
     memory->server =
         std::make_unique<uffd::UffdServer>((*memory->lease)->device(), std::move(options));
+    memory->server->set_observer(&serve_metrics_);
     LB_RETURN_IF_ERROR(memory->server->listen_unix(spec->socket));
     return memory;
   }();
@@ -223,7 +225,6 @@ Status Daemon::end_disk(Disk& disk) {
   disk.server->stop();
   disk.serving.join();
   ended_nbd_connections_ += disk.server->connections();
-  ended_nbd_requests_ += disk.server->requests();
   disk.server.reset();  // its sessions are gone: nothing writes to the overlay now
   Status flushed = Status::ok();
   if (disk.overlay) flushed = disk.overlay->flush();
@@ -237,9 +238,6 @@ void Daemon::end_memory(Memory& memory) {
   memory.serving.join();
   const uffd::UffdStats stats = memory.server->stats();
   ended_uffd_connections_ += stats.connections;
-  ended_faults_cached_ += stats.served_cached;
-  ended_faults_fetched_ += stats.served_fetched;
-  ended_faults_zero_ += stats.served_zero;
   ended_prefetched_ += stats.prefetched;
   memory.server.reset();  // writes the sessions' records
   memory.lease.reset();
@@ -417,11 +415,7 @@ std::string Daemon::metrics_text() {
              static_cast<double>(templates_.evicted_bytes()));
 
   uint64_t nbd_connections = ended_nbd_connections_.load();
-  uint64_t nbd_requests = ended_nbd_requests_.load();
   uint64_t uffd_connections = ended_uffd_connections_.load();
-  uint64_t cached_faults = ended_faults_cached_.load();
-  uint64_t fetched_faults = ended_faults_fetched_.load();
-  uint64_t zero_faults = ended_faults_zero_.load();
   uint64_t prefetched = ended_prefetched_.load();
   size_t disks = 0;
   size_t memories = 0;
@@ -431,37 +425,23 @@ std::string Daemon::metrics_text() {
       if (!disk) continue;
       ++disks;
       nbd_connections += disk->server->connections();
-      nbd_requests += disk->server->requests();
     }
     for (const auto& [id, memory] : memory_) {
       if (!memory) continue;
       ++memories;
       const uffd::UffdStats stats = memory->server->stats();
       uffd_connections += stats.connections;
-      cached_faults += stats.served_cached;
-      fetched_faults += stats.served_fetched;
-      zero_faults += stats.served_zero;
       prefetched += stats.prefetched;
     }
   }
   out.family("lazyblock_nbd_connections_total", "counter", "NBD connections accepted");
   out.sample("lazyblock_nbd_connections_total", {}, static_cast<double>(nbd_connections));
-  out.family("lazyblock_nbd_requests_total", "counter", "NBD requests received");
-  out.sample("lazyblock_nbd_requests_total", {}, static_cast<double>(nbd_requests));
   out.family("lazyblock_uffd_connections_total", "counter", "VMs connected to a UFFD handler");
   out.sample("lazyblock_uffd_connections_total", {}, static_cast<double>(uffd_connections));
-  out.family("lazyblock_uffd_faults_total", "counter",
-             "Page faults served, by outcome (cached: at once from the cache; fetched: after a "
-             "fetch; zero: a zero page)");
-  out.sample("lazyblock_uffd_faults_total", {{"outcome", "cached"}},
-             static_cast<double>(cached_faults));
-  out.sample("lazyblock_uffd_faults_total", {{"outcome", "fetched"}},
-             static_cast<double>(fetched_faults));
-  out.sample("lazyblock_uffd_faults_total", {{"outcome", "zero"}},
-             static_cast<double>(zero_faults));
   out.family("lazyblock_uffd_prefetched_pages_total", "counter",
              "Pages installed by prefetch ahead of a fault");
   out.sample("lazyblock_uffd_prefetched_pages_total", {}, static_cast<double>(prefetched));
+  serve_metrics_.render(out);
   out.family("lazyblock_devices", "gauge", "Devices served, by kind");
   out.sample("lazyblock_devices", {{"kind", "disk"}}, static_cast<double>(disks));
   out.sample("lazyblock_devices", {{"kind", "memory"}}, static_cast<double>(memories));

@@ -28,6 +28,7 @@
 
 #include "daemon/http_server.h"
 #include "daemon/metering_store.h"
+#include "daemon/serve_metrics.h"
 #include "daemon/template_registry.h"
 
 namespace lazyblock::daemon {
@@ -74,6 +75,7 @@ class Daemon {
   const DaemonOptions options_;
   StoreMetrics& store_metrics_;
   const std::chrono::steady_clock::time_point started_;
+  ServeMetrics serve_metrics_;  // every device's server reports here
   TemplateRegistry templates_;
 
   std::mutex mu_;
@@ -82,10 +84,10 @@ class Daemon {
   std::map<std::string, std::unique_ptr<Disk>> disks_;      // guarded by mu_
   std::map<std::string, std::unique_ptr<Memory>> memory_;   // guarded by mu_
 
-  // Counts of devices that have ended, so that totals never go down.
-  std::atomic<uint64_t> ended_nbd_connections_{0}, ended_nbd_requests_{0};
-  std::atomic<uint64_t> ended_uffd_connections_{0}, ended_faults_cached_{0},
-      ended_faults_fetched_{0}, ended_faults_zero_{0}, ended_prefetched_{0};
+  // Counts of devices that have ended, added to those of the devices
+  // served, so that totals do not go down as devices end.
+  std::atomic<uint64_t> ended_nbd_connections_{0};
+  std::atomic<uint64_t> ended_uffd_connections_{0}, ended_prefetched_{0};
 };
 
 }  // namespace lazyblock::daemon

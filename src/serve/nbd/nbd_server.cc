@@ -327,8 +327,12 @@ class NbdServer::Session : public std::enable_shared_from_this<Session> {
         ++in_flight_;
       }
       server_.workers_.submit([self = shared_from_this(), request = *request, cost,
-                               payload = std::move(payload)]() mutable {
+                               payload = std::move(payload),
+                               read_at = std::chrono::steady_clock::now()]() mutable {
         self->handle(request, payload);
+        if (ServeObserver* observer = self->server_.observer_) {
+          observer->nbd_request(request.type, std::chrono::steady_clock::now() - read_at);
+        }
         payload = {};
         self->server_.release(&self->bytes_held_, cost);
         std::lock_guard lock(self->mu_);
