@@ -64,6 +64,23 @@ Result<bool> make_directory(const std::filesystem::path& dir) {
   return true;
 }
 
+// Removes a directory this run made, on every way out, if it is empty by
+// then (a kept overlay the user put there stays, and so does the directory).
+class MadeDirectory {
+ public:
+  MadeDirectory(std::filesystem::path path, bool made) : path_(std::move(path)), made_(made) {}
+  ~MadeDirectory() {
+    std::error_code ignored;  // not empty: kept, as it should be
+    if (made_) std::filesystem::remove(path_, ignored);
+  }
+  MadeDirectory(const MadeDirectory&) = delete;
+  MadeDirectory& operator=(const MadeDirectory&) = delete;
+
+ private:
+  const std::filesystem::path path_;
+  const bool made_;
+};
+
 // A quarter of the file system `dir` is on.
 Result<uint64_t> default_cache_budget(const std::filesystem::path& dir) {
   struct statvfs fs {};
@@ -125,9 +142,11 @@ int run_daemon(const DaemonFlags& flags) {
           : std::filesystem::path(flags.work_dir);
   Result<bool> made_work_dir = make_directory(work_dir);
   if (!made_work_dir) return report_failure(made_work_dir.status().with_context("--work-dir"));
+  const MadeDirectory work_dir_made(work_dir, *made_work_dir);
   const std::filesystem::path cache_dir = work_dir / "caches";
   Result<bool> made_cache_dir = make_directory(cache_dir);
   if (!made_cache_dir) return report_failure(made_cache_dir.status().with_context("--work-dir"));
+  const MadeDirectory cache_dir_made(cache_dir, *made_cache_dir);
   if (!cache_budget) {
     Result<uint64_t> quarter = default_cache_budget(work_dir);
     if (!quarter) return report_failure(quarter.status());
@@ -205,12 +224,7 @@ int run_daemon(const DaemonFlags& flags) {
     signals.stop_waiting();
     // The listener removes its socket as it goes.
   }
-  // Caches are gone with their templates; what we made is removed if empty
-  // (a kept overlay the user put in the work dir stays).
-  std::error_code ignored;
-  if (*made_cache_dir) std::filesystem::remove(cache_dir, ignored);
-  if (*made_work_dir) std::filesystem::remove(work_dir, ignored);
-  return 0;
+  return 0;  // the caches went with their templates; the directories we made go now
 }
 
 }  // namespace
