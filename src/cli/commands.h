@@ -17,5 +17,6 @@ CommandRunner add_pack_command(CLI::App& app);
 CommandRunner add_export_command(CLI::App& app);
 CommandRunner add_inspect_command(CLI::App& app);
 CommandRunner add_serve_command(CLI::App& app);
+CommandRunner add_daemon_command(CLI::App& app);
 
 }  // namespace lazyblock::cli

@@ -63,6 +63,7 @@ int main(int argc, char** argv) {
   CommandRunner export_ = add_export_command(app);
   CommandRunner inspect = add_inspect_command(app);
   CommandRunner serve = add_serve_command(app);
+  CommandRunner daemon = add_daemon_command(app);
   CommandRunner bench = add_bench_command(app);
 
   // A mistyped command gets a word of advice rather than CLI11's "A
@@ -104,6 +105,7 @@ int main(int argc, char** argv) {
   if (app.got_subcommand("export")) return export_();
   if (app.got_subcommand("inspect")) return inspect();
   if (app.got_subcommand("serve")) return serve();
+  if (app.got_subcommand("daemon")) return daemon();
   if (app.got_subcommand("bench")) return bench();
   return kExitUsage;
 }

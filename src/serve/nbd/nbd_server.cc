@@ -136,7 +136,7 @@ void NbdServer::serve_connection(int fd) {
   {
     SocketTransport transport(fd, limits_.handshake_timeout);
     Runner runner(*this);
-    Session session(export_, transport, runner, requests_);
+    Session session(export_, transport, runner, requests_, observer_);
     session.run();
   }
   session_ended(fd);

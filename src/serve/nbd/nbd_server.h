@@ -55,6 +55,10 @@ class NbdServer {
   // for a prompt end. Thread-safe.
   void stop();
 
+  // Tells `observer` (which outlives the server) of every request
+  // answered. Call before serve().
+  void set_observer(ServeObserver* observer) { observer_ = observer; }
+
   // Counters, for tests and logs.
   uint64_t connections() const { return connections_.load(); }
   uint64_t requests() const { return requests_.load(); }
@@ -82,6 +86,7 @@ class NbdServer {
   std::atomic<bool> stopping_{false};
   std::atomic<uint64_t> connections_{0};
   std::atomic<uint64_t> requests_{0};
+  ServeObserver* observer_ = nullptr;
 
   // The bytes of replies (and write payloads) held in memory, by every
   // connection: bounded, so that clients that send reads without reading

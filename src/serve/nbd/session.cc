@@ -1,6 +1,7 @@
 #include "serve/nbd/session.h"
 
 #include <algorithm>
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -42,8 +43,13 @@ std::string as_string(std::span<const std::byte> bytes) {
 }  // namespace
 
 Session::Session(const Export& disk, Transport& transport, RequestRunner& runner,
-                 std::atomic<uint64_t>& requests)
-    : export_(disk), disk_(disk.disk), transport_(transport), runner_(runner), requests_(requests) {}
+                 std::atomic<uint64_t>& requests, ServeObserver* observer)
+    : export_(disk),
+      disk_(disk.disk),
+      transport_(transport),
+      runner_(runner),
+      requests_(requests),
+      observer_(observer) {}
 
 bool Session::run() {
   const bool agreed = handshake();
@@ -282,8 +288,12 @@ void Session::transmission() {
       std::lock_guard lock(mu_);
       ++in_flight_;
     }
-    runner_.run([this, request = *request, cost, payload = std::move(payload)]() mutable {
+    runner_.run([this, request = *request, cost, payload = std::move(payload),
+                 read_at = std::chrono::steady_clock::now()]() mutable {
       handle(request, payload);
+      if (observer_ != nullptr) {
+        observer_->nbd_request(request.type, std::chrono::steady_clock::now() - read_at);
+      }
       payload = {};
       runner_.release(cost);
       std::lock_guard lock(mu_);

@@ -31,6 +31,7 @@
 
 #include "image/disk.h"
 #include "serve/nbd/protocol.h"
+#include "serve/serve_observer.h"
 
 namespace lazyblock::nbd {
 
@@ -67,9 +68,10 @@ class RequestRunner {
 
 class Session {
  public:
-  // `requests` counts every request read, for the server's statistics.
+  // `requests` counts every request read, for the server's statistics;
+  // `observer`, if any, is told of every request answered.
   Session(const Export& disk, Transport& transport, RequestRunner& runner,
-          std::atomic<uint64_t>& requests);
+          std::atomic<uint64_t>& requests, ServeObserver* observer = nullptr);
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
@@ -108,6 +110,7 @@ class Session {
   Transport& transport_;
   RequestRunner& runner_;
   std::atomic<uint64_t>& requests_;
+  ServeObserver* const observer_;
 
   // Set during the handshake, read-only after.
   bool no_zeroes_ = false;

@@ -95,6 +95,7 @@ class UffdServer::Session {
     uint64_t offset;
     uint64_t size;
     bool huge;
+    std::chrono::steady_clock::time_point faulted{};  // for the observer's latency
   };
   // kUnreadable: the source could not be read (EFAULT: the cache file
   // failed under its map); the page is read again through a copy.
@@ -111,6 +112,12 @@ class UffdServer::Session {
   Install handle_fault(uint64_t address, bool retry);
   // On a worker: waits for the page's bytes, installs them.
   void fetch_and_install(Page page);
+  // Tells the server's observer, if any, of a fault resolved.
+  void observe(ServeObserver::FaultOutcome outcome, std::chrono::steady_clock::time_point faulted) {
+    if (server_.observer_ != nullptr) {
+      server_.observer_->uffd_fault(outcome, std::chrono::steady_clock::now() - faulted);
+    }
+  }
   // On its own thread: fetches and installs the prefetch list.
   void prefetch();
   // Installs memfile [begin, end) of `region` (whole pages) where the VM
@@ -453,21 +460,30 @@ UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address,
     if (!removed && !retry && in_flight_.contains(page->address)) return Install::kExisted;
   }
   image::Disk& memfile = server_.memfile_;
+  const auto faulted = std::chrono::steady_clock::now();
   Install result;
   if (removed || memfile.is_zero(page->offset, page->size)) {
     result = zero(*page);
-    if (result != Install::kAgain) server_.counters_.served_zero.fetch_add(1);
+    if (result != Install::kAgain) {
+      server_.counters_.served_zero.fetch_add(1);
+      observe(ServeObserver::FaultOutcome::kZero, faulted);
+    }
   } else if (std::optional<std::span<const std::byte>> bytes =
                  memfile.cached_view(page->offset, page->size);
              bytes && (result = copy(*page, *bytes)) != Install::kUnreadable) {
-    if (result != Install::kAgain) server_.counters_.served_cached.fetch_add(1);
+    if (result != Install::kAgain) {
+      server_.counters_.served_cached.fetch_add(1);
+      observe(ServeObserver::FaultOutcome::kCached, faulted);
+    }
   } else {
     {
       std::lock_guard lock(mu_);
       in_flight_.insert(page->address);
       ++tasks_;
     }
-    server_.workers_.submit([this, page = *page] { fetch_and_install(page); });
+    Page fetched = *page;
+    fetched.faulted = faulted;
+    server_.workers_.submit([this, fetched] { fetch_and_install(fetched); });
     return Install::kInstalled;
   }
   if (retry && result != Install::kAgain) {
@@ -497,7 +513,10 @@ void UffdServer::Session::fetch_and_install(Page page) {
       bytes = Result<std::span<const std::byte>>(got.status());
     }
   }
-  if (bytes && result != Install::kAgain) server_.counters_.served_fetched.fetch_add(1);
+  if (bytes && result != Install::kAgain) {
+    server_.counters_.served_fetched.fetch_add(1);
+    observe(ServeObserver::FaultOutcome::kFetched, page.faulted);
+  }
   std::lock_guard lock(mu_);
   if (!bytes && !stopping_) {
     // The vCPU must not see wrong bytes: it waits while the event thread

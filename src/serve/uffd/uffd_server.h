@@ -48,6 +48,7 @@
 #include "common/worker_pool.h"
 #include "image/disk.h"
 #include "serve/connection_limits.h"
+#include "serve/serve_observer.h"
 #include "serve/uffd/page_record.h"
 
 namespace lazyblock::uffd {
@@ -90,6 +91,9 @@ class UffdServer {
   void stop();
 
   UffdStats stats() const;
+  // Tells `observer` (which outlives the server) of every fault resolved.
+  // Call before serve().
+  void set_observer(ServeObserver* observer) { observer_ = observer; }
 
  private:
   class Session;
@@ -106,6 +110,7 @@ class UffdServer {
         served_fetched{0}, prefetched{0}, removed{0};
   };
   Counters counters_;
+  ServeObserver* observer_ = nullptr;
 
   std::mutex mu_;
   std::condition_variable all_ended_;
