@@ -43,6 +43,10 @@ http {{
   uwsgi_temp_path {dir}/tmp/uwsgi;
   scgi_temp_path {dir}/tmp/scgi;
   keepalive_requests 100000;
+  # No bound on uploads (to a proxied S3 server), set here and not only in
+  # the location: HTTP/2 body bytes that come before the request is routed
+  # are held to the server's bound.
+  client_max_body_size 0;
   keepalive_timeout 60s;
   default_type application/octet-stream;
   sendfile on;
@@ -274,7 +278,7 @@ Result<std::unique_ptr<NginxServer>> NginxServer::start(
       // signatures cover) and the bodies as they come, unbuffered.
       proxy = fmt::format(
           "proxy_pass {}; proxy_set_header Host $http_host; proxy_http_version 1.1; "
-          "proxy_request_buffering off; proxy_buffering off; client_max_body_size 0;",
+          "proxy_request_buffering off; proxy_buffering off;",
           options.proxy_to);
     }
     replace_all(config, "{proxy}", proxy);
