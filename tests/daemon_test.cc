@@ -56,15 +56,34 @@ std::string disk_bytes(uint64_t size, uint64_t seed) {
 }
 
 // Bytes nginx sent for requests whose URI holds `key` ("GET" lines only).
-uint64_t bytes_sent_for(const std::string& log, const std::string& key, uint64_t* requests) {
-  std::istringstream lines(log);
-  std::string connection, method, uri, status;
+// One line of the test nginx's access log: its first fields are
+// "$connection $request_method $uri $status $bytes_sent" (more may follow).
+struct LogLine {
+  std::string method, uri;
   uint64_t sent = 0;
+};
+
+std::vector<LogLine> log_lines(const std::string& log) {
+  std::vector<LogLine> out;
+  std::istringstream lines(log);
+  std::string line;
+  while (std::getline(lines, line)) {
+    std::istringstream fields(line);
+    std::string connection, status;
+    LogLine entry;
+    if (fields >> connection >> entry.method >> entry.uri >> status >> entry.sent) {
+      out.push_back(std::move(entry));
+    }
+  }
+  return out;
+}
+
+uint64_t bytes_sent_for(const std::string& log, const std::string& key, uint64_t* requests) {
   uint64_t total = 0;
   *requests = 0;
-  while (lines >> connection >> method >> uri >> status >> sent) {
-    if (method == "GET" && (key.empty() || uri.ends_with("/" + key))) {
-      total += sent;
+  for (const LogLine& line : log_lines(log)) {
+    if (line.method == "GET" && (key.empty() || line.uri.ends_with("/" + key))) {
+      total += line.sent;
       ++*requests;
     }
   }
@@ -72,10 +91,8 @@ uint64_t bytes_sent_for(const std::string& log, const std::string& key, uint64_t
 }
 
 uint64_t count_method(const std::string& log, const std::string& wanted) {
-  std::istringstream lines(log);
-  std::string connection, method, uri, status, sent;
   uint64_t count = 0;
-  while (lines >> connection >> method >> uri >> status >> sent) count += method == wanted;
+  for (const LogLine& line : log_lines(log)) count += line.method == wanted;
   return count;
 }
 
