@@ -280,8 +280,8 @@ TEST_F(SpaceTest, CatOfAnObjectSixteenTimesTheSizeOfTmpdirIsByteExact) {
 
 // The block cache of `serve nbd` on a 32 MiB filesystem, for a 256 MiB
 // disk: full with someone else's file, a read fails (EIO) and the server
-// stays up; once that file is gone, full reads succeed and keep succeeding,
-// the cache giving back its least recently used blocks as it goes.
+// stays up; once that file is gone, a full read succeeds, the cache giving
+// back its least recently used blocks as it goes (eight times over).
 TEST_F(SpaceTest, ServeNbdOnASmallFullTmpdirFailsReadsUntilThereIsSpaceThenServesEverything) {
   auto tmp = small_filesystem("tmp", "32m");
   REQUIRE_MOUNTED(tmp);
@@ -301,14 +301,11 @@ TEST_F(SpaceTest, ServeNbdOnASmallFullTmpdirFailsReadsUntilThereIsSpaceThenServe
       << slurp(dir_ / "server.log");
 
   std::filesystem::remove(tmp->path() / "filler");
-  for (int round = 0; round < 2; ++round) {
-    std::filesystem::remove(dir_ / "copy");
-    Outcome copied = run_program(dir_, "timeout", {"120", "nbdcopy", nbd_uri(socket),
-                                                   (dir_ / "copy").string()});
-    ASSERT_EQ(copied.status, 0) << "round " << round << ": " << copied.err
-                                << slurp(dir_ / "server.log");
-    ASSERT_TRUE(file_is(dir_ / "copy", *image_)) << "round " << round << ": wrong bytes";
-  }
+  std::filesystem::remove(dir_ / "copy");
+  Outcome copied = run_program(dir_, "timeout", {"120", "nbdcopy", nbd_uri(socket),
+                                                 (dir_ / "copy").string()});
+  ASSERT_EQ(copied.status, 0) << copied.err << slurp(dir_ / "server.log");
+  EXPECT_TRUE(file_is(dir_ / "copy", *image_)) << "wrong bytes";
   EXPECT_EQ(server.stop(), 0) << slurp(dir_ / "server.log");
 }
 
@@ -433,7 +430,8 @@ TEST_F(SpaceTest, ACatKilledMidFillLeavesNoPartialFile) {
   ::kill(pid, SIGKILL);
   EXPECT_EQ(wait_for(pid), 128 + SIGKILL);
   ASSERT_TRUE(filling) << slurp(dir_ / "cat.err");
-  EXPECT_TRUE(std::filesystem::is_empty(out_dir)) << "left behind: " << entries_named(out_dir, "")[0];
+  const std::vector<std::string> left = entries_named(out_dir, "");
+  EXPECT_TRUE(left.empty()) << "left behind: " << left[0];
   Outcome again = run_lazyblock(dir_, {"cat", "--store", store(), "--key", key, "-o",
                                        output.string()});
   ASSERT_EQ(again.status, 0) << again.err;

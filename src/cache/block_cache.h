@@ -48,10 +48,10 @@
 
 #include <atomic>
 #include <cstddef>
-#include <mutex>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <mutex>
 #include <span>
 
 #include "common/atomic_bitmap.h"
@@ -159,8 +159,8 @@ class BlockCache {
   // read, and, if the file has been cut short, every block past its end
   // (the next write restores its size): they are fetched again when next
   // read.
-  // Counted in drops(). The caller keeps fetches from marking blocks they
-  // skipped as cached before the drop (see FetchStream).
+  // Counted in drops(). Writers whose bytes it may have taken mark them
+  // with mark_cached_unless_dropped() (see FetchStream).
   void drop(uint64_t offset, uint64_t end);
   // How many drops there have been: a reader that sees it change across its
   // copy cannot trust what it copied.
@@ -171,7 +171,6 @@ class BlockCache {
 
  private:
   BlockCache(uint64_t size, uint64_t block_size, int fd, std::byte* map);
-  friend class Pin;
 
   // Index one past the last block touching bytes before `end`.
   uint64_t block_end(uint64_t end) const { return (end + block_size_ - 1) / block_size_; }

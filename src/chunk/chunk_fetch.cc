@@ -366,18 +366,23 @@ void FetchStream::advance(uint64_t position, bool publish) {
       position == cache_->size() ? position : align_down(position, cache_->block_size());
   std::lock_guard lock(context_.mu);
   if (publish && written > marked_) {
-    // A drop (the cache file failed under a reader) may have taken bytes
-    // this stream wrote: after a drop, what it has passed is left unmarked
-    // (its waiters look again and fetch what is missing).
-    // What it wrote itself, not what it skipped as cached.
+    // Marks what it wrote itself, not what it skipped as cached (punched
+    // for space since, perhaps). A drop (the cache file failed under a
+    // reader) may have taken bytes it wrote: after a drop, what it has
+    // passed is left unmarked (its waiters look again and fetch what is
+    // missing).
     bool kept = true;
     uint64_t from = marked_;
     for (const auto& [skip_begin, skip_end] : skipped_) {
       if (skip_begin >= written || !kept) break;
-      if (from < skip_begin) kept = cache_->mark_cached_unless_dropped(from, skip_begin, drops_seen_);
+      if (from < skip_begin) {
+        kept = cache_->mark_cached_unless_dropped(from, skip_begin, drops_seen_);
+      }
       from = std::max(from, skip_end);
     }
-    if (kept && from < written) kept = cache_->mark_cached_unless_dropped(from, written, drops_seen_);
+    if (kept && from < written) {
+      kept = cache_->mark_cached_unless_dropped(from, written, drops_seen_);
+    }
     if (!kept) drops_seen_ = cache_->drops();
     std::erase_if(skipped_, [&](const auto& skip) { return skip.second <= written; });
     marked_ = written;
