@@ -322,24 +322,34 @@ TEST_F(SpaceTest, ACacheFileCutShortUnderACopyIsFetchedAgainOrAnIoErrorNeverACra
       {"cat", "--key", key},
       {"export", "--build", kSmallBuild, "--name", kName},
   };
+  const std::filesystem::path out_dir = dir_ / "out";
+  std::filesystem::create_directories(out_dir);
   for (std::vector<std::string> args : commands) {
     const std::string command = args[0];
-    const std::filesystem::path output = dir_ / (command + ".out");
-    // Slow enough (~0.6 s) for the cut to land mid-copy.
-    args.insert(args.end(), {"--store", store(), "--simulate", "ttfb=5ms,bw=20MB/s", "--parallel",
+    const std::filesystem::path output = out_dir / command;
+    // Slow enough (~1 s) for the cut to land mid-copy.
+    args.insert(args.end(), {"--store", store(), "--simulate", "ttfb=5ms,bw=10MB/s", "--parallel",
                              "2", "-o", output.string()});
     const std::filesystem::path err = dir_ / (command + ".err");
     const pid_t pid = spawn_lazyblock(args, err);
     ASSERT_GT(pid, 0);
-    // Once some blocks are cached, the cache file is cut to nothing.
+    // Once some blocks are cached, with three chunks or more still to be
+    // written out (so that the copy meets the cut), the cache file is cut
+    // to nothing.
     std::optional<std::filesystem::path> cache;
     ASSERT_TRUE(eventually([&] {
+      uint64_t written = 0;
+      for (const std::filesystem::path& file : unnamed_files_in(pid, out_dir)) {
+        struct stat st {};
+        if (::stat(file.c_str(), &st) == 0) written += static_cast<uint64_t>(st.st_size);
+      }
+      if (written + 3 * 4 * kMiB > kSmallSize) return false;
       for (const std::filesystem::path& file : unnamed_files_in(pid, tmp)) {
         struct stat st {};
         if (::stat(file.c_str(), &st) == 0 && st.st_blocks > 0) cache = file;
       }
       return cache.has_value();
-    })) << command << ": no cache file with blocks in it";
+    })) << command << ": no cache file with blocks in it early enough";
     const int fd = ::open(cache->c_str(), O_WRONLY);
     ASSERT_GE(fd, 0) << std::strerror(errno);
     ASSERT_EQ(::ftruncate(fd, 0), 0) << std::strerror(errno);
