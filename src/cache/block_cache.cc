@@ -9,11 +9,80 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
+#include <thread>
 
 #include <fmt/format.h>
 
+#include "common/log.h"
+
 namespace lazyblock {
+
+struct Units {
+  explicit Units(uint64_t n)
+      : count(n),
+        state(new std::atomic<uint32_t>[n]),
+        last_use(new std::atomic<uint32_t>[n]) {
+    for (uint64_t i = 0; i < n; ++i) {
+      state[i].store(0, std::memory_order_relaxed);
+      last_use[i].store(0, std::memory_order_relaxed);
+    }
+  }
+  const uint64_t count;
+  // Pin count, or kEvicting while the unit's blocks are being punched (then
+  // no pin can be taken): one word, so that the two exclude each other.
+  std::unique_ptr<std::atomic<uint32_t>[]> state;
+  std::unique_ptr<std::atomic<uint32_t>[]> last_use;  // the cache's clock_ then
+};
+
 namespace {
+
+constexpr uint32_t kEvicting = 1u << 31;
+
+void pin_unit(Units& units, uint64_t unit) {
+  std::atomic<uint32_t>& state = units.state[unit];
+  uint32_t seen = state.load(std::memory_order_relaxed);
+  for (;;) {
+    if ((seen & kEvicting) != 0) {
+      // A punch takes one fallocate: let it finish.
+      std::this_thread::yield();
+      seen = state.load(std::memory_order_relaxed);
+      continue;
+    }
+    // Acquire: pairs with the release that ends a punch, so that its cleared
+    // bits are seen by the is_cached() that follows.
+    if (state.compare_exchange_weak(seen, seen + 1, std::memory_order_acquire,
+                                    std::memory_order_relaxed)) {
+      return;
+    }
+  }
+}
+
+void unpin_units(Units& units, uint64_t first, uint64_t end) {
+  // Release: the reads made under the pin happen before any later punch.
+  for (uint64_t unit = first; unit < end; ++unit) {
+    units.state[unit].fetch_sub(1, std::memory_order_release);
+  }
+}
+
+// The units a thread holds for the view it was last handed
+// (BlockCache::hold_for_thread); released when it asks for another, or ends.
+struct ThreadHold {
+  std::shared_ptr<Units> units;
+  uint64_t first = 0;
+  uint64_t end = 0;
+  void release() {
+    if (units) unpin_units(*units, first, end);
+    first = end = 0;
+  }
+  ~ThreadHold() { release(); }
+};
+thread_local ThreadHold thread_hold;
+
+uint64_t page_size() {
+  static const uint64_t size = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  return size;
+}
 
 // An unnamed file in `dir`: O_TMPFILE where the filesystem has it, else a
 // named temporary file unlinked at once.
@@ -59,9 +128,11 @@ Result<std::unique_ptr<BlockCache>> BlockCache::create(uint64_t size, uint64_t b
 BlockCache::BlockCache(uint64_t size, uint64_t block_size, int fd, std::byte* map)
     : size_(size),
       block_size_(block_size),
+      unit_size_((kUnitSize + block_size - 1) / block_size * block_size),
       fd_(fd),
       map_(map),
-      cached_((size + block_size - 1) / block_size) {}
+      cached_((size + block_size - 1) / block_size),
+      units_(std::make_shared<Units>((size + unit_size_ - 1) / unit_size_)) {}
 
 BlockCache::~BlockCache() {
   if (map_ != nullptr) ::munmap(map_, size_);
@@ -80,12 +151,187 @@ uint64_t BlockCache::first_cached(uint64_t offset, uint64_t end) const {
   return std::min(end, std::max(offset, block * block_size_));
 }
 
+BlockCache::Pin& BlockCache::Pin::operator=(Pin&& other) noexcept {
+  if (this != &other) {
+    reset();
+    units_ = other.units_;
+    first_ = other.first_;
+    end_ = other.end_;
+    other.units_ = nullptr;
+  }
+  return *this;
+}
+
+void BlockCache::Pin::reset() {
+  if (units_ != nullptr) unpin_units(*units_, first_, end_);
+  units_ = nullptr;
+}
+
+BlockCache::Pin BlockCache::pin(uint64_t offset, uint64_t end) const {
+  Pin pin;
+  if (offset >= end) return pin;
+  pin.units_ = units_.get();
+  pin.first_ = unit_of(offset);
+  pin.end_ = unit_end(end);
+  for (uint64_t unit = pin.first_; unit < pin.end_; ++unit) pin_unit(*units_, unit);
+  touch(pin.first_, pin.end_);
+  return pin;
+}
+
+void BlockCache::hold_for_thread(uint64_t offset, uint64_t end) const {
+  ThreadHold& hold = thread_hold;
+  if (offset >= end) return;
+  const uint64_t first = unit_of(offset);
+  const uint64_t last = unit_end(end);
+  if (hold.units.get() == units_.get() && first >= hold.first && last <= hold.end) return;
+  hold.release();
+  for (uint64_t unit = first; unit < last; ++unit) pin_unit(*units_, unit);
+  if (hold.units.get() != units_.get()) hold.units = units_;
+  hold.first = first;
+  hold.end = last;
+  touch(first, last);
+}
+
+void BlockCache::touch(uint64_t first, uint64_t end) const {
+  const uint32_t now = clock_.load(std::memory_order_relaxed);
+  for (uint64_t unit = first; unit < end; ++unit) {
+    // Written only when it changes: a hit mostly just reads it.
+    if (units_->last_use[unit].load(std::memory_order_relaxed) != now) {
+      units_->last_use[unit].store(now, std::memory_order_relaxed);
+    }
+  }
+}
+
+bool BlockCache::punch_unit(uint64_t unit, uint64_t block_begin, uint64_t block_end,
+                            uint64_t* punched) {
+  uint32_t idle = 0;
+  if (!units_->state[unit].compare_exchange_strong(idle, kEvicting, std::memory_order_acquire,
+                                                   std::memory_order_relaxed)) {
+    return false;  // pinned (or being punched)
+  }
+  // No reader holds the unit and none can pin it now: what is cached there
+  // is forgotten first, then its space given back. Blocks not cached (a
+  // stream may be writing them) are left alone.
+  const uint64_t page = page_size();
+  for (uint64_t block = cached_.first_set(block_begin, block_end); block < block_end;) {
+    const uint64_t run_end = cached_.first_clear(block, block_end);
+    cached_.clear_range(block, run_end);
+    const uint64_t begin = block * block_size_;
+    const uint64_t end = std::min(run_end * block_size_, size_);
+    // Whole pages only: a page shared with a block outside the run stays.
+    const uint64_t from = (begin + page - 1) / page * page;
+    const uint64_t to = end == size_ ? (end + page - 1) / page * page : end / page * page;
+    if (from < to) {
+      if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(from),
+                      static_cast<off_t>(to - from)) == 0) {
+        *punched += to - from;
+      } else if (errno == EOPNOTSUPP || errno == ENOSYS) {
+        punch_unsupported_.store(true, std::memory_order_relaxed);
+      }
+    }
+    block = cached_.first_set(run_end, block_end);
+  }
+  units_->state[unit].store(0, std::memory_order_release);
+  return true;
+}
+
+uint64_t BlockCache::release(uint64_t offset, uint64_t end) {
+  const uint64_t first_block = (offset + block_size_ - 1) / block_size_;
+  const uint64_t last_block = end >= size_ ? cached_.size() : end / block_size_;
+  uint64_t punched = 0;
+  const uint64_t blocks_per_unit = unit_size_ / block_size_;
+  for (uint64_t block = first_block; block < last_block;) {
+    const uint64_t unit = block / blocks_per_unit;
+    const uint64_t stop = std::min(last_block, (unit + 1) * blocks_per_unit);
+    // A unit someone reads keeps its blocks: they go when it is evicted.
+    punch_unit(unit, block, stop, &punched);
+    block = stop;
+  }
+  return punched;
+}
+
+bool BlockCache::evict_one(uint64_t busy, uint64_t evictions_seen) {
+  std::lock_guard lock(evict_mu_);
+  // Another writer evicted since this one's write failed: try that space.
+  if (evictions_.load(std::memory_order_relaxed) != evictions_seen) return true;
+  if (punch_unsupported_.load(std::memory_order_relaxed)) return false;
+  const uint64_t blocks_per_unit = unit_size_ / block_size_;
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    uint64_t victim = units_->count;
+    uint32_t oldest = UINT32_MAX;
+    for (uint64_t unit = 0; unit < units_->count; ++unit) {
+      if (unit == busy || units_->state[unit].load(std::memory_order_relaxed) != 0) continue;
+      const uint64_t begin = unit * blocks_per_unit;
+      const uint64_t end = std::min(cached_.size(), begin + blocks_per_unit);
+      if (cached_.first_set(begin, end) >= end) continue;
+      const uint32_t used = units_->last_use[unit].load(std::memory_order_relaxed);
+      if (used < oldest) {
+        oldest = used;
+        victim = unit;
+      }
+    }
+    if (victim == units_->count) return false;
+    uint64_t punched = 0;
+    const uint64_t begin = victim * blocks_per_unit;
+    if (!punch_unit(victim, begin, std::min(cached_.size(), begin + blocks_per_unit), &punched)) {
+      continue;  // pinned since the scan: pick again
+    }
+    clock_.fetch_add(1, std::memory_order_relaxed);
+    evictions_.fetch_add(1, std::memory_order_relaxed);
+    log(LogLevel::kDebug, "cache file full: gave back {} bytes of unit {}", punched, victim);
+    return !punch_unsupported_.load(std::memory_order_relaxed);
+  }
+  return false;
+}
+
 Status BlockCache::write(uint64_t offset, std::span<const std::byte> data) {
-  return pwrite_all(fd_, data, offset, "the cache file");
+  const uint64_t asked = data.size();
+  const uint64_t start = offset;
+  while (!data.empty()) {
+    const uint64_t evictions_seen = evictions_.load(std::memory_order_relaxed);
+    const ssize_t put = ::pwrite(fd_, data.data(), data.size(), static_cast<off_t>(offset));
+    if (put > 0) {
+      offset += static_cast<uint64_t>(put);
+      data = data.subspan(static_cast<size_t>(put));
+      continue;
+    }
+    const int error = put < 0 ? errno : EIO;
+    if (error == EINTR) continue;
+    if ((error == ENOSPC || error == EDQUOT) && evict_one(unit_of(offset), evictions_seen)) {
+      continue;
+    }
+    return posix_error(
+        fmt::format("write {} bytes to the cache file at {}{}", asked, start,
+                    error == ENOSPC || error == EDQUOT
+                        ? " (nothing of this cache was left to give back)"
+                        : ""),
+        error);
+  }
+  check_not_cut();
+  return Status::ok();
+}
+
+void BlockCache::check_not_cut() {
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0 || static_cast<uint64_t>(st.st_size) >= size_) return;
+  // The file was cut short (and perhaps extended again by writes since, so
+  // that a lost block reads as zeros rather than faulting): nothing cached
+  // can be trusted.
+  log(LogLevel::kWarn, "the cache file was cut short to {} bytes: every cached block is "
+      "fetched again", st.st_size);
+  drop(0, size_);
+  if (::ftruncate(fd_, static_cast<off_t>(size_)) != 0) {
+    log(LogLevel::kWarn, "cannot restore the cache file's size: {}", std::strerror(errno));
+  }
 }
 
 void BlockCache::mark_cached(uint64_t offset, uint64_t end) {
+  if (offset >= end) return;
   cached_.set_range(offset / block_size_, block_end(end));
+  // A fill is a use, and a tick of the clock (a hit only reads it), so that
+  // a unit read after this fill counts as newer than it.
+  touch(unit_of(offset), unit_end(end));
+  clock_.fetch_add(1, std::memory_order_relaxed);
 }
 
 Status BlockCache::copy_out(uint64_t offset, std::span<std::byte> buffer) const {
@@ -98,7 +344,16 @@ Status BlockCache::copy_out(uint64_t offset, std::span<std::byte> buffer) const 
   return Status::ok();
 }
 
+bool BlockCache::mark_cached_unless_dropped(uint64_t offset, uint64_t end,
+                                            uint64_t drops_seen) {
+  std::lock_guard lock(drop_mu_);
+  if (drops_.load(std::memory_order_seq_cst) != drops_seen) return false;
+  mark_cached(offset, end);
+  return true;
+}
+
 void BlockCache::drop(uint64_t offset, uint64_t end) {
+  std::lock_guard lock(drop_mu_);
   drops_.fetch_add(1, std::memory_order_seq_cst);
   cached_.clear_range(offset / block_size_, block_end(end));
   struct stat st {};

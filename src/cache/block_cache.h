@@ -22,9 +22,28 @@
 // arrive. The last block may be short when the object's size is not a multiple
 // of the block size: it is cached once its bytes up to the object's end are.
 //
+// Space: the file needs room only for the blocks cached. They are all clean
+// (copies of an immutable object, fetched again when missing), so they may be
+// given back at any time: release() punches the blocks a one-pass reader has
+// finished with, and a write that finds the filesystem full (ENOSPC, EDQUOT)
+// punches the least recently used unit of the cache (kUnitSize bytes) that no
+// one has pinned, and tries again; it fails only when nothing is left to give
+// back, and the next write tries afresh (space freed meanwhile is used).
+//
+// Pins: a block may be punched only when no one reads it. Whoever reads the
+// map pins the units the bytes lie in first (pin(), or hold_for_thread() for
+// a view handed out), then checks is_cached(): a pinned unit is never
+// punched, and a unit being punched cannot be pinned (the pin waits the
+// punch out, which takes one fallocate). One word per unit holds its pin
+// count and an "evicting" bit, so that taking a pin and starting a punch
+// exclude each other in one atomic step; a cache hit costs one compare-and-
+// swap and one decrement more than a bare read (none for a view of the unit
+// its thread already holds).
+//
 // Thread safety: any number of readers and writers at once, provided no two
-// writers write the same block and nobody writes a cached block (the chunker's
-// fetch streams guarantee both).
+// writers write the same block and nobody writes a cached block without a
+// pin on it (the chunker's fetch streams write only blocks that are not
+// cached).
 #pragma once
 
 #include <atomic>
@@ -32,12 +51,16 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <mutex>
 #include <span>
 
 #include "common/atomic_bitmap.h"
 #include "common/status.h"
 
 namespace lazyblock {
+
+// Per unit of a BlockCache: its pin count and evicting bit, its last use.
+struct Units;
 
 class BlockCache {
  public:
@@ -63,12 +86,62 @@ class BlockCache {
   // The first byte in [offset, end) whose block is cached, or `end`.
   uint64_t first_cached(uint64_t offset, uint64_t end) const;
 
+  // Pins and least-recently-used order are kept per unit of this many bytes
+  // (rounded up to whole blocks): one fetch chunk.
+  static constexpr uint64_t kUnitSize = 4 * 1024 * 1024;
+
+  // A pin on the units of a range: none of their blocks is punched while it
+  // is held. Movable; released on destruction.
+  class Pin {
+   public:
+    Pin() = default;
+    Pin(Pin&& other) noexcept { *this = std::move(other); }
+    Pin& operator=(Pin&& other) noexcept;
+    ~Pin() { reset(); }
+    void reset();
+
+   private:
+    friend class BlockCache;
+    struct Units* units_ = nullptr;
+    uint64_t first_ = 0;
+    uint64_t end_ = 0;  // unit indices [first_, end_)
+  };
+
+  // Pins the units touching [offset, end) (end <= size()); waits out a punch
+  // in progress there. Pin before checking is_cached(), read, then let go.
+  Pin pin(uint64_t offset, uint64_t end) const;
+
+  // Pins the units touching [offset, end) for the calling thread until it
+  // calls hold_for_thread() again, on any cache, or the thread ends: for a
+  // view handed to a caller who reads it before its thread's next view (a
+  // page-fault handler's UFFDIO_COPY). The previous hold is released first;
+  // a range within it keeps it, at no cost.
+  void hold_for_thread(uint64_t offset, uint64_t end) const;
+
+  // Gives back the space of the cached blocks wholly inside [offset, end)
+  // (or reaching the object's end), unless a unit they lie in is pinned:
+  // they are no longer cached, and fetched again if read. For a reader that
+  // reads each byte once (cat, export). Returns the bytes given back.
+  uint64_t release(uint64_t offset, uint64_t end);
+
+  // Units punched because the filesystem was full, so far.
+  uint64_t evictions() const { return evictions_.load(std::memory_order_relaxed); }
+
   // Marks the blocks in [offset, end) cached. `offset` must be block-aligned
   // and `end` block-aligned or size(); the caller has written all their bytes.
   void mark_cached(uint64_t offset, uint64_t end);
 
-  // Writes `data` at `offset`, into blocks that are not cached. Requires
-  // offset + data.size() <= size().
+  // mark_cached, unless drop() has been called since drops() was
+  // `drops_seen` (then false, nothing marked): for a writer whose bytes a
+  // drop may have taken. Atomic with respect to drop().
+  bool mark_cached_unless_dropped(uint64_t offset, uint64_t end, uint64_t drops_seen);
+
+  // Writes `data` at `offset`, into blocks that are not cached (or pinned by
+  // the caller). Requires offset + data.size() <= size(). On a full
+  // filesystem, punches the least recently used unpinned unit and tries
+  // again; fails (naming the cause) once there is nothing left to punch.
+  // A file found cut short after the write (a failing disk, a hand) loses
+  // every cached block (drop()) and gets its size back.
   Status write(uint64_t offset, std::span<const std::byte> data);
 
   // The bytes [offset, offset + length) of the map, to be read only where
@@ -84,9 +157,10 @@ class BlockCache {
 
   // Forgets the blocks touching [offset, end), whose bytes could not be
   // read, and, if the file has been cut short, every block past its end
-  // (later writes extend it again): they are fetched again when next read.
-  // Counted in drops(). The caller keeps fetches from marking blocks they
-  // skipped as cached before the drop (see FetchStream).
+  // (the next write restores its size): they are fetched again when next
+  // read.
+  // Counted in drops(). Writers whose bytes it may have taken mark them
+  // with mark_cached_unless_dropped() (see FetchStream).
   void drop(uint64_t offset, uint64_t end);
   // How many drops there have been: a reader that sees it change across its
   // copy cannot trust what it copied.
@@ -101,12 +175,39 @@ class BlockCache {
   // Index one past the last block touching bytes before `end`.
   uint64_t block_end(uint64_t end) const { return (end + block_size_ - 1) / block_size_; }
 
+  // Unit indices touching [offset, end).
+  uint64_t unit_of(uint64_t offset) const { return offset / unit_size_; }
+  uint64_t unit_end(uint64_t end) const { return (end + unit_size_ - 1) / unit_size_; }
+  // Notes a use of units [first, end) for the least-recently-used order.
+  void touch(uint64_t first, uint64_t end) const;
+  // Punches the cached blocks of [block_begin, block_end) in `unit`, which
+  // must not be pinned: false (nothing done) if it is. Returns the bytes
+  // punched through `punched`.
+  bool punch_unit(uint64_t unit, uint64_t block_begin, uint64_t block_end, uint64_t* punched);
+  // Punches the least recently used unpinned unit holding cached blocks,
+  // other than `busy`; false if there is none (or punching is unsupported).
+  // True at once if another eviction came after `evictions_seen`.
+  bool evict_one(uint64_t busy, uint64_t evictions_seen);
+  // Called after a write: if the file is shorter than size_, every cached
+  // block is suspect (drop()) and the size is restored.
+  void check_not_cut();
+
   const uint64_t size_;
   const uint64_t block_size_;
+  const uint64_t unit_size_;
   const int fd_;
   std::byte* const map_;  // size_ bytes, or nullptr for an empty object
   AtomicBitmap cached_;
   std::atomic<uint64_t> drops_{0};
+  std::mutex drop_mu_;  // makes drop() and mark_cached_unless_dropped() exclusive
+  // Shared with threads' holds, which may outlive the cache.
+  const std::shared_ptr<Units> units_;
+  // The least-recently-used order's time: advanced by each fill and each
+  // eviction; a use stamps its units with it.
+  std::atomic<uint32_t> clock_{1};
+  std::atomic<uint64_t> evictions_{0};
+  std::mutex evict_mu_;            // one eviction at a time
+  std::atomic<bool> punch_unsupported_{false};
 };
 
 }  // namespace lazyblock

@@ -2,8 +2,15 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -124,6 +131,276 @@ TEST(BlockCacheTest, ReadersSeeWholeBlocksOnceMarked) {
   for (std::thread& t : threads) t.join();
   EXPECT_EQ(bad.load(), 0);
   EXPECT_EQ(cache.cached_bytes(), kBlocks * 4096);
+}
+
+constexpr uint64_t kUnit = BlockCache::kUnitSize;
+
+// Fills [offset, end) with pattern 5 and marks it cached.
+void fill(BlockCache& cache, uint64_t offset, uint64_t end) {
+  ASSERT_TRUE(cache.write(offset, make_pattern(5, offset, end - offset)).is_ok());
+  cache.mark_cached(offset, end);
+}
+
+// Bytes of the file under `cache` allocated on disk, read through the
+// descriptor the process holds (the file has no name).
+uint64_t allocated_bytes_of_unnamed(const std::filesystem::path& dir) {
+  uint64_t total = 0;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd", error)) {
+    std::error_code link_error;
+    const std::string target = std::filesystem::read_symlink(entry.path(), link_error).string();
+    if (link_error || target.rfind(dir.string(), 0) != 0 ||
+        target.find("(deleted)") == std::string::npos) {
+      continue;
+    }
+    struct stat st {};
+    if (::stat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+      total += static_cast<uint64_t>(st.st_blocks) * 512;
+    }
+  }
+  return total;
+}
+
+TEST(BlockCacheTest, ReleaseGivesBackCachedBlocksAndTheirSpace) {
+  const std::filesystem::path dir = std::filesystem::path(temp_dir()) / "release";
+  std::filesystem::create_directories(dir);
+  auto created = BlockCache::create(2 * kUnit + 100, 4096, dir);
+  ASSERT_TRUE(created);
+  BlockCache& cache = **created;
+  fill(cache, 0, 2 * kUnit + 100);
+  const uint64_t before = allocated_bytes_of_unnamed(dir);
+  EXPECT_GE(before, 2 * kUnit);
+  // Whole blocks only: the partial ones at the range's edges stay.
+  EXPECT_EQ(cache.release(100, kUnit + 4096 + 100), kUnit);
+  EXPECT_TRUE(cache.is_cached(0, 4096));
+  EXPECT_FALSE(cache.is_cached(4096, 4097));
+  EXPECT_FALSE(cache.is_cached(kUnit, kUnit + 4096));
+  EXPECT_TRUE(cache.is_cached(kUnit + 4096, 2 * kUnit + 100));
+  EXPECT_LE(allocated_bytes_of_unnamed(dir), before - kUnit);
+  // The short last block goes with a range reaching the end.
+  EXPECT_GT(cache.release(2 * kUnit - 4096, 2 * kUnit + 100), 0u);
+  EXPECT_FALSE(cache.is_cached(2 * kUnit, 2 * kUnit + 100));
+  // What is still cached reads back right.
+  EXPECT_EQ(first_pattern_mismatch(5, 0, cache.slice(0, 4096)), 4096u);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(BlockCacheTest, PinnedUnitsAreNotGivenBack) {
+  auto created = BlockCache::create(2 * kUnit, 4096, temp_dir());
+  ASSERT_TRUE(created);
+  BlockCache& cache = **created;
+  fill(cache, 0, 2 * kUnit);
+  BlockCache::Pin pin = cache.pin(kUnit - 4096, kUnit + 4096);  // both units
+  EXPECT_EQ(cache.release(0, 2 * kUnit), 0u);
+  EXPECT_TRUE(cache.is_cached(0, 2 * kUnit));
+  BlockCache::Pin moved = std::move(pin);
+  pin.reset();  // a moved-from pin holds nothing
+  EXPECT_EQ(cache.release(0, 2 * kUnit), 0u);
+  moved.reset();
+  EXPECT_EQ(cache.release(0, 2 * kUnit), 2 * kUnit);
+  EXPECT_FALSE(cache.is_cached(0, 1));
+}
+
+// A view handed out stays pinned for its thread until the thread's next.
+TEST(BlockCacheTest, AThreadHoldsItsLastViewUntilItsNext) {
+  auto created = BlockCache::create(2 * kUnit, 4096, temp_dir());
+  ASSERT_TRUE(created);
+  BlockCache& cache = **created;
+  fill(cache, 0, 2 * kUnit);
+  cache.hold_for_thread(0, 4096);
+  cache.hold_for_thread(8192, 4096 * 4);  // within the same unit: the same hold
+  EXPECT_EQ(cache.release(0, kUnit), 0u);
+  std::thread other([&] { EXPECT_EQ(cache.release(0, kUnit), 0u); });
+  other.join();
+  cache.hold_for_thread(kUnit, kUnit + 4096);  // the next view: the first is let go
+  EXPECT_EQ(cache.release(0, kUnit), kUnit);
+  EXPECT_EQ(cache.release(kUnit, 2 * kUnit), 0u);
+  // A thread's hold ends with the thread.
+  std::thread holder([&] { cache.hold_for_thread(0, 4096); });
+  holder.join();
+  EXPECT_EQ(cache.release(0, kUnit), 0u);  // nothing cached there any more
+  fill(cache, 0, kUnit);
+  EXPECT_EQ(cache.release(0, kUnit), kUnit);
+}
+
+// Readers pin, look, copy and check while another thread gives blocks back
+// and a writer fetches them again: a reader that found its block cached
+// under its pin never copies anything but the block's bytes.
+TEST(BlockCacheTest, PinnedReadersNeverSeeAPunchedBlock) {
+  constexpr uint64_t kUnits = 4;
+  constexpr uint64_t kBlocks = kUnits * kUnit / 4096;
+  auto created = BlockCache::create(kUnits * kUnit, 4096, temp_dir());
+  ASSERT_TRUE(created);
+  BlockCache& cache = **created;
+  std::atomic<bool> done{false};
+  std::atomic<uint64_t> bad{0};
+  std::atomic<uint64_t> read{0};
+  std::vector<std::thread> threads;
+  threads.emplace_back([&] {  // the writer: refills what is missing
+    while (!done.load()) {
+      for (uint64_t b = cache.first_uncached(0, cache.size()) / 4096; b < kBlocks;
+           b = cache.first_uncached(b * 4096, cache.size()) / 4096) {
+        const uint64_t end = cache.first_cached(b * 4096, cache.size());
+        ASSERT_TRUE(cache.write(b * 4096, make_pattern(6, b * 4096, end - b * 4096)).is_ok());
+        cache.mark_cached(b * 4096, end);
+        b = end / 4096;
+        if (b >= kBlocks) break;
+      }
+    }
+  });
+  threads.emplace_back([&] {  // the evicter: gives back units once whole
+    std::mt19937_64 rng(1);
+    while (!done.load()) {
+      const uint64_t unit = rng() % kUnits;
+      if (cache.is_cached(unit * kUnit, (unit + 1) * kUnit)) {
+        cache.release(unit * kUnit, (unit + 1) * kUnit);
+      }
+    }
+  });
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      std::mt19937_64 rng(r + 10);
+      std::vector<std::byte> buffer(4096);
+      // Until this reader has checked 5000 blocks found cached.
+      for (int checked = 0; checked < 5000;) {
+        const uint64_t offset = rng() % kBlocks * 4096;
+        BlockCache::Pin pin = cache.pin(offset, offset + 4096);
+        if (!cache.is_cached(offset, offset + 4096)) continue;
+        ASSERT_TRUE(cache.copy_out(offset, buffer).is_ok());
+        if (first_pattern_mismatch(6, offset, buffer) != 4096) ++bad;
+        ++read;
+        ++checked;
+      }
+    });
+  }
+  for (size_t t = 2; t < threads.size(); ++t) threads[t].join();
+  done.store(true);
+  threads[0].join();
+  threads[1].join();
+  EXPECT_EQ(bad.load(), 0u);
+  EXPECT_GT(read.load(), 0u);
+}
+
+// A small filesystem of the test's own (we run as root), unmounted at the end.
+class FullFilesystemTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::path(temp_dir()) / ("small-" + std::to_string(::getpid()));
+    std::filesystem::create_directories(dir_);
+    // Room for two units and a little.
+    if (::mount("lazyblock-test", dir_.c_str(), "tmpfs", 0, "size=9m") != 0) {
+      GTEST_SKIP() << "cannot mount a tmpfs at " << dir_ << ": " << std::strerror(errno);
+    }
+    mounted_ = true;
+  }
+  void TearDown() override {
+    if (mounted_) ::umount2(dir_.c_str(), MNT_DETACH);
+    std::filesystem::remove(dir_);
+  }
+  std::filesystem::path dir_;
+  bool mounted_ = false;
+};
+
+TEST_F(FullFilesystemTest, AWriteGivesBackTheLeastRecentlyUsedUnpinnedUnit) {
+  auto created = BlockCache::create(4 * kUnit, 4096, dir_);
+  ASSERT_TRUE(created) << created.status().to_string();
+  BlockCache& cache = **created;
+  fill(cache, 0, kUnit);
+  fill(cache, kUnit, 2 * kUnit);
+  // The filesystem fills up during unit 2: unit 0, filled first, goes.
+  ASSERT_TRUE(cache.write(2 * kUnit, make_pattern(5, 2 * kUnit, kUnit)).is_ok());
+  cache.mark_cached(2 * kUnit, 3 * kUnit);
+  EXPECT_EQ(cache.evictions(), 1u);
+  EXPECT_FALSE(cache.is_cached(0, 4096));
+  EXPECT_TRUE(cache.is_cached(kUnit, 3 * kUnit));
+  const uint64_t survivor = kUnit;
+  cache.pin(survivor, survivor + 4096).reset();  // read now: the newest
+  // Unit 2 is older than unit 1's read: the next write gives it back.
+  ASSERT_TRUE(cache.write(3 * kUnit, make_pattern(5, 3 * kUnit, kUnit)).is_ok());
+  cache.mark_cached(3 * kUnit, 4 * kUnit);
+  EXPECT_TRUE(cache.is_cached(survivor, survivor + kUnit));
+  EXPECT_FALSE(cache.is_cached(2 * kUnit, 3 * kUnit));
+  EXPECT_EQ(first_pattern_mismatch(5, survivor, cache.slice(survivor, kUnit)), kUnit);
+  EXPECT_EQ(first_pattern_mismatch(5, 3 * kUnit, cache.slice(3 * kUnit, kUnit)), kUnit);
+}
+
+TEST_F(FullFilesystemTest, AWriteFailsWhenEverythingCachedIsPinnedAndWorksOnceLetGo) {
+  auto created = BlockCache::create(4 * kUnit, 4096, dir_);
+  ASSERT_TRUE(created) << created.status().to_string();
+  BlockCache& cache = **created;
+  fill(cache, 0, kUnit);
+  fill(cache, kUnit, 2 * kUnit);
+  BlockCache::Pin pin = cache.pin(0, 2 * kUnit);
+  const Status full = cache.write(2 * kUnit, make_pattern(5, 2 * kUnit, kUnit));
+  ASSERT_FALSE(full.is_ok());
+  EXPECT_NE(full.to_string().find("No space left on device"), std::string::npos)
+      << full.to_string();
+  EXPECT_TRUE(cache.is_cached(0, 2 * kUnit));
+  pin.reset();
+  ASSERT_TRUE(cache.write(2 * kUnit, make_pattern(5, 2 * kUnit, kUnit)).is_ok());
+  cache.mark_cached(2 * kUnit, 3 * kUnit);
+  EXPECT_EQ(first_pattern_mismatch(5, 2 * kUnit, cache.slice(2 * kUnit, kUnit)), kUnit);
+}
+
+// A file cut short and written again past the cut reads as zeros where it
+// was cut, without a fault: the write that finds it short drops everything.
+TEST(BlockCacheTest, AFileCutShortIsFoundByTheNextWrite) {
+  auto created = BlockCache::create(3 * kUnit, 4096, temp_dir());
+  ASSERT_TRUE(created);
+  BlockCache& cache = **created;
+  fill(cache, 0, kUnit);
+  std::string fd_path;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd", error)) {
+    std::error_code link_error;
+    const std::string target = std::filesystem::read_symlink(entry.path(), link_error).string();
+    struct stat st {};
+    if (!link_error && target.find("(deleted)") != std::string::npos &&
+        ::stat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode) &&
+        static_cast<uint64_t>(st.st_size) == 3 * kUnit) {
+      fd_path = entry.path();
+    }
+  }
+  ASSERT_FALSE(fd_path.empty());
+  ASSERT_EQ(::truncate(fd_path.c_str(), 0), 0) << std::strerror(errno);
+  const uint64_t drops = cache.drops();
+  fill(cache, kUnit, 2 * kUnit);
+  EXPECT_GT(cache.drops(), drops);
+  EXPECT_FALSE(cache.is_cached(0, 4096)) << "a block lost to the cut is still cached";
+  struct stat st {};
+  ASSERT_EQ(::stat(fd_path.c_str(), &st), 0);
+  EXPECT_EQ(static_cast<uint64_t>(st.st_size), 3 * kUnit) << "its size is not restored";
+  EXPECT_TRUE(cache.is_cached(kUnit, 2 * kUnit)) << "what was written after is lost";
+}
+
+// A copy out of a map whose file was cut fails, every time: the fault is
+// caught, and caught again (SIGBUS is unblocked after each), never fatal.
+TEST(BlockCacheTest, CopiesOutOfACutFileFailEveryTimeAndTheProcessLives) {
+  auto created = BlockCache::create(kUnit, 4096, temp_dir());
+  ASSERT_TRUE(created);
+  BlockCache& cache = **created;
+  fill(cache, 0, kUnit);
+  bool cut = false;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd", error)) {
+    std::error_code link_error;
+    const std::string target = std::filesystem::read_symlink(entry.path(), link_error).string();
+    struct stat st {};
+    if (!link_error && target.find("(deleted)") != std::string::npos &&
+        ::stat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode) &&
+        static_cast<uint64_t>(st.st_size) == kUnit) {
+      ASSERT_EQ(::truncate(entry.path().c_str(), 4096), 0) << std::strerror(errno);
+      cut = true;
+    }
+  }
+  ASSERT_TRUE(cut);
+  std::vector<std::byte> buffer(4096);
+  EXPECT_TRUE(cache.copy_out(0, buffer).is_ok()) << "the first block is still in the file";
+  for (int i = 0; i < 3; ++i) {
+    const Status failed = cache.copy_out(8192, buffer);
+    EXPECT_EQ(failed.code(), StatusCode::kIoError) << failed.to_string();
+    EXPECT_NE(failed.message().find("[8192, 12288)"), std::string::npos) << failed.to_string();
+  }
 }
 
 }  // namespace

@@ -322,7 +322,18 @@ Status FetchStream::stream() {
     }
     // Bytes of blocks cached before this stream got there (after an earlier
     // failure) are dropped: the cache already holds them.
-    if (!cached) LB_RETURN_IF_ERROR(cache_->write(position, batch.first(*got)));
+    if (!cached) {
+      LB_RETURN_IF_ERROR(cache_->write(position, batch.first(*got)));
+    } else {
+      const uint64_t block = cache_->block_size();
+      const uint64_t from = align_down(position, block);
+      const uint64_t to = std::min(align_up(position + *got, block), cache_->size());
+      if (!skipped_.empty() && skipped_.back().second >= from) {
+        skipped_.back().second = std::max(skipped_.back().second, to);
+      } else {
+        skipped_.emplace_back(from, to);
+      }
+    }
     position += *got;
     context_.bytes.fetch_add(*got, std::memory_order_relaxed);
     advance(position, publish_as_we_go);
@@ -355,15 +366,25 @@ void FetchStream::advance(uint64_t position, bool publish) {
       position == cache_->size() ? position : align_down(position, cache_->block_size());
   std::lock_guard lock(context_.mu);
   if (publish && written > marked_) {
-    // Blocks this stream skipped as cached may have been dropped since it
-    // skipped them: after a drop, what it has passed is left unmarked (its
-    // waiters look again and fetch what is missing).
-    const uint64_t drops = cache_->drops();
-    if (drops == drops_seen_) {
-      cache_->mark_cached(marked_, written);
-    } else {
-      drops_seen_ = drops;
+    // Marks what it wrote itself, not what it skipped as cached (punched
+    // for space since, perhaps). A drop (the cache file failed under a
+    // reader) may have taken bytes it wrote: after a drop, what it has
+    // passed is left unmarked (its waiters look again and fetch what is
+    // missing).
+    bool kept = true;
+    uint64_t from = marked_;
+    for (const auto& [skip_begin, skip_end] : skipped_) {
+      if (skip_begin >= written || !kept) break;
+      if (from < skip_begin) {
+        kept = cache_->mark_cached_unless_dropped(from, skip_begin, drops_seen_);
+      }
+      from = std::max(from, skip_end);
     }
+    if (kept && from < written) {
+      kept = cache_->mark_cached_unless_dropped(from, written, drops_seen_);
+    }
+    if (!kept) drops_seen_ = cache_->drops();
+    std::erase_if(skipped_, [&](const auto& skip) { return skip.second <= written; });
     marked_ = written;
   }
   position_ = position;

@@ -129,6 +129,10 @@ class FetchStream {
   // Owned by the stream's thread.
   BlockCache* cache_ = nullptr;
   uint64_t marked_;  // blocks [begin_, marked_) are marked cached
+  // Blocks past marked_ that were cached when the stream got there, so it
+  // did not write them (sorted byte ranges, whole blocks): never marked by
+  // this stream, since they may have been punched for space since.
+  std::vector<std::pair<uint64_t, uint64_t>> skipped_;
 
   // Protected by context.mu: the cache's drops() when this stream last
   // marked blocks (or began).

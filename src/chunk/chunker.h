@@ -68,6 +68,12 @@ struct ChunkerOptions {
   // 1 MiB, doubling per read up to 2 x readahead_streams chunks). Random reads
   // never read ahead; write_to always does.
   bool readahead = true;
+  // For a reader that reads each byte once, in order, and asks for its own
+  // readahead with prefetch() (cat, export): the blocks read_at has copied
+  // out are given back to the filesystem at once (BlockCache::release), so
+  // that the cache holds only what lies between the reader and its
+  // readahead. Reading them again fetches them again.
+  bool drop_behind = false;
   // First guesses at the store's time to first byte and per-stream bandwidth,
   // refined by what streams observe; the split strategy plans with them.
   std::chrono::nanoseconds expected_ttfb = std::chrono::milliseconds(20);
@@ -90,12 +96,17 @@ class Chunker {
   // The object's size (learned from the store if not yet known).
   virtual Result<uint64_t> size() = 0;
 
-  // A view of [offset, offset + length) clipped to the object's end, valid
-  // for the chunker's lifetime. Waits until those bytes are cached.
+  // A view of [offset, offset + length) clipped to the object's end. Waits
+  // until those bytes are cached. The view's bytes stay cached until the
+  // calling thread asks any chunker for another view (they are pinned for
+  // the thread: the cache gives back the space of unpinned blocks only,
+  // when its filesystem is full); read it before then. Its memory stays
+  // mapped for the chunker's lifetime.
   virtual Result<std::span<const std::byte>> slice(uint64_t offset, uint64_t length) = 0;
-  // The same view if every block of the range is cached now, else nullopt
-  // (also while the size is unknown or past the end): never waits, never
-  // fetches, takes no lock. A page-fault handler's fast path.
+  // The same view (pinned the same way) if every block of the range is
+  // cached now, else nullopt (also while the size is unknown or past the
+  // end): never waits, never fetches, takes no lock. A page-fault handler's
+  // fast path.
   virtual std::optional<std::span<const std::byte>> cached_slice(uint64_t offset,
                                                                  uint64_t length) = 0;
 

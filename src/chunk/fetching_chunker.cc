@@ -15,6 +15,10 @@ namespace {
 // it with each further sequential read (as mountpoint-s3 does from ~1 MiB).
 constexpr uint64_t kFirstReadaheadWindow = 1 * kMiB;
 
+// Rounds of fetch-then-pin before a read gives up on a cache whose
+// filesystem is so full that its blocks are given back before they are read.
+constexpr int kFetchAttempts = 4;
+
 // Readahead runs at most this far ahead of the reader: enough chunks to keep
 // readahead_streams streams transferring while the next requests wait for
 // their first bytes.
@@ -179,6 +183,25 @@ Status FetchingChunker::fetch_range(uint64_t offset, uint64_t end) {
   return Status::ok();
 }
 
+Result<BlockCache::Pin> FetchingChunker::fetch_pinned(uint64_t offset, uint64_t end) {
+  BlockCache* cache = context_.cache.load(std::memory_order_acquire);
+  for (int attempt = 0; attempt < kFetchAttempts; ++attempt) {
+    LB_RETURN_IF_ERROR(fetch_range(offset, end));
+    BlockCache::Pin pin = cache->pin(offset, end);
+    // Blocks given back for space between the fetch and the pin are
+    // fetched again.
+    if (cache->is_cached(offset, end)) return pin;
+  }
+  return evicted_status(offset, end);
+}
+
+Status FetchingChunker::evicted_status(uint64_t offset, uint64_t end) const {
+  return Status::io_error(fmt::format(
+      "{} [{}, {}): its cache's filesystem is so full that the bytes were given back {} times "
+      "before they could be read",
+      context_.key, offset, end, kFetchAttempts));
+}
+
 Result<std::span<const std::byte>> FetchingChunker::slice(uint64_t offset, uint64_t length) {
   if (length == 0) return std::span<const std::byte>();
   Result<uint64_t> size = learn_size(offset);
@@ -186,8 +209,13 @@ Result<std::span<const std::byte>> FetchingChunker::slice(uint64_t offset, uint6
   if (offset >= *size) return std::span<const std::byte>();
   const uint64_t end = length > *size - offset ? *size : offset + length;
   note_read(offset, end);
-  LB_RETURN_IF_ERROR(fetch_range(offset, end));
-  return context_.cache.load(std::memory_order_acquire)->slice(offset, end - offset);
+  BlockCache* cache = context_.cache.load(std::memory_order_acquire);
+  for (int attempt = 0; attempt < kFetchAttempts; ++attempt) {
+    LB_RETURN_IF_ERROR(fetch_range(offset, end));
+    cache->hold_for_thread(offset, end);
+    if (cache->is_cached(offset, end)) return cache->slice(offset, end - offset);
+  }
+  return evicted_status(offset, end);
 }
 
 std::optional<std::span<const std::byte>> FetchingChunker::cached_slice(uint64_t offset,
@@ -196,6 +224,10 @@ std::optional<std::span<const std::byte>> FetchingChunker::cached_slice(uint64_t
   if (cache == nullptr || offset >= cache->size()) return std::nullopt;
   const uint64_t end = offset + std::min(length, cache->size() - offset);
   if (!cache->is_cached(offset, end)) return std::nullopt;
+  // Held, then looked at again: it may have been given back for space
+  // before the hold.
+  cache->hold_for_thread(offset, end);
+  if (!cache->is_cached(offset, end)) return std::nullopt;
   return cache->slice(offset, end - offset);
 }
 
@@ -203,29 +235,44 @@ Result<size_t> FetchingChunker::read_at(std::span<std::byte> buffer, uint64_t of
   if (buffer.empty()) return size_t{0};
   Result<uint64_t> size = learn_size(offset);
   if (!size) return size.status();
+  if (offset >= *size) return size_t{0};
+  const uint64_t end = offset + std::min<uint64_t>(buffer.size(), *size - offset);
+  const std::span<std::byte> out = buffer.first(end - offset);
+  note_read(offset, end);
   BlockCache* cache = context_.cache.load(std::memory_order_acquire);
   // A cache file that fails under the copy (cut short, a disk error) loses
   // the blocks read: they are dropped and fetched once more. Only a second
   // failure reaches the caller.
   Status failed;
   for (int attempt = 0; attempt < 2; ++attempt) {
-    const uint64_t drops = cache->drops();
-    Result<std::span<const std::byte>> bytes = slice(offset, buffer.size());
-    if (!bytes) return bytes.status();
-    failed = cache->copy_out(offset, buffer.first(bytes->size()));
+    {
+      Result<BlockCache::Pin> pin = fetch_pinned(offset, end);
+      if (!pin) return pin.status();
+      const uint64_t drops = cache->drops();
+      if (!cache->is_cached(offset, end)) {
+        // Dropped between the fetch and the look at drops(): fetch again.
+        failed = Status::io_error(fmt::format("{} [{}, +{}): the cache was dropped under the read",
+                                              context_.key, offset, out.size()));
+        continue;
+      }
+      failed = cache->copy_out(offset, out);
+      if (failed.is_ok() && cache->drops() == drops) {
+        pin->reset();
+        if (context_.options.drop_behind) cache->release(offset, end);
+        return out.size();
+      }
+    }
     if (failed.is_ok()) {
-      if (cache->drops() == drops) return bytes->size();
       // Dropped during the copy: what was copied may be the hole the drop
       // left; read again.
-      failed = Status::io_error(
-          fmt::format("{} [{}, +{}): the cache was dropped under the read", context_.key, offset,
-                      bytes->size()));
+      failed = Status::io_error(fmt::format("{} [{}, +{}): the cache was dropped under the read",
+                                            context_.key, offset, out.size()));
       continue;
     }
     failed = failed.with_context(context_.key);
     log(LogLevel::kWarn, "{}; fetching it again", failed.to_string());
     std::lock_guard lock(context_.mu);
-    cache->drop(offset, offset + bytes->size());
+    cache->drop(offset, end);
   }
   return failed;
 }
@@ -244,7 +291,8 @@ Status FetchingChunker::write_to(ByteSink& sink) {
       std::lock_guard lock(context_.mu);
       context_.read_ahead_locked(begin, begin + window);
     }
-    LB_RETURN_IF_ERROR(fetch_range(begin, end));
+    Result<BlockCache::Pin> pin = fetch_pinned(begin, end);
+    if (!pin) return pin.status();
     LB_RETURN_IF_ERROR(sink.write(cache->slice(begin, end - begin)));
   }
   return Status::ok();

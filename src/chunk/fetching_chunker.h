@@ -40,6 +40,11 @@ class FetchingChunker final : public Chunker {
   Result<uint64_t> learn_size(uint64_t offset);
   // Makes every block of [offset, end) cached (end <= size).
   Status fetch_range(uint64_t offset, uint64_t end);
+  // fetch_range, then a pin on the range once it is cached (a cache short
+  // of space may give blocks back between the two: they are fetched again).
+  Result<BlockCache::Pin> fetch_pinned(uint64_t offset, uint64_t end);
+  // What a read gets when its blocks keep being given back for space.
+  Status evicted_status(uint64_t offset, uint64_t end) const;
   // Grows or resets the readahead window for a read of [offset, end), and
   // reads ahead if the window has moved into a chunk not yet asked for.
   void note_read(uint64_t offset, uint64_t end);

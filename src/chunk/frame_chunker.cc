@@ -48,6 +48,10 @@ Status FrameGeometry::validate(uint64_t block_size) const {
 
 namespace {
 
+// Rounds of fetch-then-pin before a read gives up on a cache whose
+// filesystem is so full that its blocks are given back before they are read.
+constexpr int kFetchAttempts = 4;
+
 class FrameChunker final : public Chunker {
  public:
   FrameChunker(std::shared_ptr<ObjectStore> store, std::string key, FrameGeometry table,
@@ -69,13 +73,19 @@ class FrameChunker final : public Chunker {
     const uint64_t size = table_.size();
     if (length == 0 || offset >= size) return std::span<const std::byte>();
     const uint64_t end = offset + std::min(length, size - offset);
-    if (!cache_->is_cached(offset, end)) {
-      note_read(offset, end);
-      LB_RETURN_IF_ERROR(fetch_range(offset, end));
-    } else {
-      last_read_end_.store(end, std::memory_order_relaxed);
+    for (int attempt = 0; attempt < kFetchAttempts; ++attempt) {
+      if (!cache_->is_cached(offset, end)) {
+        note_read(offset, end);
+        LB_RETURN_IF_ERROR(fetch_range(offset, end));
+      } else {
+        last_read_end_.store(end, std::memory_order_relaxed);
+      }
+      // Held for this thread, then looked at again: the blocks may have been
+      // given back for space since.
+      cache_->hold_for_thread(offset, end);
+      if (cache_->is_cached(offset, end)) return cache_->slice(offset, end - offset);
     }
-    return cache_->slice(offset, end - offset);
+    return evicted_status(offset, end);
   }
 
   std::optional<std::span<const std::byte>> cached_slice(uint64_t offset,
@@ -84,20 +94,27 @@ class FrameChunker final : public Chunker {
     if (offset >= size) return std::nullopt;
     const uint64_t end = offset + std::min(length, size - offset);
     if (!cache_->is_cached(offset, end)) return std::nullopt;
+    cache_->hold_for_thread(offset, end);
+    if (!cache_->is_cached(offset, end)) return std::nullopt;
     return cache_->slice(offset, end - offset);
   }
 
   Result<size_t> read_at(std::span<std::byte> buffer, uint64_t offset) override {
+    const uint64_t size = table_.size();
+    if (buffer.empty() || offset >= size) return size_t{0};
+    const uint64_t end = offset + std::min<uint64_t>(buffer.size(), size - offset);
     for (int attempt = 0;; ++attempt) {
-      Result<std::span<const std::byte>> bytes = slice(offset, buffer.size());
-      if (!bytes) return bytes.status();
-      if (bytes->empty()) return size_t{0};
-      const Status copied = cache_->copy_out(offset, buffer.first(bytes->size()));
-      if (copied.is_ok()) return bytes->size();
+      Result<BlockCache::Pin> pin = fetch_pinned(offset, end);
+      if (!pin) return pin.status();
+      const Status copied = cache_->copy_out(offset, buffer.first(end - offset));
+      pin->reset();
+      if (copied.is_ok()) {
+        if (options_.drop_behind) cache_->release(offset, end);
+        return end - offset;
+      }
       if (attempt > 0) return copied.with_context(key_);
       // The cache file lost those bytes (truncated, or a failing disk): the
       // frames are dropped and fetched again, once.
-      const uint64_t end = offset + bytes->size();
       for (size_t i = first_frame_from(offset); i < table_.frames.size() &&
                                                 table_.frames[i].offset < end;
            ++i) {
@@ -123,7 +140,8 @@ class FrameChunker final : public Chunker {
         for (size_t ahead = i; ahead < until; ++ahead) start_locked(ahead);
       }
       const CompressedFrame& frame = table_.frames[i];
-      LB_RETURN_IF_ERROR(fetch_range(frame.offset, frame.offset + frame.size));
+      Result<BlockCache::Pin> pin = fetch_pinned(frame.offset, frame.offset + frame.size);
+      if (!pin) return pin.status();
       LB_RETURN_IF_ERROR(sink.write(cache_->slice(frame.offset, frame.size)));
     }
     return Status::ok();
@@ -174,6 +192,29 @@ class FrameChunker final : public Chunker {
       queued_.push_front(i);
     }
     pump_locked();
+  }
+
+  // fetch_range, then a pin on the range once it is cached (a cache short of
+  // space may give blocks back between the two: they are fetched again).
+  Result<BlockCache::Pin> fetch_pinned(uint64_t offset, uint64_t end) {
+    for (int attempt = 0; attempt < kFetchAttempts; ++attempt) {
+      if (!cache_->is_cached(offset, end)) {
+        note_read(offset, end);
+        LB_RETURN_IF_ERROR(fetch_range(offset, end));
+      } else {
+        last_read_end_.store(end, std::memory_order_relaxed);
+      }
+      BlockCache::Pin pin = cache_->pin(offset, end);
+      if (cache_->is_cached(offset, end)) return pin;
+    }
+    return evicted_status(offset, end);
+  }
+
+  Status evicted_status(uint64_t offset, uint64_t end) const {
+    return Status::io_error(fmt::format(
+        "{} [{}, {}): its cache's filesystem is so full that the bytes were given back {} "
+        "times before they could be read",
+        key_, offset, end, kFetchAttempts));
   }
 
   // Fetches every frame [offset, end) touches, all at once, then waits.
@@ -281,8 +322,15 @@ class FrameChunker final : public Chunker {
     if (Status s = decompress_frame(table_.codec, stored, plain); !s.is_ok()) {
       return s.with_context(what);
     }
+    // Pinned: the frame's blocks still cached (it is written whole) must not
+    // be punched between this write and the mark.
+    BlockCache::Pin pin = cache_->pin(frame.offset, frame.offset + frame.size);
+    const uint64_t drops = cache_->drops();
     LB_RETURN_IF_ERROR(cache_->write(frame.offset, plain));
-    cache_->mark_cached(frame.offset, frame.offset + frame.size);
+    // A drop (the cache file cut short under us) may have taken what was
+    // just written: then the frame stays uncached, and its readers fetch it
+    // again.
+    cache_->mark_cached_unless_dropped(frame.offset, frame.offset + frame.size, drops);
     return Status::ok();
   }
 

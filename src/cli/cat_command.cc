@@ -6,6 +6,7 @@
 #include "cli/commands.h"
 #include "cli/flags.h"
 #include "cli/output.h"
+#include "cli/stream_copy.h"
 #include "common/output_file.h"
 #include "common/byte_sink.h"
 #include "common/log.h"
@@ -26,6 +27,7 @@ int run_cat(const CatFlags& flags) {
   if (!output) return report_failure(output.status().with_context("cat " + flags.key));
   Result<ChunkerOptions> options = chunker_options(flags.store);
   if (!options) return report_failure(options.status());
+  prepare_for_streaming(*options);
   Result<StoreStackOptions> stack = store_stack_options(flags.store);
   if (!stack) return report_failure(stack.status());
   Result<std::shared_ptr<ObjectStore>> store = open_store(flags.store.store, *stack);
@@ -42,7 +44,9 @@ int run_cat(const CatFlags& flags) {
     Result<uint64_t> size = (*chunker)->size();
     status = size ? (*output)->expect_size(*size) : size.status();
   }
-  if (status.is_ok()) status = (*chunker)->write_to(counted);
+  if (status.is_ok()) {
+    status = stream_in_order(source_of(**chunker), counted, *options);
+  }
   if (status.is_ok()) status = (*output)->commit();
   if (!status.is_ok()) return report_failure(status.with_context("cat " + flags.key));
   const ChunkerStats stats = (*chunker)->stats();

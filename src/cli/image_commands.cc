@@ -22,6 +22,7 @@
 #include "cli/flags.h"
 #include "cli/output.h"
 #include "cli/stop_signals.h"
+#include "cli/stream_copy.h"
 #include "common/output_file.h"
 #include "common/units.h"
 #include "image/device.h"
@@ -54,7 +55,9 @@ struct Opened {
   Uuid build;
 };
 
-Result<Opened> open_flags(const DeviceFlags& flags, bool for_writing = false) {
+// `streaming`: the device is read once, in order (stream_in_order).
+Result<Opened> open_flags(const DeviceFlags& flags, bool for_writing = false,
+                          bool streaming = false) {
   LB_RETURN_IF_ERROR(apply_log_level(flags.log_level));
   Result<Uuid> build = Uuid::parse(flags.build);
   if (!build) return build.status().with_context("--build");
@@ -63,6 +66,7 @@ Result<Opened> open_flags(const DeviceFlags& flags, bool for_writing = false) {
   }
   Result<ChunkerOptions> options = chunker_options(flags.store);
   if (!options) return options.status();
+  if (streaming) prepare_for_streaming(*options);
   Result<StoreStackOptions> stack = store_stack_options(flags.store);
   if (!stack) return stack.status();
   stack->create_directory = for_writing;
@@ -225,7 +229,7 @@ int run_export(const ExportFlags& flags) {
   // The output first: a path that cannot be written is refused before any work.
   Result<std::unique_ptr<OutputFile>> output = OutputFile::open(flags.output);
   if (!output) return report_failure(output.status().with_context("export"));
-  Result<Opened> opened = open_flags(flags.device);
+  Result<Opened> opened = open_flags(flags.device, /*for_writing=*/false, /*streaming=*/true);
   if (!opened) return report_failure(opened.status());
   Result<std::unique_ptr<image::Device>> device =
       image::Device::open(opened->files, opened->build, flags.device.name);
@@ -234,7 +238,7 @@ int run_export(const ExportFlags& flags) {
   if (status.is_ok()) {
     Progress progress("export " + flags.device.name, (*device)->size());
     ProgressSink counted((*output)->sink(), progress);
-    status = (*device)->write_to(counted);
+    status = stream_in_order(source_of(**device), counted, opened->files->options());
   }
   if (status.is_ok()) status = (*output)->commit();
   if (!status.is_ok()) return report_failure(status.with_context("export " + flags.device.name));
