@@ -9,6 +9,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <random>
 #include <thread>
@@ -118,6 +119,19 @@ void wait_for_waiters(Chunker& chunker, uint64_t count) {
 // Waits until every stream of `chunker` has ended.
 void wait_for_streams_to_end(Chunker& chunker) {
   while (chunker.stats().streams != 0) std::this_thread::yield();
+}
+
+// `read` (a read through a chunker with a short deadline, once a stall has
+// cleared) asked again while it times out, up to 20 times. Under load a
+// fetch can outlast a 200 ms deadline with no stall at all; what it
+// delivered stays cached, so each try gets further. Anything but a timeout
+// ends the tries at once.
+Status until_not_timed_out(const std::function<Status()>& read) {
+  Status status = read();
+  for (int tries = 1; tries < 20 && status.code() == StatusCode::kTimeout; ++tries) {
+    status = read();
+  }
+  return status;
 }
 
 TEST_P(ChunkerTest, ConcurrentReadersOfOverlappingAndDisjointRanges) {
@@ -405,7 +419,8 @@ TEST_P(SingleStreamChunkerTest, StallPastTheDeadlineTimesOutThenRecovers) {
   ASSERT_FALSE(got);
   EXPECT_EQ(got.status().code(), StatusCode::kTimeout) << got.status().to_string();
   faults_->set(FaultSpec{});
-  EXPECT_TRUE(read_and_check(*c, 2 * kMiB, 4096).is_ok());
+  const Status recovered = until_not_timed_out([&] { return read_and_check(*c, 2 * kMiB, 4096); });
+  EXPECT_TRUE(recovered.is_ok()) << recovered.to_string();
 }
 
 TEST_P(ChunkerTest, ReadsAcrossChunkBoundariesAndTheEnd) {
@@ -835,7 +850,8 @@ TEST_F(ChunkerFixture, SplitStreamsStallingPastTheDeadline) {
   EXPECT_EQ(far_status.code(), StatusCode::kTimeout) << far_status.to_string();
   wait_for_streams_to_end(*c);
   faults_->set(FaultSpec{});
-  EXPECT_TRUE(read_and_check(*c, 0, kChunk).is_ok());
+  const Status recovered = until_not_timed_out([&] { return read_and_check(*c, 0, kChunk); });
+  EXPECT_TRUE(recovered.is_ok()) << recovered.to_string();
 }
 
 TEST_F(ChunkerFixture, SplitKeepsToItsStreamBound) {
