@@ -80,10 +80,7 @@ Outcome run_program(const std::filesystem::path& dir, const std::string& program
 namespace {
 
 bool accepts(const std::filesystem::path& socket) {
-  const int fd = testing::connect_unix_socket(socket);
-  if (fd < 0) return false;
-  ::close(fd);
-  return true;
+  return testing::connect_unix_socket(socket).valid();
 }
 
 }  // namespace
