@@ -21,11 +21,14 @@
 #include <fmt/format.h>
 
 #include "bench/bench_util.h"
+#include "common/mapped_region.h"
+#include "common/unique_fd.h"
 #include "common/unix_socket.h"
 #include "common/units.h"
 #include "image/pack.h"
 #include "serve/uffd/uffd_server.h"
 #include "storage/file_store.h"
+#include "testing/child_process.h"
 #include "testing/firecracker_stand_in.h"
 #include "testing/pattern.h"
 #include "testing/scratch_dir.h"
@@ -97,10 +100,10 @@ Result<std::vector<double>> in_vm_process(const std::filesystem::path& socket, u
                                           const VmWork& work) {
   int pipe_fds[2];
   if (::pipe2(pipe_fds, O_CLOEXEC) != 0) return posix_error("pipe", errno);
-  const pid_t pid = ::fork();
-  if (pid < 0) return posix_error("fork", errno);
-  if (pid == 0) {
-    ::close(pipe_fds[0]);
+  UniqueFd from_vm(pipe_fds[0]);
+  UniqueFd to_parent(pipe_fds[1]);
+  Result<testing::ChildProcess> vm_process = testing::ChildProcess::fork([&] {
+    from_vm.reset();
     Result<std::vector<double>> figures = [&]() -> Result<std::vector<double>> {
       Result<std::unique_ptr<testing::FirecrackerStandIn>> vm =
           testing::FirecrackerStandIn::restore(socket, {{size, 0, false}});
@@ -113,26 +116,26 @@ Result<std::vector<double>> in_vm_process(const std::filesystem::path& socket, u
                               figures->size() * sizeof(double))
                 : figures.status().to_string();
     const char ok = figures ? 1 : 0;
-    (void)!::write(pipe_fds[1], &ok, 1);
+    (void)!::write(to_parent.get(), &ok, 1);
     for (size_t done = 0; done < payload.size();) {
-      const ssize_t n = ::write(pipe_fds[1], payload.data() + done, payload.size() - done);
+      const ssize_t n = ::write(to_parent.get(), payload.data() + done, payload.size() - done);
       if (n <= 0) break;
       done += static_cast<size_t>(n);
     }
-    ::_exit(0);
-  }
-  ::close(pipe_fds[1]);
+    return 0;
+  });
+  if (!vm_process) return vm_process.status();
+  to_parent.reset();
   std::string received;
   char buffer[65536];
   for (;;) {
-    const ssize_t n = ::read(pipe_fds[0], buffer, sizeof buffer);
+    const ssize_t n = ::read(from_vm.get(), buffer, sizeof buffer);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
     received.append(buffer, static_cast<size_t>(n));
   }
-  ::close(pipe_fds[0]);
-  int status = 0;
-  ::waitpid(pid, &status, 0);
+  from_vm.reset();
+  vm_process->wait();
   if (received.empty()) return Status::io_error("bench uffd: the VM process died");
   if (received[0] == 0) return Status::io_error("bench uffd: in the VM process: " + received.substr(1));
   std::vector<double> figures((received.size() - 1) / sizeof(double));
@@ -205,8 +208,8 @@ class MinimalHandler {
 
  private:
   Status serve() {
-    const int connection = ::accept4(listener_->fd(), nullptr, nullptr, SOCK_CLOEXEC);
-    if (connection < 0) return posix_error("accept", errno);
+    const UniqueFd connection(::accept4(listener_->fd(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!connection) return posix_error("accept", errno);
     char body[4096];
     alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
     iovec io{body, sizeof body - 1};
@@ -215,17 +218,18 @@ class MinimalHandler {
     message.msg_iovlen = 1;
     message.msg_control = control;
     message.msg_controllen = sizeof control;
-    const ssize_t n = ::recvmsg(connection, &message, MSG_CMSG_CLOEXEC);
+    const ssize_t n = ::recvmsg(connection.get(), &message, MSG_CMSG_CLOEXEC);
     cmsghdr* c = CMSG_FIRSTHDR(&message);
     if (n <= 0 || c == nullptr || c->cmsg_type != SCM_RIGHTS) {
-      ::close(connection);
       return Status::invalid_argument("minimal handler: no descriptor");
     }
-    int uffd;
-    std::memcpy(&uffd, CMSG_DATA(c), sizeof uffd);
+    int received;
+    std::memcpy(&received, CMSG_DATA(c), sizeof received);
+    const UniqueFd uffd_owner(received);
+    const int uffd = uffd_owner.get();
     body[n] = '\0';
     const uint64_t base = nlohmann::json::parse(body)[0]["base_host_virt_addr"].get<uint64_t>();
-    pollfd fds[2] = {{uffd, POLLIN, 0}, {connection, POLLIN, 0}};
+    pollfd fds[2] = {{uffd, POLLIN, 0}, {connection.get(), POLLIN, 0}};
     for (;;) {
       if (::poll(fds, 2, -1) < 0) continue;
       if (fds[1].revents != 0) break;  // the VM closed its socket
@@ -239,8 +243,6 @@ class MinimalHandler {
       copy.len = kPage;
       ::ioctl(uffd, UFFDIO_COPY, &copy);
     }
-    ::close(uffd);
-    ::close(connection);
     return Status::ok();
   }
 
@@ -291,17 +293,18 @@ class Bench {
     pack_options.build = build_;
     pack_options.name = "memfile";
     pack_options.temp_dir = dir();
-    const int fd = ::open(raw.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return posix_error("open " + raw.string(), errno);
+    const UniqueFd fd(::open(raw.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) return posix_error("open " + raw.string(), errno);
     Result<image::PackSummary> packed =
-        image::pack(std::make_shared<image::DataFiles>(files_, chunker_options()), fd,
+        image::pack(std::make_shared<image::DataFiles>(files_, chunker_options()), fd.get(),
                     pack_options, nullptr);
-    // The raw file stays mapped: the minimal handler copies from it.
-    void* map = ::mmap(nullptr, o_.memfile_size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
-    ::close(fd);
     if (!packed) return packed.status();
-    if (map == MAP_FAILED) return posix_error("mmap " + raw.string(), errno);
-    raw_map_ = static_cast<const std::byte*>(map);
+    // The raw file stays mapped: the minimal handler copies from it.
+    Result<MappedRegion> map = MappedRegion::map(o_.memfile_size, PROT_READ,
+                                                 MAP_SHARED | MAP_POPULATE, fd.get(), 0,
+                                                 raw.string());
+    if (!map) return map.status();
+    raw_map_ = std::move(*map);
     return Status::ok();
   }
 
@@ -373,7 +376,7 @@ class Bench {
     std::vector<double> ours, minimal;
     const auto measure_minimal = [&]() -> Status {
       const std::filesystem::path socket = dir() / "minimal.sock";
-      MinimalHandler handler(socket, raw_map_);
+      MinimalHandler handler(socket, raw_map_.data());
       Result<std::vector<double>> latencies =
           in_vm_process(socket, o_.memfile_size, touch_pages(pages));
       if (!latencies) return latencies.status();
@@ -481,7 +484,7 @@ class Bench {
   std::optional<testing::ScratchDir> scratch_;
   std::shared_ptr<FileStore> files_;
   image::Uuid build_;
-  const std::byte* raw_map_ = nullptr;
+  MappedRegion raw_map_;
 };
 
 }  // namespace

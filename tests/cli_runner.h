@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "testing/child_process.h"
+
 namespace lazyblock {
 
 struct Outcome {
@@ -47,8 +49,7 @@ class ServerProcess {
  public:
   ServerProcess(const std::filesystem::path& dir, std::vector<std::string> args,
                 std::filesystem::path socket, uint64_t open_files = 0);
-  ~ServerProcess() { stop(); }
-  ServerProcess(ServerProcess&& other) noexcept;
+  ServerProcess(ServerProcess&& other) noexcept = default;
   ServerProcess& operator=(ServerProcess&&) = delete;
 
   // False if the process exited before it was ready, or since.
@@ -57,13 +58,12 @@ class ServerProcess {
   int stop();
   // SIGKILL, as a crash or the OOM killer would end it, then reaped.
   void kill_hard();
-  pid_t pid() const { return pid_; }
+  pid_t pid() const { return process_.pid(); }
   const std::filesystem::path& socket() const { return socket_; }
 
  private:
   std::filesystem::path socket_;
-  pid_t pid_ = -1;
-  int exit_status_ = -1;
+  testing::ChildProcess process_;  // stopped (SIGTERM) on destruction
 };
 
 }  // namespace lazyblock

@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "chunk/frame_codec.h"
+#include "common/unique_fd.h"
 #include "common/units.h"
 #include "image/device.h"
 #include "image/pack.h"
@@ -367,11 +368,12 @@ TEST_F(CompressedTest, PackWritesTheBytesOfAHandBuiltBuild) {
     options.codec = codec;
     options.frame_size = 8192;
     options.encoder_threads = 3;
-    const int fd = ::open(raw.c_str(), O_RDONLY | O_CLOEXEC);
+    UniqueFd raw_file(::open(raw.c_str(), O_RDONLY | O_CLOEXEC));
+    const int fd = raw_file.get();
     ASSERT_GE(fd, 0);
     Result<image::PackSummary> packed =
         image::pack(std::make_shared<image::DataFiles>(*store, ChunkerOptions{}), fd, options, {});
-    ::close(fd);
+    raw_file.reset();
     ASSERT_TRUE(packed) << packed.status().to_string();
 
     // The data object: each frame compressed on its own, one after another.

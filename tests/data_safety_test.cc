@@ -29,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/unique_fd.h"
 #include "common/units.h"
 #include "testing/local_port.h"
 #include "testing/scratch_dir.h"
@@ -389,8 +390,7 @@ TEST_F(DataSafetyTest, OutputsThatAreNotRegularFilesAreWrittenInPlaceAndKept) {
   to_fifo.insert(to_fifo.end(), {"-o", fifo.string()});
   Outcome through_fifo = run_lazyblock(dir_, to_fifo);
   // Had the export failed before opening the FIFO, this lets the reader go.
-  const int release = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);
-  if (release >= 0) ::close(release);
+  UniqueFd(::open(fifo.c_str(), O_WRONLY | O_NONBLOCK)).reset();
   reader.join();
   EXPECT_EQ(through_fifo.status, 0) << through_fifo.err;
   EXPECT_TRUE(received == raw_) << received.size() << " bytes through the FIFO";

@@ -28,6 +28,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/unique_fd.h"
 #include "common/units.h"
 #include "testing/local_port.h"
 #include "testing/scratch_dir.h"
@@ -160,10 +161,8 @@ TEST_F(NbdTest, WritesGoToTheOverlayAndBecomeTheNextGeneration) {
 // clients never do.
 class RawClient {
  public:
-  explicit RawClient(const std::filesystem::path& socket) : fd_(testing::connect_unix_socket(socket)) {}
-  ~RawClient() {
-    if (fd_ >= 0) ::close(fd_);
-  }
+  explicit RawClient(const std::filesystem::path& socket)
+      : owner_(testing::connect_unix_socket(socket)), fd_(owner_.get()) {}
   bool connected() const { return fd_ >= 0; }
   // Whether the server has read everything sent so far (a Unix socket's
   // bytes count as queued until the receiver consumes them).
@@ -246,6 +245,7 @@ class RawClient {
     return true;
   }
 
+  UniqueFd owner_;
   int fd_;
   uint64_t cookie_ = 0;
   std::vector<std::byte> out_;
@@ -413,10 +413,10 @@ TEST_F(NbdTest, ACacheFileCutShortUnderTheServerCostsOneReadAtMost) {
   ASSERT_EQ(caches.size(), 1u);
   const std::filesystem::path& cache = caches[0];
   {
-    const int fd = ::open(cache.c_str(), O_WRONLY);
+    const UniqueFd file(::open(cache.c_str(), O_WRONLY));
+    const int fd = file.get();
     ASSERT_GE(fd, 0) << std::strerror(errno);
     ASSERT_EQ(::ftruncate(fd, static_cast<off_t>(kMiB)), 0) << std::strerror(errno);
-    ::close(fd);
   }
   RawClient client(server.socket());
   ASSERT_TRUE(client.handshake(kName));

@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/unique_fd.h"
 #include "common/units.h"
 #include "testing/firecracker_stand_in.h"
 #include "testing/local_port.h"
@@ -54,15 +55,13 @@ size_t descriptors_of(pid_t pid) {
 // Connections that connect and say nothing.
 class SilentClients {
  public:
-  ~SilentClients() {
-    for (int fd : fds_) ::close(fd);
-  }
   // Connects `count` more; false if a connect failed.
   bool connect(const std::filesystem::path& socket, int count) {
     for (int i = 0; i < count; ++i) {
-      const int fd = testing::connect_unix_socket(socket);
-      if (fd < 0) return false;
-      fds_.push_back(fd);
+      UniqueFd fd = testing::connect_unix_socket(socket);
+      if (!fd) return false;
+      fds_.push_back(fd.get());
+      owners_.push_back(std::move(fd));
     }
     return true;
   }
@@ -97,7 +96,8 @@ class SilentClients {
   size_t size() const { return fds_.size(); }
 
  private:
-  std::vector<int> fds_;
+  std::vector<UniqueFd> owners_;
+  std::vector<int> fds_;  // owners_' descriptors, for poll
 };
 
 class ServerLimitsTest : public ::testing::Test {

@@ -27,6 +27,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/unique_fd.h"
 #include "common/units.h"
 #include "testing/pattern.h"
 #include "testing/scratch_dir.h"
@@ -48,7 +49,8 @@ std::string as_string(const std::vector<std::byte>& data) {
 // Whether the file at `path` holds exactly `expected` (read in large
 // blocks: these files are hundreds of MiB).
 bool file_is(const std::filesystem::path& path, const std::string& expected) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const UniqueFd file(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  const int fd = file.get();
   if (fd < 0) return false;
   std::vector<char> buffer(4 * kMiB);
   uint64_t at = 0;
@@ -64,7 +66,6 @@ bool file_is(const std::filesystem::path& path, const std::string& expected) {
     }
     at += static_cast<uint64_t>(got);
   }
-  ::close(fd);
   return same && at == expected.size();
 }
 
@@ -185,14 +186,14 @@ std::vector<std::string> entries_named(const std::filesystem::path& dir, const s
 
 // Fills the filesystem at `dir` to the last byte with one file, `name`.
 void fill(const std::filesystem::path& dir, const std::string& name) {
-  const int fd = ::open((dir / name).c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  const UniqueFd file(::open((dir / name).c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600));
+  const int fd = file.get();
   ASSERT_GE(fd, 0) << std::strerror(errno);
   const std::vector<char> block(64 * 1024, 'x');
   for (;;) {
     const ssize_t put = ::write(fd, block.data(), block.size());
     if (put <= 0) break;
   }
-  ::close(fd);
 }
 
 class SpaceTest : public ::testing::Test {
@@ -377,10 +378,11 @@ TEST_F(SpaceTest, ACacheFileCutShortUnderACopyIsFetchedAgainOrAnIoErrorNeverACra
       }
       return cache.has_value();
     })) << command << ": no cache file with blocks in it early enough";
-    const int fd = ::open(cache->c_str(), O_WRONLY);
+    UniqueFd file(::open(cache->c_str(), O_WRONLY));
+    const int fd = file.get();
     ASSERT_GE(fd, 0) << std::strerror(errno);
     ASSERT_EQ(::ftruncate(fd, 0), 0) << std::strerror(errno);
-    ::close(fd);
+    file.reset();
     const int status = wait_for(pid);
     const std::string log = slurp(err);
     ASSERT_LT(status, 128) << command << " was killed by signal " << status - 128 << ": " << log;

@@ -29,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/unique_fd.h"
 #include "common/units.h"
 #include "image/device.h"
 #include "serve/uffd/uffd_server.h"
@@ -314,22 +315,19 @@ TEST_F(UffdTest, AVmWhosePagesCannotBeFetchedDoesNotHoldUpAnother) {
 // Sends `body` as Firecracker would, with a descriptor if `fd` >= 0, and
 // closes the connection.
 void send_handshake(const std::filesystem::path& socket, const std::string& body, int fd) {
-  const int connection = testing::connect_unix_socket(socket);
+  const UniqueFd owner = testing::connect_unix_socket(socket);
+  const int connection = owner.get();
   ASSERT_GE(connection, 0);
   EXPECT_TRUE(testing::send_with_descriptor(connection, body, fd).is_ok());
-  ::close(connection);
 }
 
 // A userfaultfd as Firecracker creates it, registered on nothing.
-int new_userfaultfd() {
-  const int fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+UniqueFd new_userfaultfd() {
+  UniqueFd fd(static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK)));
   uffdio_api api{};
   api.api = UFFD_API;
   api.features = UFFD_FEATURE_EVENT_REMOVE;
-  if (fd >= 0 && ::ioctl(fd, UFFDIO_API, &api) != 0) {
-    ::close(fd);
-    return -1;
-  }
+  if (fd && ::ioctl(fd.get(), UFFDIO_API, &api) != 0) fd.reset();
   return fd;
 }
 
@@ -340,7 +338,8 @@ TEST_F(UffdTest, BadHandshakesEndOnlyTheirConnection) {
   Result<std::unique_ptr<FirecrackerStandIn>> served =
       FirecrackerStandIn::restore(socket(), {{1 * kMiB, 0, false}});
   ASSERT_TRUE(served) << served.status().to_string();
-  const int uffd = new_userfaultfd();
+  UniqueFd uffd_owner = new_userfaultfd();
+  const int uffd = uffd_owner.get();
   ASSERT_GE(uffd, 0);
   const std::string good = "[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":0,"
                            "\"page_size\":4096}]";
@@ -354,7 +353,7 @@ TEST_F(UffdTest, BadHandshakesEndOnlyTheirConnection) {
   send_handshake(socket(), "[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":0,"
                            "\"page_size\":8192}]",
                  uffd);
-  ::close(uffd);
+  uffd_owner.reset();
 
   EXPECT_EQ(std::memcmp((*served)->memory(0), expected(0, 1 * kMiB).data(), 1 * kMiB), 0);
   Result<std::unique_ptr<FirecrackerStandIn>> vm =
@@ -521,10 +520,10 @@ TEST_F(UffdTest, ACacheFileCutShortUnderTheHandlerIsFetchedAgain) {
   ASSERT_EQ(caches.size(), 1u);
   const std::filesystem::path& cache = caches[0];
   {
-    const int fd = ::open(cache.c_str(), O_WRONLY);
+    const UniqueFd file(::open(cache.c_str(), O_WRONLY));
+    const int fd = file.get();
     ASSERT_GE(fd, 0) << std::strerror(errno);
     ASSERT_EQ(::ftruncate(fd, static_cast<off_t>(kMiB)), 0) << std::strerror(errno);
-    ::close(fd);
   }
   Result<std::unique_ptr<FirecrackerStandIn>> vm =
       FirecrackerStandIn::restore(socket(), {{kMemfileSize, 0, false}});

@@ -84,60 +84,39 @@ uint64_t page_size() {
   return size;
 }
 
-// An unnamed file in `dir`: O_TMPFILE where the filesystem has it, else a
-// named temporary file unlinked at once.
-Result<int> open_unnamed_file(const std::filesystem::path& dir) {
-  int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-  if (fd >= 0) return fd;
-  if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL) {
-    return posix_error("create cache file in " + dir.string(), errno);
-  }
-  std::string name = (dir / "lazyblock-cache-XXXXXX").string();
-  fd = ::mkostemp(name.data(), O_CLOEXEC);
-  if (fd < 0) return posix_error("create cache file in " + dir.string(), errno);
-  ::unlink(name.c_str());
-  return fd;
-}
-
 }  // namespace
 
 Result<std::unique_ptr<BlockCache>> BlockCache::create(uint64_t size, uint64_t block_size,
                                                        const std::filesystem::path& dir) {
   if (block_size == 0) return Status::invalid_argument("block size must be positive");
-  Result<int> fd = open_unnamed_file(dir);
+  Result<UniqueFd> fd = open_unnamed_file(dir, "cache file");
   if (!fd) return fd.status();
-  std::byte* map = nullptr;
+  MappedRegion map;
   if (size > 0) {
-    if (::ftruncate(*fd, static_cast<off_t>(size)) != 0) {
-      const int err = errno;
-      ::close(*fd);
+    if (::ftruncate(fd->get(), static_cast<off_t>(size)) != 0) {
       return posix_error(fmt::format("size cache file in {} to {} bytes", dir.string(), size),
-                         err);
+                         errno);
     }
-    void* addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, *fd, 0);
-    if (addr == MAP_FAILED) {
-      const int err = errno;
-      ::close(*fd);
-      return posix_error(fmt::format("map cache file of {} bytes", size), err);
-    }
-    map = static_cast<std::byte*>(addr);
+    Result<MappedRegion> mapped =
+        MappedRegion::map(size, PROT_READ | PROT_WRITE, MAP_SHARED, fd->get(), 0,
+                          fmt::format("cache file of {} bytes", size));
+    if (!mapped) return mapped.status();
+    map = std::move(*mapped);
   }
-  return std::unique_ptr<BlockCache>(new BlockCache(size, block_size, *fd, map));
+  return std::unique_ptr<BlockCache>(
+      new BlockCache(size, block_size, std::move(*fd), std::move(map)));
 }
 
-BlockCache::BlockCache(uint64_t size, uint64_t block_size, int fd, std::byte* map)
+BlockCache::BlockCache(uint64_t size, uint64_t block_size, UniqueFd fd, MappedRegion map)
     : size_(size),
       block_size_(block_size),
       unit_size_((kUnitSize + block_size - 1) / block_size * block_size),
-      fd_(fd),
-      map_(map),
+      fd_(std::move(fd)),
+      map_(std::move(map)),
       cached_((size + block_size - 1) / block_size),
       units_(std::make_shared<Units>((size + unit_size_ - 1) / unit_size_)) {}
 
-BlockCache::~BlockCache() {
-  if (map_ != nullptr) ::munmap(map_, size_);
-  ::close(fd_);
-}
+BlockCache::~BlockCache() = default;
 
 uint64_t BlockCache::first_uncached(uint64_t offset, uint64_t end) const {
   if (offset >= end) return end;
@@ -222,8 +201,8 @@ bool BlockCache::punch_unit(uint64_t unit, uint64_t block_begin, uint64_t block_
     const uint64_t from = (begin + page - 1) / page * page;
     const uint64_t to = end == size_ ? (end + page - 1) / page * page : end / page * page;
     if (from < to) {
-      if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(from),
-                      static_cast<off_t>(to - from)) == 0) {
+      if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      static_cast<off_t>(from), static_cast<off_t>(to - from)) == 0) {
         *punched += to - from;
       } else if (errno == EOPNOTSUPP || errno == ENOSYS) {
         punch_unsupported_.store(true, std::memory_order_relaxed);
@@ -289,7 +268,7 @@ Status BlockCache::write(uint64_t offset, std::span<const std::byte> data) {
   const uint64_t start = offset;
   while (!data.empty()) {
     const uint64_t evictions_seen = evictions_.load(std::memory_order_relaxed);
-    const ssize_t put = ::pwrite(fd_, data.data(), data.size(), static_cast<off_t>(offset));
+    const ssize_t put = ::pwrite(fd_.get(), data.data(), data.size(), static_cast<off_t>(offset));
     if (put > 0) {
       offset += static_cast<uint64_t>(put);
       data = data.subspan(static_cast<size_t>(put));
@@ -313,14 +292,14 @@ Status BlockCache::write(uint64_t offset, std::span<const std::byte> data) {
 
 void BlockCache::check_not_cut() {
   struct stat st {};
-  if (::fstat(fd_, &st) != 0 || static_cast<uint64_t>(st.st_size) >= size_) return;
+  if (::fstat(fd_.get(), &st) != 0 || static_cast<uint64_t>(st.st_size) >= size_) return;
   // The file was cut short (and perhaps extended again by writes since, so
   // that a lost block reads as zeros rather than faulting): nothing cached
   // can be trusted.
   log(LogLevel::kWarn, "the cache file was cut short to {} bytes: every cached block is "
       "fetched again", st.st_size);
   drop(0, size_);
-  if (::ftruncate(fd_, static_cast<off_t>(size_)) != 0) {
+  if (::ftruncate(fd_.get(), static_cast<off_t>(size_)) != 0) {
     log(LogLevel::kWarn, "cannot restore the cache file's size: {}", std::strerror(errno));
   }
 }
@@ -336,7 +315,7 @@ void BlockCache::mark_cached(uint64_t offset, uint64_t end) {
 
 Status BlockCache::copy_out(uint64_t offset, std::span<std::byte> buffer) const {
   if (buffer.empty()) return Status::ok();
-  if (!guarded_copy(buffer.data(), map_ + offset, buffer.size())) {
+  if (!guarded_copy(buffer.data(), map_.data() + offset, buffer.size())) {
     return Status::io_error(fmt::format(
         "the cache file could not be read at [{}, {}) (a disk error, or the file was cut short)",
         offset, offset + buffer.size()));
@@ -357,7 +336,7 @@ void BlockCache::drop(uint64_t offset, uint64_t end) {
   drops_.fetch_add(1, std::memory_order_seq_cst);
   cached_.clear_range(offset / block_size_, block_end(end));
   struct stat st {};
-  if (::fstat(fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) < size_) {
+  if (::fstat(fd_.get(), &st) == 0 && static_cast<uint64_t>(st.st_size) < size_) {
     cached_.clear_range(static_cast<uint64_t>(st.st_size) / block_size_, cached_.size());
   }
 }

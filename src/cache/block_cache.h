@@ -55,7 +55,9 @@
 #include <span>
 
 #include "common/atomic_bitmap.h"
+#include "common/mapped_region.h"
 #include "common/status.h"
+#include "common/unique_fd.h"
 
 namespace lazyblock {
 
@@ -147,7 +149,7 @@ class BlockCache {
   // The bytes [offset, offset + length) of the map, to be read only where
   // blocks are cached. Requires offset + length <= size().
   std::span<const std::byte> slice(uint64_t offset, uint64_t length) const {
-    return {map_ + offset, length};
+    return {map_.data() + offset, length};
   }
 
   // Copies [offset, offset + buffer.size()) of the map into `buffer`
@@ -170,7 +172,7 @@ class BlockCache {
   uint64_t cached_bytes() const;
 
  private:
-  BlockCache(uint64_t size, uint64_t block_size, int fd, std::byte* map);
+  BlockCache(uint64_t size, uint64_t block_size, UniqueFd fd, MappedRegion map);
 
   // Index one past the last block touching bytes before `end`.
   uint64_t block_end(uint64_t end) const { return (end + block_size_ - 1) / block_size_; }
@@ -195,8 +197,8 @@ class BlockCache {
   const uint64_t size_;
   const uint64_t block_size_;
   const uint64_t unit_size_;
-  const int fd_;
-  std::byte* const map_;  // size_ bytes, or nullptr for an empty object
+  const UniqueFd fd_;
+  const MappedRegion map_;  // size_ bytes, or nothing for an empty object
   AtomicBitmap cached_;
   std::atomic<uint64_t> drops_{0};
   std::mutex drop_mu_;  // makes drop() and mark_cached_unless_dropped() exclusive

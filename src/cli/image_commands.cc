@@ -24,6 +24,7 @@
 #include "cli/stop_signals.h"
 #include "cli/stream_copy.h"
 #include "common/output_file.h"
+#include "common/unique_fd.h"
 #include "common/units.h"
 #include "image/device.h"
 #include "image/pack.h"
@@ -141,11 +142,12 @@ int run_pack(const PackFlags& flags) {
   }
   if (!flags.overlay.empty()) options.overlay = flags.overlay;
   if (Status s = apply_compression_flags(flags, options); !s.is_ok()) return report_failure(s);
-  int fd = STDIN_FILENO;
+  UniqueFd input;  // none: stdin
   if (!flags.input.empty() && flags.input != "-") {
-    fd = ::open(flags.input.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return report_failure(posix_error("open " + flags.input, errno));
+    input.reset(::open(flags.input.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!input) return report_failure(posix_error("open " + flags.input, errno));
   }
+  const int fd = input ? input.get() : STDIN_FILENO;
   struct stat st{};
   const uint64_t total = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? st.st_size : 0;
   signals.on_signal([&] { stop.request_stop(); });
@@ -156,7 +158,7 @@ int run_pack(const PackFlags& flags) {
                        [&](uint64_t done) { progress.update(done); });
   }();
   signals.stop_waiting();
-  if (fd != STDIN_FILENO) ::close(fd);
+  input.reset();
   if (!summary) {
     if (signals.received() != 0) {
       return report_failure(Status::cancelled(fmt::format(

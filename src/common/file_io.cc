@@ -42,18 +42,32 @@ Status pwrite_all(int fd, std::span<const std::byte> data, uint64_t offset,
 Status sync_parent_directory(const std::filesystem::path& path) {
   const std::filesystem::path parent =
       path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
-  const int fd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return posix_error(fmt::format("open directory {}", parent.string()), errno);
-  const int synced = ::fsync(fd);
-  const int error = errno;
-  ::close(fd);
-  if (synced != 0) return posix_error(fmt::format("sync directory {}", parent.string()), error);
+  const UniqueFd fd(::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd) return posix_error(fmt::format("open directory {}", parent.string()), errno);
+  if (::fsync(fd.get()) != 0) {
+    return posix_error(fmt::format("sync directory {}", parent.string()), errno);
+  }
   return Status::ok();
 }
 
 std::filesystem::path temp_directory() {
   const char* tmp = std::getenv("TMPDIR");
   return tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
+}
+
+Result<UniqueFd> open_unnamed_file(const std::filesystem::path& dir, std::string_view what) {
+  UniqueFd fd(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
+  if (fd) return fd;
+  // EOPNOTSUPP: the file system has no O_TMPFILE; EISDIR, EINVAL: the kernel
+  // or the C library does not know the flag.
+  if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL) {
+    return posix_error(fmt::format("create {} in {}", what, dir.string()), errno);
+  }
+  std::string name = (dir / "lazyblock-tmp-XXXXXX").string();
+  fd.reset(::mkostemp(name.data(), O_CLOEXEC));
+  if (!fd) return posix_error(fmt::format("create {} in {}", what, dir.string()), errno);
+  ::unlink(name.c_str());
+  return fd;
 }
 
 }  // namespace lazyblock

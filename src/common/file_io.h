@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "common/status.h"
+#include "common/unique_fd.h"
 
 namespace lazyblock {
 
@@ -28,5 +29,11 @@ Status sync_parent_directory(const std::filesystem::path& path);
 
 // $TMPDIR, or /tmp when it is unset or empty.
 std::filesystem::path temp_directory();
+
+// A new unnamed file in `dir`, open for reading and writing (close-on-exec)
+// and gone with its last descriptor: O_TMPFILE where the file system has it,
+// else a named file unlinked at once (tmpfs of old kernels, some network and
+// FUSE file systems). `what` names the file in errors ("cache file").
+Result<UniqueFd> open_unnamed_file(const std::filesystem::path& dir, std::string_view what);
 
 }  // namespace lazyblock

@@ -31,6 +31,10 @@ class UniqueFd {
     if (fd_ >= 0) ::close(fd_);
     fd_ = fd;
   }
+  // Closes the descriptor held now and returns close()'s result (0, or -1
+  // with errno set), for callers to whom a failing close is an error (a
+  // written file whose last data may not have reached the disk).
+  int close() { return fd_ >= 0 ? ::close(std::exchange(fd_, -1)) : 0; }
   // Gives the descriptor up without closing it.
   int release() { return std::exchange(fd_, -1); }
 

@@ -120,20 +120,20 @@ bool Acceptor::pause() {
   return ::poll(&wake, 1, static_cast<int>(kAcceptPause.count())) <= 0 || wake.revents == 0;
 }
 
-Result<int> Acceptor::accept(const std::function<size_t()>& open) {
+Result<UniqueFd> Acceptor::accept(const std::function<size_t()>& open) {
   for (;;) {
     pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
     if (::poll(fds, 2, -1) < 0) {
       if (errno == EINTR) continue;
       return posix_error("poll", errno);
     }
-    if (fds[1].revents != 0) return -1;
+    if (fds[1].revents != 0) return UniqueFd();
     if (!(fds[0].revents & POLLIN)) continue;
-    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd >= 0) {
+    UniqueFd fd(::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC));
+    if (fd) {
       const size_t served = open();
       if (served < max_connections_) return fd;
-      ::close(fd);
+      fd.reset();
       log_throttled(fmt::format("refused a connection: {} are open, the most allowed "
                                 "(--max-connections)",
                                 served));
@@ -149,15 +149,15 @@ Result<int> Acceptor::accept(const std::function<size_t()>& open) {
       case ENFILE: {
         // The spare makes room to say no to the client waiting first.
         spare_.reset();
-        const int refused = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-        if (refused >= 0) ::close(refused);
+        const bool refused =
+            UniqueFd(::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC)).valid();
         spare_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
         log_throttled(fmt::format("out of file descriptors ({}): refusing connections until "
                                   "some end",
                                   std::strerror(error)));
         // Refusing one made progress: go on with the next at once. Else
         // (no spare) wait a little rather than spin.
-        if (refused < 0 && !pause()) return -1;
+        if (!refused && !pause()) return UniqueFd();
         continue;
       }
       case ENOMEM:
@@ -165,7 +165,7 @@ Result<int> Acceptor::accept(const std::function<size_t()>& open) {
       case EPROTO:
       case EPERM:
         log_throttled(fmt::format("accept failed ({}): trying again", std::strerror(error)));
-        if (!pause()) return -1;
+        if (!pause()) return UniqueFd();
         continue;
       default:
         // EBADF, EINVAL, ENOTSOCK: the listening socket itself is wrong.

@@ -65,10 +65,10 @@ class Acceptor {
   Acceptor(int listen_fd, int wake_fd, size_t max_connections, std::string what);
 
   // Waits for a connection on the listening socket or for `wake_fd` to
-  // become readable: the new connection (close-on-exec), or -1 once
-  // `wake_fd` is readable. `open` is the count of connections being served
-  // now. Fails only if poll() does.
-  Result<int> accept(const std::function<size_t()>& open);
+  // become readable: the new connection (close-on-exec), or no descriptor
+  // once `wake_fd` is readable. `open` is the count of connections being
+  // served now. Fails only if poll() does.
+  Result<UniqueFd> accept(const std::function<size_t()>& open);
 
  private:
   // Logs `message` unless one was logged within the last second.

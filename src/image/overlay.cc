@@ -76,12 +76,12 @@ Result<std::unique_ptr<Overlay>> Overlay::open(Device& device,
   const OverlayIdentity identity = identity_of(device);
   if (!path) {
     const std::filesystem::path dir = temp_dir.empty() ? temp_directory() : temp_dir;
-    UniqueFd fd(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
-    if (!fd) return posix_error("create an overlay in " + dir.string(), errno);
-    if (::ftruncate(fd.get(), static_cast<off_t>(data_size)) != 0) {
+    Result<UniqueFd> fd = open_unnamed_file(dir, "an overlay");
+    if (!fd) return fd.status();
+    if (::ftruncate(fd->get(), static_cast<off_t>(data_size)) != 0) {
       return posix_error("size the overlay", errno);
     }
-    return std::unique_ptr<Overlay>(new Overlay(device, std::move(fd), nullptr));
+    return std::unique_ptr<Overlay>(new Overlay(device, std::move(*fd), nullptr));
   }
 
   std::unique_ptr<OverlayMap> map;

@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/unique_fd.h"
 #include "storage/file_store.h"
 #include "testing/scratch_dir.h"
 
@@ -133,7 +134,8 @@ TEST_F(OverlayTest, AKeptOverlayComesBackAsOfItsLastFlushAndSurvivesATornMap) {
   // The map's newest slot torn (as by a crash mid-save): the slot before it
   // holds, and with it every write of the flush before.
   const std::filesystem::path map = OverlayMap::path_for(path);
-  const int fd = ::open(map.c_str(), O_RDWR);
+  UniqueFd map_file(::open(map.c_str(), O_RDWR));
+  const int fd = map_file.get();
   ASSERT_GE(fd, 0);
   const uint64_t slot_bytes = std::filesystem::file_size(map) / 2;
   uint64_t sequence[2];
@@ -143,7 +145,7 @@ TEST_F(OverlayTest, AKeptOverlayComesBackAsOfItsLastFlushAndSurvivesATornMap) {
   const int newest = sequence[1] > sequence[0] ? 1 : 0;
   const char junk[16] = {'t', 'o', 'r', 'n'};
   ASSERT_EQ(::pwrite(fd, junk, sizeof junk, static_cast<off_t>(newest * slot_bytes + 20)), 16);
-  ::close(fd);
+  map_file.reset();
   Result<std::unique_ptr<Overlay>> reopened = Overlay::open(*device_, path);
   ASSERT_TRUE(reopened) << reopened.status().to_string();
   EXPECT_TRUE((*reopened)->has_block(1));

@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 
 #include "chunk/frame_codec.h"
+#include "common/mapped_region.h"
 #include "common/units.h"
 #include "common/unique_fd.h"
 #include "image/overlay.h"
@@ -45,19 +46,6 @@ Result<size_t> read_full(int fd, std::span<std::byte> buffer) {
   return done;
 }
 
-// An unnamed file for the new data file, gone when closed.
-Result<int> open_temporary(const std::filesystem::path& dir_option) {
-  const std::filesystem::path dir = dir_option.empty() ? temp_directory() : dir_option;
-  int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-  if (fd >= 0) return fd;
-  // Not every file system has O_TMPFILE: a named file, unlinked at once.
-  std::string name = (dir / "lazyblock-pack-XXXXXX").string();
-  fd = ::mkostemp(name.data(), O_CLOEXEC);
-  if (fd < 0) return posix_error("create a temporary file in " + dir.string(), errno);
-  ::unlink(name.c_str());
-  return fd;
-}
-
 // Appends a block-aligned run to `mappings`, joining it to the last one when
 // they are one range in one file (or both zeros).
 void add_run(std::vector<Mapping>& mappings, uint64_t offset, uint64_t length, const Uuid& build,
@@ -77,11 +65,10 @@ void add_run(std::vector<Mapping>& mappings, uint64_t offset, uint64_t length, c
 Status put_file(ObjectStore& store, const std::string& key, int fd, uint64_t length,
                 const IoContext& io) {
   if (length == 0) return store.put(key, {}, io);
-  void* map = ::mmap(nullptr, length, PROT_READ, MAP_SHARED, fd, 0);
-  if (map == MAP_FAILED) return posix_error("map the new data file", errno);
-  const Status status = store.put(key, std::span(static_cast<const std::byte*>(map), length), io);
-  ::munmap(map, length);
-  return status;
+  Result<MappedRegion> map =
+      MappedRegion::map(length, PROT_READ, MAP_SHARED, fd, 0, "the new data file");
+  if (!map) return map.status();
+  return store.put(key, std::span<const std::byte>(map->data(), length), io);
 }
 
 // Adds block `device_offset`'s bytes to the new build: nil if zeros, else
@@ -348,9 +335,11 @@ Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd,
   PackOptions resolved = options;
   resolved.block_size = block;
 
-  Result<int> opened_fd = open_temporary(options.temp_dir);
+  // The new data file, unnamed: gone if the pack fails.
+  Result<UniqueFd> opened_fd = open_unnamed_file(
+      options.temp_dir.empty() ? temp_directory() : options.temp_dir, "a temporary file");
   if (!opened_fd) return opened_fd.status();
-  const UniqueFd data_fd(*opened_fd);
+  const UniqueFd data_fd = std::move(*opened_fd);
   DataFileFormat format;
   format.codec = options.codec;
   if (options.codec != Codec::kNone) {

@@ -170,12 +170,10 @@ std::optional<pid_t> temp_owner(std::string_view name) {
 // taken. True if it was removed.
 bool remove_if_abandoned(const std::filesystem::path& path) {
   // Open for writing: on NFS an exclusive flock is a write lock on the server.
-  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0) return false;
-  bool removed = false;
-  if (::flock(fd, LOCK_EX | LOCK_NB) == 0) removed = ::unlink(path.c_str()) == 0;
-  ::close(fd);  // releases the lock
-  return removed;
+  const UniqueFd fd(::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
+  if (!fd) return false;
+  // The lock goes with the descriptor.
+  return ::flock(fd.get(), LOCK_EX | LOCK_NB) == 0 && ::unlink(path.c_str()) == 0;
 }
 
 // Unlinks `path` if it still names the file open as `fd` (another process
@@ -199,18 +197,17 @@ class DiskCacheStore::PartialChunk {
   enum class Written { kPending, kReady, kFailed };
 
   PartialChunk(std::string map_key, std::filesystem::path final_path,
-               std::filesystem::path temp_path, int fd, uint64_t length, Trailer trailer,
+               std::filesystem::path temp_path, UniqueFd fd, uint64_t length, Trailer trailer,
                bool last)
       : map_key_(std::move(map_key)),
         final_path_(std::move(final_path)),
         temp_path_(std::move(temp_path)),
-        fd_(fd),
+        fd_(std::move(fd)),
         length_(length),
         trailer_(trailer),
         last_(last) {}
   ~PartialChunk() {
     if (!published_) ::unlink(temp_path_.c_str());
-    ::close(fd_);
   }
 
   // Writes bytes at `offset` within the chunk. kReady if the chunk became
@@ -220,7 +217,7 @@ class DiskCacheStore::PartialChunk {
     if (failed_) return Written::kFailed;
     if (published_ || offset >= length_) return Written::kPending;
     data = data.first(std::min<uint64_t>(data.size(), length_ - offset));
-    const Status status = pwrite_all(fd_, data, offset, "cache file");
+    const Status status = pwrite_all(fd_.get(), data, offset, "cache file");
     if (!status.is_ok()) {
       log(LogLevel::kWarn, "cache-dir: cannot cache {}: {}", final_path_.string(),
           status.message());
@@ -243,11 +240,11 @@ class DiskCacheStore::PartialChunk {
   // by the caller that got kReady from write() or true from confirm_end().
   Status finish() {
     TrailerBytes bytes = encode_trailer(trailer_);
-    Result<uint64_t> sum = checksum(fd_, length_, bytes);
+    Result<uint64_t> sum = checksum(fd_.get(), length_, bytes);
     if (!sum) return sum.status();
     put_u64(bytes.data() + kChecksummedHead, *sum);
-    LB_RETURN_IF_ERROR(pwrite_all(fd_, bytes, length_, "cache file"));
-    if (::fsync(fd_) != 0) return posix_error("sync " + temp_path_.string(), errno);
+    LB_RETURN_IF_ERROR(pwrite_all(fd_.get(), bytes, length_, "cache file"));
+    if (::fsync(fd_.get()) != 0) return posix_error("sync " + temp_path_.string(), errno);
     if (::rename(temp_path_.c_str(), final_path_.c_str()) != 0) {
       return posix_error("rename " + temp_path_.string(), errno);
     }
@@ -289,7 +286,7 @@ class DiskCacheStore::PartialChunk {
   const std::string map_key_;
   const std::filesystem::path final_path_;
   const std::filesystem::path temp_path_;
-  const int fd_;
+  const UniqueFd fd_;
   const uint64_t length_;
   const Trailer trailer_;  // its checksum filled in by finish()
   const bool last_;        // the object's last chunk
@@ -318,9 +315,9 @@ class DiskCacheStore::Reader final : public RangeReader {
         io_(std::move(io)) {}
   ~Reader() override { close_cached(); }
 
-  void use_cached(uint64_t index, int fd) {
+  void use_cached(uint64_t index, UniqueFd fd) {
     cached_index_ = index;
-    cached_fd_ = fd;
+    cached_fd_ = std::move(fd);
   }
   void use_upstream(std::unique_ptr<RangeReader> upstream) { upstream_ = std::move(upstream); }
 
@@ -343,13 +340,14 @@ class DiskCacheStore::Reader final : public RangeReader {
     const uint64_t index = position_ / chunk_size;
     if (upstream_ == nullptr && cached_index_ != index) {
       close_cached();
-      if (std::optional<int> fd = store_.open_cached(key_, index, info_)) use_cached(index, *fd);
+      if (UniqueFd fd = store_.open_cached(key_, index, info_)) use_cached(index, std::move(fd));
     }
     if (cached_index_ == index && upstream_ == nullptr) {
       const uint64_t chunk_end = std::min(end_, (index + 1) * chunk_size);
       const uint64_t take = std::min<uint64_t>(buffer.size(), chunk_end - position_);
-      LB_RETURN_IF_ERROR(pread_all(cached_fd_, buffer.first(take), position_ - index * chunk_size)
-                             .with_context("cache-dir: " + key_));
+      LB_RETURN_IF_ERROR(
+          pread_all(cached_fd_.get(), buffer.first(take), position_ - index * chunk_size)
+              .with_context("cache-dir: " + key_));
       position_ += take;
       return take;
     }
@@ -381,8 +379,7 @@ class DiskCacheStore::Reader final : public RangeReader {
 
  private:
   void close_cached() {
-    if (cached_fd_ >= 0) ::close(cached_fd_);
-    cached_fd_ = -1;
+    cached_fd_.reset();
     cached_index_ = UINT64_MAX;
   }
 
@@ -427,7 +424,7 @@ class DiskCacheStore::Reader final : public RangeReader {
   const uint64_t range_length_;
   const IoContext io_;
   uint64_t cached_index_ = UINT64_MAX;  // the chunk cached_fd_ holds
-  int cached_fd_ = -1;
+  UniqueFd cached_fd_;
   // Once opened, the store's stream serves the rest of the range, cached
   // chunks or not: its bytes are on their way anyway.
   std::unique_ptr<RangeReader> upstream_;
@@ -525,29 +522,29 @@ Result<std::unique_ptr<RangeReader>> DiskCacheStore::open_upstream(const std::st
   return opened;
 }
 
-std::optional<int> DiskCacheStore::open_cached(const std::string& key, uint64_t index,
-                                               const ObjectInfo& info) {
+UniqueFd DiskCacheStore::open_cached(const std::string& key, uint64_t index,
+                                     const ObjectInfo& info) {
   const std::filesystem::path path = chunk_path(key, index);
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return std::nullopt;
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return fd;
   // A file that is not the chunk asked for is a miss; one that is not whole
   // and intact is corrupt. Either way it goes, and the chunk is fetched again.
-  const auto drop = [&](bool corrupt, const std::string& why) -> std::optional<int> {
+  const auto drop = [&](bool corrupt, const std::string& why) -> UniqueFd {
     log(corrupt ? LogLevel::kWarn : LogLevel::kInfo,
         "cache-dir: dropping {} (chunk {} of {}): {}", path.string(), index, key, why);
-    unlink_if_same(path, fd);
-    ::close(fd);
+    unlink_if_same(path, fd.get());
+    fd.reset();
     std::lock_guard lock(mu_);
     ++(corrupt ? counters_.corrupt_dropped : counters_.stale_dropped);
     verified_.erase(path);
-    return std::nullopt;
+    return UniqueFd();
   };
   struct stat st{};
-  if (::fstat(fd, &st) != 0) return drop(true, std::strerror(errno));
+  if (::fstat(fd.get(), &st) != 0) return drop(true, std::strerror(errno));
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
   if (file_size < kTrailerSize) return drop(true, "shorter than a trailer");
   TrailerBytes bytes;
-  if (Status status = pread_all(fd, bytes, file_size - kTrailerSize); !status.is_ok()) {
+  if (Status status = pread_all(fd.get(), bytes, file_size - kTrailerSize); !status.is_ok()) {
     return drop(true, status.message());
   }
   Result<Trailer> trailer = decode_trailer(bytes);
@@ -579,12 +576,12 @@ std::optional<int> DiskCacheStore::open_cached(const std::string& key, uint64_t 
     known_good = it != verified_.end() && it->second == identity;
   }
   if (!known_good) {
-    Result<uint64_t> sum = checksum(fd, length, bytes);
+    Result<uint64_t> sum = checksum(fd.get(), length, bytes);
     if (!sum) return drop(true, sum.status().message());
     if (*sum != trailer->checksum) return drop(true, "checksum mismatch");
     // A fresh modification time marks the file as recently used.
-    ::futimens(fd, nullptr);
-    if (::fstat(fd, &st) == 0) {
+    ::futimens(fd.get(), nullptr);
+    if (::fstat(fd.get(), &st) == 0) {
       std::lock_guard lock(mu_);
       verified_[path] = {st.st_ino, mtime_ns(st)};
     }
@@ -613,23 +610,23 @@ std::shared_ptr<DiskCacheStore::PartialChunk> DiskCacheStore::partial(const std:
   std::error_code error;
   std::filesystem::create_directories(final_path.parent_path(), error);
   static std::atomic<uint64_t> sequence{0};
-  int fd = -1;
+  UniqueFd fd;
   std::filesystem::path temp_path;
   // The lock goes on only after the file exists: a scan of another process
   // may take it first, and remove the file. Then try another name.
-  for (int attempt = 0; attempt < 3 && fd < 0; ++attempt) {
+  for (int attempt = 0; attempt < 3 && !fd; ++attempt) {
     temp_path = final_path.string() + fmt::format("{}{}.{}", kTempMark, ::getpid(),
                                                   sequence.fetch_add(1, std::memory_order_relaxed));
-    fd = ::open(temp_path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) break;
+    fd.reset(::open(temp_path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+    if (!fd) break;
     struct stat st{};
-    if (::flock(fd, LOCK_EX | LOCK_NB) != 0 || ::fstat(fd, &st) != 0 || st.st_nlink == 0) {
-      ::close(fd);
-      fd = -1;
+    if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0 || ::fstat(fd.get(), &st) != 0 ||
+        st.st_nlink == 0) {
+      fd.reset();
       errno = EAGAIN;
     }
   }
-  if (fd < 0) {
+  if (!fd) {
     log(LogLevel::kWarn, "cache-dir: cannot create {}: {}", temp_path.string(),
         std::strerror(errno));
     return nullptr;
@@ -641,7 +638,7 @@ std::shared_ptr<DiskCacheStore::PartialChunk> DiskCacheStore::partial(const std:
   trailer.id_low = id.low;
   trailer.id_high = id.high;
   const bool last = (index + 1) * options_.chunk_size >= info.size;
-  auto chunk = std::make_shared<PartialChunk>(map_key, final_path, temp_path, fd,
+  auto chunk = std::make_shared<PartialChunk>(map_key, final_path, temp_path, std::move(fd),
                                               chunk_length(index, info.size), trailer, last);
   chunk->last_use = ++partial_uses_;
   partials_.emplace(map_key, chunk);
@@ -753,10 +750,10 @@ Result<std::unique_ptr<RangeReader>> DiskCacheStore::open_range(const std::strin
       return Status::out_of_range(fmt::format(
           "read {}: offset {} is past the object's end at {}", key, offset, info->size));
     }
-    if (std::optional<int> fd = open_cached(key, index, *info)) {
+    if (UniqueFd fd = open_cached(key, index, *info)) {
       const uint64_t range_length = std::min(length, info->size - offset);
       auto reader = std::make_unique<Reader>(*this, key, offset, range_length, *info, io);
-      reader->use_cached(index, *fd);
+      reader->use_cached(index, std::move(fd));
       return std::unique_ptr<RangeReader>(std::move(reader));
     }
   }

@@ -77,6 +77,7 @@
 #include <optional>
 #include <string>
 
+#include "common/unique_fd.h"
 #include "storage/object_store.h"
 
 namespace lazyblock {
@@ -141,9 +142,9 @@ class DiskCacheStore final : public StoreLayer {
                                                      uint64_t length, const IoContext& io);
 
   // An open descriptor of chunk `index` of `key` at `info` if its file is
-  // there and is that chunk, whole and intact; nullopt otherwise (a file
-  // that is not is removed).
-  std::optional<int> open_cached(const std::string& key, uint64_t index, const ObjectInfo& info);
+  // there and is that chunk, whole and intact; no descriptor otherwise (a
+  // file that is not is removed).
+  UniqueFd open_cached(const std::string& key, uint64_t index, const ObjectInfo& info);
 
   // The partial file of chunk `index` of `key` at `info`, shared by this
   // process's streams; nullptr if it cannot be created (logged).

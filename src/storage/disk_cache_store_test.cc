@@ -13,6 +13,7 @@
 #include <optional>
 #include <thread>
 
+#include "common/unique_fd.h"
 #include "common/units.h"
 #include "storage/fault_store.h"
 #include "storage/file_store.h"
@@ -300,7 +301,8 @@ TEST_F(DiskCacheStoreTest, TemporaryFilesOfDeadProcessesAreRemovedAtOpen) {
   const std::filesystem::path alive = final_name + ".tmp.999998.0";
   std::ofstream(dead) << "left behind";
   std::ofstream(alive) << "being filled";
-  const int alive_fd = ::open(alive.c_str(), O_RDONLY | O_CLOEXEC);
+  UniqueFd alive_owner(::open(alive.c_str(), O_RDONLY | O_CLOEXEC));
+  const int alive_fd = alive_owner.get();
   ASSERT_GE(alive_fd, 0);
   ASSERT_EQ(::flock(alive_fd, LOCK_EX | LOCK_NB), 0);
 
@@ -313,7 +315,7 @@ TEST_F(DiskCacheStoreTest, TemporaryFilesOfDeadProcessesAreRemovedAtOpen) {
   EXPECT_TRUE(std::filesystem::exists(alive));
   EXPECT_TRUE(std::filesystem::exists(odd));
   EXPECT_EQ(second->counters().temps_removed, 1u);
-  ::close(alive_fd);  // its owner dies
+  alive_owner.reset();  // its owner dies
   auto third = process();
   EXPECT_FALSE(std::filesystem::exists(alive));
   EXPECT_TRUE(cached_file_exists(0)) << "chunk files are not temporary files";

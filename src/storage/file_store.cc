@@ -61,22 +61,21 @@ std::string file_version(const struct stat& st) {
 
 class FileRangeReader final : public RangeReader {
  public:
-  FileRangeReader(int fd, std::string key, uint64_t offset, uint64_t length, uint64_t object_size,
-                  std::string version)
-      : fd_(fd),
+  FileRangeReader(UniqueFd fd, std::string key, uint64_t offset, uint64_t length,
+                  uint64_t object_size, std::string version)
+      : fd_(std::move(fd)),
         key_(std::move(key)),
         position_(offset),
         end_(offset + length),
         length_(length),
         object_size_(object_size),
         version_(std::move(version)) {}
-  ~FileRangeReader() override { ::close(fd_); }
 
   Result<size_t> read(std::span<std::byte> buffer) override {
     const uint64_t want = std::min<uint64_t>(buffer.size(), end_ - position_);
     if (want == 0) return size_t{0};
     for (;;) {
-      const ssize_t n = ::pread(fd_, buffer.data(), want, static_cast<off_t>(position_));
+      const ssize_t n = ::pread(fd_.get(), buffer.data(), want, static_cast<off_t>(position_));
       if (n < 0 && errno == EINTR) continue;
       if (n < 0) return posix_error(fmt::format("read {} at {}", key_, position_), errno);
       position_ += static_cast<uint64_t>(n);
@@ -88,7 +87,7 @@ class FileRangeReader final : public RangeReader {
   uint64_t range_length() const override { return length_; }
 
  private:
-  const int fd_;
+  const UniqueFd fd_;
   const std::string key_;
   uint64_t position_;
   const uint64_t end_;
@@ -100,8 +99,8 @@ class FileRangeReader final : public RangeReader {
 }  // namespace
 
 Result<std::shared_ptr<FileStore>> FileStore::open(const std::filesystem::path& root) {
-  const int fd = ::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) {
+  UniqueFd fd(::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (!fd) {
     const int err = errno;
     if (err == ENOENT || err == ENOTDIR) {
       return Status::not_found(fmt::format("store directory {} does not exist", root.string()));
@@ -111,14 +110,16 @@ Result<std::shared_ptr<FileStore>> FileStore::open(const std::filesystem::path& 
   std::error_code error;
   std::filesystem::path canonical = std::filesystem::canonical(root, error);
   if (error) canonical = std::filesystem::absolute(root, error);
-  return std::shared_ptr<FileStore>(new FileStore(root, std::move(canonical), fd));
+  return std::shared_ptr<FileStore>(new FileStore(root, std::move(canonical), std::move(fd)));
 }
 
 FileStore::FileStore(std::filesystem::path root, std::filesystem::path canonical_root,
-                     int root_fd)
-    : root_(std::move(root)), canonical_root_(std::move(canonical_root)), root_fd_(root_fd) {}
+                     UniqueFd root_fd)
+    : root_(std::move(root)),
+      canonical_root_(std::move(canonical_root)),
+      root_fd_(std::move(root_fd)) {}
 
-FileStore::~FileStore() { ::close(root_fd_); }
+FileStore::~FileStore() = default;
 
 Result<uint64_t> FileStore::stat(const std::string& key, const IoContext& io) {
   Result<ObjectInfo> info = stat_info(key, io);
@@ -128,13 +129,10 @@ Result<uint64_t> FileStore::stat(const std::string& key, const IoContext& io) {
 
 Result<ObjectInfo> FileStore::stat_info(const std::string& key, const IoContext&) {
   LB_RETURN_IF_ERROR(check_key(key));
-  const int fd = open_beneath(root_fd_, key, O_PATH);
-  if (fd < 0) return open_error(key, errno);
+  const UniqueFd fd(open_beneath(root_fd_.get(), key, O_PATH));
+  if (!fd) return open_error(key, errno);
   struct stat st {};
-  const int rc = ::fstat(fd, &st);
-  const int err = errno;
-  ::close(fd);
-  if (rc != 0) return posix_error("stat " + key, err);
+  if (::fstat(fd.get(), &st) != 0) return posix_error("stat " + key, errno);
   if (!S_ISREG(st.st_mode)) return Status::not_found("object not found: " + key);
   return ObjectInfo{static_cast<uint64_t>(st.st_size), file_version(st)};
 }
@@ -143,22 +141,20 @@ Result<std::unique_ptr<RangeReader>> FileStore::open_range(const std::string& ke
                                                            uint64_t offset, uint64_t length,
                                                            const IoContext&) {
   LB_RETURN_IF_ERROR(check_key(key));
-  const int fd = open_beneath(root_fd_, key, O_RDONLY);
-  if (fd < 0) return open_error(key, errno);
+  UniqueFd fd(open_beneath(root_fd_.get(), key, O_RDONLY));
+  if (!fd) return open_error(key, errno);
   struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
+  if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode)) {
     return Status::not_found("object not found: " + key);
   }
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   if (offset > size) {
-    ::close(fd);
     return Status::out_of_range(
         fmt::format("range of {} starts at {}, past its end at {}", key, offset, size));
   }
   const uint64_t clipped = std::min(length, size - offset);
   return std::unique_ptr<RangeReader>(
-      new FileRangeReader(fd, key, offset, clipped, size, file_version(st)));
+      new FileRangeReader(std::move(fd), key, offset, clipped, size, file_version(st)));
 }
 
 Status FileStore::put(const std::string& key, std::span<const std::byte> data, const IoContext&) {
@@ -166,19 +162,19 @@ Status FileStore::put(const std::string& key, std::span<const std::byte> data, c
   // Create the parent directories one by one beneath the root.
   for (size_t slash = key.find('/'); slash != std::string::npos; slash = key.find('/', slash + 1)) {
     const std::string dir = key.substr(0, slash);
-    if (::mkdirat(root_fd_, dir.c_str(), 0755) != 0 && errno != EEXIST) {
+    if (::mkdirat(root_fd_.get(), dir.c_str(), 0755) != 0 && errno != EEXIST) {
       return posix_error("create directory " + dir + " in " + root_.string(), errno);
     }
   }
   // Write a temporary file beside the target, then rename it into place.
   static std::atomic<uint64_t> puts{0};
   const std::string temp = fmt::format("{}.tmp-{}-{}", key, ::getpid(), puts.fetch_add(1));
-  const int fd = open_beneath(root_fd_, temp, O_WRONLY | O_CREAT | O_EXCL, 0644);
-  if (fd < 0) return open_error(temp, errno);
+  UniqueFd fd(open_beneath(root_fd_.get(), temp, O_WRONLY | O_CREAT | O_EXCL, 0644));
+  if (!fd) return open_error(temp, errno);
   size_t done = 0;
   Status status;
   while (done < data.size()) {
-    const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    const ssize_t n = ::write(fd.get(), data.data() + done, data.size() - done);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       status = posix_error("write " + key, errno);
@@ -186,17 +182,18 @@ Status FileStore::put(const std::string& key, std::span<const std::byte> data, c
     }
     done += static_cast<size_t>(n);
   }
-  if (::close(fd) != 0 && status.is_ok()) status = posix_error("close " + key, errno);
-  if (status.is_ok() && ::renameat(root_fd_, temp.c_str(), root_fd_, key.c_str()) != 0) {
+  if (fd.close() != 0 && status.is_ok()) status = posix_error("close " + key, errno);
+  if (status.is_ok() &&
+      ::renameat(root_fd_.get(), temp.c_str(), root_fd_.get(), key.c_str()) != 0) {
     status = posix_error("rename into " + key, errno);
   }
-  if (!status.is_ok()) ::unlinkat(root_fd_, temp.c_str(), 0);
+  if (!status.is_ok()) ::unlinkat(root_fd_.get(), temp.c_str(), 0);
   return status;
 }
 
 Status FileStore::remove(const std::string& key, const IoContext&) {
   LB_RETURN_IF_ERROR(check_key(key));
-  if (::unlinkat(root_fd_, key.c_str(), 0) != 0) {
+  if (::unlinkat(root_fd_.get(), key.c_str(), 0) != 0) {
     if (errno == ENOENT) return Status::not_found("object not found: " + key);
     return posix_error("remove " + key, errno);
   }

@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 
+#include "common/unique_fd.h"
 #include "storage/object_store.h"
 
 namespace lazyblock {
@@ -36,11 +37,11 @@ class FileStore final : public ObjectStore {
   std::string location() const override;
 
  private:
-  FileStore(std::filesystem::path root, std::filesystem::path canonical_root, int root_fd);
+  FileStore(std::filesystem::path root, std::filesystem::path canonical_root, UniqueFd root_fd);
 
   const std::filesystem::path root_;
   const std::filesystem::path canonical_root_;
-  const int root_fd_;  // O_PATH descriptor of the root: keys resolve beneath it
+  const UniqueFd root_fd_;  // O_PATH descriptor of the root: keys resolve beneath it
 };
 
 }  // namespace lazyblock

@@ -53,23 +53,24 @@ Result<std::unique_ptr<FirecrackerStandIn>> FirecrackerStandIn::restore(
   for (const StandInRegion& region : regions) {
     int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
     if (region.huge) flags |= MAP_HUGETLB | MAP_HUGE_2MB;
-    void* base = ::mmap(nullptr, region.size, PROT_READ | PROT_WRITE, flags, -1, 0);
-    if (base == MAP_FAILED) return posix_error("mapping guest memory", errno);
-    vm->maps_.push_back({static_cast<std::byte*>(base), region.size});
+    Result<MappedRegion> map =
+        MappedRegion::map(region.size, PROT_READ | PROT_WRITE, flags, -1, 0, "guest memory");
+    if (!map) return map.status();
+    vm->maps_.push_back(std::move(*map));
     any_huge |= region.huge;
   }
-  vm->uffd_ = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
-  if (vm->uffd_ < 0) return posix_error("userfaultfd", errno);
+  vm->uffd_.reset(static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK)));
+  if (!vm->uffd_) return posix_error("userfaultfd", errno);
   uffdio_api api{};
   api.api = UFFD_API;
   api.features = UFFD_FEATURE_EVENT_REMOVE | (any_huge ? UFFD_FEATURE_MISSING_HUGETLBFS : 0);
-  if (::ioctl(vm->uffd_, UFFDIO_API, &api) != 0) return posix_error("UFFDIO_API", errno);
+  if (::ioctl(vm->uffd_.get(), UFFDIO_API, &api) != 0) return posix_error("UFFDIO_API", errno);
   std::string json = "[";
   for (size_t i = 0; i < regions.size(); ++i) {
     uffdio_register registration{};
-    registration.range = {reinterpret_cast<uint64_t>(vm->maps_[i].base), regions[i].size};
+    registration.range = {reinterpret_cast<uint64_t>(vm->maps_[i].data()), regions[i].size};
     registration.mode = UFFDIO_REGISTER_MODE_MISSING;
-    if (::ioctl(vm->uffd_, UFFDIO_REGISTER, &registration) != 0) {
+    if (::ioctl(vm->uffd_.get(), UFFDIO_REGISTER, &registration) != 0) {
       return posix_error("UFFDIO_REGISTER", errno);
     }
     const uint64_t page_size = regions[i].huge ? kHugePage : 4096;
@@ -77,30 +78,25 @@ Result<std::unique_ptr<FirecrackerStandIn>> FirecrackerStandIn::restore(
     json += fmt::format(
         "{}{{\"base_host_virt_addr\":{},\"size\":{},\"offset\":{},\"page_size\":{},"
         "\"page_size_kib\":{}}}",
-        i == 0 ? "" : ",", reinterpret_cast<uint64_t>(vm->maps_[i].base), regions[i].size,
+        i == 0 ? "" : ",", reinterpret_cast<uint64_t>(vm->maps_[i].data()), regions[i].size,
         regions[i].offset, page_size, page_size);
   }
   json += "]";
   vm->mappings_ = json;
   vm->socket_ = connect_unix_socket(socket);
-  if (vm->socket_ < 0) return posix_error("connecting to " + socket.string(), errno);
-  LB_RETURN_IF_ERROR(send_with_descriptor(vm->socket_, json, vm->uffd_));
+  if (!vm->socket_) return posix_error("connecting to " + socket.string(), errno);
+  LB_RETURN_IF_ERROR(send_with_descriptor(vm->socket_.get(), json, vm->uffd_.get()));
   return vm;
 }
 
-FirecrackerStandIn::~FirecrackerStandIn() {
-  if (socket_ >= 0) ::close(socket_);
-  if (uffd_ >= 0) ::close(uffd_);
-  for (const Map& map : maps_) ::munmap(map.base, map.size);
-}
+// Members go in reverse order: the socket and the userfaultfd close before
+// the memory is unmapped.
+FirecrackerStandIn::~FirecrackerStandIn() = default;
 
-void FirecrackerStandIn::close_userfaultfd() {
-  if (uffd_ >= 0) ::close(uffd_);
-  uffd_ = -1;
-}
+void FirecrackerStandIn::close_userfaultfd() { uffd_.reset(); }
 
 Status FirecrackerStandIn::remove(size_t region, uint64_t offset, uint64_t length) {
-  if (::madvise(maps_[region].base + offset, length, MADV_DONTNEED) != 0) {
+  if (::madvise(maps_[region].data() + offset, length, MADV_DONTNEED) != 0) {
     return posix_error("madvise(MADV_DONTNEED)", errno);
   }
   return Status::ok();
@@ -113,12 +109,10 @@ bool reserve_huge_pages(int pages) {
   if (reserved < pages) std::ofstream(pool) << pages;
   // Whether they can really be had: map and touch them.
   const size_t length = static_cast<size_t>(pages) * kHugePage;
-  void* probe = ::mmap(nullptr, length, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB | MAP_POPULATE,
-                       -1, 0);
-  if (probe == MAP_FAILED) return false;
-  ::munmap(probe, length);
-  return true;
+  return MappedRegion::map(length, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB | MAP_POPULATE,
+                           -1, 0, "huge pages")
+      .is_ok();
 }
 
 }  // namespace lazyblock::testing

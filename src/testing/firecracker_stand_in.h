@@ -17,7 +17,9 @@
 #include <string_view>
 #include <vector>
 
+#include "common/mapped_region.h"
 #include "common/status.h"
+#include "common/unique_fd.h"
 
 namespace lazyblock::testing {
 
@@ -36,8 +38,8 @@ class FirecrackerStandIn {
   FirecrackerStandIn(const FirecrackerStandIn&) = delete;
   FirecrackerStandIn& operator=(const FirecrackerStandIn&) = delete;
 
-  std::byte* memory(size_t region) const { return maps_[region].base; }
-  uint64_t size(size_t region) const { return maps_[region].size; }
+  std::byte* memory(size_t region) const { return maps_[region].data(); }
+  uint64_t size(size_t region) const { return maps_[region].size(); }
   // The JSON Firecracker sent for these regions.
   const std::string& mappings() const { return mappings_; }
   // The balloon takes [offset, offset + length) of `region` back.
@@ -47,16 +49,12 @@ class FirecrackerStandIn {
   void close_userfaultfd();
 
  private:
-  struct Map {
-    std::byte* base;
-    uint64_t size;
-  };
   FirecrackerStandIn() = default;
 
-  std::vector<Map> maps_;
+  std::vector<MappedRegion> maps_;
   std::string mappings_;
-  int uffd_ = -1;
-  int socket_ = -1;
+  UniqueFd uffd_;
+  UniqueFd socket_;
 };
 
 // Whether `pages` 2 MiB huge pages can be mapped here; as root, reserves

@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "common/status.h"
+#include "common/unique_fd.h"
 
 namespace lazyblock::testing {
 
@@ -15,7 +16,8 @@ Result<uint16_t> free_port();
 // Whether something accepts TCP connections on 127.0.0.1:`port`.
 bool accepts_connections(uint16_t port);
 
-// A Unix stream socket connected to `path` (close-on-exec), or -1.
-int connect_unix_socket(const std::filesystem::path& path);
+// A Unix stream socket connected to `path` (close-on-exec), or no
+// descriptor (errno says why).
+UniqueFd connect_unix_socket(const std::filesystem::path& path);
 
 }  // namespace lazyblock::testing

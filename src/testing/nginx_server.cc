@@ -180,24 +180,13 @@ std::string slurp(const std::filesystem::path& path) {
 // Runs `args` (the program found on PATH), its output to `log`; fails with
 // that output if it does not exit with 0.
 Status run_command(const std::vector<std::string>& args, const std::filesystem::path& log) {
-  const pid_t pid = ::fork();
-  if (pid < 0) return posix_error("fork", errno);
-  if (pid == 0) {
-    const int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (out >= 0) {
-      ::dup2(out, STDOUT_FILENO);
-      ::dup2(out, STDERR_FILENO);
-    }
-    std::vector<char*> argv;
-    for (const std::string& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
-    argv.push_back(nullptr);
-    ::execvp(argv[0], argv.data());
-    ::_exit(127);
-  }
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+  SpawnOptions options;
+  options.stdout_to = log;
+  options.stderr_to = log;
+  options.search_path = true;
+  Result<ChildProcess> child = ChildProcess::spawn(args, options);
+  if (!child) return child.status();
+  if (child->wait() != 0) {
     return Status::io_error(fmt::format("{} failed: {}", args.front(), slurp(log)));
   }
   return Status::ok();
@@ -298,36 +287,19 @@ Result<std::unique_ptr<NginxServer>> NginxServer::start(
     std::ofstream(root / "nginx.conf") << config;
     std::ofstream(root / "store.lua") << lua;
 
-    const pid_t pid = ::fork();
-    if (pid < 0) return posix_error("fork", errno);
-    if (pid == 0) {
-      ::setpgid(0, 0);
-      const std::string conf = (root / "nginx.conf").string();
-      const std::string prefix = root.string() + "/";
-      const std::string error_log = (root / "error.log").string();
-      ::execl(nginx, "nginx", "-p", prefix.c_str(), "-c", conf.c_str(), "-e",
-              error_log.c_str(), static_cast<char*>(nullptr));
-      ::_exit(127);
-    }
+    SpawnOptions spawn;
+    spawn.own_process_group = true;  // the master and its workers
+    Result<ChildProcess> child =
+        ChildProcess::spawn({nginx, "-p", root.string() + "/", "-c", (root / "nginx.conf").string(),
+                             "-e", (root / "error.log").string()},
+                            spawn);
+    if (!child) return child.status();
     // Ready once it accepts connections, or failed once it exits.
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    int status = 0;
-    bool exited = false;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (accepts_connections(*port)) {
-        return std::unique_ptr<NginxServer>(
-            new NginxServer(std::move(dir).value(), docroot, *port, pid, options.tls.has_value()));
-      }
-      if (::waitpid(pid, &status, WNOHANG) == pid) {
-        exited = true;
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a real condition
+    if (child->wait_until(listens_on(*port), std::chrono::seconds(20))) {
+      return std::unique_ptr<NginxServer>(new NginxServer(
+          std::move(dir).value(), docroot, *port, std::move(*child), options.tls.has_value()));
     }
-    if (!exited) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, &status, 0);
-    }
+    child->kill_hard();
     last_failure = Status::io_error(fmt::format("nginx did not start on port {}: {}", *port,
                                                 slurp(root / "error.log")));
     if (slurp(root / "error.log").find("Address already in use") == std::string::npos) break;
@@ -335,15 +307,15 @@ Result<std::unique_ptr<NginxServer>> NginxServer::start(
   return last_failure;
 }
 
-NginxServer::NginxServer(ScratchDir dir, std::filesystem::path docroot, uint16_t port, pid_t pid,
-                         bool tls)
-    : dir_(std::move(dir)), docroot_(std::move(docroot)), port_(port), pid_(pid), tls_(tls) {}
+NginxServer::NginxServer(ScratchDir dir, std::filesystem::path docroot, uint16_t port,
+                         ChildProcess process, bool tls)
+    : dir_(std::move(dir)),
+      docroot_(std::move(docroot)),
+      port_(port),
+      process_(std::move(process)),
+      tls_(tls) {}
 
-NginxServer::~NginxServer() {
-  ::kill(pid_, SIGKILL);
-  int status = 0;
-  ::waitpid(pid_, &status, 0);
-}
+NginxServer::~NginxServer() = default;
 
 std::string NginxServer::url(std::string_view host) const {
   return fmt::format("{}://{}:{}", tls_ ? "https" : "http", host, port_);

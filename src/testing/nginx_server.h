@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "testing/child_process.h"
 #include "testing/scratch_dir.h"
 
 namespace lazyblock::testing {
@@ -80,12 +81,13 @@ class NginxServer {
   bool slow_request_arrived() const;
 
  private:
-  NginxServer(ScratchDir dir, std::filesystem::path docroot, uint16_t port, pid_t pid, bool tls);
+  NginxServer(ScratchDir dir, std::filesystem::path docroot, uint16_t port,
+              ChildProcess process, bool tls);
 
   ScratchDir dir_;
   std::filesystem::path docroot_;
   uint16_t port_;
-  pid_t pid_;
+  ChildProcess process_;  // stopped before dir_ goes
   bool tls_;
 };
 

@@ -48,7 +48,7 @@ Result<std::unique_ptr<S3Server>> S3Server::start(const std::vector<std::string>
   const std::filesystem::path ready = dir->path() / "ready";
   const std::string log = (dir->path() / "server.log").string();
   std::vector<std::string> args = {
-      "node", front,
+      "/usr/bin/node", front,
       "--data", (dir->path() / "data").string(),
       "--ready", ready.string(),
       "--log", (dir->path() / "requests.log").string(),
@@ -69,46 +69,28 @@ Result<std::unique_ptr<S3Server>> S3Server::start(const std::vector<std::string>
     args.push_back("--bucket");
     args.push_back(bucket);
   }
-  const pid_t pid = ::fork();
-  if (pid < 0) return posix_error("fork", errno);
-  if (pid == 0) {
-    ::setpgid(0, 0);
-    const int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    ::dup2(out, STDOUT_FILENO);
-    ::dup2(out, STDERR_FILENO);
-    std::vector<char*> argv;
-    for (std::string& arg : args) argv.push_back(arg.data());
-    argv.push_back(nullptr);
-    ::execv("/usr/bin/node", argv.data());
-    ::_exit(127);
-  }
+  SpawnOptions spawn;
+  spawn.stdout_to = log;
+  spawn.stderr_to = log;
+  spawn.own_process_group = true;  // node and whatever it starts
+  Result<ChildProcess> child = ChildProcess::spawn(std::move(args), spawn);
+  if (!child) return child.status();
   // The front writes its port to `ready` (by rename, so never half) once it
   // accepts connections.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  int status = 0;
-  bool exited = false;
-  while (std::chrono::steady_clock::now() < deadline) {
+  const auto written = [&] {
     std::error_code error;
-    if (std::filesystem::exists(ready, error)) {
-      const std::string text = slurp(ready);
-      uint16_t port = 0;
-      const auto [end, parsed] = std::from_chars(text.data(), text.data() + text.size(), port);
-      if (parsed == std::errc() && port != 0) {
-        return std::unique_ptr<S3Server>(
-            new S3Server(std::move(dir).value(), options.address, port, pid));
-      }
-      break;
+    return std::filesystem::exists(ready, error);
+  };
+  if (child->wait_until(written, std::chrono::seconds(30))) {
+    const std::string text = slurp(ready);
+    uint16_t port = 0;
+    const auto [end, parsed] = std::from_chars(text.data(), text.data() + text.size(), port);
+    if (parsed == std::errc() && port != 0) {
+      return std::unique_ptr<S3Server>(
+          new S3Server(std::move(dir).value(), options.address, port, std::move(*child)));
     }
-    if (::waitpid(pid, &status, WNOHANG) == pid) {
-      exited = true;
-      break;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling a real condition
   }
-  if (!exited) {
-    ::kill(-pid, SIGKILL);
-    ::waitpid(pid, &status, 0);
-  }
+  child->kill_hard();
   const std::string output = slurp(log);
   const std::string message = fmt::format("the S3 test server did not start on {}:{}: {}",
                                           options.address, options.port, output);
@@ -119,11 +101,7 @@ Result<std::unique_ptr<S3Server>> S3Server::start(const std::vector<std::string>
   return Status::io_error(message);
 }
 
-S3Server::~S3Server() {
-  ::kill(-pid_, SIGKILL);
-  int status = 0;
-  ::waitpid(pid_, &status, 0);
-}
+S3Server::~S3Server() = default;
 
 std::string S3Server::endpoint() const { return fmt::format("http://{}:{}", address_, port_); }
 

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "testing/child_process.h"
 #include "testing/scratch_dir.h"
 
 namespace lazyblock::testing {
@@ -83,13 +84,16 @@ class S3Server {
   std::vector<std::string> requests() const;
 
  private:
-  S3Server(ScratchDir dir, std::string address, uint16_t port, pid_t pid)
-      : dir_(std::move(dir)), address_(std::move(address)), port_(port), pid_(pid) {}
+  S3Server(ScratchDir dir, std::string address, uint16_t port, ChildProcess process)
+      : dir_(std::move(dir)),
+        address_(std::move(address)),
+        port_(port),
+        process_(std::move(process)) {}
 
   ScratchDir dir_;
   std::string address_;
   uint16_t port_;
-  pid_t pid_;
+  ChildProcess process_;  // stopped before dir_ goes
 };
 
 }  // namespace lazyblock::testing

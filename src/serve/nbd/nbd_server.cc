@@ -14,8 +14,6 @@
 #include <cstring>
 #include <memory>
 #include <optional>
-#include <system_error>
-#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
@@ -133,28 +131,24 @@ class NbdServer::Runner final : public RequestRunner {
 };
 
 void NbdServer::serve_connection(int fd) {
-  {
-    SocketTransport transport(fd, limits_.handshake_timeout);
-    Runner runner(*this);
-    Session session(export_, transport, runner, requests_, observer_);
-    session.run();
-  }
-  session_ended(fd);
+  SocketTransport transport(fd, limits_.handshake_timeout);
+  Runner runner(*this);
+  Session session(export_, transport, runner, requests_, observer_);
+  session.run();
 }
 
 NbdServer::NbdServer(Export disk, ConnectionLimits limits, int workers)
     : export_(std::move(disk)), limits_(limits), workers_(workers) {
-  if (::pipe2(wake_, O_CLOEXEC) != 0) wake_[0] = wake_[1] = -1;
+  int pipe_fds[2];
+  if (::pipe2(pipe_fds, O_CLOEXEC) == 0) {
+    wake_read_.reset(pipe_fds[0]);
+    wake_write_.reset(pipe_fds[1]);
+  }
 }
 
 NbdServer::~NbdServer() {
   stop();
-  std::unique_lock lock(mu_);
-  all_ended_.wait(lock, [&] { return open_fds_.empty(); });
-  lock.unlock();
-  for (int fd : wake_) {
-    if (fd >= 0) ::close(fd);
-  }
+  sessions_.join_all();
 }
 
 Status NbdServer::listen_unix(const std::filesystem::path& path) {
@@ -198,55 +192,36 @@ Status NbdServer::listen_tcp(const std::string& host, uint16_t port) {
 Status NbdServer::serve() {
   if (listen_fd_ < 0) return Status::invalid_argument("serve() before listen");
   // One descriptor per connection.
-  Acceptor acceptor(listen_fd_, wake_[0],
+  Acceptor acceptor(listen_fd_, wake_read_.get(),
                     limits_.max_connections > 0 ? limits_.max_connections
                                                 : default_max_connections(1),
                     "serve nbd");
-  const auto open = [&] {
-    std::lock_guard lock(mu_);
-    return open_fds_.size();
-  };
+  const auto open = [&] { return sessions_.live(); };
   while (!stopping_.load()) {
-    Result<int> accepted = acceptor.accept(open);
+    Result<UniqueFd> accepted = acceptor.accept(open);
     if (!accepted) return accepted.status();
-    if (*accepted < 0) break;  // stop()
-    const int fd = *accepted;
+    if (!*accepted) break;  // stop()
     const int one = 1;
-    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // fails harmlessly on Unix sockets
-    {
-      std::lock_guard lock(mu_);
-      open_fds_.insert(fd);
-    }
+    // Fails harmlessly on Unix sockets.
+    ::setsockopt(accepted->get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     connections_.fetch_add(1);
-    try {
-      std::thread([this, fd] { serve_connection(fd); }).detach();
-    } catch (const std::system_error& error) {
-      // Out of threads: this connection is refused; the server goes on.
-      log(LogLevel::kWarn, "serve nbd: refused a connection: no thread for it ({})", error.what());
-      session_ended(fd);
-    }
+    sessions_.start(std::move(*accepted), [this](int fd) { serve_connection(fd); });
   }
-  std::unique_lock lock(mu_);
-  if (!all_ended_.wait_for(lock, kReplyGrace, [&] { return open_fds_.empty(); })) {
-    for (int fd : open_fds_) ::shutdown(fd, SHUT_RDWR);
-  }
-  all_ended_.wait(lock, [&] { return open_fds_.empty(); });
+  if (!sessions_.wait_ended(kReplyGrace)) sessions_.shutdown_all(SHUT_RDWR);
+  sessions_.join_all();
   return Status::ok();
 }
 
 void NbdServer::stop() {
   if (stopping_.exchange(true)) return;
-  if (wake_[1] >= 0) {
+  if (wake_write_) {
     const char byte = 1;
-    (void)!::write(wake_[1], &byte, 1);
+    (void)!::write(wake_write_.get(), &byte, 1);
   }
   // Wake every connection's reader: it sees the end and finishes up. The
   // write side stays open for a while (see serve()), so that requests in
   // flight still get their replies, errors if their fetches were cancelled.
-  {
-    std::lock_guard lock(mu_);
-    for (int fd : open_fds_) ::shutdown(fd, SHUT_RD);
-  }
+  sessions_.shutdown_all(SHUT_RD);
   // Readers waiting for the reply budget end too.
   { std::lock_guard lock(budget_mu_); }
   budget_freed_.notify_all();
@@ -274,15 +249,6 @@ void NbdServer::release(uint64_t* held, uint64_t bytes) {
     bytes_in_flight_ -= bytes;
   }
   budget_freed_.notify_all();
-}
-
-void NbdServer::session_ended(int fd) {
-  // Closed under the lock: stop() must never shut down a descriptor that
-  // has been closed and reused.
-  std::lock_guard lock(mu_);
-  open_fds_.erase(fd);
-  ::close(fd);
-  if (open_fds_.empty()) all_ended_.notify_all();
 }
 
 }  // namespace lazyblock::nbd

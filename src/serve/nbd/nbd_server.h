@@ -21,7 +21,6 @@
 #include <filesystem>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <string>
 
 #include "common/status.h"
@@ -30,6 +29,7 @@
 #include "common/worker_pool.h"
 #include "serve/connection_limits.h"
 #include "serve/nbd/session.h"
+#include "serve/session_registry.h"
 
 namespace lazyblock::nbd {
 
@@ -67,9 +67,8 @@ class NbdServer {
   class Runner;
   friend class Runner;
 
-  // A connection's thread: its session, then its end.
+  // A connection's thread: its session.
   void serve_connection(int fd);
-  void session_ended(int fd);
   // Takes `bytes` of the reply budget for a request of `session` (whose
   // share is `*held`), waiting while that connection holds its share or all
   // of them the whole budget; false once the server stops.
@@ -81,7 +80,7 @@ class NbdServer {
   std::unique_ptr<UnixListener> unix_listener_;  // listen_unix
   UniqueFd tcp_listener_;                        // listen_tcp
   int listen_fd_ = -1;                           // whichever of the two
-  int wake_[2] = {-1, -1};  // a pipe that wakes serve() for stop()
+  UniqueFd wake_read_, wake_write_;  // a pipe that wakes serve() for stop()
   uint16_t port_ = 0;
   std::atomic<bool> stopping_{false};
   std::atomic<uint64_t> connections_{0};
@@ -95,9 +94,7 @@ class NbdServer {
   std::condition_variable budget_freed_;
   uint64_t bytes_in_flight_ = 0;  // guarded by budget_mu_
 
-  std::mutex mu_;
-  std::condition_variable all_ended_;
-  std::set<int> open_fds_;  // guarded by mu_: the connections being served
+  SessionRegistry sessions_{"serve nbd"};  // the connections being served
 
   WorkerPool workers_;  // declared last: destroyed (joined) first
 };

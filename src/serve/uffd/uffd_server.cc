@@ -57,11 +57,6 @@ std::span<const std::byte> zeros(uint64_t length) {
   return std::span(kZeros).first(length);
 }
 
-void close_fd(int& fd) {
-  if (fd >= 0) ::close(fd);
-  fd = -1;
-}
-
 // Whether `fd` is a userfaultfd (an anonymous inode of that name).
 bool is_userfaultfd(int fd) {
   char target[64] = {};
@@ -76,12 +71,8 @@ bool is_userfaultfd(int fd) {
 // One VM: its descriptor, its regions, and the threads serving it.
 class UffdServer::Session {
  public:
+  // `socket` is the registry's, open until run() returns.
   Session(UffdServer& server, int socket) : server_(server), socket_(socket) {}
-  ~Session() {
-    close_fd(uffd_);
-    close_fd(wake_);
-    close_fd(socket_);
-  }
 
   // The whole life of the connection: handshake, serving, cleanup.
   void run();
@@ -132,9 +123,9 @@ class UffdServer::Session {
   void wake_events();
 
   UffdServer& server_;
-  int socket_;
-  int uffd_ = -1;
-  int wake_ = -1;  // an eventfd: deferred faults to retry, or stop
+  const int socket_;
+  UniqueFd uffd_;
+  UniqueFd wake_;  // an eventfd: deferred faults to retry, or stop
   std::vector<GuestRegion> regions_;
   PageRecorder recorder_;
   std::thread prefetcher_;
@@ -159,8 +150,8 @@ void UffdServer::Session::run() {
         "serve uffd: connection refused: {}", s.to_string());
     return;
   }
-  wake_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (wake_ < 0) {
+  wake_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!wake_) {
     log(LogLevel::kError, "serve uffd: {}", posix_error("eventfd", errno).to_string());
     return;
   }
@@ -209,11 +200,11 @@ Status UffdServer::Session::receive_mappings() {
   for (;;) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
     if (left.count() <= 0) {
-      return Status::timeout(uffd_ < 0 ? fmt::format("no userfaultfd descriptor within {} ms",
-                                                      timeout.count())
-                                       : fmt::format("the memory mappings did not arrive whole "
-                                                     "within {} ms",
-                                                     timeout.count()));
+      return Status::timeout(!uffd_ ? fmt::format("no userfaultfd descriptor within {} ms",
+                                                   timeout.count())
+                                    : fmt::format("the memory mappings did not arrive whole "
+                                                  "within {} ms",
+                                                  timeout.count()));
     }
     pollfd fds{socket_, POLLIN, 0};
     const int ready = ::poll(&fds, 1, static_cast<int>(left.count()));
@@ -237,10 +228,10 @@ Status UffdServer::Session::receive_mappings() {
       for (size_t i = 0; i < count; ++i) {
         int fd;
         std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-        if (uffd_ < 0) {
-          uffd_ = fd;
+        if (!uffd_) {
+          uffd_.reset(fd);
         } else {
-          ::close(fd);  // one descriptor per VM: extra ones are not ours to keep
+          UniqueFd extra(fd);  // one descriptor per VM: extra ones are not ours to keep
         }
       }
     }
@@ -250,7 +241,7 @@ Status UffdServer::Session::receive_mappings() {
     if (n == 0) {
       // A probe (is the socket up?) rather than a VM: not worth an error.
       if (body.empty()) return Status::cancelled("a client connected and left without a word");
-      if (uffd_ < 0) {
+      if (!uffd_) {
         return Status::invalid_argument("the VM sent its memory mappings but no userfaultfd "
                                         "descriptor, and closed the connection");
       }
@@ -262,17 +253,17 @@ Status UffdServer::Session::receive_mappings() {
           fmt::format("the memory mappings exceed {}", format_size(kMaxMappingsBytes)));
     }
     // The body may come before the descriptor is readable: wait for both.
-    if (uffd_ >= 0 && nlohmann::json::accept(body)) break;
+    if (uffd_ && nlohmann::json::accept(body)) break;
   }
-  if (!is_userfaultfd(uffd_)) {
+  if (!is_userfaultfd(uffd_.get())) {
     return Status::invalid_argument("the descriptor the VM sent is not a userfaultfd");
   }
   Result<std::vector<GuestRegion>> regions = parse_guest_regions(body, server_.memfile_.size());
   if (!regions) return regions.status();
   regions_ = std::move(regions).value();
   // Events are read until none is left: the descriptor must not block.
-  const int flags = ::fcntl(uffd_, F_GETFL);
-  if (flags < 0 || ::fcntl(uffd_, F_SETFL, flags | O_NONBLOCK) != 0) {
+  const int flags = ::fcntl(uffd_.get(), F_GETFL);
+  if (flags < 0 || ::fcntl(uffd_.get(), F_SETFL, flags | O_NONBLOCK) != 0) {
     return posix_error("making the userfaultfd non-blocking", errno);
   }
   return Status::ok();
@@ -282,7 +273,8 @@ Status UffdServer::Session::serve_events() {
   std::vector<uint64_t> faults;
   Clock::time_point last_event = Clock::now();
   for (;;) {
-    pollfd fds[3] = {{uffd_, POLLIN, 0}, {socket_, POLLIN, 0}, {wake_, POLLIN, 0}};
+    pollfd fds[3] = {
+        {uffd_.get(), POLLIN, 0}, {socket_, POLLIN, 0}, {wake_.get(), POLLIN, 0}};
     // Faults come in bursts (a vCPU touches page after page): for a moment
     // after one, look for the next without sleeping, which saves the
     // wake-up of a blocked thread on each.
@@ -315,7 +307,7 @@ Status UffdServer::Session::serve_events() {
     last_event = Clock::now();
     if (fds[2].revents & POLLIN) {
       uint64_t count;
-      (void)!::read(wake_, &count, sizeof count);
+      (void)!::read(wake_.get(), &count, sizeof count);
     }
     {
       std::lock_guard lock(mu_);
@@ -370,7 +362,7 @@ Status UffdServer::Session::serve_events() {
 Result<bool> UffdServer::Session::drain_events(std::vector<uint64_t>* faults) {
   uffd_msg messages[64];
   for (;;) {
-    const ssize_t n = ::read(uffd_, messages, sizeof messages);
+    const ssize_t n = ::read(uffd_.get(), messages, sizeof messages);
     if (n < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN) return true;
@@ -422,7 +414,7 @@ void UffdServer::Session::on_remove(uint64_t start, uint64_t end) {
   // the kernel gives zero pages itself, with no round trip to us; if that
   // fails, faults there are served as zero pages (see handle_fault).
   uffdio_range range{start, end - start};
-  if (::ioctl(uffd_, UFFDIO_UNREGISTER, &range) != 0) {
+  if (::ioctl(uffd_.get(), UFFDIO_UNREGISTER, &range) != 0) {
     log(LogLevel::kDebug, "serve uffd: unregistering removed [{:#x}, {:#x}): {}", start, end,
         posix_error("ioctl", errno).to_string());
   }
@@ -629,14 +621,14 @@ void UffdServer::Session::prefetch_range(const GuestRegion& region, uint64_t beg
     if (bytes.empty()) {
       uffdio_zeropage request{};
       request.range = {address, length - done};
-      result = ::ioctl(uffd_, UFFDIO_ZEROPAGE, &request);
+      result = ::ioctl(uffd_.get(), UFFDIO_ZEROPAGE, &request);
       progress = request.zeropage;
     } else {
       uffdio_copy request{};
       request.dst = address;
       request.src = reinterpret_cast<uint64_t>(bytes.data() + done);
       request.len = length - done;
-      result = ::ioctl(uffd_, UFFDIO_COPY, &request);
+      result = ::ioctl(uffd_.get(), UFFDIO_COPY, &request);
       progress = request.copy;
     }
     const int error = errno;
@@ -676,7 +668,7 @@ UffdServer::Session::Install UffdServer::Session::copy(const Page& page,
   request.dst = page.address;
   request.src = reinterpret_cast<uint64_t>(bytes.data());
   request.len = page.size;
-  if (::ioctl(uffd_, UFFDIO_COPY, &request) == 0) return Install::kInstalled;
+  if (::ioctl(uffd_.get(), UFFDIO_COPY, &request) == 0) return Install::kInstalled;
   return result_of(errno, page, "UFFDIO_COPY");
 }
 
@@ -685,7 +677,7 @@ UffdServer::Session::Install UffdServer::Session::zero(const Page& page) {
   if (page.huge) return copy(page, zeros(page.size));
   uffdio_zeropage request{};
   request.range = {page.address, page.size};
-  if (::ioctl(uffd_, UFFDIO_ZEROPAGE, &request) == 0) return Install::kInstalled;
+  if (::ioctl(uffd_.get(), UFFDIO_ZEROPAGE, &request) == 0) return Install::kInstalled;
   return result_of(errno, page, "UFFDIO_ZEROPAGE");
 }
 
@@ -710,7 +702,7 @@ UffdServer::Session::Install UffdServer::Session::result_of(int error, const Pag
 
 void UffdServer::Session::wake_events() {
   const uint64_t one = 1;
-  (void)!::write(wake_, &one, sizeof one);
+  (void)!::write(wake_.get(), &one, sizeof one);
 }
 
 UffdServer::UffdServer(image::Disk& memfile, UffdOptions options)
@@ -718,74 +710,48 @@ UffdServer::UffdServer(image::Disk& memfile, UffdOptions options)
 
 UffdServer::~UffdServer() {
   stop();
-  {
-    std::unique_lock lock(mu_);
-    all_ended_.wait(lock, [&] { return sessions_.empty(); });
-  }
-  if (wake_fd_ >= 0) ::close(wake_fd_);
+  sessions_.join_all();
 }
 
 Status UffdServer::listen_unix(const std::filesystem::path& path) {
   Result<std::unique_ptr<UnixListener>> listener = UnixListener::listen(path);
   if (!listener) return listener.status();
   listener_ = std::move(listener).value();
-  wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (wake_fd_ < 0) return posix_error("eventfd", errno);
+  wake_fd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!wake_fd_) return posix_error("eventfd", errno);
   return Status::ok();
 }
 
 Status UffdServer::serve() {
   if (!listener_) return Status::invalid_argument("serve() before listen");
   // Three descriptors per VM: its socket, its userfaultfd, an eventfd.
-  Acceptor acceptor(listener_->fd(), wake_fd_,
+  Acceptor acceptor(listener_->fd(), wake_fd_.get(),
                     options_.limits.max_connections > 0 ? options_.limits.max_connections
                                                         : default_max_connections(3),
                     "serve uffd");
-  const auto open = [&] {
-    std::lock_guard lock(mu_);
-    return sessions_.size();
-  };
+  const auto open = [&] { return sessions_.live(); };
   while (!stopping_.load()) {
-    Result<int> accepted = acceptor.accept(open);
+    Result<UniqueFd> accepted = acceptor.accept(open);
     if (!accepted) return accepted.status();
-    if (*accepted < 0) break;  // stop()
-    const int fd = *accepted;
+    if (!*accepted) break;  // stop()
     counters_.connections.fetch_add(1);
-    auto* session = new Session(*this, fd);
-    {
-      std::lock_guard lock(mu_);
-      sessions_.insert(session);
-    }
-    const auto end = [this, session] {
-      std::lock_guard lock(mu_);
-      sessions_.erase(session);
-      delete session;
-      all_ended_.notify_all();
-    };
-    try {
-      std::thread([session, end] {
-        session->run();
-        end();
-      }).detach();
-    } catch (const std::system_error& error) {
-      // Out of threads: this VM is refused; the server goes on.
-      log(LogLevel::kWarn, "serve uffd: refused a VM: no thread for it ({})", error.what());
-      end();
-    }
+    const int socket = accepted->get();
+    auto session = std::make_shared<Session>(*this, socket);
+    sessions_.start(
+        std::move(*accepted), [session](int) { session->run(); },
+        [session] { session->stop(); });
   }
-  std::unique_lock lock(mu_);
-  all_ended_.wait(lock, [&] { return sessions_.empty(); });
+  sessions_.join_all();
   return Status::ok();
 }
 
 void UffdServer::stop() {
   if (stopping_.exchange(true)) return;
-  if (wake_fd_ >= 0) {
+  if (wake_fd_) {
     const uint64_t one = 1;
-    (void)!::write(wake_fd_, &one, sizeof one);
+    (void)!::write(wake_fd_.get(), &one, sizeof one);
   }
-  std::lock_guard lock(mu_);
-  for (Session* session : sessions_) session->stop();
+  sessions_.stop_all();
 }
 
 UffdStats UffdServer::stats() const {

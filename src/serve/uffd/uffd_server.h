@@ -44,11 +44,13 @@
 #include <vector>
 
 #include "common/status.h"
+#include "common/unique_fd.h"
 #include "common/unix_socket.h"
 #include "common/worker_pool.h"
 #include "image/disk.h"
 #include "serve/connection_limits.h"
 #include "serve/serve_observer.h"
+#include "serve/session_registry.h"
 #include "serve/uffd/page_record.h"
 
 namespace lazyblock::uffd {
@@ -102,7 +104,7 @@ class UffdServer {
   image::Disk& memfile_;
   const UffdOptions options_;
   std::unique_ptr<UnixListener> listener_;
-  int wake_fd_ = -1;  // an eventfd that wakes serve() for stop()
+  UniqueFd wake_fd_;  // an eventfd that wakes serve() for stop()
   std::atomic<bool> stopping_{false};
 
   struct Counters {
@@ -112,10 +114,8 @@ class UffdServer {
   Counters counters_;
   ServeObserver* observer_ = nullptr;
 
-  std::mutex mu_;
-  std::condition_variable all_ended_;
-  std::set<Session*> sessions_;  // guarded by mu_: those running
-  WorkerPool workers_;           // declared last: destroyed (joined) first
+  SessionRegistry sessions_{"serve uffd"};  // the VMs being served
+  WorkerPool workers_;                      // declared last: destroyed (joined) first
 };
 
 }  // namespace lazyblock::uffd
