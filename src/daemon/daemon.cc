@@ -18,11 +18,12 @@ namespace {
 
 using nlohmann::json;
 
-// Worker threads of each device's server: requests that wait on fetches
-// wait here, so a few per device keep several fetches in flight without
-// the daemon's threads growing sixteen at a time per VM.
-constexpr int kDiskWorkers = 4;
-constexpr int kMemoryWorkers = 4;
+// The worker threads of all disks (NBD requests) and of all memory devices
+// (faults that wait on fetches): requests that wait on a fetch hold one, so
+// the pools are large enough to keep many fetches in flight for a host's
+// VMs, and fixed, so that the daemon's threads do not grow with its devices.
+constexpr int kDiskWorkers = 32;
+constexpr int kMemoryWorkers = 32;
 // The largest page record a build may keep beside its memfile.
 constexpr uint64_t kMaxPageRecordBytes = 64 * kMiB;
 
@@ -74,6 +75,7 @@ struct Daemon::Disk {
   DiskSpec spec;
   std::unique_ptr<TemplateLease> lease;
   std::unique_ptr<image::Overlay> overlay;  // null: read-only
+  std::unique_ptr<MeteredDisk> metered;     // the overlay (or device), as served
   std::unique_ptr<nbd::NbdServer> server;
   std::thread serving;
 };
@@ -90,6 +92,8 @@ Daemon::Daemon(DaemonOptions options, StoreMetrics& store_metrics)
     : options_(std::move(options)),
       store_metrics_(store_metrics),
       started_(std::chrono::steady_clock::now()),
+      disk_workers_(kDiskWorkers),
+      memory_workers_(kMemoryWorkers),
       templates_(options_.templates) {}
 
 Daemon::~Daemon() { shutdown(); }
@@ -145,10 +149,12 @@ HttpResponse Daemon::put_disk(const std::string& id, const std::string& body) {
       if (!overlay) return overlay.status();
       disk->overlay = std::move(overlay).value();
     }
-    disk->server = std::make_unique<nbd::NbdServer>(
-        nbd::Export{spec->name, disk->overlay ? static_cast<image::Disk&>(*disk->overlay)
-                                              : static_cast<image::Disk&>(device)},
-        ConnectionLimits{}, kDiskWorkers);
+    disk->metered = std::make_unique<MeteredDisk>(
+        disk->overlay ? static_cast<image::Disk&>(*disk->overlay)
+                      : static_cast<image::Disk&>(device),
+        disk->overlay.get(), serve_metrics_);
+    disk->server = std::make_unique<nbd::NbdServer>(nbd::Export{spec->name, *disk->metered},
+                                                    ConnectionLimits{}, disk_workers_);
     disk->server->set_observer(&serve_metrics_);
     LB_RETURN_IF_ERROR(disk->server->listen_unix(spec->socket));
     return disk;
@@ -188,7 +194,7 @@ HttpResponse Daemon::put_memory(const std::string& id, const std::string& body) 
     memory->lease = std::move(lease).value();
     uffd::UffdOptions options;
     if (spec->record) options.record = *spec->record;
-    options.workers = kMemoryWorkers;
+    options.shared_workers = &memory_workers_;
     if (spec->prefetch) {
       Result<std::vector<uffd::PageRun>> plan = stored_prefetch_plan(memory->lease->get());
       if (!plan) return plan.status();
@@ -228,6 +234,7 @@ Status Daemon::end_disk(Disk& disk) {
   disk.serving.join();
   ended_nbd_connections_ += disk.server->connections();
   disk.server.reset();  // its sessions are gone: nothing writes to the overlay now
+  disk.metered.reset();
   Status flushed = Status::ok();
   if (disk.overlay) flushed = disk.overlay->flush();
   disk.overlay.reset();
@@ -289,7 +296,9 @@ HttpResponse Daemon::list_disks() {
                 {"size", disk->lease->get().device().size()},
                 {"read_only", disk->spec.read_only},
                 {"connections", disk->server->connections()},
-                {"requests", disk->server->requests()}};
+                {"requests", disk->server->requests()},
+                {"reads_cached", disk->metered->reads_cached()},
+                {"reads_waited", disk->metered->reads_waited()}};
     if (disk->spec.overlay) row["overlay"] = disk->spec.overlay->string();
     rows.push_back(std::move(row));
   }
@@ -373,6 +382,8 @@ void Daemon::shutdown() {
     if (one) end_memory(*one);
   }
 }
+
+void Daemon::cancel_fetches() { templates_.cancel_all(); }
 
 std::string Daemon::metrics_text() {
   MetricsText out;

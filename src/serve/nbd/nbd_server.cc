@@ -125,7 +125,7 @@ class NbdServer::Runner final : public RequestRunner {
   explicit Runner(NbdServer& server) : server_(server) {}
   bool admit(uint64_t bytes) override { return server_.reserve(&held_, bytes); }
   void release(uint64_t bytes) override { server_.release(&held_, bytes); }
-  void run(std::function<void()> request) override { server_.workers_.submit(std::move(request)); }
+  void run(std::function<void()> request) override { server_.workers_->submit(std::move(request)); }
 
  private:
   NbdServer& server_;
@@ -143,7 +143,15 @@ void NbdServer::serve_connection(int fd) {
 }
 
 NbdServer::NbdServer(Export disk, ConnectionLimits limits, int workers)
-    : export_(std::move(disk)), limits_(limits), workers_(workers) {
+    : export_(std::move(disk)),
+      limits_(limits),
+      own_workers_(std::make_unique<WorkerPool>(workers)) {
+  workers_ = own_workers_.get();
+  if (::pipe2(wake_, O_CLOEXEC) != 0) wake_[0] = wake_[1] = -1;
+}
+
+NbdServer::NbdServer(Export disk, ConnectionLimits limits, WorkerPool& workers)
+    : export_(std::move(disk)), limits_(limits), workers_(&workers) {
   if (::pipe2(wake_, O_CLOEXEC) != 0) wake_[0] = wake_[1] = -1;
 }
 
