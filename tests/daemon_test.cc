@@ -2,17 +2,21 @@
 // socket, real NBD clients (nbdcopy, qemu-io) on the disks it makes,
 // Firecracker-like VMs on its memory devices, a real nginx as the shaped
 // upstream (its access log counts what was fetched), promtool on /metrics.
+#include <libnbd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <mutex>
 #include <memory>
 #include <optional>
 #include <random>
@@ -531,6 +535,117 @@ TEST_F(DaemonTest, AnIdleTemplateGoesAfterItsTtl) {
     left = call("GET", "/templates").doc().size();
   }
   EXPECT_EQ(left, 0u);
+  EXPECT_EQ(daemon->stop(), 0);
+}
+
+// A 4 KiB block stamped with its index and a write's sequence number, the
+// rest a function of both (as data_safety_test stamps them), so that a
+// torn, misplaced or lost write is seen.
+std::string stamped_block(uint64_t block, uint64_t seq) {
+  std::mt19937_64 rng(block * 1000003 + seq);
+  std::string data(4096, '\0');
+  for (size_t i = 16; i < data.size(); ++i) data[i] = static_cast<char>(rng());
+  std::memcpy(data.data(), &block, 8);
+  std::memcpy(data.data() + 8, &seq, 8);
+  return data;
+}
+
+// Writers on four libnbd connections stamp their own blocks and FLUSH after
+// each write, until the daemon is killed under them; what each flush
+// acknowledged is kept here, in the test's memory.
+class AckedFlushes {
+ public:
+  static constexpr int kConnections = 4;
+  static constexpr uint64_t kBlocksEach = 16;
+
+  // Writes until `flushes` more are acknowledged, then `kill`s and waits
+  // for the writers (whose calls then fail).
+  void run(const std::string& uri, uint64_t flushes, const std::function<void()>& kill) {
+    std::atomic<uint64_t> acked_now{0};
+    std::atomic<int> live{kConnections};
+    std::vector<std::thread> writers;
+    for (int c = 0; c < kConnections; ++c) {
+      writers.emplace_back([&, c] {
+        write_until_failure(uri, c, acked_now);
+        live.fetch_sub(1);
+      });
+    }
+    while (acked_now.load() < flushes && live.load() > 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    kill();
+    for (std::thread& writer : writers) writer.join();
+  }
+
+  std::map<uint64_t, uint64_t> acked() {
+    std::lock_guard lock(mu_);
+    return acked_;
+  }
+  uint64_t total() const { return total_.load(); }
+
+ private:
+  void write_until_failure(const std::string& uri, int c, std::atomic<uint64_t>& acked_now) {
+    struct nbd_handle* nbd = nbd_create();
+    if (nbd == nullptr) return;
+    if (nbd_connect_uri(nbd, uri.c_str()) == 0) {
+      for (uint64_t i = 0;; ++i) {
+        const uint64_t block = static_cast<uint64_t>(c) + kConnections * (i % kBlocksEach);
+        const uint64_t seq = next_seq_.fetch_add(1) + 1;
+        const std::string data = stamped_block(block, seq);
+        if (nbd_pwrite(nbd, data.data(), data.size(), block * 4096, 0) != 0) break;
+        if (nbd_flush(nbd, 0) != 0) break;
+        {
+          std::lock_guard lock(mu_);
+          uint64_t& acked = acked_[block];
+          acked = std::max(acked, seq);
+        }
+        total_.fetch_add(1);
+        acked_now.fetch_add(1);
+      }
+    }
+    nbd_close(nbd);
+  }
+
+  std::atomic<uint64_t> next_seq_{0};
+  std::atomic<uint64_t> total_{0};
+  std::mutex mu_;
+  std::map<uint64_t, uint64_t> acked_;  // block -> highest seq acknowledged by a flush
+};
+
+TEST_F(DaemonTest, AKeptOverlayKeepsEveryAcknowledgedFlushThroughKillNine) {
+  pack(kBuild, kDisk, disk_bytes(4 * kMiB, 11));
+  const std::filesystem::path overlay = dir_ / "kept-overlay";
+  const std::string put_kept =
+      disk_body(kBuild, "kept.sock", R"(, "overlay": ")" + overlay.string() + "\"");
+  const std::string store = "file://" + nginx_->docroot().string();
+  AckedFlushes load;
+  std::random_device seed_source;
+  const unsigned seed = seed_source();
+  std::mt19937 rng(seed);
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  for (int round = 0; round < 4; ++round) {
+    // The work dir, the API's and the disk's sockets of the killed daemon
+    // are left behind: the next one takes them over.
+    std::unique_ptr<ServerProcess> daemon = start_daemon({}, store);
+    ASSERT_TRUE(daemon->running()) << "round " << round;
+    ASSERT_EQ(call("PUT", "/disks/kept", put_kept).status, 201) << "round " << round;
+    load.run(uri("kept.sock"), std::uniform_int_distribution<uint64_t>(1, 60)(rng),
+             [&] { daemon->kill_hard(); });
+  }
+  ASSERT_GT(load.total(), 0u);
+  std::unique_ptr<ServerProcess> daemon = start_daemon({}, store);
+  ASSERT_TRUE(daemon->running());
+  ASSERT_EQ(call("PUT", "/disks/kept", put_kept).status, 201);
+  Outcome copied = run_program(dir_, "nbdcopy", {uri("kept.sock"), (dir_ / "copy").string()});
+  ASSERT_EQ(copied.status, 0) << copied.err;
+  const std::string disk = slurp(dir_ / "copy");
+  for (const auto& [block, seq] : load.acked()) {
+    const std::string found = disk.substr(block * 4096, 4096);
+    uint64_t stamp = 0;
+    std::memcpy(&stamp, found.data() + 8, 8);
+    ASSERT_EQ(found, stamped_block(block, stamp)) << "block " << block << " is not a whole write";
+    EXPECT_GE(stamp, seq) << "block " << block << " lost its acknowledged write";
+  }
   EXPECT_EQ(daemon->stop(), 0);
 }
 
