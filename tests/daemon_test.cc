@@ -676,6 +676,33 @@ TEST_F(DaemonTest, SigtermDuringAStalledHeaderLoadCancelsIt) {
   EXPECT_FALSE(std::filesystem::exists(dir_ / "stalled.sock"));
 }
 
+TEST(BenchFleetTest, RunsAWaveAloneThenTwoOfSeveralVmsAndPrintsTheirRows) {
+  Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
+  ASSERT_TRUE(scratch);
+  const std::vector<std::string> args = {"bench",        "fleet",      "--profile",
+                                         "ttfb=1ms,bw=500MB/s", "--vms", "3",
+                                         "--working-set", "256KiB",     "--disk-size",
+                                         "4MiB"};
+  Outcome table = run_lazyblock(scratch->path(), args);
+  ASSERT_EQ(table.status, 0) << table.err;
+  for (const char* row : {"single VM", "wave 1", "wave 2", "limit: a cold read"}) {
+    EXPECT_NE(table.out.find(row), std::string::npos) << row << " in\n" << table.out;
+  }
+  std::vector<std::string> json_args = args;
+  json_args.push_back("--json");
+  Outcome json_out = run_lazyblock(scratch->path(), json_args);
+  ASSERT_EQ(json_out.status, 0) << json_out.err;
+  const json doc = json::parse(json_out.out, nullptr, false);
+  ASSERT_TRUE(doc.is_object()) << json_out.out;
+  // Every VM read the whole working set (64 blocks); the second wave found
+  // the template warm and fetched nothing.
+  EXPECT_EQ(doc["single"]["reads"], 64);
+  EXPECT_EQ(doc["wave1"]["reads"], 3 * 64);
+  EXPECT_EQ(doc["wave2"]["reads"], 3 * 64);
+  EXPECT_GT(doc["single"]["upstream_bytes"].get<uint64_t>(), 0u);
+  EXPECT_EQ(doc["wave2"]["upstream_requests"], 0);
+}
+
 // Threads of a running process, from /proc/PID/task.
 size_t thread_count(pid_t pid) {
   size_t count = 0;
