@@ -21,7 +21,6 @@
 #include "common/units.h"
 #include "daemon/device_servers.h"
 #include "image/device.h"
-#include "image/overlay.h"
 #include "serve/connection_limits.h"
 #include "serve/nbd/nbd_server.h"
 #include "serve/uffd/uffd_server.h"

@@ -7,10 +7,8 @@
 #include <nlohmann/json.hpp>
 
 #include "common/log.h"
-#include "common/units.h"
 #include "daemon/device_servers.h"
 #include "daemon/device_specs.h"
-#include "image/overlay.h"
 #include "serve/nbd/nbd_server.h"
 #include "serve/uffd/uffd_server.h"
 
