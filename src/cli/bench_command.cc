@@ -10,6 +10,7 @@
 
 #include "bench/fetch_bench.h"
 #include "bench/hit_bench.h"
+#include "bench/fleet_bench.h"
 #include "bench/seq_bench.h"
 #include "bench/uffd_bench.h"
 #include "cli/commands.h"
@@ -152,6 +153,49 @@ int run_seq_bench_command(const SeqBenchFlags& flags) {
   return 0;
 }
 
+struct FleetBenchFlags {
+  std::string profile;
+  int vms = 8;
+  std::string working_set = "32MiB";
+  std::string disk_size;
+  int queue_depth = 4;
+  std::string fetch = "split";
+  uint64_t seed = 42;
+  bool json = false;
+  std::string log_level = "warn";
+};
+
+int run_fleet_bench_command(const FleetBenchFlags& flags) {
+  if (Status s = apply_log_level(flags.log_level); !s.is_ok()) return report_failure(s);
+  FleetBenchOptions options;
+  Result<SimulateProfile> profile = SimulateProfile::parse(flags.profile);
+  if (!profile) return report_failure(profile.status());
+  options.profile_name = flags.profile;
+  options.profile = *profile;
+  options.vms = flags.vms;
+  Result<uint64_t> working_set = parse_size(flags.working_set);
+  if (!working_set) return report_failure(working_set.status().with_context("--working-set"));
+  options.working_set = *working_set;
+  if (!flags.disk_size.empty()) {
+    Result<uint64_t> disk_size = parse_size(flags.disk_size);
+    if (!disk_size) return report_failure(disk_size.status().with_context("--disk-size"));
+    options.disk_size = *disk_size;
+  }
+  options.queue_depth = flags.queue_depth;
+  Result<FetchStrategy> strategy = parse_fetch_strategy(flags.fetch);
+  if (!strategy) return report_failure(strategy.status());
+  options.strategy = *strategy;
+  options.seed = flags.seed;
+  Result<FleetBenchReport> report = run_fleet_bench(options);
+  if (!report) return report_failure(report.status().with_context("bench fleet"));
+  if (flags.json) {
+    std::printf("%s\n", fleet_report_json(*report).dump(2).c_str());
+  } else {
+    std::printf("%s", format_fleet_report(*report).c_str());
+  }
+  return 0;
+}
+
 struct UffdBenchFlags {
   std::string profile;
   std::string memfile_size = "256MiB";
@@ -271,7 +315,35 @@ CommandRunner add_bench_command(CLI::App& app) {
   uffd->add_flag("--json", uffd_flags->json, "Print one JSON document instead of the table");
   add_log_flag(*uffd, uffd_flags->log_level);
 
-  return [fetch, fetch_flags, hit, hit_flags, seq, seq_flags, uffd, uffd_flags]() -> int {
+  auto fleet_flags = std::make_shared<FleetBenchFlags>();
+  CLI::App* fleet = bench->add_subcommand(
+      "fleet",
+      "VMs starting at once from one template behind a simulated store, each reading the same "
+      "working set at random, then a second wave: read latency and upstream bytes per wave, "
+      "beside one VM's alone and the physical limit");
+  fleet->add_option("--profile", fleet_flags->profile,
+                    "gcs (20ms, 100MB/s), nfs (1ms, 500MB/s) or ttfb=MS,bw=MBPS")
+      ->required();
+  fleet->add_option("--vms", fleet_flags->vms, "VMs in each wave")
+      ->capture_default_str()
+      ->check(at_least(1));
+  fleet->add_option("--working-set", fleet_flags->working_set,
+                    "Bytes of 4 KiB blocks, spread over the disk, each VM reads")
+      ->capture_default_str();
+  fleet->add_option("--disk-size", fleet_flags->disk_size,
+                    "The template's disk (default: four times the working set)");
+  fleet->add_option("--queue-depth", fleet_flags->queue_depth, "Reads each VM has in flight")
+      ->capture_default_str()
+      ->check(at_least(1));
+  fleet->add_option("--fetch", fleet_flags->fetch, "Fetch strategy")->capture_default_str();
+  fleet->add_option("--seed", fleet_flags->seed, "Seed of the working set and the VMs' orders")
+      ->capture_default_str();
+  fleet->add_flag("--json", fleet_flags->json, "Print one JSON document instead of the table");
+  add_log_flag(*fleet, fleet_flags->log_level);
+
+  return [fetch, fetch_flags, hit, hit_flags, seq, seq_flags, uffd, uffd_flags, fleet,
+          fleet_flags]() -> int {
+    if (fleet->parsed()) return run_fleet_bench_command(*fleet_flags);
     if (uffd->parsed()) return run_uffd_bench_command(*uffd_flags);
     if (fetch->parsed()) return run_fetch_bench_command(*fetch_flags);
     if (hit->parsed()) return run_hit_bench_command(*hit_flags);

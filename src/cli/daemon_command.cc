@@ -218,6 +218,12 @@ int run_daemon(const DaemonFlags& flags) {
       stop_asked.wait(lock, [&] { return stopping; });
     }
     log(LogLevel::kInfo, "daemon: stopping: no more API calls; ending every device");
+    // A PUT that waits on a stalled store (its template's header, a fetch)
+    // must not hold the exit: its loads and fetches are cancelled, so that
+    // it ends (500) before the API server, which waits for calls in
+    // progress, stops.
+    metered->cancel();
+    service.cancel_fetches();
     (*server)->stop();  // calls in progress finish first
     if (metrics_server) metrics_server->stop();
     service.shutdown();

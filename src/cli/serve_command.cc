@@ -19,8 +19,8 @@
 #include "cli/stop_signals.h"
 #include "common/log.h"
 #include "common/units.h"
+#include "daemon/device_servers.h"
 #include "image/device.h"
-#include "image/overlay.h"
 #include "serve/connection_limits.h"
 #include "serve/nbd/nbd_server.h"
 #include "serve/uffd/uffd_server.h"
@@ -102,17 +102,10 @@ struct UffdFlags {
   std::string log_level = "warn";
 };
 
-// A device to serve, and the data files it reads from.
-struct ServedDevice {
-  std::shared_ptr<image::DataFiles> files;
-  std::unique_ptr<image::Device> device;
-};
-
 // Device `name` of `build` (a UUID) through the store the flags describe,
-// with the sizes of its data files learned, so that a VM's first reads do
-// not wait for them.
-Result<ServedDevice> open_served_device(const StoreFlags& flags, const std::string& build,
-                                        const std::string& name) {
+// opened as the daemon opens its templates.
+Result<daemon::OpenedDevice> open_served_device(const StoreFlags& flags, const std::string& build,
+                                                const std::string& name) {
   Result<image::Uuid> id = image::Uuid::parse(build);
   if (!id) return id.status().with_context("--build");
   Result<ChunkerOptions> options = chunker_options(flags);
@@ -121,12 +114,7 @@ Result<ServedDevice> open_served_device(const StoreFlags& flags, const std::stri
   if (!stack) return stack.status();
   Result<std::shared_ptr<ObjectStore>> store = open_store(flags.store, *stack);
   if (!store) return store.status();
-  ServedDevice served{std::make_shared<image::DataFiles>(*store, *options), nullptr};
-  Result<std::unique_ptr<image::Device>> device = image::Device::open(served.files, *id, name);
-  if (!device) return device.status();
-  LB_RETURN_IF_ERROR((*device)->learn_sizes());
-  served.device = std::move(device).value();
-  return served;
+  return daemon::open_device(*store, *options, *id, name);
 }
 
 // The pages to prefetch: --prefetch PATH, else the record kept beside the
@@ -140,22 +128,13 @@ Result<std::vector<uffd::PageRun>> prefetch_plan(const UffdFlags& flags, ObjectS
     if (!runs) return runs.status().with_context("--prefetch");
     return runs;
   }
-  const std::string key = image::data_key(build, flags.name) + ".prefetch";
-  Result<std::vector<std::byte>> bytes =
-      image::read_small_object(store, key, 64 * kMiB, timeout);
-  if (!bytes) {
-    if (bytes.status().code() == StatusCode::kNotFound) return std::vector<uffd::PageRun>();
-    return bytes.status().with_context("prefetch record");
-  }
-  Result<std::vector<uffd::PageRun>> runs = uffd::parse_page_record(
-      std::string_view(reinterpret_cast<const char*>(bytes->data()), bytes->size()));
-  if (!runs) return runs.status().with_context(key);
-  return runs;
+  return daemon::stored_prefetch_plan(store, build, flags.name, timeout);
 }
 
 int run_uffd(const UffdFlags& flags) {
   if (Status s = apply_log_level(flags.log_level); !s.is_ok()) return report_failure(s);
-  Result<ServedDevice> served_device = open_served_device(flags.store, flags.build, flags.name);
+  Result<daemon::OpenedDevice> served_device =
+      open_served_device(flags.store, flags.build, flags.name);
   if (!served_device) return report_failure(served_device.status().with_context("serve uffd"));
   image::DataFiles& files = *served_device->files;
   std::unique_ptr<image::Device>& memfile = served_device->device;
@@ -206,21 +185,19 @@ int run_nbd(const NbdFlags& flags) {
   }
   Result<ConnectionLimits> limits = connection_limits(flags.limits);
   if (!limits) return report_failure(limits.status());
-  Result<ServedDevice> served_device = open_served_device(flags.store, flags.build, flags.name);
+  Result<daemon::OpenedDevice> served_device =
+      open_served_device(flags.store, flags.build, flags.name);
   if (!served_device) return report_failure(served_device.status().with_context("serve nbd"));
   std::unique_ptr<image::Device>& device = served_device->device;
-  std::unique_ptr<image::Overlay> overlay;
-  if (!flags.read_only) {
-    std::optional<std::filesystem::path> kept;
-    if (!flags.overlay.empty()) kept = flags.overlay;
-    Result<std::unique_ptr<image::Overlay>> opened = image::Overlay::open(*device, kept);
-    if (!opened) return report_failure(opened.status().with_context("serve nbd"));
-    overlay = std::move(opened).value();
-  }
-
-  StopSignals signals;
-  image::Disk& disk = overlay ? static_cast<image::Disk&>(*overlay) : *device;
-  nbd::NbdServer server({flags.name, disk}, *limits);
+  daemon::DiskServerOptions options;
+  options.name = flags.name;
+  options.read_only = flags.read_only;
+  if (!flags.overlay.empty()) options.overlay = flags.overlay;
+  options.limits = *limits;
+  StopSignals signals;  // before the server's threads start, so that none takes them
+  Result<std::unique_ptr<daemon::DiskServer>> disk = daemon::DiskServer::open(*device, options);
+  if (!disk) return report_failure(disk.status().with_context("serve nbd"));
+  nbd::NbdServer& server = (*disk)->server();
   std::string where;
   if (!flags.listen.empty()) {
     Result<std::pair<std::string, uint16_t>> address = parse_listen(flags.listen);
@@ -255,9 +232,7 @@ int run_nbd(const NbdFlags& flags) {
   });
   const Status served = server.serve();
   signals.stop_waiting();  // its stop() may still be running: before the server goes
-  if (overlay) {
-    if (Status s = overlay->flush(); !s.is_ok()) return report_failure(s);
-  }
+  if (Status s = (*disk)->close(); !s.is_ok()) return report_failure(s);
   if (!served.is_ok()) return report_failure(served.with_context("serve nbd"));
   return 0;
 }

@@ -7,9 +7,8 @@
 #include <nlohmann/json.hpp>
 
 #include "common/log.h"
-#include "common/units.h"
+#include "daemon/device_servers.h"
 #include "daemon/device_specs.h"
-#include "image/overlay.h"
 #include "serve/nbd/nbd_server.h"
 #include "serve/uffd/uffd_server.h"
 
@@ -18,13 +17,12 @@ namespace {
 
 using nlohmann::json;
 
-// Worker threads of each device's server: requests that wait on fetches
-// wait here, so a few per device keep several fetches in flight without
-// the daemon's threads growing sixteen at a time per VM.
-constexpr int kDiskWorkers = 4;
-constexpr int kMemoryWorkers = 4;
-// The largest page record a build may keep beside its memfile.
-constexpr uint64_t kMaxPageRecordBytes = 64 * kMiB;
+// The worker threads of all disks (NBD requests) and of all memory devices
+// (faults that wait on fetches): requests that wait on a fetch hold one, so
+// the pools are large enough to keep many fetches in flight for a host's
+// VMs, and fixed, so that the daemon's threads do not grow with its devices.
+constexpr int kDiskWorkers = 32;
+constexpr int kMemoryWorkers = 32;
 
 int http_status(StatusCode code) {
   switch (code) {
@@ -51,30 +49,12 @@ std::string disk_uri(const DiskSpec& spec) {
   return fmt::format("nbd+unix:///{}?socket={}", spec.name, spec.socket.string());
 }
 
-// The pages to prefetch at each connect: the record kept beside the build
-// (BUILD/NAME.prefetch), none if it has none.
-Result<std::vector<uffd::PageRun>> stored_prefetch_plan(Template& shared) {
-  image::DataFiles& files = shared.files();
-  const std::string key = image::data_key(shared.build(), shared.name()) + ".prefetch";
-  Result<std::vector<std::byte>> bytes = image::read_small_object(
-      files.store(), key, kMaxPageRecordBytes, files.options().fetch_timeout);
-  if (!bytes) {
-    if (bytes.status().code() == StatusCode::kNotFound) return std::vector<uffd::PageRun>();
-    return bytes.status().with_context("prefetch record");
-  }
-  Result<std::vector<uffd::PageRun>> runs = uffd::parse_page_record(
-      std::string_view(reinterpret_cast<const char*>(bytes->data()), bytes->size()));
-  if (!runs) return runs.status().with_context(key);
-  return runs;
-}
-
 }  // namespace
 
 struct Daemon::Disk {
   DiskSpec spec;
   std::unique_ptr<TemplateLease> lease;
-  std::unique_ptr<image::Overlay> overlay;  // null: read-only
-  std::unique_ptr<nbd::NbdServer> server;
+  std::unique_ptr<DiskServer> served;  // its overlay, metered export and server
   std::thread serving;
 };
 
@@ -90,6 +70,8 @@ Daemon::Daemon(DaemonOptions options, StoreMetrics& store_metrics)
     : options_(std::move(options)),
       store_metrics_(store_metrics),
       started_(std::chrono::steady_clock::now()),
+      disk_workers_(kDiskWorkers),
+      memory_workers_(kMemoryWorkers),
       templates_(options_.templates) {}
 
 Daemon::~Daemon() { shutdown(); }
@@ -138,19 +120,18 @@ HttpResponse Daemon::put_disk(const std::string& id, const std::string& body) {
     Result<std::unique_ptr<TemplateLease>> lease = templates_.acquire(spec->build, spec->name);
     if (!lease) return lease.status();
     disk->lease = std::move(lease).value();
-    image::Device& device = (*disk->lease)->device();
-    if (!spec->read_only) {
-      Result<std::unique_ptr<image::Overlay>> overlay =
-          image::Overlay::open(device, spec->overlay, options_.work_dir);
-      if (!overlay) return overlay.status();
-      disk->overlay = std::move(overlay).value();
-    }
-    disk->server = std::make_unique<nbd::NbdServer>(
-        nbd::Export{spec->name, disk->overlay ? static_cast<image::Disk&>(*disk->overlay)
-                                              : static_cast<image::Disk&>(device)},
-        ConnectionLimits{}, kDiskWorkers);
-    disk->server->set_observer(&serve_metrics_);
-    LB_RETURN_IF_ERROR(disk->server->listen_unix(spec->socket));
+    DiskServerOptions served;
+    served.name = spec->name;
+    served.read_only = spec->read_only;
+    served.overlay = spec->overlay;
+    served.temp_dir = options_.work_dir;
+    served.workers = &disk_workers_;
+    served.observer = &serve_metrics_;
+    served.reads = &serve_metrics_;
+    Result<std::unique_ptr<DiskServer>> opened = DiskServer::open((*disk->lease)->device(), served);
+    if (!opened) return opened.status();
+    disk->served = std::move(opened).value();
+    LB_RETURN_IF_ERROR(disk->served->server().listen_unix(spec->socket));
     return disk;
   }();
   std::lock_guard lock(mu_);
@@ -160,7 +141,7 @@ HttpResponse Daemon::put_disk(const std::string& id, const std::string& body) {
   }
   Disk& disk = **made;
   disk.serving = std::thread([&disk, id] {
-    if (Status s = disk.server->serve(); !s.is_ok()) {
+    if (Status s = disk.served->server().serve(); !s.is_ok()) {
       log(LogLevel::kError, "daemon: disk {}: {}", id, s.message());
     }
   });
@@ -188,9 +169,12 @@ HttpResponse Daemon::put_memory(const std::string& id, const std::string& body) 
     memory->lease = std::move(lease).value();
     uffd::UffdOptions options;
     if (spec->record) options.record = *spec->record;
-    options.workers = kMemoryWorkers;
+    options.shared_workers = &memory_workers_;
     if (spec->prefetch) {
-      Result<std::vector<uffd::PageRun>> plan = stored_prefetch_plan(memory->lease->get());
+      Template& shared = memory->lease->get();
+      Result<std::vector<uffd::PageRun>> plan =
+          stored_prefetch_plan(shared.files().store(), shared.build(), shared.name(),
+                               shared.files().options().fetch_timeout);
       if (!plan) return plan.status();
       for (const uffd::PageRun& run : *plan) memory->prefetch_bytes += run.length;
       options.prefetch = std::move(plan).value();
@@ -224,13 +208,11 @@ HttpResponse Daemon::put_memory(const std::string& id, const std::string& body) 
 }
 
 Status Daemon::end_disk(Disk& disk) {
-  disk.server->stop();
+  disk.served->server().stop();
   disk.serving.join();
-  ended_nbd_connections_ += disk.server->connections();
-  disk.server.reset();  // its sessions are gone: nothing writes to the overlay now
-  Status flushed = Status::ok();
-  if (disk.overlay) flushed = disk.overlay->flush();
-  disk.overlay.reset();
+  ended_nbd_connections_ += disk.served->server().connections();
+  const Status flushed = disk.served->close();
+  disk.served.reset();
   disk.lease.reset();
   return flushed;
 }
@@ -288,8 +270,10 @@ HttpResponse Daemon::list_disks() {
                 {"uri", disk_uri(disk->spec)},
                 {"size", disk->lease->get().device().size()},
                 {"read_only", disk->spec.read_only},
-                {"connections", disk->server->connections()},
-                {"requests", disk->server->requests()}};
+                {"connections", disk->served->server().connections()},
+                {"requests", disk->served->server().requests()},
+                {"reads_cached", disk->served->metered()->reads_cached()},
+                {"reads_waited", disk->served->metered()->reads_waited()}};
     if (disk->spec.overlay) row["overlay"] = disk->spec.overlay->string();
     rows.push_back(std::move(row));
   }
@@ -374,6 +358,8 @@ void Daemon::shutdown() {
   }
 }
 
+void Daemon::cancel_fetches() { templates_.cancel_all(); }
+
 std::string Daemon::metrics_text() {
   MetricsText out;
   out.family("lazyblock_store_requests_total", "counter",
@@ -426,7 +412,7 @@ std::string Daemon::metrics_text() {
     for (const auto& [id, disk] : disks_) {
       if (!disk) continue;
       ++disks;
-      nbd_connections += disk->server->connections();
+      nbd_connections += disk->served->server().connections();
     }
     for (const auto& [id, memory] : memory_) {
       if (!memory) continue;

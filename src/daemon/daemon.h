@@ -26,6 +26,7 @@
 #include <mutex>
 #include <string>
 
+#include "common/worker_pool.h"
 #include "daemon/http_server.h"
 #include "daemon/metering_store.h"
 #include "daemon/serve_metrics.h"
@@ -53,6 +54,11 @@ class Daemon {
   // are refused from the call on. Idempotent.
   void shutdown();
 
+  // Cancels every template's fetches, and refuses new template loads, for
+  // a shutdown: calls in progress that wait on them end now. Call before
+  // the API server stops, then shutdown().
+  void cancel_fetches();
+
   // GET /metrics.
   std::string metrics_text();
 
@@ -76,6 +82,11 @@ class Daemon {
   StoreMetrics& store_metrics_;
   const std::chrono::steady_clock::time_point started_;
   ServeMetrics serve_metrics_;  // every device's server reports here
+  // Shared by every device's server (they outlive them all): the daemon's
+  // threads are these, one accepting thread per device and the threads of
+  // its connections (see docs/design.md).
+  WorkerPool disk_workers_;
+  WorkerPool memory_workers_;
   TemplateRegistry templates_;
 
   std::mutex mu_;

@@ -5,6 +5,8 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <chrono>
+#include <condition_variable>
 #include <mutex>
 
 #include <fmt/format.h>
@@ -16,9 +18,17 @@ namespace lazyblock::daemon {
 struct HttpServer::Context {
   HttpHandler handler;
   std::string what;
+  // Requests begun (headers read) and not yet completed (answer sent, or
+  // the connection gone): stop() lets them end before it closes connections.
+  std::mutex mu;
+  std::condition_variable ended;
+  size_t in_progress = 0;  // guarded by mu
 };
 
 namespace {
+
+// How long stop() waits for calls in progress to be answered.
+constexpr std::chrono::seconds kAnswerGrace{5};
 
 // One request's state between libmicrohttpd's calls of the access handler:
 // the body arrives in pieces before the last call.
@@ -45,6 +55,10 @@ MHD_Result on_request(void* cls, MHD_Connection* connection, const char* url,
   auto* context = static_cast<HttpServer::Context*>(cls);
   if (*state == nullptr) {  // the headers: the body (if any) comes in later calls
     auto* pending = new Pending;
+    {
+      std::lock_guard lock(context->mu);
+      ++context->in_progress;
+    }
     pending->request.method = method;
     pending->request.path = url;
     *state = pending;
@@ -68,10 +82,14 @@ MHD_Result on_request(void* cls, MHD_Connection* connection, const char* url,
   return queue(connection, response);
 }
 
-void on_completed(void* /*cls*/, MHD_Connection* /*connection*/, void** state,
+void on_completed(void* cls, MHD_Connection* /*connection*/, void** state,
                   MHD_RequestTerminationCode /*why*/) {
+  if (*state == nullptr) return;
   delete static_cast<Pending*>(*state);
   *state = nullptr;
+  auto* context = static_cast<HttpServer::Context*>(cls);
+  std::lock_guard lock(context->mu);
+  if (--context->in_progress == 0) context->ended.notify_all();
 }
 
 void on_library_error(void* cls, const char* format, va_list arguments) {
@@ -89,7 +107,9 @@ HttpServer::HttpServer(std::unique_ptr<Context> context) : context_(std::move(co
 Result<std::unique_ptr<HttpServer>> HttpServer::start(int listen_fd, HttpHandler handler,
                                                       std::string what,
                                                       unsigned max_connections) {
-  auto context = std::make_unique<Context>(Context{std::move(handler), std::move(what)});
+  auto context = std::make_unique<Context>();
+  context->handler = std::move(handler);
+  context->what = std::move(what);
   std::unique_ptr<HttpServer> server(new HttpServer(std::move(context)));
   Context* raw = server->context_.get();
   // A thread per connection (bounded), so that a handler that waits on the
@@ -115,6 +135,12 @@ void HttpServer::stop() {
   // The listening socket is the caller's: quiesced, libmicrohttpd does not
   // close it.
   MHD_quiesce_daemon(daemon_);
+  // Calls in progress get their answers; a client that does not read its
+  // answer is not waited for long.
+  {
+    std::unique_lock lock(context_->mu);
+    context_->ended.wait_for(lock, kAnswerGrace, [&] { return context_->in_progress == 0; });
+  }
   MHD_stop_daemon(daemon_);
   daemon_ = nullptr;
 }

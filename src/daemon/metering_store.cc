@@ -42,7 +42,7 @@ class MeteringReader : public RangeReader {
 
 Result<ObjectInfo> MeteringStore::stat_info(const std::string& key, const IoContext& io) {
   metrics_.stat_requests.fetch_add(1, std::memory_order_relaxed);
-  Result<ObjectInfo> info = StoreLayer::stat_info(key, io);
+  Result<ObjectInfo> info = StoreLayer::stat_info(key, with_stop(io));
   if (!info) count_error(metrics_, info.status());
   return info;
 }
@@ -52,7 +52,7 @@ Result<std::unique_ptr<RangeReader>> MeteringStore::open_range(const std::string
                                                                const IoContext& io) {
   metrics_.range_requests.fetch_add(1, std::memory_order_relaxed);
   const Clock::time_point opened = Clock::now();
-  Result<std::unique_ptr<RangeReader>> reader = StoreLayer::open_range(key, offset, length, io);
+  Result<std::unique_ptr<RangeReader>> reader = StoreLayer::open_range(key, offset, length, with_stop(io));
   if (!reader) {
     count_error(metrics_, reader.status());
     return reader.status();

@@ -22,7 +22,18 @@ void ServeMetrics::uffd_fault(FaultOutcome outcome, std::chrono::nanoseconds lat
   fault_latency_[index].observe(latency);
 }
 
+void ServeMetrics::block_read(bool waited) {
+  block_reads_[waited ? 1 : 0].fetch_add(1, std::memory_order_relaxed);
+}
+
 void ServeMetrics::render(MetricsText& out) const {
+  out.family("lazyblock_block_reads_total", "counter",
+             "Disk reads over NBD, by how they were served (cached: every block already "
+             "local, in the cache, the VM's overlay or a zero range; waited: on a fetch)");
+  out.sample("lazyblock_block_reads_total", {{"served", "cached"}},
+             static_cast<double>(block_reads_[0].load(std::memory_order_relaxed)));
+  out.sample("lazyblock_block_reads_total", {{"served", "waited"}},
+             static_cast<double>(block_reads_[1].load(std::memory_order_relaxed)));
   out.family("lazyblock_nbd_requests_total", "counter", "NBD requests answered, by command");
   for (size_t i = 0; i < kCommands; ++i) {
     out.sample("lazyblock_nbd_requests_total", {{"command", std::string(command_label(i))}},

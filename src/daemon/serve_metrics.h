@@ -1,5 +1,6 @@
 // ServeMetrics: the daemon's ServeObserver: NBD requests and page faults
-// counted and timed, by command and by outcome, for /metrics. Shared by
+// counted and timed, by command and by outcome, and disks' reads as served
+// from cache or waited, for /metrics. Shared by
 // every device's server, so its totals never go down as devices end.
 #pragma once
 
@@ -8,15 +9,19 @@
 #include <cstdint>
 #include <string_view>
 
+#include "daemon/metered_disk.h"
 #include "daemon/metrics.h"
 #include "serve/serve_observer.h"
 
 namespace lazyblock::daemon {
 
-class ServeMetrics : public ServeObserver {
+class ServeMetrics : public ServeObserver, public BlockReadObserver {
  public:
   void nbd_request(uint16_t command, std::chrono::nanoseconds latency) override;
   void uffd_fault(FaultOutcome outcome, std::chrono::nanoseconds latency) override;
+  // A disk's read (an NBD read, as MeteredDisk sees it) was served from
+  // what is local, or waited on a fetch.
+  void block_read(bool waited) override;
 
   // Appends its families to `out`.
   void render(MetricsText& out) const;
@@ -29,6 +34,7 @@ class ServeMetrics : public ServeObserver {
   std::array<Histogram, kCommands> nbd_latency_;
   std::array<std::atomic<uint64_t>, 3> faults_{};  // by FaultOutcome
   std::array<Histogram, 3> fault_latency_;
+  std::array<std::atomic<uint64_t>, 2> block_reads_{};  // cached, waited
 };
 
 }  // namespace lazyblock::daemon

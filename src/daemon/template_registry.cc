@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "common/log.h"
+#include "daemon/device_servers.h"
 
 namespace lazyblock::daemon {
 namespace {
@@ -67,15 +68,13 @@ Result<std::shared_ptr<Template>> TemplateRegistry::load(const image::Uuid& buil
   }
   ChunkerOptions chunker = options_.chunker;
   chunker.cache_dir = dir;
-  auto files = std::make_shared<image::DataFiles>(options_.store, chunker);
-  Result<std::unique_ptr<image::Device>> device = image::Device::open(files, build, name);
-  Status status = device.status();
-  if (status.is_ok()) status = (*device)->learn_sizes();
-  if (!status.is_ok()) {
+  Result<OpenedDevice> opened = open_device(options_.store, chunker, build, name);
+  if (!opened) {
     std::filesystem::remove_all(dir, error);
-    return status;
+    return opened.status();
   }
-  return std::make_shared<Template>(build, name, dir, std::move(files), std::move(device).value());
+  return std::make_shared<Template>(build, name, dir, std::move(opened->files),
+                                    std::move(opened->device));
 }
 
 Result<std::unique_ptr<TemplateLease>> TemplateRegistry::acquire(const image::Uuid& build,

@@ -123,7 +123,7 @@ class NbdServer::Runner final : public RequestRunner {
   explicit Runner(NbdServer& server) : server_(server) {}
   bool admit(uint64_t bytes) override { return server_.reserve(&held_, bytes); }
   void release(uint64_t bytes) override { server_.release(&held_, bytes); }
-  void run(std::function<void()> request) override { server_.workers_.submit(std::move(request)); }
+  void run(std::function<void()> request) override { server_.workers_->submit(std::move(request)); }
 
  private:
   NbdServer& server_;
@@ -138,6 +138,15 @@ void NbdServer::serve_connection(int fd) {
 }
 
 NbdServer::NbdServer(Export disk, ConnectionLimits limits, int workers)
+    : NbdServer(std::move(disk), limits, nullptr) {
+  own_workers_ = std::make_unique<WorkerPool>(workers);
+  workers_ = own_workers_.get();
+}
+
+NbdServer::NbdServer(Export disk, ConnectionLimits limits, WorkerPool& workers)
+    : NbdServer(std::move(disk), limits, &workers) {}
+
+NbdServer::NbdServer(Export disk, ConnectionLimits limits, WorkerPool* workers)
     : export_(std::move(disk)), limits_(limits), workers_(workers) {
   int pipe_fds[2];
   if (::pipe2(pipe_fds, O_CLOEXEC) == 0) {

@@ -36,6 +36,10 @@ namespace lazyblock::nbd {
 class NbdServer {
  public:
   NbdServer(Export disk, ConnectionLimits limits = {}, int workers = 16);
+  // Runs its requests on `workers` (which outlives the server), shared with
+  // other servers, instead of threads of its own: the daemon's devices all
+  // use one pool.
+  NbdServer(Export disk, ConnectionLimits limits, WorkerPool& workers);
   // Stops serving and waits for the connections to end.
   ~NbdServer();
 
@@ -64,6 +68,10 @@ class NbdServer {
   uint64_t requests() const { return requests_.load(); }
 
  private:
+  // Both public constructors end here; `workers` is null until the
+  // first one has made its own pool.
+  NbdServer(Export disk, ConnectionLimits limits, WorkerPool* workers);
+
   class Runner;
   friend class Runner;
 
@@ -96,7 +104,11 @@ class NbdServer {
 
   SessionRegistry sessions_{"serve nbd"};  // the connections being served
 
-  WorkerPool workers_;  // declared last: destroyed (joined) first
+  // The pool requests run on: `own_workers_`, or one shared. Each session
+  // waits for its requests before it ends, so a shared pool never runs one
+  // of this server's tasks after the server is gone.
+  WorkerPool* workers_;
+  std::unique_ptr<WorkerPool> own_workers_;  // declared last: destroyed (joined) first
 };
 
 }  // namespace lazyblock::nbd

@@ -475,7 +475,7 @@ UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address,
     }
     Page fetched = *page;
     fetched.faulted = faulted;
-    server_.workers_.submit([this, fetched] { fetch_and_install(fetched); });
+    server_.workers_->submit([this, fetched] { fetch_and_install(fetched); });
     return Install::kInstalled;
   }
   if (retry && result != Install::kAgain) {
@@ -706,7 +706,12 @@ void UffdServer::Session::wake_events() {
 }
 
 UffdServer::UffdServer(image::Disk& memfile, UffdOptions options)
-    : memfile_(memfile), options_(std::move(options)), workers_(options_.workers) {}
+    : memfile_(memfile),
+      options_(std::move(options)),
+      workers_(options_.shared_workers),
+      own_workers_(workers_ == nullptr ? std::make_unique<WorkerPool>(options_.workers) : nullptr) {
+  if (workers_ == nullptr) workers_ = own_workers_.get();
+}
 
 UffdServer::~UffdServer() {
   stop();

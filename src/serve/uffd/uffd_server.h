@@ -62,6 +62,9 @@ struct UffdOptions {
   std::vector<PageRun> prefetch;
   // Threads that wait on fetches for faults, shared by all VMs.
   int workers = 16;
+  // If set, faults wait on this pool (which outlives the server, shared with
+  // other servers: the daemon's) instead of `workers` threads of its own.
+  WorkerPool* shared_workers = nullptr;
   // VMs served at once, and how soon each must have sent its mappings and
   // descriptor.
   ConnectionLimits limits;
@@ -115,7 +118,11 @@ class UffdServer {
   ServeObserver* observer_ = nullptr;
 
   SessionRegistry sessions_{"serve uffd"};  // the VMs being served
-  WorkerPool workers_;                      // declared last: destroyed (joined) first
+  // The pool faults wait on: `own_workers_`, or options_.shared_workers.
+  // Each session waits for its tasks before it ends, so a shared pool never
+  // runs one of this server's tasks after the server is gone.
+  WorkerPool* workers_;
+  std::unique_ptr<WorkerPool> own_workers_;  // declared last: destroyed (joined) first
 };
 
 }  // namespace lazyblock::uffd
