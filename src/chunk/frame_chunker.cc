@@ -1,7 +1,6 @@
 #include "chunk/frame_chunker.h"
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
@@ -68,15 +67,9 @@ class FrameChunker final : public Chunker {
         table_(std::move(table)),
         options_(std::move(options)),
         cache_(std::move(cache)) {
-    uint64_t stored = 0;
     for (const CompressedFrame& frame : table_.frames) {
       largest_frame_ = std::max(largest_frame_, frame.size);
-      stored += frame.stored_size;
     }
-    mean_stored_frame_ = table_.frames.empty() ? 0 : static_cast<double>(stored) /
-                                                        static_cast<double>(table_.frames.size());
-    ttfb_seconds_ = std::chrono::duration<double>(options_.expected_ttfb).count();
-    bytes_per_second_ = options_.expected_bandwidth;
   }
 
   ~FrameChunker() override {
@@ -153,7 +146,7 @@ class FrameChunker final : public Chunker {
     for (size_t i = 0; i < frames; ++i) {
       {
         std::lock_guard lock(mu_);
-        const size_t until = std::min(frames, i + frames_in_flight_locked());
+        const size_t until = std::min(frames, i + frames_in_flight());
         for (size_t ahead = i; ahead < until; ++ahead) start_locked(ahead);
       }
       const CompressedFrame& frame = table_.frames[i];
@@ -203,7 +196,7 @@ class FrameChunker final : public Chunker {
     if (!at_end) return;
     const size_t last = *at_end;
     std::lock_guard lock(mu_);
-    const size_t window = frames_in_flight_locked();
+    const size_t window = frames_in_flight();
     for (size_t i = last + 1; i < table_.frames.size() && i <= last + window; ++i) {
       queued_.push_front(i);
     }
@@ -298,34 +291,19 @@ class FrameChunker final : public Chunker {
     });
   }
 
-  // How many frames readahead keeps in flight so that readahead_streams of
-  // them are transferring: a frame's request goes out one time to first
-  // byte before the frame it follows ends, as the plain chunker's streams
-  // do. A 2 MiB zstd frame is ~0.65 MB on the wire, 6.5 ms at 100 MB/s
-  // against a 20 ms first byte: each stream then needs ~4 frames in flight,
-  // or it spends three quarters of its time waiting for first bytes (bench
-  // seq measured 7% of its limit with one frame per stream). Requires mu_.
-  size_t frames_in_flight_locked() const {
-    const double transfer = mean_stored_frame_ / std::max(1.0, bytes_per_second_);
-    const double per_stream = 1 + ttfb_seconds_ / std::max(1e-6, transfer);
-    const double frames = std::ceil(options_.readahead_streams * per_stream);
-    return static_cast<size_t>(
-        std::clamp(frames, 1.0, static_cast<double>(std::max(options_.readahead_streams,
-                                                             options_.max_streams))));
-  }
+  // How many frames readahead keeps in flight: readahead_streams. Keeping
+  // enough more in flight that readahead_streams of them are always
+  // transferring (streams x (1 + TTFB / a frame's transfer time), ~33 for
+  // 2 MiB zstd frames at 20 ms and 100 MB/s) was tried: on this project's
+  // 2-core machine, shared and CPU-bound, it doubled the CPU time per byte
+  // (0.6-0.8 s against 1.3-1.6 s per 256 MiB in bench seq) and halved the
+  // throughput, as the cores, not the streams, bind there.
+  size_t frames_in_flight() const { return static_cast<size_t>(options_.readahead_streams); }
 
-  // Folds what one fetch saw into the estimates the window is sized by.
-  // Requires mu_ held.
-  void observe_locked(double ttfb_seconds, double bytes_per_second) {
-    constexpr double kWeight = 0.25;
-    ttfb_seconds_ += kWeight * (ttfb_seconds - ttfb_seconds_);
-    if (bytes_per_second > 0) bytes_per_second_ += kWeight * (bytes_per_second - bytes_per_second_);
-  }
-
-  // Starts queued prefetches while fewer than frames_in_flight_locked() run.
+  // Starts queued prefetches while fewer than frames_in_flight() run.
   // Requires mu_ held.
   void pump_locked() {
-    const size_t window = frames_in_flight_locked();
+    const size_t window = frames_in_flight();
     while (!queued_.empty() && in_flight_.size() < window) {
       const size_t index = queued_.front();
       queued_.pop_front();
@@ -378,23 +356,20 @@ class FrameChunker final : public Chunker {
                                          frame.stored_size);
     const IoContext io{Clock::now() + options_.fetch_timeout, stop_.get_token()};
     requests_.fetch_add(1, std::memory_order_relaxed);
-    const Clock::time_point asked = Clock::now();
     Result<std::unique_ptr<RangeReader>> reader =
         store_->open_range(key_, frame.stored_offset, frame.stored_size, io);
     if (!reader) return reader.status().with_context(what);
-    const Clock::time_point first_byte = Clock::now();  // the response's headers came with it
     // Taken only now: most frames in flight are waiting for a first byte,
     // and need no buffers for that.
     Result<std::unique_ptr<FetchBuffers>> buffers = take_buffers();
     if (!buffers) return buffers.status();
-    const Status status = receive_frame(frame, what, **reader, **buffers, asked, first_byte);
+    const Status status = receive_frame(frame, what, **reader, **buffers);
     give_back(std::move(buffers).value());
     return status;
   }
 
   Status receive_frame(const CompressedFrame& frame, const std::string& what, RangeReader& reader,
-                       FetchBuffers& buffers, Clock::time_point asked,
-                       Clock::time_point first_byte) {
+                       FetchBuffers& buffers) {
     FrameDecoder& decoder = *buffers.decoder;
     const std::span<std::byte> plain(buffers.plain.get(), frame.size);
     if (Status s = decoder.begin(plain); !s.is_ok()) return s.with_context(what);
@@ -405,15 +380,10 @@ class FrameChunker final : public Chunker {
     const uint64_t drops = cache_->drops();
     uint64_t got = 0;
     uint64_t written = 0;  // of plain, to the cache
-    // Time spent waiting for bytes, the decoding left out: the bandwidth of
-    // the link, not of this thread.
-    Clock::duration receiving{0};
     while (got < frame.stored_size) {
       const std::span<std::byte> piece(buffers.stored.get(),
                                        std::min(kStoredPiece, frame.stored_size - got));
-      const Clock::time_point before = Clock::now();
       Result<size_t> n = reader.read(piece);
-      receiving += Clock::now() - before;
       if (!n) return n.status().with_context(what);
       if (*n == 0) break;
       got += *n;
@@ -428,12 +398,6 @@ class FrameChunker final : public Chunker {
     if (got != frame.stored_size) {
       return Status::corruption(fmt::format(
           "{}: the object ends after {} of the frame's {} bytes", what, got, frame.stored_size));
-    }
-    {
-      const double ttfb = std::chrono::duration<double>(first_byte - asked).count();
-      const double transfer = std::chrono::duration<double>(receiving).count();
-      std::lock_guard lock(mu_);
-      observe_locked(ttfb, transfer > 0 ? static_cast<double>(got) / transfer : 0);
     }
     if (Status s = decoder.finish(); !s.is_ok()) return s.with_context(what);
     LB_RETURN_IF_ERROR(cache_->write(frame.offset + written, plain.subspan(written)));
@@ -450,7 +414,6 @@ class FrameChunker final : public Chunker {
   const ChunkerOptions options_;
   const std::unique_ptr<BlockCache> cache_;
   uint64_t largest_frame_ = 0;
-  double mean_stored_frame_ = 0;
   std::stop_source stop_;  // requested when the chunker goes
   std::atomic<uint64_t> requests_{0};
   std::atomic<uint64_t> bytes_{0};
@@ -463,8 +426,6 @@ class FrameChunker final : public Chunker {
   std::deque<size_t> queued_;                         // guarded by mu_: prefetch and readahead
   uint64_t waiting_ = 0;                              // guarded by mu_
   bool cancelled_ = false;                            // guarded by mu_
-  double ttfb_seconds_ = 0;                           // guarded by mu_: the estimates
-  double bytes_per_second_ = 0;                       // guarded by mu_
   std::mutex spare_mu_;  // only fetches take it, never a reader
   std::vector<std::unique_ptr<FetchBuffers>> spare_;  // guarded by spare_mu_
   TaskGroup tasks_;  // declared last: waited for first
