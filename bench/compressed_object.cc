@@ -4,8 +4,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -118,6 +120,55 @@ Result<CompressedObject> write_compressed_object(const std::filesystem::path& pa
   std::sort(speeds.begin(), speeds.end());
   object.decompress_bytes_per_second = speeds[speeds.size() / 2];
   return object;
+}
+
+Result<double> measure_decode_and_cache(const std::filesystem::path& path,
+                                        const CompressedObject& object,
+                                        const std::filesystem::path& dir, int threads,
+                                        uint64_t bytes) {
+  const UniqueFd in(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (in.get() < 0) return posix_error("bench: open " + path.string(), errno);
+  const UniqueFd out(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
+  if (out.get() < 0) return posix_error("bench: a temporary file in " + dir.string(), errno);
+  const std::vector<CompressedFrame>& frames = object.geometry.frames;
+  size_t count = 0;
+  for (uint64_t sum = 0; count < frames.size() && sum < bytes; ++count) sum += frames[count].size;
+  std::vector<Status> statuses(static_cast<size_t>(threads));
+  std::atomic<uint64_t> delivered{0};
+  const auto begin = std::chrono::steady_clock::now();
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] {
+      Status& status = statuses[static_cast<size_t>(t)];
+      Result<std::unique_ptr<FrameDecoder>> decoder = FrameDecoder::create(object.geometry.codec);
+      if (!decoder) {
+        status = decoder.status();
+        return;
+      }
+      std::vector<std::byte> stored;
+      std::vector<std::byte> plain;
+      for (size_t i = static_cast<size_t>(t); i < count; i += static_cast<size_t>(threads)) {
+        const CompressedFrame& frame = frames[i];
+        stored.resize(frame.stored_size);
+        plain.resize(frame.size);
+        Result<size_t> got = pread_up_to(in.get(), stored, frame.stored_offset, path.string());
+        if (!got) {
+          status = got.status();
+          return;
+        }
+        status = (*decoder)->begin(plain);
+        if (status.is_ok()) status = (*decoder)->feed(stored);
+        if (status.is_ok()) status = (*decoder)->finish();
+        if (status.is_ok()) status = pwrite_all(out.get(), plain, frame.offset, "bench: scratch");
+        if (!status.is_ok()) return;
+        delivered.fetch_add(frame.size, std::memory_order_relaxed);
+      }
+    });
+  }
+  for (std::thread& worker : workers) worker.join();
+  const std::chrono::duration<double> spent = std::chrono::steady_clock::now() - begin;
+  for (const Status& status : statuses) LB_RETURN_IF_ERROR(status);
+  return static_cast<double>(delivered.load()) / std::max(1e-9, spent.count());
 }
 
 }  // namespace lazyblock

@@ -39,6 +39,19 @@ struct CompressedObject {
 Result<CompressedObject> write_compressed_object(const std::filesystem::path& path, uint64_t size,
                                                  FrameCodec codec, uint64_t seed);
 
+// The uncompressed bytes per second that `threads` threads deliver at once,
+// measured now, each decoding frames of the object at `path` (its stored
+// bytes read from the page cache) and writing them into one fresh sparse
+// file in `dir`: a cold read's work on the CPU (the frame chunker's per
+// frame, without its fetching), over at most `bytes` of the object. On this
+// kind of VM the write into the file costs more CPU than zstd's decoding
+// (perf: 57% against 37% of a fetch), so a limit from the decoding alone
+// overstates what the cores can do.
+Result<double> measure_decode_and_cache(const std::filesystem::path& path,
+                                        const CompressedObject& object,
+                                        const std::filesystem::path& dir, int threads,
+                                        uint64_t bytes);
+
 // The image's bytes [offset, offset + out.size()).
 void fill_memory_image(uint64_t size, uint64_t seed, uint64_t offset, std::span<std::byte> out);
 

@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 
 #include "bench/bench_util.h"
+#include "common/unique_fd.h"
 #include "common/units.h"
 #include "image/device.h"
 #include "image/pack.h"
@@ -65,11 +66,10 @@ class Fleet {
     pack_options.build = build_;
     pack_options.name = kName;
     pack_options.temp_dir = dir();
-    const int fd = ::open(raw.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return posix_error("open " + raw.string(), errno);
+    const UniqueFd fd(::open(raw.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) return posix_error("open " + raw.string(), errno);
     Result<image::PackSummary> packed = image::pack(
-        std::make_shared<image::DataFiles>(files_, chunker_options()), fd, pack_options, nullptr);
-    ::close(fd);
+        std::make_shared<image::DataFiles>(files_, chunker_options()), fd.get(), pack_options, nullptr);
     std::filesystem::remove(raw);
     if (!packed) return packed.status();
     // The recorded working set: blocks spread over the whole disk.

@@ -1,6 +1,7 @@
 // `lazyblock bench seq`: a cold whole-object read (write_to) through a
 // simulated store, in MB/s (10^6 bytes), beside its limit: the chunks kept in
-// flight times the per-stream bandwidth. The output is checked byte for byte
+// flight times the per-stream bandwidth (--compressed: times the ratio, or
+// the cores' rate of decoding frames into a file, whichever is lower). The output is checked byte for byte
 // in a second, untimed pass.
 #pragma once
 
@@ -29,6 +30,7 @@ struct SeqBenchOptions {
 struct SeqBenchReport {
   SeqBenchOptions options;
   double seconds = 0;
+  double cpu_seconds = 0;  // the process's, user + system, over the timed pass
   double mb_per_s = 0;
   double limit_mb_per_s = 0;
   uint64_t requests = 0;
@@ -39,6 +41,10 @@ struct SeqBenchReport {
   double decompress_mb_per_s_per_core = 0;
   int cores = 0;
   double decompress_limit_mb_per_s = 0;  // cores x one core's speed
+  // What the cores delivered decoding frames and writing them into a file,
+  // all at once, just before the timed pass; limit_mb_per_s is the lower of
+  // this and stream_limit_mb_per_s.
+  double cores_limit_mb_per_s = 0;
 };
 
 Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options);

@@ -7,15 +7,20 @@
 #include <fcntl.h>
 #include <lz4frame.h>
 #include <openssl/evp.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "chunk/frame_codec.h"
@@ -499,6 +504,110 @@ TEST_F(CompressedTest, InspectShowsCodecsAndVerifyNamesTheFirstBadFrame) {
   EXPECT_EQ(flipped.status, 1);
   EXPECT_NE(flipped.err.find(build_id(1) + "/" + kName + ": its "), std::string::npos) << flipped.err;
   EXPECT_NE(flipped.err.find("SHA-256"), std::string::npos) << flipped.err;
+}
+
+// The paths under `dir` whose names contain `part`.
+std::vector<std::filesystem::path> files_named(const std::filesystem::path& dir,
+                                               const std::string& part) {
+  std::vector<std::filesystem::path> found;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(dir)) {
+    if (entry.path().filename().string().find(part) != std::string::npos) {
+      found.push_back(entry.path());
+    }
+  }
+  return found;
+}
+
+// pack --compress killed with SIGKILL at moments spread over a whole pack's
+// time (mostly while frames are encoded, sometimes while the data file or
+// the header goes up): a reader never meets a header whose data is not
+// whole, the next pack of the same build id either succeeds byte-exact or
+// (its header there) refuses saying so, and no temporary file of the killed
+// one is left in the store after it (the file store removes a dead
+// process's on its next put of the same key).
+TEST_F(CompressedTest, APackKilledMidwayLeavesNoHalfBuildAndTheNextPackIsByteExact) {
+  const std::string bytes = memory_image(8 * kMiB, 31);
+  const std::filesystem::path raw = dir_ / "image-killed";
+  std::ofstream(raw, std::ios::binary) << bytes;
+  const std::string build = build_id(1);
+  const std::vector<std::string> args = {"pack", "--store", store_, "--build", build, "--name",
+                                         kName, "--compress", "zstd", raw.string()};
+  const std::filesystem::path header = dir_ / "store" / build / (kName + ".header");
+  const auto exported_bytes = [&](Outcome* run) {
+    const std::filesystem::path out = dir_ / "out-killed";
+    std::filesystem::remove(out);
+    *run = run_lazyblock(dir_, {"export", "--store", store_, "--build", build, "--name", kName,
+                                "-o", out.string()});
+    return slurp(out);
+  };
+  // A whole pack's time here, to kill the others within it.
+  const auto begin = std::chrono::steady_clock::now();
+  Outcome whole = run_lazyblock(dir_, args);
+  const auto took = std::chrono::steady_clock::now() - begin;
+  ASSERT_EQ(whole.status, 0) << whole.err;
+
+  constexpr int kKills = 3;
+  std::mt19937_64 rng(16);
+  int refused = 0;
+  for (int kill = 0; kill < kKills; ++kill) {
+    std::filesystem::remove_all(dir_ / "store" / build);
+    // The moment to kill at: somewhere in the kill-th third of a pack.
+    const auto at = took * kill / kKills +
+                    std::chrono::duration_cast<std::chrono::nanoseconds>(took / kKills) *
+                        std::uniform_real_distribution<double>(0, 1)(rng);
+    std::vector<std::string> argv = {lazyblock_binary()};
+    argv.insert(argv.end(), args.begin(), args.end());
+    std::vector<char*> pointers;
+    for (std::string& arg : argv) pointers.push_back(arg.data());
+    pointers.push_back(nullptr);
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      const int null = ::open("/dev/null", O_RDWR);
+      ::dup2(null, 1);
+      ::dup2(null, 2);
+      ::execv(pointers[0], pointers.data());
+      ::_exit(127);
+    }
+    ASSERT_GT(pid, 0);
+    std::this_thread::sleep_for(at);  // the fault's moment, not a wait for anything
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    SCOPED_TRACE("killed after " + std::to_string(std::chrono::duration<double>(at).count()) +
+                 " s of a " + std::to_string(std::chrono::duration<double>(took).count()) +
+                 " s pack");
+
+    const bool visible = std::filesystem::exists(header);
+    Outcome read;
+    const std::string got = exported_bytes(&read);
+    if (visible) {
+      ASSERT_EQ(read.status, 0) << "a header without its whole data: " << read.err;
+      EXPECT_TRUE(got == bytes) << "the build a killed pack left differs from its image";
+    } else {
+      EXPECT_NE(read.status, 0) << "a build without a header was read";
+    }
+
+    if (!visible && files_named(dir_ / "store", ".tmp-").empty()) {
+      // What a kill while the data file went up leaves, if this one did not.
+      std::filesystem::create_directories(dir_ / "store" / build);
+      std::ofstream(dir_ / "store" / build / fmt::format("{}.zstd.tmp-{}-0", kName, pid))
+          << bytes.substr(0, 4096);
+    }
+    Outcome again = run_lazyblock(dir_, args);
+    if (visible) {
+      ++refused;
+      EXPECT_NE(again.status, 0);
+      EXPECT_NE(again.err.find("already has"), std::string::npos) << again.err;
+    } else {
+      ASSERT_EQ(again.status, 0) << again.err;
+      EXPECT_TRUE(exported_bytes(&read) == bytes) << read.err;
+    }
+    EXPECT_TRUE(files_named(dir_ / "store", ".tmp-").empty())
+        << "a temporary file is left in the store: "
+        << files_named(dir_ / "store", ".tmp-").front();
+  }
+  // Mostly killed before its header went up (else nothing was tested).
+  EXPECT_LT(refused, kKills);
 }
 
 }  // namespace

@@ -51,6 +51,12 @@ namespace {
 // Rounds of fetch-then-pin before a read gives up on a cache whose
 // filesystem is so full that its blocks are given back before they are read.
 constexpr int kFetchAttempts = 4;
+// A fetch reads a frame's stored bytes into a buffer of this size, decodes
+// each piece as it comes, and writes the decoded bytes to the cache once
+// there are kWritePiece of them: small enough to be still in the CPU's cache
+// when copied, large enough to keep system calls few.
+constexpr uint64_t kStoredPiece = 128 * 1024;
+constexpr uint64_t kWritePiece = 256 * 1024;
 
 class FrameChunker final : public Chunker {
  public:
@@ -60,7 +66,11 @@ class FrameChunker final : public Chunker {
         key_(std::move(key)),
         table_(std::move(table)),
         options_(std::move(options)),
-        cache_(std::move(cache)) {}
+        cache_(std::move(cache)) {
+    for (const CompressedFrame& frame : table_.frames) {
+      largest_frame_ = std::max(largest_frame_, frame.size);
+    }
+  }
 
   ~FrameChunker() override {
     stop_.request_stop();
@@ -136,7 +146,7 @@ class FrameChunker final : public Chunker {
     for (size_t i = 0; i < frames; ++i) {
       {
         std::lock_guard lock(mu_);
-        const size_t until = std::min(frames, i + static_cast<size_t>(options_.readahead_streams));
+        const size_t until = std::min(frames, i + frames_in_flight());
         for (size_t ahead = i; ahead < until; ++ahead) start_locked(ahead);
       }
       const CompressedFrame& frame = table_.frames[i];
@@ -186,9 +196,8 @@ class FrameChunker final : public Chunker {
     if (!at_end) return;
     const size_t last = *at_end;
     std::lock_guard lock(mu_);
-    for (size_t i = last + 1;
-         i < table_.frames.size() && i <= last + static_cast<size_t>(options_.readahead_streams);
-         ++i) {
+    const size_t window = frames_in_flight();
+    for (size_t i = last + 1; i < table_.frames.size() && i <= last + window; ++i) {
       queued_.push_front(i);
     }
     pump_locked();
@@ -275,22 +284,71 @@ class FrameChunker final : public Chunker {
       in_flight_.erase(index);
       cv_.notify_all();
       pump_locked();
+      if (in_flight_.empty()) {
+        std::lock_guard spare_lock(spare_mu_);
+        spare_.clear();
+      }
     });
   }
 
-  // Starts queued prefetches while fewer than readahead_streams run.
+  // How many frames readahead keeps in flight: readahead_streams. Keeping
+  // enough more in flight that readahead_streams of them are always
+  // transferring (streams x (1 + TTFB / a frame's transfer time), ~33 for
+  // 2 MiB zstd frames at 20 ms and 100 MB/s) was tried: on this project's
+  // 2-core machine, shared and CPU-bound, it doubled the CPU time per byte
+  // (0.6-0.8 s against 1.3-1.6 s per 256 MiB in bench seq) and halved the
+  // throughput, as the cores, not the streams, bind there.
+  size_t frames_in_flight() const { return static_cast<size_t>(options_.readahead_streams); }
+
+  // Starts queued prefetches while fewer than frames_in_flight() run.
   // Requires mu_ held.
   void pump_locked() {
-    while (!queued_.empty() &&
-           in_flight_.size() < static_cast<size_t>(options_.readahead_streams)) {
+    const size_t window = frames_in_flight();
+    while (!queued_.empty() && in_flight_.size() < window) {
       const size_t index = queued_.front();
       queued_.pop_front();
       start_locked(index);
     }
   }
 
-  // On a fetch's thread: the frame's stored bytes, decompressed, verified,
-  // then cached.
+  // What one fetch decodes with: kept for the next fetch, as a fresh 2 MiB
+  // buffer costs a page fault per page it is decoded into (perf: a sixth of
+  // a fetch's CPU) and a fresh zstd context its tables.
+  struct FetchBuffers {
+    std::unique_ptr<FrameDecoder> decoder;
+    std::unique_ptr<std::byte[]> plain;   // the largest frame's size
+    std::unique_ptr<std::byte[]> stored;  // kStoredPiece
+  };
+
+  Result<std::unique_ptr<FetchBuffers>> take_buffers() {
+    {
+      std::lock_guard lock(spare_mu_);
+      if (!spare_.empty()) {
+        std::unique_ptr<FetchBuffers> buffers = std::move(spare_.back());
+        spare_.pop_back();
+        return buffers;
+      }
+    }
+    auto buffers = std::make_unique<FetchBuffers>();
+    Result<std::unique_ptr<FrameDecoder>> decoder = FrameDecoder::create(table_.codec);
+    if (!decoder) return decoder.status();
+    buffers->decoder = std::move(decoder).value();
+    // Left uninitialised: every byte is written before it is read.
+    buffers->plain = std::make_unique_for_overwrite<std::byte[]>(largest_frame_);
+    buffers->stored = std::make_unique_for_overwrite<std::byte[]>(kStoredPiece);
+    return buffers;
+  }
+
+  // Kept while fetches go on (a sequential read has up to a window of
+  // frames transferring at once); let go once none is in flight.
+  void give_back(std::unique_ptr<FetchBuffers> buffers) {
+    std::lock_guard lock(spare_mu_);
+    spare_.push_back(std::move(buffers));
+  }
+
+  // On a fetch's thread: the frame's stored bytes, decompressed as they
+  // arrive, written to the cache piece by piece (while hot in the CPU's
+  // cache), and marked cached only once the whole frame has verified.
   Status fetch_frame(size_t index) {
     const CompressedFrame& frame = table_.frames[index];
     const std::string what = fmt::format("{} frame {} (bytes [{}, +{}) stored at [{}, +{}))", key_,
@@ -301,32 +359,48 @@ class FrameChunker final : public Chunker {
     Result<std::unique_ptr<RangeReader>> reader =
         store_->open_range(key_, frame.stored_offset, frame.stored_size, io);
     if (!reader) return reader.status().with_context(what);
-    // Left uninitialised: every byte is written before it is read, and a
-    // memset of 2 MiB per frame would sit on the path of a cold read.
-    const auto stored_buffer = std::make_unique_for_overwrite<std::byte[]>(frame.stored_size);
-    const std::span<std::byte> stored(stored_buffer.get(), frame.stored_size);
+    // Taken only now: most frames in flight are waiting for a first byte,
+    // and need no buffers for that.
+    Result<std::unique_ptr<FetchBuffers>> buffers = take_buffers();
+    if (!buffers) return buffers.status();
+    const Status status = receive_frame(frame, what, **reader, **buffers);
+    give_back(std::move(buffers).value());
+    return status;
+  }
+
+  Status receive_frame(const CompressedFrame& frame, const std::string& what, RangeReader& reader,
+                       FetchBuffers& buffers) {
+    FrameDecoder& decoder = *buffers.decoder;
+    const std::span<std::byte> plain(buffers.plain.get(), frame.size);
+    if (Status s = decoder.begin(plain); !s.is_ok()) return s.with_context(what);
+    // Pinned: the frame's blocks must not be punched between a write of
+    // its bytes and the mark. The bytes written before the frame verifies
+    // are not marked, so no reader sees them unless it does.
+    BlockCache::Pin pin = cache_->pin(frame.offset, frame.offset + frame.size);
+    const uint64_t drops = cache_->drops();
     uint64_t got = 0;
-    while (got < stored.size()) {
-      Result<size_t> n = (*reader)->read(std::span(stored).subspan(got));
+    uint64_t written = 0;  // of plain, to the cache
+    while (got < frame.stored_size) {
+      const std::span<std::byte> piece(buffers.stored.get(),
+                                       std::min(kStoredPiece, frame.stored_size - got));
+      Result<size_t> n = reader.read(piece);
       if (!n) return n.status().with_context(what);
       if (*n == 0) break;
       got += *n;
       bytes_.fetch_add(*n, std::memory_order_relaxed);
+      if (Status s = decoder.feed(piece.first(*n)); !s.is_ok()) return s.with_context(what);
+      if (decoder.decoded() - written >= kWritePiece) {
+        LB_RETURN_IF_ERROR(cache_->write(frame.offset + written,
+                                         plain.subspan(written, decoder.decoded() - written)));
+        written = decoder.decoded();
+      }
     }
-    if (got != stored.size()) {
+    if (got != frame.stored_size) {
       return Status::corruption(fmt::format(
-          "{}: the object ends after {} of the frame's {} bytes", what, got, stored.size()));
+          "{}: the object ends after {} of the frame's {} bytes", what, got, frame.stored_size));
     }
-    const auto plain_buffer = std::make_unique_for_overwrite<std::byte[]>(frame.size);
-    const std::span<std::byte> plain(plain_buffer.get(), frame.size);
-    if (Status s = decompress_frame(table_.codec, stored, plain); !s.is_ok()) {
-      return s.with_context(what);
-    }
-    // Pinned: the frame's blocks still cached (it is written whole) must not
-    // be punched between this write and the mark.
-    BlockCache::Pin pin = cache_->pin(frame.offset, frame.offset + frame.size);
-    const uint64_t drops = cache_->drops();
-    LB_RETURN_IF_ERROR(cache_->write(frame.offset, plain));
+    if (Status s = decoder.finish(); !s.is_ok()) return s.with_context(what);
+    LB_RETURN_IF_ERROR(cache_->write(frame.offset + written, plain.subspan(written)));
     // A drop (the cache file cut short under us) may have taken what was
     // just written: then the frame stays uncached, and its readers fetch it
     // again.
@@ -339,6 +413,7 @@ class FrameChunker final : public Chunker {
   const FrameGeometry table_;
   const ChunkerOptions options_;
   const std::unique_ptr<BlockCache> cache_;
+  uint64_t largest_frame_ = 0;
   std::stop_source stop_;  // requested when the chunker goes
   std::atomic<uint64_t> requests_{0};
   std::atomic<uint64_t> bytes_{0};
@@ -351,6 +426,8 @@ class FrameChunker final : public Chunker {
   std::deque<size_t> queued_;                         // guarded by mu_: prefetch and readahead
   uint64_t waiting_ = 0;                              // guarded by mu_
   bool cancelled_ = false;                            // guarded by mu_
+  std::mutex spare_mu_;  // only fetches take it, never a reader
+  std::vector<std::unique_ptr<FetchBuffers>> spare_;  // guarded by spare_mu_
   TaskGroup tasks_;  // declared last: waited for first
 };
 

@@ -2,7 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <condition_variable>
+#include <mutex>
 #include <random>
+#include <thread>
 
 #include "storage/file_store.h"
 #include "testing/pattern.h"
@@ -12,6 +15,67 @@ namespace lazyblock {
 namespace {
 
 constexpr uint64_t kFrame = 256 * 1024;
+
+// A store whose reads of the range starting at `gated_offset` deliver the
+// first half of it, then wait until open() is called: a fetch held in the
+// middle of its frame, its decoder begun.
+class GatedStore final : public StoreLayer {
+ public:
+  GatedStore(std::shared_ptr<ObjectStore> inner, uint64_t gated_offset)
+      : StoreLayer(std::move(inner)), gated_offset_(gated_offset) {}
+
+  Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
+                                                  uint64_t length, const IoContext& io) override {
+    Result<std::unique_ptr<RangeReader>> inner = StoreLayer::open_range(key, offset, length, io);
+    if (!inner || offset != gated_offset_) return inner;
+    return std::unique_ptr<RangeReader>(new Reader(std::move(inner).value(), *this));
+  }
+
+  // Waits until a fetch is held at the gate.
+  void wait_until_held() {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return held_; });
+  }
+  void open() {
+    std::lock_guard lock(mu_);
+    opened_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  class Reader final : public RangeReader {
+   public:
+    Reader(std::unique_ptr<RangeReader> inner, GatedStore& gate)
+        : inner_(std::move(inner)), gate_(gate) {}
+    Result<size_t> read(std::span<std::byte> buffer) override {
+      const uint64_t half = inner_->range_length() / 2;
+      if (delivered_ < half) {
+        Result<size_t> n = inner_->read(buffer.first(std::min<uint64_t>(buffer.size(), half - delivered_)));
+        if (n) delivered_ += *n;
+        return n;
+      }
+      std::unique_lock lock(gate_.mu_);
+      gate_.held_ = true;
+      gate_.cv_.notify_all();
+      gate_.cv_.wait(lock, [&] { return gate_.opened_; });
+      lock.unlock();
+      return inner_->read(buffer);
+    }
+    uint64_t object_size() const override { return inner_->object_size(); }
+    uint64_t range_length() const override { return inner_->range_length(); }
+
+   private:
+    const std::unique_ptr<RangeReader> inner_;
+    GatedStore& gate_;
+    uint64_t delivered_ = 0;
+  };
+
+  const uint64_t gated_offset_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool held_ = false;    // guarded by mu_
+  bool opened_ = false;  // guarded by mu_
+};
 
 // A sink that keeps what it is given.
 class Collect final : public ByteSink {
@@ -165,6 +229,73 @@ TEST_P(FrameChunkerTest, PrefetchedFramesAreCachedBeforeTheyAreRead) {
     ASSERT_TRUE(frames->read_at(bytes, frame.offset));
   }
   EXPECT_EQ(frames->stats().requests, table_.frames.size()) << "a frame was fetched twice";
+}
+
+// Cache hits take no lock a fetch holds while it receives and decodes a
+// frame: with frame 1's fetch held in the middle of the frame (decoder begun,
+// half its bytes decoded), reads of cached frame 0 still return.
+TEST_P(FrameChunkerTest, CacheHitsProceedWhileAFrameIsHalfDecoded) {
+  auto gated = std::make_shared<GatedStore>(store_, table_.frames[1].stored_offset);
+  ChunkerOptions options;
+  options.cache_dir = scratch_->path();
+  options.readahead = false;
+  Result<std::unique_ptr<Chunker>> made = make_frame_chunker(gated, "obj", table_, options);
+  ASSERT_TRUE(made) << made.status().to_string();
+  Chunker& frames = **made;
+  std::vector<std::byte> page(4096);
+  ASSERT_TRUE(frames.read_at(page, 0));  // frame 0, cached
+
+  Result<size_t> second = Status::ok();
+  std::vector<std::byte> second_page(4096);
+  std::thread reader([&] { second = frames.read_at(second_page, kFrame); });
+  gated->wait_until_held();
+  // Frame 1's fetch is at the gate: hits on frame 0 must not wait for it.
+  const std::optional<std::span<const std::byte>> hit = frames.cached_slice(4096, 4096);
+  ASSERT_TRUE(hit);
+  EXPECT_TRUE(std::equal(hit->begin(), hit->end(), plain_.begin() + 4096));
+  Result<std::span<const std::byte>> sliced = frames.slice(8192, 4096);
+  ASSERT_TRUE(sliced) << sliced.status().to_string();
+  EXPECT_TRUE(std::equal(sliced->begin(), sliced->end(), plain_.begin() + 8192));
+  Result<size_t> copied = frames.read_at(page, 12288);
+  ASSERT_TRUE(copied) << copied.status().to_string();
+  EXPECT_TRUE(std::equal(page.begin(), page.end(), plain_.begin() + 12288));
+  EXPECT_FALSE(frames.cached_slice(kFrame, 4096)) << "frame 1 published before it verified";
+  gated->open();
+  reader.join();
+  ASSERT_TRUE(second) << second.status().to_string();
+  EXPECT_TRUE(std::equal(second_page.begin(), second_page.end(), plain_.begin() + kFrame));
+}
+
+// A frame decodes the same whatever pieces its stored bytes come in, and
+// bytes missing at its end or following it are errors.
+TEST_P(FrameChunkerTest, TheDecoderTakesAFrameInPiecesOfAnySize) {
+  Result<std::unique_ptr<FrameDecoder>> decoder = FrameDecoder::create(GetParam());
+  ASSERT_TRUE(decoder);
+  const CompressedFrame& frame = table_.frames[1];
+  const std::span<const std::byte> stored = std::span(stored_).subspan(frame.stored_offset, frame.stored_size);
+  std::vector<std::byte> out(frame.size);
+  for (const size_t piece : {size_t{1}, size_t{7}, size_t{4096}, stored.size()}) {
+    std::fill(out.begin(), out.end(), std::byte{0});
+    ASSERT_TRUE((*decoder)->begin(out).is_ok());
+    for (size_t at = 0; at < stored.size(); at += piece) {
+      ASSERT_TRUE((*decoder)->feed(stored.subspan(at, std::min(piece, stored.size() - at))).is_ok())
+          << "piece " << piece << " at " << at;
+    }
+    ASSERT_TRUE((*decoder)->finish().is_ok()) << "pieces of " << piece;
+    EXPECT_EQ((*decoder)->decoded(), frame.size);
+    EXPECT_TRUE(std::equal(out.begin(), out.end(), plain_.begin() + frame.offset));
+  }
+  // Short by a byte: not finished.
+  ASSERT_TRUE((*decoder)->begin(out).is_ok());
+  ASSERT_TRUE((*decoder)->feed(stored.first(stored.size() - 1)).is_ok());
+  const Status short_by_one = (*decoder)->finish();
+  EXPECT_EQ(short_by_one.code(), StatusCode::kCorruption) << short_by_one.to_string();
+  // A byte after the frame's end.
+  std::vector<std::byte> longer(stored.begin(), stored.end());
+  longer.push_back(std::byte{0});
+  ASSERT_TRUE((*decoder)->begin(out).is_ok());
+  const Status trailing = (*decoder)->feed(longer);
+  EXPECT_EQ(trailing.code(), StatusCode::kCorruption) << trailing.to_string();
 }
 
 INSTANTIATE_TEST_SUITE_P(Codecs, FrameChunkerTest,

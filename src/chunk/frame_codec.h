@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -16,6 +17,29 @@ namespace lazyblock {
 enum class FrameCodec { kZstd, kLz4 };
 
 std::string_view frame_codec_name(FrameCodec codec);
+
+// Decompresses one frame as its stored bytes arrive, straight into the
+// caller's buffer: a fetch decodes while the rest of the frame is still on
+// the wire, and writes out each piece while it is hot in the CPU's cache. A
+// decoder is reused frame after frame (its context and buffers are kept).
+class FrameDecoder {
+ public:
+  static Result<std::unique_ptr<FrameDecoder>> create(FrameCodec codec);
+  virtual ~FrameDecoder() = default;
+
+  // Starts a frame whose uncompressed bytes are exactly `out` (it must stay
+  // valid and untouched by others until finish()).
+  virtual Status begin(std::span<std::byte> out) = 0;
+  // Decodes the frame's next stored bytes. kCorruption if they are damaged,
+  // hold more than `out` takes, or go on past the frame's end.
+  virtual Status feed(std::span<const std::byte> stored) = 0;
+  // The bytes of `out` decoded so far, from its start. They are not to be
+  // trusted (published) before finish() says OK.
+  virtual uint64_t decoded() const = 0;
+  // After the last stored byte: OK if the frame ended exactly there, its
+  // checksum verified and `out` is full; kCorruption saying which not.
+  virtual Status finish() = 0;
+};
 
 // Decompresses one whole frame into `out`, which must be exactly as large as
 // the frame's uncompressed bytes: kCorruption if the frame is damaged, fails

@@ -1,6 +1,8 @@
 #include "storage/file_store.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <linux/openat2.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -8,11 +10,35 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdlib>
 
 #include <fmt/format.h>
 
 namespace lazyblock {
 namespace {
+
+// Removes the temporary files of earlier puts of `key` whose processes have
+// died (a pack killed while its data file went up): KEY.tmp-PID-N with no
+// process PID. A live process's are left alone (its put may be going on).
+void remove_dead_temps(int root_fd, const std::string& key) {
+  const size_t slash = key.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : key.substr(0, slash);
+  const std::string prefix = key.substr(slash + 1) + ".tmp-";
+  UniqueFd dir_fd(::openat(root_fd, dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!dir_fd) return;
+  DIR* listing = ::fdopendir(dir_fd.get());
+  if (listing == nullptr) return;
+  const int listed_fd = dir_fd.release();  // the listing owns it now
+  while (const dirent* entry = ::readdir(listing)) {
+    const std::string name = entry->d_name;
+    if (name.rfind(prefix, 0) != 0) continue;
+    const long pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
+    if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+      ::unlinkat(listed_fd, name.c_str(), 0);
+    }
+  }
+  ::closedir(listing);
+}
 
 // Refuses keys that could name something outside the root before any system
 // call sees them; openat2(RESOLVE_BENEATH) then also refuses symlinks that
@@ -188,6 +214,7 @@ Status FileStore::put(const std::string& key, std::span<const std::byte> data, c
     status = posix_error("rename into " + key, errno);
   }
   if (!status.is_ok()) ::unlinkat(root_fd_.get(), temp.c_str(), 0);
+  if (status.is_ok()) remove_dead_temps(root_fd_.get(), key);
   return status;
 }
 
