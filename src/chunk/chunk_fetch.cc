@@ -296,6 +296,7 @@ Status FetchStream::stream() {
   for (;;) {
     bool cached;
     uint64_t want;
+    bool others_wait;
     {
       std::lock_guard lock(context_.mu);
       if (position >= end_) {
@@ -311,9 +312,14 @@ Status FetchStream::stream() {
       if (!cached && publish_as_we_go) stop = fetch_->next_wake_locked(position, stop);
       want = std::min(kReadBatch, stop - position);
       reading_until_ = position + want;
+      // Waiters of other chunks are waiting on other streams. (Those of
+      // this chunk wait on this stream, or are better served by it going
+      // on: a sequential reader waits on the very stream that feeds it, and
+      // yielding to it would only hand the CPU to other processes.)
+      others_wait = context_.waiting.load(std::memory_order_relaxed) > fetch_->waiters_.size();
     }
     LB_RETURN_IF_ERROR(io_.check(name_));
-    if (want == kReadBatch && context_.waiting.load(std::memory_order_relaxed) > 0) {
+    if (want == kReadBatch && others_wait) {
       // No one waits on this batch while someone waits elsewhere: let the
       // threads that serve them have the CPU first.
       std::this_thread::yield();
@@ -400,7 +406,13 @@ void FetchStream::release_if_ending_locked() {
   if (!busy_) return;
   const LinkEstimate& link = context_.estimate;
   const double rest_seconds = static_cast<double>(end_ - position_) / link.bytes_per_second;
-  if (rest_seconds > link.ttfb_seconds) return;
+  // This is looked at once per batch read, so a stream is let go one batch
+  // early: waiting for the rest to fall under one first-byte time would,
+  // where that time is shorter than a batch's transfer (a near server),
+  // send the next request only once this one ends, leaving the link idle
+  // for a whole round trip per chunk.
+  const double batch_seconds = static_cast<double>(kReadBatch) / link.bytes_per_second;
+  if (rest_seconds > link.ttfb_seconds + batch_seconds) return;
   busy_ = false;
   --context_.busy_streams;
   context_.pump_readahead_locked();
