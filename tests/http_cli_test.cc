@@ -10,6 +10,8 @@
 #include <optional>
 #include <string>
 
+#include <fmt/format.h>
+
 #include "common/units.h"
 #include "testing/nginx_server.h"
 #include "testing/pattern.h"
@@ -25,6 +27,16 @@ int count_of(const std::string& text, const std::string& part) {
   int count = 0;
   for (size_t at = text.find(part); at != std::string::npos; at = text.find(part, at + 1)) ++count;
   return count;
+}
+
+// Each failure is one line on stderr, naming the store and the key once
+// (not once per layer the error passed through).
+void expect_one_error_naming_once(const std::string& err, const std::string& store,
+                                  const std::string& key) {
+  EXPECT_EQ(count_of(err, "\n"), 1) << err;
+  EXPECT_EQ(count_of(err, "lazyblock: error: "), 1) << err;
+  EXPECT_NE(err.find(store), std::string::npos) << err;
+  EXPECT_EQ(count_of(err, key), 1) << err;
 }
 
 class HttpCliTest : public ::testing::Test {
@@ -103,8 +115,37 @@ TEST_F(HttpCliTest, WithoutRetriesAnOutageFailsOnceWithItsCause) {
   Outcome run = cat("/failing-for/60", {"--retry", "0"});
   EXPECT_EQ(run.status, 1);
   EXPECT_EQ(count_of(run.err, "HTTP 500"), 1) << "the final error, once: " << run.err;
-  EXPECT_NE(run.err.find(kKey), std::string::npos) << run.err;
+  expect_one_error_naming_once(run.err, server_->url() + "/failing-for/60", kKey);
   EXPECT_FALSE(std::filesystem::exists(dir_ / "out"));
+  // With retries that do not help, the retries are said at info only: the
+  // user sees the final error, once, with how long it was tried.
+  Outcome retried = cat("/failing-for/60", {"--retry", "2"});
+  EXPECT_EQ(retried.status, 1);
+  expect_one_error_naming_once(retried.err, server_->url() + "/failing-for/60", kKey);
+  EXPECT_NE(retried.err.find("gave up after 2 retries"), std::string::npos) << retried.err;
+  Outcome told = cat("/failing-for/60", {"--retry", "2", "--log-level", "info"});
+  EXPECT_EQ(count_of(told.err, "lazyblock: info: "), 2) << told.err;
+  EXPECT_EQ(count_of(told.err, "lazyblock: error: "), 1) << told.err;
+  EXPECT_EQ(told.err.find("warn: "), std::string::npos) << told.err;
+}
+
+TEST_F(HttpCliTest, AFourHundredOtherThan408Or429FailsAtOnce) {
+  serve(kMiB);
+  // (Not 408: nginx answers it by closing the connection, which is a
+  // transport failure, retried as such.)
+  for (const int code : {400, 403, 410, 429}) {
+    const std::string prefix = fmt::format("/status/{}", code);
+    const int before = count_of(server_->access_log(), prefix + "/");
+    Outcome run = cat(prefix, {"--retry", "1", "--log-level", "info"});
+    EXPECT_EQ(run.status, 1) << code << ": " << run.err;
+    EXPECT_NE(run.err.find(fmt::format("HTTP {}", code)), std::string::npos) << run.err;
+    EXPECT_EQ(count_of(run.err, "lazyblock: error: "), 1) << run.err;
+    EXPECT_NE(run.err.find(server_->url() + prefix), std::string::npos) << run.err;
+    const bool passing = code == 429;  // a throttle passes
+    EXPECT_EQ(count_of(run.err, "(retry 1 of 1 in"), passing ? 1 : 0) << code << ": " << run.err;
+    EXPECT_EQ(count_of(server_->access_log(), prefix + "/") - before, passing ? 2 : 1)
+        << code << ": " << server_->access_log();
+  }
 }
 
 struct Misbehaviour {
@@ -123,13 +164,15 @@ TEST_F(HttpCliTest, EveryMisbehaviourIsAnErrorNamingTheKeyAndLeavesNoFile) {
                                 Misbehaviour{"/slow", "deadline"}}) {
     Outcome run = cat(m.prefix, {"--timeout", "1s", "--retry", "1"});
     EXPECT_EQ(run.status, 1) << m.prefix << ": " << run.err;
-    EXPECT_NE(run.err.find(kKey), std::string::npos) << m.prefix << ": " << run.err;
+    expect_one_error_naming_once(run.err, server_->url() + m.prefix, kKey);
     EXPECT_NE(run.err.find(m.cause), std::string::npos) << m.prefix << ": " << run.err;
     EXPECT_FALSE(std::filesystem::exists(dir_ / "out")) << m.prefix;
   }
   Outcome missing = run_lazyblock(dir_, {"cat", "--store", server_->url(), "--key", "nope"});
   EXPECT_EQ(missing.status, 1);
-  EXPECT_NE(missing.err.find("object not found: nope"), std::string::npos) << missing.err;
+  EXPECT_NE(missing.err.find(server_->url() + ": object not found: nope"), std::string::npos)
+      << missing.err;
+  expect_one_error_naming_once(missing.err, server_->url(), "nope");
 }
 
 TEST_F(HttpCliTest, AHostNameThatDoesNotResolveFailsAtOnceSayingSo) {

@@ -26,6 +26,12 @@
 namespace lazyblock {
 namespace {
 
+int count_of(const std::string& text, const std::string& part) {
+  int count = 0;
+  for (size_t at = text.find(part); at != std::string::npos; at = text.find(part, at + 1)) ++count;
+  return count;
+}
+
 const std::string kBuild = "5e5e5e5e-1111-4222-8333-444455556666";
 
 class S3CliTest : public ::testing::Test {
@@ -155,12 +161,17 @@ TEST_F(S3CliTest, MissingObjectsAndBucketsAreExplained) {
   Outcome missing = run_lazyblock(dir_, {"cat", "--store", store_, "--key", "no/such"});
   EXPECT_EQ(missing.status, 1);
   EXPECT_NE(missing.err.find("object not found: no/such"), std::string::npos) << missing.err;
+  // One line, naming the store (bucket and prefix) and the key once each.
+  EXPECT_EQ(count_of(missing.err, "\n"), 1) << missing.err;
+  EXPECT_EQ(count_of(missing.err, store_), 1) << missing.err;
+  EXPECT_EQ(count_of(missing.err, "no/such"), 1) << missing.err;
   Outcome no_bucket =
       run_lazyblock(dir_, {"cat", "--store", "s3://no-such-bucket", "--key", "x", "--retry", "0"});
   EXPECT_EQ(no_bucket.status, 1);
   EXPECT_NE(no_bucket.err.find("bucket no-such-bucket does not exist"), std::string::npos)
       << no_bucket.err;
   EXPECT_NE(no_bucket.err.find("NoSuchBucket"), std::string::npos) << no_bucket.err;
+  EXPECT_EQ(count_of(no_bucket.err, "\n"), 1) << no_bucket.err;
   // Writes say the same.
   std::ofstream(dir_ / "small", std::ios::binary) << std::string(4096, 'x');
   Outcome no_bucket_write =
@@ -181,7 +192,8 @@ TEST_F(S3CliTest, AWrongSecretKeyIsExplainedAndNotRetried) {
   EXPECT_NE(once.err.find("s3://snapshots/templates (" + server_->endpoint() + ")"),
             std::string::npos)
       << once.err;
-  EXPECT_NE(once.err.find(kBuild + "/rootfs.ext4"), std::string::npos) << once.err;
+  EXPECT_EQ(count_of(once.err, kBuild + "/rootfs.ext4"), 1) << once.err;
+  EXPECT_EQ(count_of(once.err, "\n"), 1) << once.err;
   EXPECT_NE(once.err.find("SignatureDoesNotMatch, HTTP 403: The request signature we calculated "
                           "does not match the signature you provided."),
             std::string::npos)

@@ -54,8 +54,8 @@ Status ChunkFetch::wait_for(std::unique_lock<std::mutex>& lock, uint64_t begin, 
   if (!waiter.done) waiters_.erase(it);
   if (cache->is_cached(begin, end)) return Status::ok();
   if (waiter.done) return waiter.status;
-  return Status::timeout(fmt::format("fetch of {} [{}, {}) did not finish by its deadline",
-                                     context_.key, begin, end));
+  return Status::timeout(fmt::format("{}: read {} [{}, {}): no answer by the deadline",
+                                     context_.store->location(), context_.key, begin, end));
 }
 
 void ChunkFetch::cancel_waiters_locked() {
@@ -236,7 +236,8 @@ FetchStream::FetchStream(std::shared_ptr<ChunkFetch> fetch, uint64_t begin, uint
       begin_(begin),
       deadline_(deadline),
       io_{deadline, context_.stop.get_token()},
-      name_(fmt::format("{} [{}, {})", context_.key, begin, end)),
+      name_(fmt::format("{}: read {} [{}, {})", context_.store->location(), context_.key, begin,
+                        end)),
       opened_at_(Clock::now()),
       marked_(begin),
       requested_end_(end),
@@ -246,9 +247,11 @@ FetchStream::FetchStream(std::shared_ptr<ChunkFetch> fetch, uint64_t begin, uint
 
 void FetchStream::run() {
   Status status = stream();
-  if (!status.is_ok()) {
-    log(LogLevel::kInfo, "fetch of {} failed after {} bytes: {}", name_, position_ - begin_,
-        status.to_string());
+  if (!status.is_ok() && position_ > begin_) {
+    // (A stream that failed before its first byte is its fetch's error, and
+    // said once there.) The status names the store, the key and the range.
+    log(LogLevel::kInfo, "{} (after {} bytes of the stream)", status.to_string(),
+        position_ - begin_);
   }
   // Publish what was wholly written, even if the stream failed later: those
   // bytes are right, and may be all a waiter needs.
@@ -260,7 +263,8 @@ Status FetchStream::stream() {
   Result<std::unique_ptr<RangeReader>> opened =
       context_.store->open_range(context_.key, begin_, requested_end_ - begin_, io_);
   context_.requests.fetch_add(1, std::memory_order_relaxed);
-  if (!opened) return opened.status().with_context("fetch " + name_);
+  // The store's errors name the store, the key and the range already.
+  if (!opened) return opened.status();
   RangeReader& reader = **opened;
   {
     std::lock_guard lock(context_.mu);
@@ -273,12 +277,12 @@ Status FetchStream::stream() {
     drops_seen_ = cache_->drops();
     if (begin_ > cache_->size()) {
       return Status::out_of_range(
-          fmt::format("fetch {}: the object ends at {}", name_, cache_->size()));
+          fmt::format("{}: the object ends at {}", name_, cache_->size()));
     }
     requested_end_ = std::min(requested_end_, cache_->size());
     end_ = std::min(end_, requested_end_);
     if (reader.range_length() != requested_end_ - begin_) {
-      return Status::corruption(fmt::format("fetch {}: the store promised {} bytes, expected {}",
+      return Status::corruption(fmt::format("{}: the store promised {} bytes, expected {}",
                                             name_, reader.range_length(),
                                             requested_end_ - begin_));
     }
@@ -292,6 +296,7 @@ Status FetchStream::stream() {
   for (;;) {
     bool cached;
     uint64_t want;
+    bool others_wait;
     {
       std::lock_guard lock(context_.mu);
       if (position >= end_) {
@@ -307,17 +312,22 @@ Status FetchStream::stream() {
       if (!cached && publish_as_we_go) stop = fetch_->next_wake_locked(position, stop);
       want = std::min(kReadBatch, stop - position);
       reading_until_ = position + want;
+      // Waiters of other chunks are waiting on other streams. (Those of
+      // this chunk wait on this stream, or are better served by it going
+      // on: a sequential reader waits on the very stream that feeds it, and
+      // yielding to it would only hand the CPU to other processes.)
+      others_wait = context_.waiting.load(std::memory_order_relaxed) > fetch_->waiters_.size();
     }
-    LB_RETURN_IF_ERROR(io_.check("fetch " + name_));
-    if (want == kReadBatch && context_.waiting.load(std::memory_order_relaxed) > 0) {
+    LB_RETURN_IF_ERROR(io_.check(name_));
+    if (want == kReadBatch && others_wait) {
       // No one waits on this batch while someone waits elsewhere: let the
       // threads that serve them have the CPU first.
       std::this_thread::yield();
     }
     Result<size_t> got = reader.read(batch.first(want));
-    if (!got) return got.status().with_context("fetch " + name_);
+    if (!got) return got.status();
     if (*got == 0) {
-      return Status::corruption(fmt::format("fetch {}: the stream ended after {} of {} bytes",
+      return Status::corruption(fmt::format("{}: the stream ended after {} of {} bytes",
                                             name_, position - begin_, requested_end_ - begin_));
     }
     // Bytes of blocks cached before this stream got there (after an earlier
@@ -343,9 +353,9 @@ Status FetchStream::stream() {
     // its bytes cannot be trusted either. (A cut stream is simply dropped.)
     std::byte extra;
     Result<size_t> more = reader.read(std::span(&extra, 1));
-    if (!more) return more.status().with_context("fetch " + name_);
+    if (!more) return more.status();
     if (*more != 0) {
-      return Status::corruption(fmt::format("fetch {}: the stream sent more than the {} bytes "
+      return Status::corruption(fmt::format("{}: the stream sent more than the {} bytes "
                                             "promised",
                                             name_, requested_end_ - begin_));
     }
@@ -396,7 +406,13 @@ void FetchStream::release_if_ending_locked() {
   if (!busy_) return;
   const LinkEstimate& link = context_.estimate;
   const double rest_seconds = static_cast<double>(end_ - position_) / link.bytes_per_second;
-  if (rest_seconds > link.ttfb_seconds) return;
+  // This is looked at once per batch read, so a stream is let go one batch
+  // early: waiting for the rest to fall under one first-byte time would,
+  // where that time is shorter than a batch's transfer (a near server),
+  // send the next request only once this one ends, leaving the link idle
+  // for a whole round trip per chunk.
+  const double batch_seconds = static_cast<double>(kReadBatch) / link.bytes_per_second;
+  if (rest_seconds > link.ttfb_seconds + batch_seconds) return;
   busy_ = false;
   --context_.busy_streams;
   context_.pump_readahead_locked();

@@ -123,7 +123,7 @@ class FetchStream {
   const uint64_t begin_;
   const Clock::time_point deadline_;
   const IoContext io_;
-  const std::string name_;  // "KEY [begin, end)" for messages
+  const std::string name_;  // "STORE: read KEY [begin, end)" for messages
   const Clock::time_point opened_at_;
 
   // Owned by the stream's thread.

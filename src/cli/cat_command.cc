@@ -24,7 +24,7 @@ struct CatFlags {
 int run_cat(const CatFlags& flags) {
   if (Status s = apply_log_level(flags.log_level); !s.is_ok()) return report_failure(s);
   Result<std::unique_ptr<OutputFile>> output = OutputFile::open(flags.output);
-  if (!output) return report_failure(output.status().with_context("cat " + flags.key));
+  if (!output) return report_failure(output.status());
   Result<ChunkerOptions> options = chunker_options(flags.store);
   if (!options) return report_failure(options.status());
   prepare_for_streaming(*options);
@@ -48,7 +48,8 @@ int run_cat(const CatFlags& flags) {
     status = stream_in_order(source_of(**chunker), counted, *options);
   }
   if (status.is_ok()) status = (*output)->commit();
-  if (!status.is_ok()) return report_failure(status.with_context("cat " + flags.key));
+  // The errors name the store, the key and the range, or the output file.
+  if (!status.is_ok()) return report_failure(status);
   const ChunkerStats stats = (*chunker)->stats();
   log(LogLevel::kInfo, "cat {}: {} bytes in {} requests", flags.key, stats.bytes, stats.requests);
   return 0;

@@ -345,9 +345,11 @@ class DiskCacheStore::Reader final : public RangeReader {
     if (cached_index_ == index && upstream_ == nullptr) {
       const uint64_t chunk_end = std::min(end_, (index + 1) * chunk_size);
       const uint64_t take = std::min<uint64_t>(buffer.size(), chunk_end - position_);
-      LB_RETURN_IF_ERROR(
-          pread_all(cached_fd_.get(), buffer.first(take), position_ - index * chunk_size)
-              .with_context("cache-dir: " + key_));
+      LB_RETURN_IF_ERROR(pread_all(cached_fd_.get(), buffer.first(take),
+                                   position_ - index * chunk_size)
+                             .with_context(fmt::format("cache-dir {}: chunk {} of {}",
+                                                       store_.options_.dir.string(), index,
+                                                       key_)));
       position_ += take;
       return take;
     }
@@ -359,9 +361,9 @@ class DiskCacheStore::Reader final : public RangeReader {
       if (now != info_) {
         // Bytes of two versions must not meet in one stream.
         return Status::corruption(fmt::format(
-            "cache-dir: {} changed in the store while it was read (size {} to {}, version "
+            "{}: read {}: the object changed while it was read (size {} to {}, version "
             "'{}' to '{}')",
-            key_, info_.size, now.size, info_.version, now.version));
+            store_.location(), key_, info_.size, now.size, info_.version, now.version));
       }
       upstream_ = std::move(opened).value();
     }
@@ -748,7 +750,8 @@ Result<std::unique_ptr<RangeReader>> DiskCacheStore::open_range(const std::strin
   if (info) {
     if (offset > info->size) {
       return Status::out_of_range(fmt::format(
-          "read {}: offset {} is past the object's end at {}", key, offset, info->size));
+          "{}: read {}: offset {} is past the object's end at {}", location(), key, offset,
+          info->size));
     }
     if (UniqueFd fd = open_cached(key, index, *info)) {
       const uint64_t range_length = std::min(length, info->size - offset);

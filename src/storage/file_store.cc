@@ -154,6 +154,30 @@ Result<uint64_t> FileStore::stat(const std::string& key, const IoContext& io) {
 }
 
 Result<ObjectInfo> FileStore::stat_info(const std::string& key, const IoContext&) {
+  Result<ObjectInfo> info = stat_info_here(key);
+  if (!info) return info.status().with_context(describe());
+  return info;
+}
+
+Result<std::unique_ptr<RangeReader>> FileStore::open_range(const std::string& key,
+                                                           uint64_t offset, uint64_t length,
+                                                           const IoContext&) {
+  Result<std::unique_ptr<RangeReader>> reader = open_range_here(key, offset, length);
+  if (!reader) return reader.status().with_context(describe());
+  return reader;
+}
+
+Status FileStore::put(const std::string& key, std::span<const std::byte> data, const IoContext&) {
+  const Status status = put_here(key, data);
+  return status.is_ok() ? status : status.with_context(describe());
+}
+
+Status FileStore::remove(const std::string& key, const IoContext&) {
+  const Status status = remove_here(key);
+  return status.is_ok() ? status : status.with_context(describe());
+}
+
+Result<ObjectInfo> FileStore::stat_info_here(const std::string& key) {
   LB_RETURN_IF_ERROR(check_key(key));
   const UniqueFd fd(open_beneath(root_fd_.get(), key, O_PATH));
   if (!fd) return open_error(key, errno);
@@ -163,9 +187,9 @@ Result<ObjectInfo> FileStore::stat_info(const std::string& key, const IoContext&
   return ObjectInfo{static_cast<uint64_t>(st.st_size), file_version(st)};
 }
 
-Result<std::unique_ptr<RangeReader>> FileStore::open_range(const std::string& key,
-                                                           uint64_t offset, uint64_t length,
-                                                           const IoContext&) {
+Result<std::unique_ptr<RangeReader>> FileStore::open_range_here(const std::string& key,
+                                                                uint64_t offset,
+                                                                uint64_t length) {
   LB_RETURN_IF_ERROR(check_key(key));
   UniqueFd fd(open_beneath(root_fd_.get(), key, O_RDONLY));
   if (!fd) return open_error(key, errno);
@@ -183,7 +207,7 @@ Result<std::unique_ptr<RangeReader>> FileStore::open_range(const std::string& ke
       new FileRangeReader(std::move(fd), key, offset, clipped, size, file_version(st)));
 }
 
-Status FileStore::put(const std::string& key, std::span<const std::byte> data, const IoContext&) {
+Status FileStore::put_here(const std::string& key, std::span<const std::byte> data) {
   LB_RETURN_IF_ERROR(check_key(key));
   // Create the parent directories one by one beneath the root.
   for (size_t slash = key.find('/'); slash != std::string::npos; slash = key.find('/', slash + 1)) {
@@ -218,7 +242,7 @@ Status FileStore::put(const std::string& key, std::span<const std::byte> data, c
   return status;
 }
 
-Status FileStore::remove(const std::string& key, const IoContext&) {
+Status FileStore::remove_here(const std::string& key) {
   LB_RETURN_IF_ERROR(check_key(key));
   if (::unlinkat(root_fd_.get(), key.c_str(), 0) != 0) {
     if (errno == ENOENT) return Status::not_found("object not found: " + key);

@@ -37,6 +37,14 @@ class FileStore final : public ObjectStore {
   std::string location() const override;
 
  private:
+  // The calls above without the store's name, which they put in front of
+  // every error ("file://DIR: object not found: KEY").
+  Result<ObjectInfo> stat_info_here(const std::string& key);
+  Result<std::unique_ptr<RangeReader>> open_range_here(const std::string& key, uint64_t offset,
+                                                       uint64_t length);
+  Status put_here(const std::string& key, std::span<const std::byte> data);
+  Status remove_here(const std::string& key);
+
   FileStore(std::filesystem::path root, std::filesystem::path canonical_root, UniqueFd root_fd);
 
   const std::filesystem::path root_;

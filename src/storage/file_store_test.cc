@@ -84,10 +84,12 @@ TEST_F(FileStoreTest, MissingObjectIsNotFound) {
   auto reader = store_->open_range("no/such", 0, 10, IoContext{});
   ASSERT_FALSE(reader);
   EXPECT_EQ(reader.status().code(), StatusCode::kNotFound);
-  EXPECT_EQ(reader.status().message(), "object not found: no/such");
+  // The store and the key, each named once.
+  const std::string expected = store_->describe() + ": object not found: no/such";
+  EXPECT_EQ(reader.status().message(), expected);
   Result<uint64_t> size = store_->stat("no/such", IoContext{});
   ASSERT_FALSE(size);
-  EXPECT_EQ(size.status().message(), "object not found: no/such");
+  EXPECT_EQ(size.status().message(), expected);
   EXPECT_EQ(store_->remove("no/such", IoContext{}).code(), StatusCode::kNotFound);
 }
 

@@ -42,12 +42,15 @@ std::optional<ContentRange> parse_content_range(std::string_view text) {
 }
 
 // The body of a response to a range request, never more than promised.
+// Its errors name the store, the key and the range once ("WHERE: cause"),
+// without HttpClient's request line, which would name the key again.
 class HttpRangeReader final : public RangeReader {
  public:
-  HttpRangeReader(std::unique_ptr<HttpResponse> response, std::string key, uint64_t object_size,
-                  std::string version, uint64_t range_length)
+  HttpRangeReader(std::unique_ptr<HttpResponse> response, HttpRequest request, std::string where,
+                  uint64_t object_size, std::string version, uint64_t range_length)
       : response_(std::move(response)),
-        key_(std::move(key)),
+        request_(std::move(request)),
+        where_(std::move(where)),
         object_size_(object_size),
         version_(std::move(version)),
         range_length_(range_length) {}
@@ -55,12 +58,15 @@ class HttpRangeReader final : public RangeReader {
   Result<size_t> read(std::span<std::byte> buffer) override {
     if (response_ == nullptr) return size_t{0};
     Result<size_t> got = response_->read(buffer);
-    if (!got) return got.status().with_context("read " + key_);
+    if (!got) {
+      return restated(got.status(),
+                      where_ + ": " + without_request(got.status().message(), request_));
+    }
     delivered_ += *got;
     if (delivered_ > range_length_) {
-      return Status::corruption(fmt::format("read {}: the response sent more than the {} bytes "
+      return Status::corruption(fmt::format("{}: the response sent more than the {} bytes "
                                             "promised",
-                                            key_, range_length_));
+                                            where_, range_length_));
     }
     return got;
   }
@@ -70,7 +76,8 @@ class HttpRangeReader final : public RangeReader {
 
  private:
   const std::unique_ptr<HttpResponse> response_;  // null for an empty range
-  const std::string key_;
+  const HttpRequest request_;
+  const std::string where_;
   const uint64_t object_size_;
   const std::string version_;
   const uint64_t range_length_;
@@ -89,30 +96,50 @@ Result<std::unique_ptr<RangeReader>> empty_range(ObjectStore& store, const std::
   Result<ObjectInfo> info = store.stat_info(key, io);
   if (!info) return info.status();
   if (offset > info->size) {
-    return Status::out_of_range(fmt::format("read {}: offset {} is past the end at {}", key,
-                                            offset, info->size));
+    return Status::out_of_range(fmt::format("{}: read {}: offset {} is past the end at {}",
+                                            store.describe(), key, offset, info->size));
   }
   return std::unique_ptr<RangeReader>(
-      new HttpRangeReader(nullptr, key, info->size, std::move(info->version), 0));
-}
-
-Result<uint64_t> size_from_head(Result<std::unique_ptr<HttpResponse>> response,
-                                const std::string& key) {
-  Result<ObjectInfo> info = info_from_head(std::move(response), key);
-  if (!info) return info.status();
-  return info->size;
+      new HttpRangeReader(nullptr, {}, {}, info->size, std::move(info->version), 0));
 }
 
 Result<ObjectInfo> info_from_head(Result<std::unique_ptr<HttpResponse>> response,
+                                  const HttpRequest& request, const std::string& store,
                                   const std::string& key) {
-  if (!response) return response.status().with_context("stat " + key);
+  const std::string what = fmt::format("{}: stat {}", store, key);
+  if (!response) {
+    return restated(response.status(),
+                    what + ": " + without_request(response.status().message(), request));
+  }
   if ((*response)->status() != 200) {
-    return http_failure((*response)->status(), "stat " + key, key, "");
+    return http_failure((*response)->status(), store, "stat " + key, key, "");
   }
   const std::optional<std::string> length = (*response)->header("Content-Length");
   const std::optional<uint64_t> size = length ? parse_u64(*length) : std::nullopt;
-  if (!size) return Status::corruption("stat " + key + ": the answer has no Content-Length");
+  if (!size) return Status::corruption(what + ": the answer has no Content-Length");
   return ObjectInfo{*size, version_from_headers(**response)};
+}
+
+Status restated(const Status& status, std::string message) {
+  switch (status.code()) {
+    case StatusCode::kNotFound: return Status::not_found(std::move(message));
+    case StatusCode::kInvalidArgument: return Status::invalid_argument(std::move(message));
+    case StatusCode::kOutOfRange: return Status::out_of_range(std::move(message));
+    case StatusCode::kCorruption: return Status::corruption(std::move(message));
+    case StatusCode::kTimeout: return Status::timeout(std::move(message));
+    case StatusCode::kCancelled: return Status::cancelled(std::move(message));
+    case StatusCode::kUnavailable: return Status::unavailable(std::move(message));
+    case StatusCode::kNoSpace: return Status::no_space(std::move(message));
+    case StatusCode::kAlreadyExists: return Status::already_exists(std::move(message));
+    case StatusCode::kOk:
+    case StatusCode::kIoError: break;
+  }
+  return Status::io_error(std::move(message));
+}
+
+std::string without_request(const std::string& message, const HttpRequest& request) {
+  const std::string prefix = request.method + " " + request.url + ": ";
+  return message.rfind(prefix, 0) == 0 ? message.substr(prefix.size()) : message;
 }
 
 std::string version_from_headers(const HttpResponse& response) {
@@ -130,9 +157,9 @@ std::string range_header(uint64_t offset, uint64_t length) {
   return fmt::format("bytes={}-{}", offset, offset + length - 1);
 }
 
-Status http_failure(long status, const std::string& what, const std::string& key,
-                    std::string_view body) {
-  std::string detail = fmt::format("{}: HTTP {}", what, status);
+Status http_failure(long status, const std::string& store, const std::string& what,
+                    const std::string& key, std::string_view body) {
+  std::string detail = fmt::format("{}: {}: HTTP {}", store, what, status);
   // An S3-style error names its cause in <Code> and <Message>.
   if (const size_t code = body.find("<Code>"); code != std::string_view::npos) {
     const size_t end = body.find("</Code>", code);
@@ -140,21 +167,24 @@ Status http_failure(long status, const std::string& what, const std::string& key
   }
   if (status == 404) {
     if (body.find("<Code>NoSuchBucket</Code>") != std::string_view::npos) {
-      return Status::not_found(fmt::format("{}: the bucket does not exist", what));
+      return Status::not_found(fmt::format("{}: {}: the bucket does not exist", store, what));
     }
-    return Status::not_found("object not found: " + key);
+    return Status::not_found(fmt::format("{}: object not found: {} (HTTP 404)", store, key));
   }
   if (status == 416) return Status::out_of_range(detail);
-  if (status == 429 || status >= 500) return Status::unavailable(detail);
+  // A request timeout and a throttle pass with time; other 4xx do not.
+  if (status == 408 || status == 429 || status >= 500) return Status::unavailable(detail);
   if (status == 401 || status == 403) return Status::io_error(detail + " (access denied)");
   return Status::io_error(detail);
 }
 
 Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> response,
+                                                  HttpRequest request, const std::string& store,
                                                   const std::string& key, uint64_t offset,
                                                   uint64_t length) {
   const long status = response->status();
-  const std::string what = fmt::format("read {} [{}, +{})", key, offset, length);
+  const std::string read_what = fmt::format("read {} [{}, +{})", key, offset, length);
+  const std::string what = store + ": " + read_what;
   // (A plain value and a flag: GCC 12 misjudges an optional here as
   // maybe-uninitialized.)
   bool has_length = false;
@@ -186,8 +216,9 @@ Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> 
                                             what, content_length, *header));
     }
     std::string version = version_from_headers(*response);
-    return std::unique_ptr<RangeReader>(new HttpRangeReader(
-        std::move(response), key, *range->total, std::move(version), range_length));
+    return std::unique_ptr<RangeReader>(new HttpRangeReader(std::move(response), std::move(request),
+                                                            what, *range->total,
+                                                            std::move(version), range_length));
   }
   if (status == 200) {
     // A server without range support sends the whole object: acceptable
@@ -201,8 +232,9 @@ Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> 
           what, content_length));
     }
     std::string version = version_from_headers(*response);
-    return std::unique_ptr<RangeReader>(new HttpRangeReader(
-        std::move(response), key, content_length, std::move(version), content_length));
+    return std::unique_ptr<RangeReader>(new HttpRangeReader(std::move(response), std::move(request),
+                                                            what, content_length,
+                                                            std::move(version), content_length));
   }
   if (status == 416) {
     const std::optional<std::string> header = response->header("Content-Range");
@@ -211,13 +243,13 @@ Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> 
     if (range && range->total && offset == *range->total) {
       // A range starting exactly at the end is empty, not an error.
       return std::unique_ptr<RangeReader>(new HttpRangeReader(
-          nullptr, key, *range->total, version_from_headers(*response), 0));
+          nullptr, {}, {}, *range->total, version_from_headers(*response), 0));
     }
     return Status::out_of_range(fmt::format(
         "{}: the offset is past the object's end{}", what,
         range && range->total ? fmt::format(" at {}", *range->total) : std::string()));
   }
-  return http_failure(status, what, key, error_excerpt(*response));
+  return http_failure(status, store, read_what, key, error_excerpt(*response));
 }
 
 Result<std::shared_ptr<HttpStore>> HttpStore::open(std::string base_url,
@@ -251,7 +283,7 @@ Result<ObjectInfo> HttpStore::stat_info(const std::string& key, const IoContext&
   HttpRequest request;
   request.method = "HEAD";
   request.url = url_of(key);
-  return info_from_head(client_.send(request, io), key);
+  return info_from_head(client_.send(request, io), request, describe(), key);
 }
 
 Result<std::unique_ptr<RangeReader>> HttpStore::open_range(const std::string& key, uint64_t offset,
@@ -261,18 +293,25 @@ Result<std::unique_ptr<RangeReader>> HttpStore::open_range(const std::string& ke
   request.url = url_of(key);
   request.headers.emplace_back("Range", range_header(offset, length));
   Result<std::unique_ptr<HttpResponse>> response = client_.send(request, io);
-  if (!response) return response.status().with_context("read " + key);
-  return range_reader(std::move(response).value(), key, offset, length);
+  if (!response) {
+    return restated(response.status(),
+                    fmt::format("{}: read {} [{}, +{}): {}", describe(), key, offset, length,
+                                without_request(response.status().message(), request)));
+  }
+  return range_reader(std::move(response).value(), std::move(request), describe(), key, offset,
+                      length);
 }
 
 Status HttpStore::put(const std::string& key, std::span<const std::byte>, const IoContext&) {
   return Status::invalid_argument(
-      fmt::format("put {}: http:// stores are read-only (write with file:// or s3://)", key));
+      fmt::format("{}: put {}: http:// stores are read-only (write with file:// or s3://)",
+                  describe(), key));
 }
 
 Status HttpStore::remove(const std::string& key, const IoContext&) {
   return Status::invalid_argument(
-      fmt::format("remove {}: http:// stores are read-only (write with file:// or s3://)", key));
+      fmt::format("{}: remove {}: http:// stores are read-only (write with file:// or s3://)",
+                  describe(), key));
 }
 
 }  // namespace lazyblock

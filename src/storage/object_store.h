@@ -12,6 +12,10 @@
 // - open_range clips the range at the object's end (a range that reaches past
 //   it yields the bytes that exist); a range starting past the end fails with
 //   kOutOfRange; a missing key fails with kNotFound, "object not found: KEY".
+// - Errors name the store and the key once: the innermost store starts its
+//   messages with its describe() ("STORE: read KEY [OFFSET, +LENGTH): cause",
+//   "STORE: object not found: KEY"); layers over it add only what they know
+//   and it does not (a retry layer how long it tried).
 // - A RangeReader knows the object's total size once open_range returns
 //   (as an HTTP range response carries it in Content-Range), and its version
 //   where the store has one (see ObjectInfo).

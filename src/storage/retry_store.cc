@@ -53,8 +53,10 @@ class RetryStore::Reader final : public RangeReader {
       }
       if (got && delivered_ >= range_length_) return got;  // the end, as promised
       const Status failure =
-          got ? Status::unavailable(fmt::format("read {}: the response ended after {} of {} bytes",
-                                                key_, delivered_, range_length_))
+          got ? Status::unavailable(fmt::format("{}: read {}: the response ended after {} of {} "
+                                                "bytes",
+                                                store_.location(), key_, delivered_,
+                                                range_length_))
               : got.status();
       const Status verdict = store_.before_retry(failures_, failure, name(), io_);
       if (!verdict.is_ok()) {
@@ -69,8 +71,9 @@ class RetryStore::Reader final : public RangeReader {
       if ((*reopened)->object_size() != object_size_ ||
           (*reopened)->object_version() != version_) {
         return Status::corruption(fmt::format(
-            "read {}: the object changed between attempts (size {} to {}, version '{}' to '{}')",
-            key_, object_size_, (*reopened)->object_size(), version_,
+            "{}: read {}: the object changed between attempts (size {} to {}, version '{}' to "
+            "'{}')",
+            store_.location(), key_, object_size_, (*reopened)->object_size(), version_,
             (*reopened)->object_version()));
       }
       inner_ = std::move(reopened).value();
@@ -83,7 +86,8 @@ class RetryStore::Reader final : public RangeReader {
 
  private:
   std::string name() const {
-    return fmt::format("read {} [{}, +{})", key_, offset_ + delivered_, range_length_ - delivered_);
+    return fmt::format("{}: read {} [{}, +{})", store_.location(), key_, offset_ + delivered_,
+                       range_length_ - delivered_);
   }
 
   RetryStore& store_;
@@ -123,9 +127,10 @@ Status RetryStore::before_retry(Failures& failures, const Status& failure,
   if (now >= latest_wake) return give_up();
   const std::chrono::nanoseconds delay =
       std::min<std::chrono::nanoseconds>(jittered_delay(policy_, failures.count), latest_wake - now);
-  log(LogLevel::kInfo, "{}: retry {}{} in {:.1f} ms after: {}", what, failures.count,
+  // The failure names the store and the object already.
+  log(LogLevel::kInfo, "{} (retry {}{} in {:.1f} ms)", failure.message(), failures.count,
       policy_.retries ? fmt::format(" of {}", *policy_.retries) : std::string(),
-      milliseconds(delay), failure.message());
+      milliseconds(delay));
   retries_.fetch_add(1, std::memory_order_relaxed);
   return io.sleep_until(now + delay, what + " (backing off to retry)");
 }
@@ -139,7 +144,8 @@ Result<std::unique_ptr<RangeReader>> RetryStore::open_with_retries(const std::st
     Result<std::unique_ptr<RangeReader>> opened = StoreLayer::open_range(key, offset, length, io);
     if (opened) return opened;
     LB_RETURN_IF_ERROR(
-        before_retry(failures, opened.status(), fmt::format("open {} at {}", key, offset), io));
+        before_retry(failures, opened.status(),
+                     fmt::format("{}: read {} [{}, +{})", location(), key, offset, length), io));
   }
 }
 
@@ -148,7 +154,7 @@ Result<ObjectInfo> RetryStore::stat_info(const std::string& key, const IoContext
   for (;;) {
     Result<ObjectInfo> info = StoreLayer::stat_info(key, io);
     if (info) return info;
-    LB_RETURN_IF_ERROR(before_retry(failures, info.status(), "stat " + key, io));
+    LB_RETURN_IF_ERROR(before_retry(failures, info.status(), location() + ": stat " + key, io));
   }
 }
 
@@ -170,7 +176,7 @@ Status RetryStore::put(const std::string& key, std::span<const std::byte> data,
   for (;;) {
     const Status status = StoreLayer::put(key, data, io);
     if (status.is_ok()) return status;
-    LB_RETURN_IF_ERROR(before_retry(failures, status, "put " + key, io));
+    LB_RETURN_IF_ERROR(before_retry(failures, status, location() + ": put " + key, io));
   }
 }
 
@@ -179,7 +185,7 @@ Status RetryStore::remove(const std::string& key, const IoContext& io) {
   for (;;) {
     const Status status = StoreLayer::remove(key, io);
     if (status.is_ok()) return status;
-    LB_RETURN_IF_ERROR(before_retry(failures, status, "remove " + key, io));
+    LB_RETURN_IF_ERROR(before_retry(failures, status, location() + ": remove " + key, io));
   }
 }
 

@@ -82,31 +82,6 @@ bool has_dot_segment(std::string_view path) {
   }
 }
 
-// `status` with `message` in place of its own.
-Status restated(const Status& status, std::string message) {
-  switch (status.code()) {
-    case StatusCode::kNotFound: return Status::not_found(std::move(message));
-    case StatusCode::kInvalidArgument: return Status::invalid_argument(std::move(message));
-    case StatusCode::kOutOfRange: return Status::out_of_range(std::move(message));
-    case StatusCode::kCorruption: return Status::corruption(std::move(message));
-    case StatusCode::kTimeout: return Status::timeout(std::move(message));
-    case StatusCode::kCancelled: return Status::cancelled(std::move(message));
-    case StatusCode::kUnavailable: return Status::unavailable(std::move(message));
-    case StatusCode::kNoSpace: return Status::no_space(std::move(message));
-    case StatusCode::kAlreadyExists: return Status::already_exists(std::move(message));
-    case StatusCode::kOk:
-    case StatusCode::kIoError: break;
-  }
-  return Status::io_error(std::move(message));
-}
-
-// HttpClient's message for a failed request starts with "METHOD URL: "; the
-// store's own context names the object instead (the URL would name it twice).
-std::string without_request(const std::string& message, const HttpRequest& request) {
-  const std::string prefix = request.method + " " + request.url + ": ";
-  return message.rfind(prefix, 0) == 0 ? message.substr(prefix.size()) : message;
-}
-
 // Seconds since the epoch of a time S3 writes as "20261201T213000Z" or
 // "2026-12-01T21:50:00Z" (its first 14 digits), if it is one.
 std::optional<int64_t> utc_seconds(std::string_view text) {
@@ -126,47 +101,6 @@ std::optional<int64_t> utc_seconds(std::string_view text) {
   utc.tm_sec = number(12, 2);
   return static_cast<int64_t>(::timegm(&utc));
 }
-
-// A RangeReader whose errors name the store: the reader from
-// range_reader() names the key and the range.
-class S3RangeReader final : public RangeReader {
- public:
-  S3RangeReader(std::unique_ptr<RangeReader> inner, std::string where)
-      : inner_(std::move(inner)), where_(std::move(where)) {}
-  Result<size_t> read(std::span<std::byte> buffer) override {
-    Result<size_t> got = inner_->read(buffer);
-    if (!got) return got.status().with_context(where_);
-    return got;
-  }
-  uint64_t object_size() const override { return inner_->object_size(); }
-  uint64_t range_length() const override { return inner_->range_length(); }
-  std::string object_version() const override { return inner_->object_version(); }
-
- private:
-  const std::unique_ptr<RangeReader> inner_;
-  const std::string where_;
-};
-
-// A response whose read errors leave out the request line (see
-// without_request), for range_reader() to put the key in front.
-class S3Response final : public HttpResponse {
- public:
-  S3Response(std::unique_ptr<HttpResponse> inner, HttpRequest request)
-      : inner_(std::move(inner)), request_(std::move(request)) {}
-  long status() const override { return inner_->status(); }
-  std::optional<std::string> header(std::string_view name) const override {
-    return inner_->header(name);
-  }
-  Result<size_t> read(std::span<std::byte> buffer) override {
-    Result<size_t> got = inner_->read(buffer);
-    if (!got) return restated(got.status(), without_request(got.status().message(), request_));
-    return got;
-  }
-
- private:
-  const std::unique_ptr<HttpResponse> inner_;
-  const HttpRequest request_;
-};
 
 }  // namespace
 
@@ -401,7 +335,7 @@ Result<ObjectInfo> S3Store::stat_info(const std::string& key, const IoContext& i
   Result<std::unique_ptr<HttpResponse>> response = client_.send(head, io);
   if (!response) return transport_failure(what, head, response.status());
   const long status = (*response)->status();
-  if (status == 200) return info_from_head(std::move(response), key);
+  if (status == 200) return info_from_head(std::move(response), head, describe(), key);
   if (status != 408 && status != 429 && status < 500) {
     // A HEAD answer has no body to say why it failed; the same request as a
     // one-byte GET fails alike, with the body that does.
@@ -419,12 +353,7 @@ Result<std::unique_ptr<RangeReader>> S3Store::open_range(const std::string& key,
                                                          uint64_t length, const IoContext& io) {
   LB_RETURN_IF_ERROR(check_key(key));
   if (length == 0) {
-    Result<std::unique_ptr<RangeReader>> empty = empty_range(*this, key, offset, io);
-    // (stat's errors name the store already; the range check's do not.)
-    if (!empty && empty.status().code() == StatusCode::kOutOfRange) {
-      return empty.status().with_context(describe());
-    }
-    return empty;
+    return empty_range(*this, key, offset, io);
   }
   const std::string what = fmt::format("read {} [{}, +{})", key, offset, length);
   HttpRequest get = request("GET", key, {}, {{"Range", range_header(offset, length)}}, {});
@@ -435,12 +364,8 @@ Result<std::unique_ptr<RangeReader>> S3Store::open_range(const std::string& key,
     Result<std::string> body = (*response)->read_all(kErrorBodyLimit);
     return answer_failure(what, key, **response, status, body ? *body : "");
   }
-  Result<std::unique_ptr<RangeReader>> reader = range_reader(
-      std::make_unique<S3Response>(std::move(response).value(), std::move(get)), key, offset,
-      length);
-  if (!reader) return reader.status().with_context(describe());
-  return std::unique_ptr<RangeReader>(
-      new S3RangeReader(std::move(reader).value(), describe()));
+  return range_reader(std::move(response).value(), std::move(get), describe(), key, offset,
+                      length);
 }
 
 Status S3Store::put(const std::string& key, std::span<const std::byte> data,
