@@ -2,17 +2,16 @@
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <map>
-#include <mutex>
 #include <stop_token>
 
 #include <fmt/format.h>
 
 #include "cache/block_cache.h"
 #include "common/file_io.h"
+#include "common/mutex.h"
 #include "common/task_group.h"
 
 namespace lazyblock {
@@ -124,7 +123,7 @@ class FrameChunker final : public Chunker {
   }
 
   void cancel() override {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     cancelled_ = true;
     queued_.clear();
     stop_.request_stop();
@@ -135,7 +134,7 @@ class FrameChunker final : public Chunker {
     const size_t frames = table_.frames.size();
     for (size_t i = 0; i < frames; ++i) {
       {
-        std::lock_guard lock(mu_);
+        MutexLock lock(mu_);
         const size_t until = std::min(frames, i + static_cast<size_t>(options_.readahead_streams));
         for (size_t ahead = i; ahead < until; ++ahead) start_locked(ahead);
       }
@@ -151,7 +150,7 @@ class FrameChunker final : public Chunker {
     const uint64_t size = table_.size();
     if (length == 0 || offset >= size) return;
     const uint64_t end = offset + std::min(length, size - offset);
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     for (size_t i = first_frame_from(offset); i < table_.frames.size() && table_.frames[i].offset < end;
          ++i) {
       queued_.push_back(i);
@@ -160,7 +159,7 @@ class FrameChunker final : public Chunker {
   }
 
   ChunkerStats stats() const override {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     return {requests_.load(), bytes_.load(), waiting_, static_cast<uint64_t>(in_flight_.size())};
   }
 
@@ -185,7 +184,7 @@ class FrameChunker final : public Chunker {
     const std::optional<size_t> at_end = table_.frame_at(end - 1);
     if (!at_end) return;
     const size_t last = *at_end;
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     for (size_t i = last + 1;
          i < table_.frames.size() && i <= last + static_cast<size_t>(options_.readahead_streams);
          ++i) {
@@ -230,7 +229,7 @@ class FrameChunker final : public Chunker {
     }
     const size_t first = *table_.frame_at(offset);
     const size_t last = *table_.frame_at(end - 1);
-    std::unique_lock lock(mu_);
+    MutexLock lock(mu_);
     if (cancelled_) return Status::cancelled(key_ + ": the server is shutting down");
     for (size_t i = first; i <= last; ++i) start_locked(i);
     const Clock::time_point deadline = Clock::now() + options_.fetch_timeout;
@@ -246,7 +245,7 @@ class FrameChunker final : public Chunker {
         const std::shared_ptr<Fetch> fetch = it->second;
         ++waiting_;
         const bool in_time =
-            cv_.wait_until(lock, deadline, [&] { return fetch->done || cancelled_; });
+            cv_.wait_until(lock, deadline, [&]() REQUIRES(mu_) { return fetch->done || cancelled_; });
         --waiting_;
         if (cancelled_) return Status::cancelled(key_ + ": the server is shutting down");
         if (!in_time) {
@@ -260,7 +259,7 @@ class FrameChunker final : public Chunker {
 
   // Starts fetching frame `index` unless it is cached or under way.
   // Requires mu_ held.
-  void start_locked(size_t index) {
+  void start_locked(size_t index) REQUIRES(mu_) {
     const CompressedFrame& frame = table_.frames[index];
     if (cancelled_ || in_flight_.contains(index) || cache_->is_cached(frame.offset, frame.offset + frame.size)) {
       return;
@@ -269,7 +268,7 @@ class FrameChunker final : public Chunker {
     in_flight_.emplace(index, fetch);
     tasks_.spawn([this, index, fetch] {
       Status status = fetch_frame(index);
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       fetch->done = true;
       fetch->status = std::move(status);
       in_flight_.erase(index);
@@ -280,7 +279,7 @@ class FrameChunker final : public Chunker {
 
   // Starts queued prefetches while fewer than readahead_streams run.
   // Requires mu_ held.
-  void pump_locked() {
+  void pump_locked() REQUIRES(mu_) {
     while (!queued_.empty() &&
            in_flight_.size() < static_cast<size_t>(options_.readahead_streams)) {
       const size_t index = queued_.front();
@@ -345,12 +344,12 @@ class FrameChunker final : public Chunker {
   // Read and written without a lock: a lost update only delays readahead.
   std::atomic<uint64_t> last_read_end_{UINT64_MAX};
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;                        // a fetch ended
-  std::map<size_t, std::shared_ptr<Fetch>> in_flight_;  // guarded by mu_, by frame
-  std::deque<size_t> queued_;                         // guarded by mu_: prefetch and readahead
-  uint64_t waiting_ = 0;                              // guarded by mu_
-  bool cancelled_ = false;                            // guarded by mu_
+  mutable Mutex mu_;
+  CondVar cv_;                        // a fetch ended
+  std::map<size_t, std::shared_ptr<Fetch>> in_flight_ GUARDED_BY(mu_);  // by frame
+  std::deque<size_t> queued_ GUARDED_BY(mu_);  // prefetch and readahead
+  uint64_t waiting_ GUARDED_BY(mu_) = 0;
+  bool cancelled_ GUARDED_BY(mu_) = false;
   TaskGroup tasks_;  // declared last: waited for first
 };
 

@@ -23,9 +23,9 @@
 #include <filesystem>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 
+#include "common/mutex.h"
 #include "daemon/http_server.h"
 #include "daemon/metering_store.h"
 #include "daemon/serve_metrics.h"
@@ -78,11 +78,11 @@ class Daemon {
   ServeMetrics serve_metrics_;  // every device's server reports here
   TemplateRegistry templates_;
 
-  std::mutex mu_;
-  bool shut_down_ = false;  // guarded by mu_
+  Mutex mu_;
+  bool shut_down_ GUARDED_BY(mu_) = false;
   // Devices by id; a null entry is one being made (its id taken).
-  std::map<std::string, std::unique_ptr<Disk>> disks_;      // guarded by mu_
-  std::map<std::string, std::unique_ptr<Memory>> memory_;   // guarded by mu_
+  std::map<std::string, std::unique_ptr<Disk>> disks_ GUARDED_BY(mu_);
+  std::map<std::string, std::unique_ptr<Memory>> memory_ GUARDED_BY(mu_);
 
   // Counts of devices that have ended, added to those of the devices
   // served, so that totals do not go down as devices end.

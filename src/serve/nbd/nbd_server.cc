@@ -129,7 +129,7 @@ class NbdServer::Runner final : public RequestRunner {
 
  private:
   NbdServer& server_;
-  uint64_t held_ = 0;  // guarded by server_.budget_mu_
+  uint64_t held_ GUARDED_BY(server_.budget_mu_) = 0;
 };
 
 void NbdServer::serve_connection(int fd) {
@@ -149,8 +149,8 @@ NbdServer::NbdServer(Export disk, ConnectionLimits limits, int workers)
 
 NbdServer::~NbdServer() {
   stop();
-  std::unique_lock lock(mu_);
-  all_ended_.wait(lock, [&] { return open_fds_.empty(); });
+  MutexLock lock(mu_);
+  all_ended_.wait(lock, [&]() REQUIRES(mu_) { return open_fds_.empty(); });
   lock.unlock();
   for (int fd : wake_) {
     if (fd >= 0) ::close(fd);
@@ -203,7 +203,7 @@ Status NbdServer::serve() {
                                                 : default_max_connections(1),
                     "serve nbd");
   const auto open = [&] {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     return open_fds_.size();
   };
   while (!stopping_.load()) {
@@ -214,7 +214,7 @@ Status NbdServer::serve() {
     const int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // fails harmlessly on Unix sockets
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       open_fds_.insert(fd);
     }
     connections_.fetch_add(1);
@@ -226,11 +226,11 @@ Status NbdServer::serve() {
       session_ended(fd);
     }
   }
-  std::unique_lock lock(mu_);
-  if (!all_ended_.wait_for(lock, kReplyGrace, [&] { return open_fds_.empty(); })) {
+  MutexLock lock(mu_);
+  if (!all_ended_.wait_for(lock, kReplyGrace, [&]() REQUIRES(mu_) { return open_fds_.empty(); })) {
     for (int fd : open_fds_) ::shutdown(fd, SHUT_RDWR);
   }
-  all_ended_.wait(lock, [&] { return open_fds_.empty(); });
+  all_ended_.wait(lock, [&]() REQUIRES(mu_) { return open_fds_.empty(); });
   return Status::ok();
 }
 
@@ -244,18 +244,18 @@ void NbdServer::stop() {
   // write side stays open for a while (see serve()), so that requests in
   // flight still get their replies, errors if their fetches were cancelled.
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     for (int fd : open_fds_) ::shutdown(fd, SHUT_RD);
   }
   // Readers waiting for the reply budget end too.
-  { std::lock_guard lock(budget_mu_); }
+  { MutexLock lock(budget_mu_); }
   budget_freed_.notify_all();
 }
 
 bool NbdServer::reserve(uint64_t* held, uint64_t bytes) {
   if (bytes == 0) return !stopping_.load();
-  std::unique_lock lock(budget_mu_);
-  budget_freed_.wait(lock, [&] {
+  MutexLock lock(budget_mu_);
+  budget_freed_.wait(lock, [&]() REQUIRES(budget_mu_) {
     return stopping_.load() || (*held == 0 && bytes <= kAlwaysAdmitted) ||
            (*held + bytes <= kConnectionBytesInFlight &&
             bytes_in_flight_ + bytes <= kTotalBytesInFlight);
@@ -269,7 +269,7 @@ bool NbdServer::reserve(uint64_t* held, uint64_t bytes) {
 void NbdServer::release(uint64_t* held, uint64_t bytes) {
   if (bytes == 0) return;
   {
-    std::lock_guard lock(budget_mu_);
+    MutexLock lock(budget_mu_);
     *held -= bytes;
     bytes_in_flight_ -= bytes;
   }
@@ -279,7 +279,7 @@ void NbdServer::release(uint64_t* held, uint64_t bytes) {
 void NbdServer::session_ended(int fd) {
   // Closed under the lock: stop() must never shut down a descriptor that
   // has been closed and reused.
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   open_fds_.erase(fd);
   ::close(fd);
   if (open_fds_.empty()) all_ended_.notify_all();

@@ -16,14 +16,13 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
-#include <mutex>
 #include <set>
 #include <string>
 
+#include "common/mutex.h"
 #include "common/status.h"
 #include "common/unique_fd.h"
 #include "common/unix_socket.h"
@@ -91,13 +90,13 @@ class NbdServer {
   // The bytes of replies (and write payloads) held in memory, by every
   // connection: bounded, so that clients that send reads without reading
   // the replies cannot make the server hold more.
-  std::mutex budget_mu_;
-  std::condition_variable budget_freed_;
-  uint64_t bytes_in_flight_ = 0;  // guarded by budget_mu_
+  Mutex budget_mu_;
+  CondVar budget_freed_;
+  uint64_t bytes_in_flight_ GUARDED_BY(budget_mu_) = 0;
 
-  std::mutex mu_;
-  std::condition_variable all_ended_;
-  std::set<int> open_fds_;  // guarded by mu_: the connections being served
+  Mutex mu_;
+  CondVar all_ended_;
+  std::set<int> open_fds_ GUARDED_BY(mu_);  // the connections being served
 
   WorkerPool workers_;  // declared last: destroyed (joined) first
 };

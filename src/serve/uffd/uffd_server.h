@@ -34,15 +34,14 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <set>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/status.h"
 #include "common/unix_socket.h"
 #include "common/worker_pool.h"
@@ -112,9 +111,9 @@ class UffdServer {
   Counters counters_;
   ServeObserver* observer_ = nullptr;
 
-  std::mutex mu_;
-  std::condition_variable all_ended_;
-  std::set<Session*> sessions_;  // guarded by mu_: those running
+  Mutex mu_;
+  CondVar all_ended_;
+  std::set<Session*> sessions_ GUARDED_BY(mu_);  // those running
   WorkerPool workers_;           // declared last: destroyed (joined) first
 };
 
