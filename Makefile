@@ -1,8 +1,9 @@
 # lazyblock: `make run` and `make test` are the two commands of the README.
 #   make build   install what is missing, build build/lazyblock and the tests
 #   make run     build, then run the main job: bench fetch on both profiles
-#   make test    build, run every test, then again under ASan+UBSan and TSan,
+#   make test    lint, build, run every test, then again under ASan+UBSan and TSan,
 #                then fuzz the header parser, the NBD server and the UFFD parsers a while
+#   make lint    check locking (clang++ -Wthread-safety) and formatting (.clang-format)
 #   make fuzz    fuzz the header parser, the NBD server and the UFFD parsers (libFuzzer)
 #                (FUZZ_SECONDS each, default 60)
 #   make clean   remove the build trees
@@ -16,7 +17,7 @@ SANITIZER_ENV = ASAN_OPTIONS=halt_on_error=1:detect_leaks=1 \
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: deps build run test test-plain test-asan test-tsan test-fuzz fuzz clean
+.PHONY: deps lint build run test test-plain test-asan test-tsan test-fuzz fuzz clean
 
 deps:
 	@scripts/install-deps
@@ -38,7 +39,14 @@ run: build
 	@echo "== lazyblock bench fetch, simulated NFS"
 	@build/lazyblock bench fetch --profile nfs --strategy full,streaming,split --iterations 20
 
-test: test-plain test-asan test-tsan test-fuzz
+# Lint first (make runs prerequisites in order): a locking or formatting
+# error stops `make test` before the long suites.
+test: lint test-plain test-asan test-tsan test-fuzz
+
+lint: deps
+	@echo "== lint: thread-safety analysis and formatting"
+	$(call configure,build,RelWithDebInfo,)
+	@scripts/lint --jobs $(JOBS)
 
 test-plain: build
 	@echo "== tests (build/)"

@@ -230,7 +230,7 @@ uint64_t BlockCache::release(uint64_t offset, uint64_t end) {
 }
 
 bool BlockCache::evict_one(uint64_t busy, uint64_t evictions_seen) {
-  std::lock_guard lock(evict_mu_);
+  MutexLock lock(evict_mu_);
   // Another writer evicted since this one's write failed: try that space.
   if (evictions_.load(std::memory_order_relaxed) != evictions_seen) return true;
   if (punch_unsupported_.load(std::memory_order_relaxed)) return false;
@@ -325,14 +325,14 @@ Status BlockCache::copy_out(uint64_t offset, std::span<std::byte> buffer) const 
 
 bool BlockCache::mark_cached_unless_dropped(uint64_t offset, uint64_t end,
                                             uint64_t drops_seen) {
-  std::lock_guard lock(drop_mu_);
+  MutexLock lock(drop_mu_);
   if (drops_.load(std::memory_order_seq_cst) != drops_seen) return false;
   mark_cached(offset, end);
   return true;
 }
 
 void BlockCache::drop(uint64_t offset, uint64_t end) {
-  std::lock_guard lock(drop_mu_);
+  MutexLock lock(drop_mu_);
   drops_.fetch_add(1, std::memory_order_seq_cst);
   cached_.clear_range(offset / block_size_, block_end(end));
   struct stat st {};

@@ -51,11 +51,11 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
-#include <mutex>
 #include <span>
 
 #include "common/atomic_bitmap.h"
 #include "common/mapped_region.h"
+#include "common/mutex.h"
 #include "common/status.h"
 #include "common/unique_fd.h"
 
@@ -201,14 +201,14 @@ class BlockCache {
   const MappedRegion map_;  // size_ bytes, or nothing for an empty object
   AtomicBitmap cached_;
   std::atomic<uint64_t> drops_{0};
-  std::mutex drop_mu_;  // makes drop() and mark_cached_unless_dropped() exclusive
+  Mutex drop_mu_;  // makes drop() and mark_cached_unless_dropped() exclusive
   // Shared with threads' holds, which may outlive the cache.
   const std::shared_ptr<Units> units_;
   // The least-recently-used order's time: advanced by each fill and each
   // eviction; a use stamps its units with it.
   std::atomic<uint32_t> clock_{1};
   std::atomic<uint64_t> evictions_{0};
-  std::mutex evict_mu_;            // one eviction at a time
+  Mutex evict_mu_;            // one eviction at a time
   std::atomic<bool> punch_unsupported_{false};
 };
 

@@ -37,7 +37,8 @@ double seconds_between(Clock::time_point from, Clock::time_point to) {
 
 ChunkFetch::ChunkFetch(FetchContext& context, uint64_t chunk) : context_(context), chunk_(chunk) {}
 
-Status ChunkFetch::wait_for(std::unique_lock<std::mutex>& lock, uint64_t begin, uint64_t end) {
+Status ChunkFetch::wait_for(MutexLock& lock, uint64_t begin, uint64_t end) {
+  context_.mu.assert_held();
   BlockCache* cache = context_.cache.load(std::memory_order_acquire);
   assert(cache != nullptr);  // callers wait on ranges once the size is known
   if (cache->is_cached(begin, end)) return Status::ok();
@@ -59,6 +60,7 @@ Status ChunkFetch::wait_for(std::unique_lock<std::mutex>& lock, uint64_t begin, 
 }
 
 void ChunkFetch::cancel_waiters_locked() {
+  context_.mu.assert_held();
   for (auto& [due, waiter] : waiters_) {
     waiter->done = true;
     waiter->status = context_.cancelled_status();
@@ -68,6 +70,7 @@ void ChunkFetch::cancel_waiters_locked() {
 }
 
 void ChunkFetch::cover_locked(uint64_t begin, uint64_t end) {
+  context_.mu.assert_held();
   const uint64_t chunk_size = context_.options.chunk_size;
   const uint64_t chunk_begin = chunk_ * chunk_size;
   BlockCache* cache = context_.cache.load(std::memory_order_acquire);
@@ -126,7 +129,7 @@ void ChunkFetch::maybe_split_locked(uint64_t begin, uint64_t end) {
   const uint64_t need_end = std::min({align_up(end, block), cache->size(), stream->end_});
   if (cut >= need_end) return;
 
-  const LinkEstimate& link = context_.estimate;
+  const LinkEstimate link = context_.estimate;
   const Clock::time_point now = Clock::now();
   // When the running stream would bring the last byte this caller needs...
   double on_stream;
@@ -165,6 +168,7 @@ FetchStream* ChunkFetch::stream_covering_locked(uint64_t offset) const {
 }
 
 void ChunkFetch::wake_cached_locked() {
+  context_.mu.assert_held();
   BlockCache* cache = context_.cache.load(std::memory_order_acquire);
   bool woke = false;
   for (auto it = waiters_.begin(); it != waiters_.end();) {
@@ -181,12 +185,13 @@ void ChunkFetch::wake_cached_locked() {
 }
 
 uint64_t ChunkFetch::next_wake_locked(uint64_t position, uint64_t limit) const {
+  context_.mu.assert_held();
   auto it = waiters_.upper_bound(position);
   return it == waiters_.end() ? limit : std::min(limit, it->first);
 }
 
 void ChunkFetch::stream_ended(FetchStream& stream, const Status& status) {
-  std::lock_guard lock(context_.mu);
+  MutexLock lock(context_.mu);
   --context_.streams;
   if (stream.busy_) {
     stream.busy_ = false;
@@ -267,7 +272,7 @@ Status FetchStream::stream() {
   if (!opened) return opened.status();
   RangeReader& reader = **opened;
   {
-    std::lock_guard lock(context_.mu);
+    MutexLock lock(context_.mu);
     // The response's headers come with its first byte.
     first_byte_at_ = Clock::now();
     context_.observe_ttfb_locked(std::chrono::duration<double>(*first_byte_at_ - opened_at_).count());
@@ -298,7 +303,7 @@ Status FetchStream::stream() {
     uint64_t want;
     bool others_wait;
     {
-      std::lock_guard lock(context_.mu);
+      MutexLock lock(context_.mu);
       if (position >= end_) {
         reached_requested_end = end_ == requested_end_;
         break;
@@ -361,7 +366,7 @@ Status FetchStream::stream() {
     }
   }
   if (position - begin_ >= kReadBatch) {
-    std::lock_guard lock(context_.mu);
+    MutexLock lock(context_.mu);
     context_.observe_bandwidth_locked(static_cast<double>(position - begin_) /
                                       std::chrono::duration<double>(Clock::now() - *first_byte_at_)
                                           .count());
@@ -374,7 +379,7 @@ void FetchStream::advance(uint64_t position, bool publish) {
   // block once the stream reaches the object's end.
   const uint64_t written =
       position == cache_->size() ? position : align_down(position, cache_->block_size());
-  std::lock_guard lock(context_.mu);
+  MutexLock lock(context_.mu);
   if (publish && written > marked_) {
     // Marks what it wrote itself, not what it skipped as cached (punched
     // for space since, perhaps). A drop (the cache file failed under a
@@ -404,7 +409,7 @@ void FetchStream::advance(uint64_t position, bool publish) {
 
 void FetchStream::release_if_ending_locked() {
   if (!busy_) return;
-  const LinkEstimate& link = context_.estimate;
+  const LinkEstimate link = context_.estimate;
   const double rest_seconds = static_cast<double>(end_ - position_) / link.bytes_per_second;
   // This is looked at once per batch read, so a stream is let go one batch
   // early: waiting for the rest to fall under one first-byte time would,

@@ -22,15 +22,14 @@
 // When the last stream ends the fetch leaves the chunker's table.
 #pragma once
 
-#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <vector>
 
 #include "chunk/fetch_context.h"
+#include "common/mutex.h"
 #include "common/status.h"
 
 namespace lazyblock {
@@ -41,13 +40,18 @@ class ChunkFetch : public std::enable_shared_from_this<ChunkFetch> {
  public:
   ChunkFetch(FetchContext& context, uint64_t chunk);
 
+  // The functions below that others call with context.mu held say so with
+  // context_.mu.assert_held() (checked in Debug builds), not REQUIRES: the
+  // caller locked the mutex as its own context's, and the analysis cannot
+  // see that a fetch's context_ is that same context.
+
   // Waits until every block of [begin, end) (within this chunk, within the
   // object, whose size is known) is cached, scheduling streams as the
   // strategy says. `lock` holds context.mu. OK once the range is cached or
   // when every stream has ended without delivering it (the caller looks
   // again); else the error of a stream that was to deliver part of the range,
   // kTimeout, or kCancelled once the chunker is cancelled.
-  Status wait_for(std::unique_lock<std::mutex>& lock, uint64_t begin, uint64_t end);
+  Status wait_for(MutexLock& lock, uint64_t begin, uint64_t end);
 
   // Starts streams for the uncached blocks of [begin, end) that no stream
   // covers; with the object's size unknown, a stream for the whole chunk if
@@ -59,9 +63,15 @@ class ChunkFetch : public std::enable_shared_from_this<ChunkFetch> {
   void cancel_waiters_locked();
 
   // Requires context.mu held.
-  bool finished_locked() const { return streams_.empty(); }
+  bool finished_locked() const {
+    context_.mu.assert_held();
+    return streams_.empty();
+  }
   // The error of the last stream that failed, if any. Requires context.mu.
-  const Status& last_error_locked() const { return last_error_; }
+  const Status& last_error_locked() const {
+    context_.mu.assert_held();
+    return last_error_;
+  }
 
  private:
   friend class FetchStream;
@@ -76,10 +86,10 @@ class ChunkFetch : public std::enable_shared_from_this<ChunkFetch> {
 
   // Under `split`, cuts the stream that covers the first missing block of
   // [begin, end) if a new stream would bring the range sooner.
-  void maybe_split_locked(uint64_t begin, uint64_t end);
-  void start_stream_locked(uint64_t begin, uint64_t end);
+  void maybe_split_locked(uint64_t begin, uint64_t end) REQUIRES(context_.mu);
+  void start_stream_locked(uint64_t begin, uint64_t end) REQUIRES(context_.mu);
   // The running stream whose range holds `offset`, or nullptr.
-  FetchStream* stream_covering_locked(uint64_t offset) const;
+  FetchStream* stream_covering_locked(uint64_t offset) const REQUIRES(context_.mu);
   // Ends the waits of waiters whose ranges are cached.
   void wake_cached_locked();
   // The end of the first waiter ending in (position, limit], or `limit`.
@@ -91,10 +101,10 @@ class ChunkFetch : public std::enable_shared_from_this<ChunkFetch> {
   const uint64_t chunk_;
 
   // State below is protected by context_.mu.
-  std::condition_variable cv_;
-  std::vector<std::shared_ptr<FetchStream>> streams_;  // running
-  std::multimap<uint64_t, Waiter*> waiters_;           // by the end of their range
-  Status last_error_;
+  CondVar cv_;
+  std::vector<std::shared_ptr<FetchStream>> streams_ GUARDED_BY(context_.mu);  // running
+  std::multimap<uint64_t, Waiter*> waiters_ GUARDED_BY(context_.mu);  // by the end of their range
+  Status last_error_ GUARDED_BY(context_.mu);
 };
 
 // One range stream of a chunk fetch. Runs on a thread of its own.
@@ -116,7 +126,7 @@ class FetchStream {
   // Stops counting as busy once the rest of the stream will take less than
   // a new request's time to first byte, and lets readahead start the next.
   // Requires context.mu held.
-  void release_if_ending_locked();
+  void release_if_ending_locked() REQUIRES(context_.mu);
 
   const std::shared_ptr<ChunkFetch> fetch_;
   FetchContext& context_;
@@ -136,10 +146,13 @@ class FetchStream {
 
   // Protected by context.mu: the cache's drops() when this stream last
   // marked blocks (or began).
-  uint64_t drops_seen_ = 0;
+  uint64_t drops_seen_ GUARDED_BY(context_.mu) = 0;
 
   // State below is protected by context.mu (written by the stream's thread,
   // read by callers planning streams).
+  // Not declared GUARDED_BY: the fetch reads them through its streams'
+  // pointers, which the analysis cannot tie to the lock the fetch holds, and
+  // the stream's thread reads position_ without it, as its only writer.
   uint64_t requested_end_;  // the end asked of the store (clipped to the object)
   uint64_t end_;            // where the stream stops: requested_end_ or a cut
   uint64_t position_;       // bytes [begin_, position_) have arrived

@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/units.h"
 #include "storage/fault_store.h"
 #include "storage/file_store.h"
@@ -249,19 +250,19 @@ class GatedStore final : public StoreLayer {
 
   // Lets streams deliver their first `bytes` bytes.
   void open_to(uint64_t bytes) {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     limit_ = bytes;
     cv_.notify_all();
   }
   // Blocks until a stream has delivered `bytes` bytes and waits for more.
   void wait_until_held_at(uint64_t bytes) {
-    std::unique_lock lock(mu_);
-    cv_.wait(lock, [&] { return held_at_ == bytes; });
+    MutexLock lock(mu_);
+    cv_.wait(lock, [&]() REQUIRES(mu_) { return held_at_ == bytes; });
   }
   // Blocks until `count` streams wait at the gate at once.
   void wait_until_streams_held(int count) {
-    std::unique_lock lock(mu_);
-    cv_.wait(lock, [&] { return held_streams_ >= count; });
+    MutexLock lock(mu_);
+    cv_.wait(lock, [&]() REQUIRES(mu_) { return held_streams_ >= count; });
   }
 
   Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
@@ -279,13 +280,13 @@ class GatedStore final : public StoreLayer {
     Result<size_t> read(std::span<std::byte> buffer) override {
       uint64_t allowed = 0;
       {
-        std::unique_lock lock(gate_.mu_);
+        MutexLock lock(gate_.mu_);
         // The end of the range is reported as it comes: only bytes are held.
         if (delivered_ >= gate_.limit_ && delivered_ < inner_->range_length()) {
           gate_.held_at_ = delivered_;
           ++gate_.held_streams_;
           gate_.cv_.notify_all();
-          gate_.cv_.wait(lock, io_.stop, [&] { return delivered_ < gate_.limit_; });
+          gate_.cv_.wait(lock, io_.stop, [&]() REQUIRES(gate_.mu_) { return delivered_ < gate_.limit_; });
           --gate_.held_streams_;
           if (io_.stop.stop_requested()) return Status::cancelled("gated read: stopped");
         }
@@ -305,11 +306,11 @@ class GatedStore final : public StoreLayer {
     uint64_t delivered_ = 0;
   };
 
-  std::mutex mu_;
-  std::condition_variable_any cv_;
-  uint64_t limit_ = 0;                // guarded by mu_
-  uint64_t held_at_ = UINT64_MAX;     // guarded by mu_
-  int held_streams_ = 0;              // guarded by mu_
+  Mutex mu_;
+  StoppableCondVar cv_;
+  uint64_t limit_ GUARDED_BY(mu_) = 0;
+  uint64_t held_at_ GUARDED_BY(mu_) = UINT64_MAX;
+  int held_streams_ GUARDED_BY(mu_) = 0;
 };
 
 
@@ -617,14 +618,14 @@ class RecordingStore final : public StoreLayer {
   Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
                                                   uint64_t length, const IoContext& io) override {
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       opened_at_.push_back(offset);
     }
     return StoreLayer::open_range(key, offset, length, io);
   }
   // The chunks whose first byte a stream started at, sorted.
   std::vector<uint64_t> chunks_opened() {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     std::vector<uint64_t> chunks;
     for (uint64_t offset : opened_at_) {
       if (offset % kChunk == 0) chunks.push_back(offset / kChunk);
@@ -634,8 +635,8 @@ class RecordingStore final : public StoreLayer {
   }
 
  private:
-  std::mutex mu_;
-  std::vector<uint64_t> opened_at_;  // guarded by mu_
+  Mutex mu_;
+  std::vector<uint64_t> opened_at_ GUARDED_BY(mu_);
 };
 
 class ReadaheadTest : public ChunkerTest {

@@ -2,12 +2,10 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <stop_token>
 #include <string>
 
@@ -16,6 +14,7 @@
 #include "cache/block_cache.h"
 #include "chunk/chunker.h"
 #include "common/io_context.h"
+#include "common/mutex.h"
 #include "common/task_group.h"
 #include "storage/object_store.h"
 
@@ -47,41 +46,41 @@ struct FetchContext {
   std::atomic<BlockCache*> cache{nullptr};
 
   // State below is protected by mu.
-  std::mutex mu;
-  std::unique_ptr<BlockCache> cache_owner;
-  std::condition_variable size_learned;  // notified when cache is set or a fetch ends
-  std::map<uint64_t, std::shared_ptr<ChunkFetch>> fetches;  // in flight, by chunk index
-  int streams = 0;                                          // running, all chunks
-  LinkEstimate estimate;
+  Mutex mu;
+  std::unique_ptr<BlockCache> cache_owner GUARDED_BY(mu);
+  CondVar size_learned;  // notified when cache is set or a fetch ends
+  std::map<uint64_t, std::shared_ptr<ChunkFetch>> fetches GUARDED_BY(mu);  // in flight, by chunk index
+  int streams GUARDED_BY(mu) = 0;                                          // running, all chunks
+  LinkEstimate estimate GUARDED_BY(mu);
 
   // Readahead: chunks overlapping [readahead_from, readahead_end) are still
   // to be handed to streams. Streams are started while fewer than
   // options.readahead_streams are busy: a stream is busy from its start until
   // it is one time to first byte from its end (or ends), so a new request's
   // wait for its first byte overlaps the running streams' transfers.
-  uint64_t readahead_from = 0;
-  uint64_t readahead_end = 0;
+  uint64_t readahead_from GUARDED_BY(mu) = 0;
+  uint64_t readahead_end GUARDED_BY(mu) = 0;
   // Ranges asked for by prefetch(), started after the readahead range.
-  std::deque<std::pair<uint64_t, uint64_t>> prefetches;
-  int busy_streams = 0;
+  std::deque<std::pair<uint64_t, uint64_t>> prefetches GUARDED_BY(mu);
+  int busy_streams GUARDED_BY(mu) = 0;
 
   // The cache for an object of `size` bytes: created on the first call; a
   // later call with another size is an error (the object changed under us).
   // Requires mu held.
-  Result<BlockCache*> cache_for_size_locked(uint64_t size);
+  Result<BlockCache*> cache_for_size_locked(uint64_t size) REQUIRES(mu);
 
   // The fetch of `chunk` in flight, or a new one (with no stream yet).
   // Requires mu held.
-  std::shared_ptr<ChunkFetch> fetch_locked(uint64_t chunk);
+  std::shared_ptr<ChunkFetch> fetch_locked(uint64_t chunk) REQUIRES(mu);
 
   // Reads ahead over [from, until): restarts at `from` unless the readahead
   // in progress already lies within [from, until), then starts streams as
   // pump_readahead_locked does. Requires mu held and the cache created.
-  void read_ahead_locked(uint64_t from, uint64_t until);
+  void read_ahead_locked(uint64_t from, uint64_t until) REQUIRES(mu);
   // Starts streams for the next chunks of the readahead range, then of the
   // prefetched ranges, while fewer than options.readahead_streams are busy.
   // Requires mu held.
-  void pump_readahead_locked();
+  void pump_readahead_locked() REQUIRES(mu);
 
   // What a caller gets once the chunker's fetches are cancelled.
   Status cancelled_status() const {
@@ -89,8 +88,8 @@ struct FetchContext {
   }
 
   // Folds what one stream saw into the estimate. Require mu held.
-  void observe_ttfb_locked(double seconds);
-  void observe_bandwidth_locked(double bytes_per_second);
+  void observe_ttfb_locked(double seconds) REQUIRES(mu);
+  void observe_bandwidth_locked(double bytes_per_second) REQUIRES(mu);
 };
 
 }  // namespace lazyblock

@@ -85,7 +85,7 @@ FetchingChunker::~FetchingChunker() {
 }
 
 Status FetchingChunker::set_size(uint64_t size) {
-  std::lock_guard lock(context_.mu);
+  MutexLock lock(context_.mu);
   return context_.cache_for_size_locked(size).status();
 }
 
@@ -98,7 +98,7 @@ Result<uint64_t> FetchingChunker::stat_size() {
   const IoContext io{Clock::now() + context_.options.fetch_timeout, context_.stop.get_token()};
   Result<uint64_t> size = context_.store->stat(context_.key, io);
   if (!size) return size.status();
-  std::lock_guard lock(context_.mu);
+  MutexLock lock(context_.mu);
   Result<BlockCache*> cache = context_.cache_for_size_locked(*size);
   if (!cache) return cache.status();
   return (*cache)->size();
@@ -106,7 +106,7 @@ Result<uint64_t> FetchingChunker::stat_size() {
 
 Result<uint64_t> FetchingChunker::learn_size(uint64_t offset) {
   if (BlockCache* cache = context_.cache.load(std::memory_order_acquire)) return cache->size();
-  std::unique_lock lock(context_.mu);
+  MutexLock lock(context_.mu);
   for (;;) {
     if (BlockCache* cache = context_.cache.load(std::memory_order_acquire)) return cache->size();
     // The first stream of a chunk learns the size: one in flight for this
@@ -115,7 +115,7 @@ Result<uint64_t> FetchingChunker::learn_size(uint64_t offset) {
     if (context_.stop.stop_requested()) return context_.cancelled_status();
     fetch->cover_locked(offset, offset);
     const bool in_time = context_.size_learned.wait_until(
-        lock, Clock::now() + context_.options.fetch_timeout, [&] {
+        lock, Clock::now() + context_.options.fetch_timeout, [&]() REQUIRES(context_.mu) {
           return context_.cache.load(std::memory_order_acquire) != nullptr ||
                  fetch->finished_locked() || context_.stop.stop_requested();
         });
@@ -154,7 +154,7 @@ void FetchingChunker::note_read(uint64_t offset, uint64_t end) {
   if (readahead_until_chunk_.exchange(until_chunk, std::memory_order_relaxed) == until_chunk) {
     return;
   }
-  std::lock_guard lock(context_.mu);
+  MutexLock lock(context_.mu);
   context_.read_ahead_locked(end, end + window);
 }
 
@@ -164,7 +164,7 @@ Status FetchingChunker::fetch_range(uint64_t offset, uint64_t end) {
   const uint64_t chunk_size = context_.options.chunk_size;
   const uint64_t first = offset / chunk_size;
   const uint64_t last = (end - 1) / chunk_size;
-  std::unique_lock lock(context_.mu);
+  MutexLock lock(context_.mu);
   // Start every chunk's streams before waiting on any, so that they overlap.
   for (uint64_t chunk = first; chunk <= last; ++chunk) {
     const uint64_t begin = std::max(offset, chunk * chunk_size);
@@ -271,7 +271,7 @@ Result<size_t> FetchingChunker::read_at(std::span<std::byte> buffer, uint64_t of
     }
     failed = failed.with_context(context_.key);
     log(LogLevel::kWarn, "{}; fetching it again", failed.to_string());
-    std::lock_guard lock(context_.mu);
+    MutexLock lock(context_.mu);
     cache->drop(offset, end);
   }
   return failed;
@@ -288,7 +288,7 @@ Status FetchingChunker::write_to(ByteSink& sink) {
     const uint64_t begin = chunk * chunk_size;
     const uint64_t end = std::min(*size, begin + chunk_size);
     {
-      std::lock_guard lock(context_.mu);
+      MutexLock lock(context_.mu);
       context_.read_ahead_locked(begin, begin + window);
     }
     Result<BlockCache::Pin> pin = fetch_pinned(begin, end);
@@ -300,7 +300,7 @@ Status FetchingChunker::write_to(ByteSink& sink) {
 
 void FetchingChunker::prefetch(uint64_t offset, uint64_t length) {
   if (length == 0) return;
-  std::lock_guard lock(context_.mu);
+  MutexLock lock(context_.mu);
   if (context_.cache.load(std::memory_order_acquire) == nullptr) {
     // The size is unknown: the first chunk's stream learns it, and the range
     // waits its turn behind that.
@@ -314,13 +314,13 @@ void FetchingChunker::cancel() {
   // The stores' waits end on the stop; the callers' waits end here, so that
   // none depends on how soon a store notices.
   context_.stop.request_stop();
-  std::lock_guard lock(context_.mu);
+  MutexLock lock(context_.mu);
   for (auto& [chunk, fetch] : context_.fetches) fetch->cancel_waiters_locked();
   context_.size_learned.notify_all();
 }
 
 ChunkerStats FetchingChunker::stats() const {
-  std::lock_guard lock(context_.mu);
+  MutexLock lock(context_.mu);
   return {context_.requests.load(std::memory_order_relaxed),
           context_.bytes.load(std::memory_order_relaxed),
           context_.waiting.load(std::memory_order_relaxed),

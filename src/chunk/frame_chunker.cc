@@ -2,17 +2,16 @@
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <map>
-#include <mutex>
 #include <stop_token>
 
 #include <fmt/format.h>
 
 #include "cache/block_cache.h"
 #include "common/file_io.h"
+#include "common/mutex.h"
 #include "common/task_group.h"
 
 namespace lazyblock {
@@ -134,7 +133,7 @@ class FrameChunker final : public Chunker {
   }
 
   void cancel() override {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     cancelled_ = true;
     queued_.clear();
     stop_.request_stop();
@@ -145,7 +144,7 @@ class FrameChunker final : public Chunker {
     const size_t frames = table_.frames.size();
     for (size_t i = 0; i < frames; ++i) {
       {
-        std::lock_guard lock(mu_);
+        MutexLock lock(mu_);
         const size_t until = std::min(frames, i + frames_in_flight());
         for (size_t ahead = i; ahead < until; ++ahead) start_locked(ahead);
       }
@@ -161,7 +160,7 @@ class FrameChunker final : public Chunker {
     const uint64_t size = table_.size();
     if (length == 0 || offset >= size) return;
     const uint64_t end = offset + std::min(length, size - offset);
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     for (size_t i = first_frame_from(offset); i < table_.frames.size() && table_.frames[i].offset < end;
          ++i) {
       queued_.push_back(i);
@@ -170,7 +169,7 @@ class FrameChunker final : public Chunker {
   }
 
   ChunkerStats stats() const override {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     return {requests_.load(), bytes_.load(), waiting_, static_cast<uint64_t>(in_flight_.size())};
   }
 
@@ -195,7 +194,7 @@ class FrameChunker final : public Chunker {
     const std::optional<size_t> at_end = table_.frame_at(end - 1);
     if (!at_end) return;
     const size_t last = *at_end;
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     const size_t window = frames_in_flight();
     for (size_t i = last + 1; i < table_.frames.size() && i <= last + window; ++i) {
       queued_.push_front(i);
@@ -239,7 +238,7 @@ class FrameChunker final : public Chunker {
     }
     const size_t first = *table_.frame_at(offset);
     const size_t last = *table_.frame_at(end - 1);
-    std::unique_lock lock(mu_);
+    MutexLock lock(mu_);
     if (cancelled_) return Status::cancelled(key_ + ": the server is shutting down");
     for (size_t i = first; i <= last; ++i) start_locked(i);
     const Clock::time_point deadline = Clock::now() + options_.fetch_timeout;
@@ -255,7 +254,7 @@ class FrameChunker final : public Chunker {
         const std::shared_ptr<Fetch> fetch = it->second;
         ++waiting_;
         const bool in_time =
-            cv_.wait_until(lock, deadline, [&] { return fetch->done || cancelled_; });
+            cv_.wait_until(lock, deadline, [&]() REQUIRES(mu_) { return fetch->done || cancelled_; });
         --waiting_;
         if (cancelled_) return Status::cancelled(key_ + ": the server is shutting down");
         if (!in_time) {
@@ -269,7 +268,7 @@ class FrameChunker final : public Chunker {
 
   // Starts fetching frame `index` unless it is cached or under way.
   // Requires mu_ held.
-  void start_locked(size_t index) {
+  void start_locked(size_t index) REQUIRES(mu_) {
     const CompressedFrame& frame = table_.frames[index];
     if (cancelled_ || in_flight_.contains(index) || cache_->is_cached(frame.offset, frame.offset + frame.size)) {
       return;
@@ -278,14 +277,14 @@ class FrameChunker final : public Chunker {
     in_flight_.emplace(index, fetch);
     tasks_.spawn([this, index, fetch] {
       Status status = fetch_frame(index);
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       fetch->done = true;
       fetch->status = std::move(status);
       in_flight_.erase(index);
       cv_.notify_all();
       pump_locked();
       if (in_flight_.empty()) {
-        std::lock_guard spare_lock(spare_mu_);
+        MutexLock spare_lock(spare_mu_);
         spare_.clear();
       }
     });
@@ -302,7 +301,7 @@ class FrameChunker final : public Chunker {
 
   // Starts queued prefetches while fewer than frames_in_flight() run.
   // Requires mu_ held.
-  void pump_locked() {
+  void pump_locked() REQUIRES(mu_) {
     const size_t window = frames_in_flight();
     while (!queued_.empty() && in_flight_.size() < window) {
       const size_t index = queued_.front();
@@ -322,7 +321,7 @@ class FrameChunker final : public Chunker {
 
   Result<std::unique_ptr<FetchBuffers>> take_buffers() {
     {
-      std::lock_guard lock(spare_mu_);
+      MutexLock lock(spare_mu_);
       if (!spare_.empty()) {
         std::unique_ptr<FetchBuffers> buffers = std::move(spare_.back());
         spare_.pop_back();
@@ -342,7 +341,7 @@ class FrameChunker final : public Chunker {
   // Kept while fetches go on (a sequential read has up to a window of
   // frames transferring at once); let go once none is in flight.
   void give_back(std::unique_ptr<FetchBuffers> buffers) {
-    std::lock_guard lock(spare_mu_);
+    MutexLock lock(spare_mu_);
     spare_.push_back(std::move(buffers));
   }
 
@@ -420,14 +419,14 @@ class FrameChunker final : public Chunker {
   // Read and written without a lock: a lost update only delays readahead.
   std::atomic<uint64_t> last_read_end_{UINT64_MAX};
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;                        // a fetch ended
-  std::map<size_t, std::shared_ptr<Fetch>> in_flight_;  // guarded by mu_, by frame
-  std::deque<size_t> queued_;                         // guarded by mu_: prefetch and readahead
-  uint64_t waiting_ = 0;                              // guarded by mu_
-  bool cancelled_ = false;                            // guarded by mu_
-  std::mutex spare_mu_;  // only fetches take it, never a reader
-  std::vector<std::unique_ptr<FetchBuffers>> spare_;  // guarded by spare_mu_
+  mutable Mutex mu_;
+  CondVar cv_;                        // a fetch ended
+  std::map<size_t, std::shared_ptr<Fetch>> in_flight_ GUARDED_BY(mu_);  // by frame
+  std::deque<size_t> queued_ GUARDED_BY(mu_);  // prefetch and readahead
+  uint64_t waiting_ GUARDED_BY(mu_) = 0;
+  bool cancelled_ GUARDED_BY(mu_) = false;
+  Mutex spare_mu_;  // only fetches take it, never a reader
+  std::vector<std::unique_ptr<FetchBuffers>> spare_ GUARDED_BY(spare_mu_);
   TaskGroup tasks_;  // declared last: waited for first
 };
 

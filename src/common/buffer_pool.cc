@@ -10,14 +10,14 @@ BufferPool::Buffer::Buffer(Buffer&& other) noexcept
 
 BufferPool::Buffer::~Buffer() {
   if (!data_) return;
-  std::lock_guard lock(pool_->mu_);
+  MutexLock lock(pool_->mu_);
   // Beyond the bound, the buffer is simply freed.
   if (pool_->free_.size() < pool_->max_free_) pool_->free_.push_back(std::move(data_));
 }
 
 BufferPool::Buffer BufferPool::get() {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (!free_.empty()) {
       std::unique_ptr<std::byte[]> data = std::move(free_.back());
       free_.pop_back();

@@ -7,9 +7,10 @@
 
 #include <cstddef>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <vector>
+
+#include "common/mutex.h"
 
 namespace lazyblock {
 
@@ -40,8 +41,8 @@ class BufferPool {
  private:
   const size_t buffer_size_;
   const size_t max_free_;
-  std::mutex mu_;
-  std::vector<std::unique_ptr<std::byte[]>> free_;  // guarded by mu_
+  Mutex mu_;
+  std::vector<std::unique_ptr<std::byte[]>> free_ GUARDED_BY(mu_);
 };
 
 }  // namespace lazyblock

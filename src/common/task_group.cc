@@ -16,7 +16,7 @@ void TaskGroup::spawn(std::function<void()> task) {
   });
   std::vector<Worker> finished;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     // Reap the threads whose tasks are over, so that they do not pile up.
     auto over = std::partition(workers_.begin(), workers_.end(), [](const Worker& w) {
       return !w.done->load(std::memory_order_acquire);
@@ -32,7 +32,7 @@ void TaskGroup::wait() {
   for (;;) {
     std::vector<Worker> workers;
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       workers.swap(workers_);
     }
     if (workers.empty()) return;

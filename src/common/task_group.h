@@ -5,9 +5,10 @@
 #include <atomic>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <thread>
 #include <vector>
+
+#include "common/mutex.h"
 
 namespace lazyblock {
 
@@ -31,8 +32,8 @@ class TaskGroup {
     std::shared_ptr<std::atomic<bool>> done;  // its task has returned
   };
 
-  std::mutex mu_;
-  std::vector<Worker> workers_;  // guarded by mu_: not yet joined
+  Mutex mu_;
+  std::vector<Worker> workers_ GUARDED_BY(mu_);  // not yet joined
 };
 
 }  // namespace lazyblock

@@ -109,7 +109,7 @@ HttpResponse Daemon::put_disk(const std::string& id, const std::string& body) {
   Result<DiskSpec> spec = parse_disk_spec(body);
   if (!spec) return fault(spec.status().with_context("PUT /disks/" + id));
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (shut_down_) return fault(500, "the daemon is shutting down");
     if (disks_.contains(id)) return fault(409, fmt::format("disk '{}' exists already", id));
     disks_[id] = nullptr;  // the id is taken while the disk is made
@@ -134,7 +134,7 @@ HttpResponse Daemon::put_disk(const std::string& id, const std::string& body) {
     LB_RETURN_IF_ERROR(disk->served->server().listen_unix(spec->socket));
     return disk;
   }();
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (!made) {
     disks_.erase(id);
     return fault(made.status().with_context("PUT /disks/" + id));
@@ -156,7 +156,7 @@ HttpResponse Daemon::put_memory(const std::string& id, const std::string& body) 
   Result<MemorySpec> spec = parse_memory_spec(body);
   if (!spec) return fault(spec.status().with_context("PUT /memory/" + id));
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (shut_down_) return fault(500, "the daemon is shutting down");
     if (memory_.contains(id)) return fault(409, fmt::format("memory '{}' exists already", id));
     memory_[id] = nullptr;
@@ -185,7 +185,7 @@ HttpResponse Daemon::put_memory(const std::string& id, const std::string& body) 
     LB_RETURN_IF_ERROR(memory->server->listen_unix(spec->socket));
     return memory;
   }();
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (!made) {
     memory_.erase(id);
     return fault(made.status().with_context("PUT /memory/" + id));
@@ -230,7 +230,7 @@ void Daemon::end_memory(Memory& memory) {
 HttpResponse Daemon::delete_disk(const std::string& id) {
   std::unique_ptr<Disk> disk;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     const auto found = disks_.find(id);
     if (found == disks_.end()) return fault(404, fmt::format("no disk '{}'", id));
     if (!found->second) return fault(409, fmt::format("disk '{}' is being made", id));
@@ -247,7 +247,7 @@ HttpResponse Daemon::delete_disk(const std::string& id) {
 HttpResponse Daemon::delete_memory(const std::string& id) {
   std::unique_ptr<Memory> memory;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     const auto found = memory_.find(id);
     if (found == memory_.end()) return fault(404, fmt::format("no memory '{}'", id));
     if (!found->second) return fault(409, fmt::format("memory '{}' is being made", id));
@@ -261,7 +261,7 @@ HttpResponse Daemon::delete_memory(const std::string& id) {
 
 HttpResponse Daemon::list_disks() {
   json rows = json::array();
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   for (const auto& [id, disk] : disks_) {
     if (!disk) continue;
     json row = {{"id", id},
@@ -282,7 +282,7 @@ HttpResponse Daemon::list_disks() {
 
 HttpResponse Daemon::list_memory() {
   json rows = json::array();
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   for (const auto& [id, memory] : memory_) {
     if (!memory) continue;
     const uffd::UffdStats stats = memory->server->stats();
@@ -323,7 +323,7 @@ HttpResponse Daemon::about() {
   size_t disks = 0;
   size_t memory = 0;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     disks = disks_.size();
     memory = memory_.size();
   }
@@ -338,7 +338,7 @@ void Daemon::shutdown() {
   std::map<std::string, std::unique_ptr<Disk>> disks;
   std::map<std::string, std::unique_ptr<Memory>> memory;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (shut_down_) return;
     shut_down_ = true;
     disks.swap(disks_);
@@ -408,7 +408,7 @@ std::string Daemon::metrics_text() {
   size_t disks = 0;
   size_t memories = 0;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     for (const auto& [id, disk] : disks_) {
       if (!disk) continue;
       ++disks;

@@ -23,9 +23,9 @@
 #include <filesystem>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 
+#include "common/mutex.h"
 #include "common/worker_pool.h"
 #include "daemon/http_server.h"
 #include "daemon/metering_store.h"
@@ -89,11 +89,11 @@ class Daemon {
   WorkerPool memory_workers_;
   TemplateRegistry templates_;
 
-  std::mutex mu_;
-  bool shut_down_ = false;  // guarded by mu_
+  Mutex mu_;
+  bool shut_down_ GUARDED_BY(mu_) = false;
   // Devices by id; a null entry is one being made (its id taken).
-  std::map<std::string, std::unique_ptr<Disk>> disks_;      // guarded by mu_
-  std::map<std::string, std::unique_ptr<Memory>> memory_;   // guarded by mu_
+  std::map<std::string, std::unique_ptr<Disk>> disks_ GUARDED_BY(mu_);
+  std::map<std::string, std::unique_ptr<Memory>> memory_ GUARDED_BY(mu_);
 
   // Counts of devices that have ended, added to those of the devices
   // served, so that totals do not go down as devices end.

@@ -6,12 +6,11 @@
 #include <cstdio>
 #include <cstring>
 #include <chrono>
-#include <condition_variable>
-#include <mutex>
 
 #include <fmt/format.h>
 
 #include "common/log.h"
+#include "common/mutex.h"
 
 namespace lazyblock::daemon {
 
@@ -20,9 +19,9 @@ struct HttpServer::Context {
   std::string what;
   // Requests begun (headers read) and not yet completed (answer sent, or
   // the connection gone): stop() lets them end before it closes connections.
-  std::mutex mu;
-  std::condition_variable ended;
-  size_t in_progress = 0;  // guarded by mu
+  Mutex mu;
+  CondVar ended;
+  size_t in_progress GUARDED_BY(mu) = 0;
 };
 
 namespace {
@@ -56,7 +55,7 @@ MHD_Result on_request(void* cls, MHD_Connection* connection, const char* url,
   if (*state == nullptr) {  // the headers: the body (if any) comes in later calls
     auto* pending = new Pending;
     {
-      std::lock_guard lock(context->mu);
+      MutexLock lock(context->mu);
       ++context->in_progress;
     }
     pending->request.method = method;
@@ -88,7 +87,7 @@ void on_completed(void* cls, MHD_Connection* /*connection*/, void** state,
   delete static_cast<Pending*>(*state);
   *state = nullptr;
   auto* context = static_cast<HttpServer::Context*>(cls);
-  std::lock_guard lock(context->mu);
+  MutexLock lock(context->mu);
   if (--context->in_progress == 0) context->ended.notify_all();
 }
 
@@ -138,8 +137,8 @@ void HttpServer::stop() {
   // Calls in progress get their answers; a client that does not read its
   // answer is not waited for long.
   {
-    std::unique_lock lock(context_->mu);
-    context_->ended.wait_for(lock, kAnswerGrace, [&] { return context_->in_progress == 0; });
+    MutexLock lock(context_->mu);
+    context_->ended.wait_for(lock, kAnswerGrace, [&]() REQUIRES(context_->mu) { return context_->in_progress == 0; });
   }
   MHD_stop_daemon(daemon_);
   daemon_ = nullptr;

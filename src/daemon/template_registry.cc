@@ -49,7 +49,7 @@ TemplateRegistry::TemplateRegistry(TemplateOptions options)
 
 TemplateRegistry::~TemplateRegistry() {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     stopping_ = true;
   }
   changed_.notify_all();
@@ -80,7 +80,7 @@ Result<std::shared_ptr<Template>> TemplateRegistry::load(const image::Uuid& buil
 Result<std::unique_ptr<TemplateLease>> TemplateRegistry::acquire(const image::Uuid& build,
                                                                  const std::string& name) {
   const Key key{build, name};
-  std::unique_lock lock(mu_);
+  MutexLock lock(mu_);
   for (;;) {
     if (stopping_ || cancelled_) return Status::cancelled("the daemon is shutting down");
     const auto found = entries_.find(key);
@@ -120,7 +120,7 @@ Result<std::unique_ptr<TemplateLease>> TemplateRegistry::acquire(const image::Uu
 
 void TemplateRegistry::release(const Key& key) {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     Entry& entry = entries_.at(key);
     --entry.users;
     entry.last_used = Clock::now();
@@ -130,7 +130,7 @@ void TemplateRegistry::release(const Key& key) {
 
 std::vector<TemplateRegistry::Row> TemplateRegistry::list() const {
   std::vector<Row> rows;
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   const Clock::time_point now = Clock::now();
   for (const auto& [key, entry] : entries_) {
     if (!entry.loaded) continue;
@@ -145,17 +145,17 @@ std::vector<TemplateRegistry::Row> TemplateRegistry::list() const {
 }
 
 uint64_t TemplateRegistry::evictions() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return evictions_;
 }
 
 uint64_t TemplateRegistry::evicted_bytes() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return evicted_bytes_;
 }
 
 void TemplateRegistry::cancel_all() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   cancelled_ = true;
   for (auto& [key, entry] : entries_) {
     if (entry.loaded) entry.loaded->files().cancel();
@@ -165,7 +165,7 @@ void TemplateRegistry::cancel_all() {
 std::vector<std::shared_ptr<Template>> TemplateRegistry::take_evictable_locked(
     Clock::time_point now) {
   std::vector<std::shared_ptr<Template>> evicted;
-  auto evict = [&](std::map<Key, Entry>::iterator it, const char* why, uint64_t bytes) {
+  auto evict = [&](std::map<Key, Entry>::iterator it, const char* why, uint64_t bytes) REQUIRES(mu_) {
     log(LogLevel::kInfo, "daemon: evicting template {}/{} ({}, {} cached)",
         it->first.first.to_string(), it->first.second, why, bytes);
     ++evictions_;
@@ -202,7 +202,7 @@ std::vector<std::shared_ptr<Template>> TemplateRegistry::take_evictable_locked(
 }
 
 void TemplateRegistry::evict_loop() {
-  std::unique_lock lock(mu_);
+  MutexLock lock(mu_);
   while (!stopping_) {
     std::vector<std::shared_ptr<Template>> evicted = take_evictable_locked(Clock::now());
     if (!evicted.empty()) {

@@ -18,12 +18,10 @@
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <filesystem>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -31,6 +29,7 @@
 
 #include "chunk/chunker.h"
 #include "common/io_context.h"
+#include "common/mutex.h"
 #include "common/status.h"
 #include "image/device.h"
 #include "storage/object_store.h"
@@ -136,18 +135,18 @@ class TemplateRegistry {
   void release(const Key& key);
   // Removes from entries_ what is to be evicted now; the caller ends it
   // outside the lock.
-  std::vector<std::shared_ptr<Template>> take_evictable_locked(Clock::time_point now);
+  std::vector<std::shared_ptr<Template>> take_evictable_locked(Clock::time_point now) REQUIRES(mu_);
   void evict_loop();
 
   const TemplateOptions options_;
 
-  mutable std::mutex mu_;
-  std::condition_variable changed_;  // a load ended, a lease went, or stopping
-  std::map<Key, Entry> entries_;     // guarded by mu_
-  bool cancelled_ = false;           // guarded by mu_
-  bool stopping_ = false;            // guarded by mu_
-  uint64_t evictions_ = 0;           // guarded by mu_
-  uint64_t evicted_bytes_ = 0;       // guarded by mu_
+  mutable Mutex mu_;
+  CondVar changed_;  // a load ended, a lease went, or stopping
+  std::map<Key, Entry> entries_ GUARDED_BY(mu_);
+  bool cancelled_ GUARDED_BY(mu_) = false;
+  bool stopping_ GUARDED_BY(mu_) = false;
+  uint64_t evictions_ GUARDED_BY(mu_) = 0;
+  uint64_t evicted_bytes_ GUARDED_BY(mu_) = 0;
   std::thread evictor_;              // started last
 };
 

@@ -93,7 +93,7 @@ FrameGeometry geometry_of(const BuildInfo& info) {
 Result<Chunker*> DataFiles::chunker(const Uuid& build, const std::string& name,
                                     const Header& referrer) {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (auto it = chunkers_.find({build, name}); it != chunkers_.end()) return it->second.get();
   }
   // How the data file is stored: the referring header's entry, else the
@@ -114,7 +114,7 @@ Result<Chunker*> DataFiles::chunker(const Uuid& build, const std::string& name,
                                geometry_of(*info), options_)
           : make_chunker(store_, data_key(build, name), std::nullopt, options_);
   if (!made) return made.status();
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   // Another caller may have made it meanwhile: the first one stays.
   auto [it, inserted] = chunkers_.try_emplace({build, name}, std::move(made).value());
   if (inserted && cancelled_) it->second->cancel();
@@ -122,13 +122,13 @@ Result<Chunker*> DataFiles::chunker(const Uuid& build, const std::string& name,
 }
 
 void DataFiles::cancel() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   cancelled_ = true;
   for (auto& [file, chunker] : chunkers_) chunker->cancel();
 }
 
 std::map<Uuid, ChunkerStats> DataFiles::stats() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   std::map<Uuid, ChunkerStats> by_build;
   for (const auto& [file, chunker] : chunkers_) {
     const ChunkerStats stats = chunker->stats();

@@ -17,7 +17,6 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -25,6 +24,7 @@
 
 #include "chunk/chunker.h"
 #include "common/byte_sink.h"
+#include "common/mutex.h"
 #include "image/disk.h"
 #include "image/header.h"
 #include "storage/object_store.h"
@@ -68,9 +68,9 @@ class DataFiles {
  private:
   const std::shared_ptr<ObjectStore> store_;
   const ChunkerOptions options_;
-  mutable std::mutex mu_;
-  bool cancelled_ = false;  // guarded by mu_
-  std::map<std::pair<Uuid, std::string>, std::unique_ptr<Chunker>> chunkers_;  // guarded by mu_
+  mutable Mutex mu_;
+  bool cancelled_ GUARDED_BY(mu_) = false;
+  std::map<std::pair<Uuid, std::string>, std::unique_ptr<Chunker>> chunkers_ GUARDED_BY(mu_);
 };
 
 class Device final : public Disk {

@@ -320,7 +320,7 @@ Status Overlay::do_write_zeroes(uint64_t offset, uint64_t length) {
 
 Status Overlay::do_flush() {
   if (!map_) return Status::ok();  // a temporary overlay does not outlive the process
-  std::unique_lock lock(flush_mu_);
+  MutexLock lock(flush_mu_);
   // A round already running may have taken its snapshot before this
   // caller's writes completed: only a round that starts from now covers them.
   const uint64_t needed = rounds_started_ + 1;

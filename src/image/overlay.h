@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "common/atomic_bitmap.h"
+#include "common/mutex.h"
 #include "common/status.h"
 #include "common/unique_fd.h"
 #include "image/device.h"
@@ -111,12 +112,12 @@ class Overlay final : public Disk {
   std::array<std::mutex, 64> stripes_;
 
   // Flush rounds: a caller needs a round that starts after it arrived.
-  std::mutex flush_mu_;
-  std::condition_variable flush_done_;
-  uint64_t rounds_started_ = 0;    // guarded by flush_mu_
-  uint64_t rounds_finished_ = 0;   // guarded by flush_mu_
-  bool flushing_ = false;          // guarded by flush_mu_: a round runs
-  Status last_round_;              // guarded by flush_mu_: how the last round ended
+  Mutex flush_mu_;
+  CondVar flush_done_;
+  uint64_t rounds_started_ GUARDED_BY(flush_mu_) = 0;
+  uint64_t rounds_finished_ GUARDED_BY(flush_mu_) = 0;
+  bool flushing_ GUARDED_BY(flush_mu_) = false;  // a round runs
+  Status last_round_ GUARDED_BY(flush_mu_);  // how the last round ended
 };
 
 }  // namespace lazyblock::image

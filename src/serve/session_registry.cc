@@ -13,7 +13,7 @@ bool SessionRegistry::start(UniqueFd socket, std::function<void(int socket)> run
   std::list<std::thread> finished;
   bool started = true;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     finished = take_ended_locked();
     const auto session = sessions_.emplace(sessions_.end());
     session->socket = std::move(socket);
@@ -39,7 +39,7 @@ bool SessionRegistry::start(UniqueFd socket, std::function<void(int socket)> run
 }
 
 void SessionRegistry::ended(std::list<Session>::iterator session) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   session->socket.reset();
   session->stop = nullptr;
   session->ended = true;
@@ -61,19 +61,19 @@ std::list<std::thread> SessionRegistry::take_ended_locked() {
 }
 
 size_t SessionRegistry::live() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return live_;
 }
 
 void SessionRegistry::shutdown_all(int how) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   for (Session& session : sessions_) {
     if (!session.ended) ::shutdown(session.socket.get(), how);
   }
 }
 
 void SessionRegistry::stop_all() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   for (Session& session : sessions_) {
     if (session.ended) continue;
     if (session.stop) {
@@ -85,16 +85,16 @@ void SessionRegistry::stop_all() {
 }
 
 bool SessionRegistry::wait_ended(std::chrono::milliseconds timeout) {
-  std::unique_lock lock(mu_);
-  return changed_.wait_for(lock, timeout, [&] { return live_ == 0; });
+  MutexLock lock(mu_);
+  return changed_.wait_for(lock, timeout, [&]() REQUIRES(mu_) { return live_ == 0; });
 }
 
 void SessionRegistry::join_all() {
   for (;;) {
     std::list<std::thread> finished;
     {
-      std::unique_lock lock(mu_);
-      changed_.wait(lock, [&] { return live_ == 0; });
+      MutexLock lock(mu_);
+      changed_.wait(lock, [&]() REQUIRES(mu_) { return live_ == 0; });
       if (sessions_.empty()) return;
       finished = take_ended_locked();
     }

@@ -10,15 +10,14 @@
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <list>
-#include <mutex>
 #include <string>
 #include <thread>
 
+#include "common/mutex.h"
 #include "common/unique_fd.h"
 
 namespace lazyblock {
@@ -63,13 +62,13 @@ class SessionRegistry {
   void ended(std::list<Session>::iterator session);
   // Takes the threads of the sessions that ended out of the list (erasing
   // those sessions), to be joined outside the lock.
-  std::list<std::thread> take_ended_locked();
+  std::list<std::thread> take_ended_locked() REQUIRES(mu_);
 
   const std::string what_;
-  mutable std::mutex mu_;
-  std::condition_variable changed_;  // a session ended
-  std::list<Session> sessions_;      // guarded by mu_
-  size_t live_ = 0;                  // guarded by mu_: sessions not ended
+  mutable Mutex mu_;
+  CondVar changed_;                             // a session ended
+  std::list<Session> sessions_ GUARDED_BY(mu_);
+  size_t live_ GUARDED_BY(mu_) = 0;  // sessions not ended
 };
 
 }  // namespace lazyblock

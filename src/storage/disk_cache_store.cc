@@ -213,7 +213,7 @@ class DiskCacheStore::PartialChunk {
   // Writes bytes at `offset` within the chunk. kReady if the chunk became
   // ready to publish with this call (the caller then publishes it).
   Written write(uint64_t offset, std::span<const std::byte> data) {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (failed_) return Written::kFailed;
     if (published_ || offset >= length_) return Written::kPending;
     data = data.first(std::min<uint64_t>(data.size(), length_ - offset));
@@ -231,7 +231,7 @@ class DiskCacheStore::PartialChunk {
   // The object's end was reached and nothing followed. True if the chunk
   // became ready to publish with this call.
   bool confirm_end() {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     end_confirmed_ = true;
     return claim_if_ready();
   }
@@ -248,7 +248,7 @@ class DiskCacheStore::PartialChunk {
     if (::rename(temp_path_.c_str(), final_path_.c_str()) != 0) {
       return posix_error("rename " + temp_path_.string(), errno);
     }
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     published_ = true;
     return Status::ok();
   }
@@ -261,7 +261,7 @@ class DiskCacheStore::PartialChunk {
 
  private:
   // Requires mu_ held.
-  void add_filled(uint64_t begin, uint64_t end) {
+  void add_filled(uint64_t begin, uint64_t end) REQUIRES(mu_) {
     filled_.emplace_back(begin, end);
     std::sort(filled_.begin(), filled_.end());
     std::vector<std::pair<uint64_t, uint64_t>> merged;
@@ -275,7 +275,7 @@ class DiskCacheStore::PartialChunk {
     filled_ = std::move(merged);
   }
   // Requires mu_ held.
-  bool claim_if_ready() {
+  bool claim_if_ready() REQUIRES(mu_) {
     const bool whole = filled_.size() == 1 && filled_[0].first == 0 &&
                        filled_[0].second == length_;
     if (claimed_ || failed_ || !whole || (last_ && !end_confirmed_)) return false;
@@ -291,12 +291,12 @@ class DiskCacheStore::PartialChunk {
   const Trailer trailer_;  // its checksum filled in by finish()
   const bool last_;        // the object's last chunk
 
-  std::mutex mu_;
-  std::vector<std::pair<uint64_t, uint64_t>> filled_;  // merged, sorted; guarded by mu_
-  bool end_confirmed_ = false;                         // guarded by mu_
-  bool failed_ = false;                                // guarded by mu_
-  bool claimed_ = false;                               // guarded by mu_
-  bool published_ = false;                             // guarded by mu_
+  Mutex mu_;
+  std::vector<std::pair<uint64_t, uint64_t>> filled_ GUARDED_BY(mu_);  // merged, sorted
+  bool end_confirmed_ GUARDED_BY(mu_) = false;
+  bool failed_ GUARDED_BY(mu_) = false;
+  bool claimed_ GUARDED_BY(mu_) = false;
+  bool published_ GUARDED_BY(mu_) = false;
 };
 
 // One range of one object at one version (size and version fixed when it
@@ -445,7 +445,7 @@ Result<std::shared_ptr<DiskCacheStore>> DiskCacheStore::open(std::shared_ptr<Obj
                                         error ? error.message() : std::strerror(errno)));
   }
   std::shared_ptr<DiskCacheStore> store(new DiskCacheStore(std::move(inner), std::move(options)));
-  std::lock_guard lock(store->mu_);
+  MutexLock lock(store->mu_);
   store->evict_locked();
   return store;
 }
@@ -454,7 +454,7 @@ DiskCacheStore::DiskCacheStore(std::shared_ptr<ObjectStore> inner, DiskCacheOpti
     : StoreLayer(std::move(inner)), options_(std::move(options)), location_(StoreLayer::location()) {}
 
 DiskCacheStore::~DiskCacheStore() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   partials_.clear();  // their temporary files go with them
   const Counters& c = counters_;
   log(LogLevel::kInfo,
@@ -484,7 +484,7 @@ uint64_t DiskCacheStore::chunk_length(uint64_t index, uint64_t object_size) cons
 }
 
 void DiskCacheStore::note_info(const std::string& key, const ObjectInfo& info) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   auto [it, inserted] = known_.try_emplace(key, info);
   if (inserted || it->second == info) return;
   log(LogLevel::kInfo,
@@ -495,7 +495,7 @@ void DiskCacheStore::note_info(const std::string& key, const ObjectInfo& info) {
 }
 
 std::optional<ObjectInfo> DiskCacheStore::known_info(const std::string& key) const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   auto it = known_.find(key);
   if (it == known_.end()) return std::nullopt;
   return it->second;
@@ -503,7 +503,7 @@ std::optional<ObjectInfo> DiskCacheStore::known_info(const std::string& key) con
 
 Result<ObjectInfo> DiskCacheStore::stat_info(const std::string& key, const IoContext& io) {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     ++counters_.upstream_stats;
   }
   Result<ObjectInfo> info = StoreLayer::stat_info(key, io);
@@ -516,7 +516,7 @@ Result<std::unique_ptr<RangeReader>> DiskCacheStore::open_upstream(const std::st
                                                                    uint64_t length,
                                                                    const IoContext& io) {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     ++counters_.upstream_ranges;
   }
   Result<std::unique_ptr<RangeReader>> opened = StoreLayer::open_range(key, offset, length, io);
@@ -536,7 +536,7 @@ UniqueFd DiskCacheStore::open_cached(const std::string& key, uint64_t index,
         "cache-dir: dropping {} (chunk {} of {}): {}", path.string(), index, key, why);
     unlink_if_same(path, fd.get());
     fd.reset();
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     ++(corrupt ? counters_.corrupt_dropped : counters_.stale_dropped);
     verified_.erase(path);
     return UniqueFd();
@@ -573,7 +573,7 @@ UniqueFd DiskCacheStore::open_cached(const std::string& key, uint64_t index,
   const std::pair<uint64_t, int64_t> identity{st.st_ino, mtime_ns(st)};
   bool known_good;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     auto it = verified_.find(path);
     known_good = it != verified_.end() && it->second == identity;
   }
@@ -584,11 +584,11 @@ UniqueFd DiskCacheStore::open_cached(const std::string& key, uint64_t index,
     // A fresh modification time marks the file as recently used.
     ::futimens(fd.get(), nullptr);
     if (::fstat(fd.get(), &st) == 0) {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       verified_[path] = {st.st_ino, mtime_ns(st)};
     }
   }
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   ++counters_.chunk_hits;
   return fd;
 }
@@ -601,7 +601,7 @@ std::shared_ptr<DiskCacheStore::PartialChunk> DiskCacheStore::partial(const std:
   // Streams of another version of the object fill a file of their own.
   const std::string map_key =
       fmt::format("{} {:016x}{:016x} {}", final_path.string(), id.high, id.low, info.size);
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (auto it = partials_.find(map_key); it != partials_.end()) {
     it->second->last_use = ++partial_uses_;
     return it->second;
@@ -662,7 +662,7 @@ void DiskCacheStore::trim_idle_partials_locked() {
 }
 
 void DiskCacheStore::forget(const PartialChunk& chunk) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   auto it = partials_.find(chunk.map_key());
   if (it != partials_.end() && it->second.get() == &chunk) partials_.erase(it);
 }
@@ -676,7 +676,7 @@ void DiskCacheStore::publish(const std::string& key, uint64_t index, PartialChun
     log(LogLevel::kDebug, "cache-dir: published chunk {} of {}", index, key);
   }
   const uint64_t size = chunk.file_size();
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (auto it = partials_.find(chunk.map_key());
       it != partials_.end() && it->second.get() == &chunk) {
     partials_.erase(it);  // may destroy `chunk`
@@ -774,7 +774,7 @@ std::string DiskCacheStore::describe() const {
 }
 
 DiskCacheStore::Counters DiskCacheStore::counters() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return counters_;
 }
 

@@ -73,10 +73,10 @@
 #include <filesystem>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 
+#include "common/mutex.h"
 #include "common/unique_fd.h"
 #include "storage/object_store.h"
 
@@ -157,25 +157,25 @@ class DiskCacheStore final : public StoreLayer {
   void forget(const PartialChunk& chunk);
   // Gives up the least recently used partial chunks no stream holds, beyond
   // a few. Requires mu_ held.
-  void trim_idle_partials_locked();
+  void trim_idle_partials_locked() REQUIRES(mu_);
   // Scans the directory: removes temporary files of dead processes and files
   // of older formats, learns the total, and removes the least recently used
   // files while over budget. Requires mu_ held.
-  void evict_locked();
+  void evict_locked() REQUIRES(mu_);
 
   const DiskCacheOptions options_;
   const std::string location_;  // the store below's location(): part of every identity
 
-  mutable std::mutex mu_;
+  mutable Mutex mu_;
   // Partial chunks by final path and identity; guarded by mu_.
-  std::map<std::string, std::shared_ptr<PartialChunk>> partials_;
-  uint64_t partial_uses_ = 0;  // a clock for trimming idle partials; guarded by mu_
+  std::map<std::string, std::shared_ptr<PartialChunk>> partials_ GUARDED_BY(mu_);
+  uint64_t partial_uses_ GUARDED_BY(mu_) = 0;  // a clock for trimming idle partials
   // What the store below said of each object, in this process; guarded by mu_.
-  std::map<std::string, ObjectInfo> known_;
+  std::map<std::string, ObjectInfo> known_ GUARDED_BY(mu_);
   // Files whose checksum this process verified: path -> (inode, mtime).
-  std::map<std::filesystem::path, std::pair<uint64_t, int64_t>> verified_;  // guarded by mu_
-  uint64_t total_bytes_ = 0;  // of final files, as of the last scan plus publishes; guarded by mu_
-  Counters counters_;         // guarded by mu_
+  std::map<std::filesystem::path, std::pair<uint64_t, int64_t>> verified_ GUARDED_BY(mu_);
+  uint64_t total_bytes_ GUARDED_BY(mu_) = 0;  // of final files, as of the last scan plus publishes
+  Counters counters_ GUARDED_BY(mu_);
 };
 
 }  // namespace lazyblock

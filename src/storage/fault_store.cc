@@ -116,40 +116,40 @@ FaultStore::FaultStore(std::shared_ptr<ObjectStore> inner, FaultSpec spec)
     : StoreLayer(std::move(inner)), spec_(std::move(spec)) {}
 
 void FaultStore::set(FaultSpec spec) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   spec_ = std::move(spec);
   faulted_calls_ = 0;
 }
 
 FaultSpec FaultStore::spec_for_call() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (spec_.times && faulted_calls_ >= *spec_.times) return FaultSpec{};
   ++faulted_calls_;
   return spec_;
 }
 
 void FaultStore::release_stalls() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   stalls_released_ = true;
   cv_.notify_all();
 }
 
 void FaultStore::wait_for_stalls(int count) {
-  std::unique_lock lock(mu_);
-  cv_.wait(lock, [&] { return stalls_reached_ >= count; });
+  MutexLock lock(mu_);
+  cv_.wait(lock, [&]() REQUIRES(mu_) { return stalls_reached_ >= count; });
 }
 
 int FaultStore::opens() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return opens_;
 }
 
 Status FaultStore::stall(const IoContext& io, const std::string& key) {
-  std::unique_lock lock(mu_);
+  MutexLock lock(mu_);
   ++stalls_reached_;
   cv_.notify_all();
   const std::string what = "read " + key + " (injected stall)";
-  const auto released = [&] { return stalls_released_; };
+  const auto released = [&]() REQUIRES(mu_) { return stalls_released_; };
   if (io.deadline == Clock::time_point::max()) {
     cv_.wait(lock, io.stop, released);
   } else {
@@ -172,7 +172,7 @@ Result<std::unique_ptr<RangeReader>> FaultStore::open_range(const std::string& k
                                                             const IoContext& io) {
   const FaultSpec spec = spec_for_call();
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     ++opens_;
   }
   if (spec.fail_open) {
@@ -188,7 +188,7 @@ Result<std::unique_ptr<RangeReader>> FaultStore::open_range(const std::string& k
 }
 
 std::string FaultStore::describe() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return fmt::format("faults({}) over {}", spec_.to_string(), StoreLayer::describe());
 }
 

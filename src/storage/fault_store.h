@@ -18,14 +18,13 @@
 // "" or "none" for no faults.
 #pragma once
 
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
 
+#include "common/mutex.h"
 #include "storage/object_store.h"
 
 namespace lazyblock {
@@ -73,13 +72,13 @@ class FaultStore final : public StoreLayer {
   // (kTimeout) or its stop (kCancelled).
   Status stall(const IoContext& io, const std::string& key);
 
-  mutable std::mutex mu_;
-  std::condition_variable_any cv_;
-  FaultSpec spec_;            // guarded by mu_
-  bool stalls_released_ = false;  // guarded by mu_
-  int stalls_reached_ = 0;    // guarded by mu_
-  int opens_ = 0;             // guarded by mu_
-  uint64_t faulted_calls_ = 0;  // calls under spec_ so far; guarded by mu_
+  mutable Mutex mu_;
+  StoppableCondVar cv_;
+  FaultSpec spec_ GUARDED_BY(mu_);
+  bool stalls_released_ GUARDED_BY(mu_) = false;
+  int stalls_reached_ GUARDED_BY(mu_) = 0;
+  int opens_ GUARDED_BY(mu_) = 0;
+  uint64_t faulted_calls_ GUARDED_BY(mu_) = 0;  // calls under spec_ so far
 };
 
 }  // namespace lazyblock

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <stop_token>
 
 #include <fmt/format.h>
@@ -404,7 +405,7 @@ HttpClient::~HttpClient() = default;
 
 std::unique_ptr<HttpClient::Connection> HttpClient::acquire() {
   {
-    std::lock_guard lock(pool_mu_);
+    MutexLock lock(pool_mu_);
     if (!idle_.empty()) {
       std::unique_ptr<Connection> connection = std::move(idle_.back());
       idle_.pop_back();
@@ -418,7 +419,7 @@ void HttpClient::release(std::unique_ptr<Connection> connection, bool reusable) 
   if (!reusable) return;  // closed with its handles
   // Options go; the multi handle's connection stays.
   curl_easy_reset(connection->easy);
-  std::lock_guard lock(pool_mu_);
+  MutexLock lock(pool_mu_);
   if (idle_.size() < kMaxIdle) idle_.push_back(std::move(connection));
 }
 

@@ -30,7 +30,6 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -38,6 +37,7 @@
 #include <vector>
 
 #include "common/io_context.h"
+#include "common/mutex.h"
 #include "common/status.h"
 
 namespace lazyblock {
@@ -96,8 +96,8 @@ class HttpClient {
 
   const HttpClientOptions options_;
   std::unique_ptr<Share> share_;  // DNS and TLS sessions shared by transfers
-  std::mutex pool_mu_;
-  std::vector<std::unique_ptr<Connection>> idle_;  // guarded by pool_mu_; the most recent last
+  Mutex pool_mu_;
+  std::vector<std::unique_ptr<Connection>> idle_ GUARDED_BY(pool_mu_);  // the most recent last
 };
 
 // Percent-encodes `text` for a URL path: unreserved characters and '/' stay.

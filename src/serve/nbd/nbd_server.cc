@@ -127,7 +127,7 @@ class NbdServer::Runner final : public RequestRunner {
 
  private:
   NbdServer& server_;
-  uint64_t held_ = 0;  // guarded by server_.budget_mu_
+  uint64_t held_ GUARDED_BY(server_.budget_mu_) = 0;
 };
 
 void NbdServer::serve_connection(int fd) {
@@ -232,14 +232,14 @@ void NbdServer::stop() {
   // flight still get their replies, errors if their fetches were cancelled.
   sessions_.shutdown_all(SHUT_RD);
   // Readers waiting for the reply budget end too.
-  { std::lock_guard lock(budget_mu_); }
+  { MutexLock lock(budget_mu_); }
   budget_freed_.notify_all();
 }
 
 bool NbdServer::reserve(uint64_t* held, uint64_t bytes) {
   if (bytes == 0) return !stopping_.load();
-  std::unique_lock lock(budget_mu_);
-  budget_freed_.wait(lock, [&] {
+  MutexLock lock(budget_mu_);
+  budget_freed_.wait(lock, [&]() REQUIRES(budget_mu_) {
     return stopping_.load() || (*held == 0 && bytes <= kAlwaysAdmitted) ||
            (*held + bytes <= kConnectionBytesInFlight &&
             bytes_in_flight_ + bytes <= kTotalBytesInFlight);
@@ -253,7 +253,7 @@ bool NbdServer::reserve(uint64_t* held, uint64_t bytes) {
 void NbdServer::release(uint64_t* held, uint64_t bytes) {
   if (bytes == 0) return;
   {
-    std::lock_guard lock(budget_mu_);
+    MutexLock lock(budget_mu_);
     *held -= bytes;
     bytes_in_flight_ -= bytes;
   }

@@ -16,13 +16,14 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 
+#include "common/mutex.h"
 #include "common/status.h"
 #include "common/unique_fd.h"
 #include "common/unix_socket.h"
@@ -98,9 +99,9 @@ class NbdServer {
   // The bytes of replies (and write payloads) held in memory, by every
   // connection: bounded, so that clients that send reads without reading
   // the replies cannot make the server hold more.
-  std::mutex budget_mu_;
-  std::condition_variable budget_freed_;
-  uint64_t bytes_in_flight_ = 0;  // guarded by budget_mu_
+  Mutex budget_mu_;
+  CondVar budget_freed_;
+  uint64_t bytes_in_flight_ GUARDED_BY(budget_mu_) = 0;
 
   SessionRegistry sessions_{"serve nbd"};  // the connections being served
 

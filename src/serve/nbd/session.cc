@@ -58,8 +58,8 @@ bool Session::run() {
     transmission();
   }
   // Replies still being made need the transport; wait for them.
-  std::unique_lock lock(mu_);
-  idle_.wait(lock, [&] { return in_flight_ == 0; });
+  MutexLock lock(mu_);
+  idle_.wait(lock, [&]() REQUIRES(mu_) { return in_flight_ == 0; });
   return agreed;
 }
 
@@ -74,7 +74,7 @@ uint16_t Session::transmission_flags() const {
 }
 
 bool Session::send(std::span<const std::byte> data) {
-  std::lock_guard lock(write_mu_);
+  MutexLock lock(write_mu_);
   return transport_.write(data);
 }
 
@@ -285,7 +285,7 @@ void Session::transmission() {
       }
     }
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       ++in_flight_;
     }
     runner_.run([this, request = *request, cost, payload = std::move(payload),
@@ -296,7 +296,7 @@ void Session::transmission() {
       }
       payload = {};
       runner_.release(cost);
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       if (--in_flight_ == 0) idle_.notify_all();
     });
   }
@@ -419,7 +419,7 @@ void Session::block_status(const Request& request) {
 }
 
 void Session::finish_read(const Request& request, std::span<const std::byte> data) {
-  std::lock_guard lock(write_mu_);
+  MutexLock lock(write_mu_);
   if (structured_) {
     Writer chunk;
     chunk.bytes(structured_header(kReplyFlagDone, kReplyTypeOffsetData, request.cookie,

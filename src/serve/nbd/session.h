@@ -22,13 +22,12 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
-#include <mutex>
 #include <span>
 #include <string>
 
+#include "common/mutex.h"
 #include "image/disk.h"
 #include "serve/nbd/protocol.h"
 #include "serve/serve_observer.h"
@@ -117,11 +116,11 @@ class Session {
   bool structured_ = false;
   bool allocation_context_ = false;  // base:allocation selected
 
-  std::mutex write_mu_;  // one reply at a time on the transport
+  Mutex write_mu_;  // one reply at a time on the transport
 
-  std::mutex mu_;
-  std::condition_variable idle_;
-  int in_flight_ = 0;  // guarded by mu_
+  Mutex mu_;
+  CondVar idle_;
+  int in_flight_ GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace lazyblock::nbd

@@ -78,7 +78,7 @@ Status write_page_record(const std::filesystem::path& path, const std::vector<Pa
 
 void PageRecorder::touched(uint64_t offset, uint64_t length) {
   const uint64_t end = offset + length;
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   // seen_ is sorted and merged: the run starting at or before `offset`.
   auto it = std::upper_bound(seen_.begin(), seen_.end(), offset,
                              [](uint64_t o, const PageRun& r) { return o < r.offset; });
@@ -116,7 +116,7 @@ void PageRecorder::touched(uint64_t offset, uint64_t length) {
 }
 
 std::vector<PageRun> PageRecorder::runs() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return runs_;
 }
 

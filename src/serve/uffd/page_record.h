@@ -11,11 +11,11 @@
 
 #include <cstdint>
 #include <filesystem>
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/status.h"
 
 namespace lazyblock::uffd {
@@ -43,9 +43,9 @@ class PageRecorder {
   std::vector<PageRun> runs() const;
 
  private:
-  mutable std::mutex mu_;
-  std::vector<PageRun> runs_;            // guarded by mu_
-  std::vector<PageRun> seen_;            // guarded by mu_: sorted, merged
+  mutable Mutex mu_;
+  std::vector<PageRun> runs_ GUARDED_BY(mu_);
+  std::vector<PageRun> seen_ GUARDED_BY(mu_);  // sorted, merged
 };
 
 }  // namespace lazyblock::uffd

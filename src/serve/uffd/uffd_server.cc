@@ -119,7 +119,7 @@ class UffdServer::Session {
   Install copy(const Page& page, std::span<const std::byte> bytes);
   Install zero(const Page& page);
   Install result_of(int error, const Page& page, const char* what);
-  bool removed_locked(uint64_t address) const;
+  bool removed_locked(uint64_t address) const REQUIRES(mu_);
   void wake_events();
 
   UffdServer& server_;
@@ -130,18 +130,18 @@ class UffdServer::Session {
   PageRecorder recorder_;
   std::thread prefetcher_;
 
-  std::mutex mu_;
-  std::condition_variable changed_;  // tasks_, drained_ or stopping_ changed
-  bool stopping_ = false;            // guarded by mu_
-  int tasks_ = 0;                    // guarded by mu_: worker tasks not yet finished
-  uint64_t drained_ = 0;             // guarded by mu_: rounds of events drained
-  std::set<uint64_t> in_flight_;     // guarded by mu_: pages handed to workers
-  std::vector<uint64_t> deferred_;   // guarded by mu_: worker installs that got EAGAIN
+  Mutex mu_;
+  CondVar changed_;  // tasks_, drained_ or stopping_ changed
+  bool stopping_ GUARDED_BY(mu_) = false;
+  int tasks_ GUARDED_BY(mu_) = 0;  // worker tasks not yet finished
+  uint64_t drained_ GUARDED_BY(mu_) = 0;  // rounds of events drained
+  std::set<uint64_t> in_flight_ GUARDED_BY(mu_);  // pages handed to workers
+  std::vector<uint64_t> deferred_ GUARDED_BY(mu_);  // worker installs that got EAGAIN
   // Guarded by mu_: pages whose fetch failed, by when to try again, and the
   // delay before the next try of each (doubling).
-  std::multimap<Clock::time_point, uint64_t> retry_due_;
-  std::map<uint64_t, std::chrono::milliseconds> retry_delay_;
-  std::map<uint64_t, uint64_t> removed_;  // guarded by mu_: start -> end, disjoint
+  std::multimap<Clock::time_point, uint64_t> retry_due_ GUARDED_BY(mu_);
+  std::map<uint64_t, std::chrono::milliseconds> retry_delay_ GUARDED_BY(mu_);
+  std::map<uint64_t, uint64_t> removed_ GUARDED_BY(mu_);  // start -> end, disjoint
 };
 
 void UffdServer::Session::run() {
@@ -164,10 +164,10 @@ void UffdServer::Session::run() {
   const Status served = serve_events();
   if (!served.is_ok()) log(LogLevel::kError, "serve uffd: {}", served.to_string());
   {
-    std::unique_lock lock(mu_);
+    MutexLock lock(mu_);
     stopping_ = true;
     changed_.notify_all();
-    changed_.wait(lock, [&] { return tasks_ == 0; });
+    changed_.wait(lock, [&]() REQUIRES(mu_) { return tasks_ == 0; });
   }
   if (prefetcher_.joinable()) prefetcher_.join();
   if (!server_.options_.record.empty()) {
@@ -184,7 +184,7 @@ void UffdServer::Session::run() {
 
 void UffdServer::Session::stop() {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     stopping_ = true;
     changed_.notify_all();
   }
@@ -288,7 +288,7 @@ Status UffdServer::Session::serve_events() {
     // with installs to retry, look again soon even if nothing comes.
     int timeout_ms = -1;
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       if (!deferred_.empty()) {
         timeout_ms = static_cast<int>(kRetryInstallAfter.count());
       } else if (!retry_due_.empty()) {
@@ -310,7 +310,7 @@ Status UffdServer::Session::serve_events() {
       (void)!::read(wake_.get(), &count, sizeof count);
     }
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       if (stopping_) return Status::ok();
     }
     if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
@@ -333,7 +333,7 @@ Status UffdServer::Session::serve_events() {
     if (!*open) return Status::ok();
     std::vector<uint64_t> retries;
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       retries.swap(deferred_);
       const Clock::time_point now = Clock::now();
       while (!retry_due_.empty() && retry_due_.begin()->first <= now) {
@@ -353,7 +353,7 @@ Status UffdServer::Session::serve_events() {
     if (!again.empty()) {
       // An event is queued again: the descriptor polls readable, the next
       // round drains it and retries these.
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       deferred_.insert(deferred_.end(), again.begin(), again.end());
     }
   }
@@ -399,7 +399,7 @@ void UffdServer::Session::on_remove(uint64_t start, uint64_t end) {
   if (start >= end) return;
   server_.counters_.removed.fetch_add(1, std::memory_order_relaxed);
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     // Keep removed_ disjoint: merge with every range that touches [start, end).
     auto it = removed_.upper_bound(start);
     if (it != removed_.begin() && std::prev(it)->second >= start) --it;
@@ -445,7 +445,7 @@ UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address,
   }
   bool removed;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     removed = removed_locked(page->address);
     // A page being fetched is installed by its worker, which wakes every
     // vCPU waiting on it.
@@ -469,7 +469,7 @@ UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address,
     }
   } else {
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       in_flight_.insert(page->address);
       ++tasks_;
     }
@@ -479,7 +479,7 @@ UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address,
     return Install::kInstalled;
   }
   if (retry && result != Install::kAgain) {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     in_flight_.erase(page->address);
     retry_delay_.erase(page->address);
   }
@@ -509,7 +509,7 @@ void UffdServer::Session::fetch_and_install(Page page) {
     server_.counters_.served_fetched.fetch_add(1);
     observe(ServeObserver::FaultOutcome::kFetched, page.faulted);
   }
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (!bytes && !stopping_) {
     // The vCPU must not see wrong bytes: it waits while the event thread
     // tries again later, with this worker free for other faults meanwhile
@@ -560,7 +560,7 @@ void UffdServer::Session::prefetch() {
   // here; then wait for the first that is not.
   while (!pending.empty()) {
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       if (stopping_) return;
     }
     const size_t window = std::min(pending.size(), kPrefetchWindow);
@@ -612,7 +612,7 @@ void UffdServer::Session::prefetch_range(const GuestRegion& region, uint64_t beg
     const uint64_t address = region.base + (begin - region.offset) + done;
     uint64_t drained;
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       if (stopping_ || removed_locked(address)) return;
       drained = drained_;
     }
@@ -646,9 +646,9 @@ void UffdServer::Session::prefetch_range(const GuestRegion& region, uint64_t beg
         // A REMOVE event is queued: wait until the event thread drained it
         // (or a moment, if it was drained already and the VM's side has
         // yet to finish it).
-        std::unique_lock lock(mu_);
+        MutexLock lock(mu_);
         changed_.wait_for(lock, kRetryInstallAfter,
-                          [&] { return stopping_ || drained_ != drained; });
+                          [&]() REQUIRES(mu_) { return stopping_ || drained_ != drained; });
         break;
       }
       case ENOENT:
