@@ -245,7 +245,7 @@ TEST_P(FrameChunkerTest, CacheHitsProceedWhileAFrameIsHalfDecoded) {
   std::vector<std::byte> page(4096);
   ASSERT_TRUE(frames.read_at(page, 0));  // frame 0, cached
 
-  Result<size_t> second = Status::ok();
+  Result<size_t> second = size_t{0};
   std::vector<std::byte> second_page(4096);
   std::thread reader([&] { second = frames.read_at(second_page, kFrame); });
   gated->wait_until_held();
