@@ -122,7 +122,8 @@ Result<uint64_t> FetchingChunker::learn_size(uint64_t offset) {
     if (context_.cache.load(std::memory_order_acquire) != nullptr) continue;
     if (context_.stop.stop_requested()) return context_.cancelled_status();
     if (!in_time) {
-      return Status::timeout(fmt::format("size of {}: no answer by the deadline", context_.key));
+      return Status::timeout(fmt::format("{}: size of {}: no answer by the deadline",
+                                         context_.store->location(), context_.key));
     }
     const Status& status = fetch->last_error_locked();
     if (status.code() == StatusCode::kOutOfRange) {
