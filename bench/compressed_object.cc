@@ -13,8 +13,8 @@
 
 #include "chunk/frame_codec.h"
 #include "common/file_io.h"
-#include "common/units.h"
 #include "common/unique_fd.h"
+#include "common/units.h"
 #include "image/data_file_writer.h"
 #include "testing/memory_image.h"
 
@@ -58,7 +58,8 @@ Status MemoryImageChecker::write(std::span<const std::byte> data) {
     const uint64_t within = offset_ - index * kPiece;
     const size_t take = std::min<uint64_t>(data.size(), piece_.size() - within);
     if (std::memcmp(data.data(), piece_.data() + within, take) != 0) {
-      return Status::corruption(fmt::format("bench: wrong bytes in [{}, {})", offset_, offset_ + take));
+      return Status::corruption(
+          fmt::format("bench: wrong bytes in [{}, {})", offset_, offset_ + take));
     }
     data = data.subspan(take);
     offset_ += take;

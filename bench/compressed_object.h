@@ -22,8 +22,8 @@ namespace lazyblock {
 
 struct CompressedObject {
   FrameGeometry geometry;
-  uint64_t size = 0;          // uncompressed bytes
-  uint64_t stored_bytes = 0;  // compressed bytes: the object's size
+  uint64_t size = 0;                       // uncompressed bytes
+  uint64_t stored_bytes = 0;               // compressed bytes: the object's size
   double decompress_bytes_per_second = 0;  // one core, over a sample of its frames
 
   double ratio() const { return static_cast<double>(size) / static_cast<double>(stored_bytes); }

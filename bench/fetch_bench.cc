@@ -54,9 +54,12 @@ double model_seconds(const FetchBenchOptions& o, FetchStrategy strategy, uint64_
   const uint64_t chunk_end = std::min(o.object_size, chunk_start + kChunkSize);
   const uint64_t end = std::min(offset + o.block, o.object_size);
   switch (strategy) {
-    case FetchStrategy::kFull: return ttfb + static_cast<double>(chunk_end - chunk_start) / bw;
-    case FetchStrategy::kStreaming: return ttfb + static_cast<double>(end - chunk_start) / bw;
-    case FetchStrategy::kSplit: return ttfb + static_cast<double>(end - offset) / bw;
+    case FetchStrategy::kFull:
+      return ttfb + static_cast<double>(chunk_end - chunk_start) / bw;
+    case FetchStrategy::kStreaming:
+      return ttfb + static_cast<double>(end - chunk_start) / bw;
+    case FetchStrategy::kSplit:
+      return ttfb + static_cast<double>(end - offset) / bw;
   }
   return 0;
 }
@@ -75,15 +78,15 @@ struct Workload {
 double frame_seconds(const FetchBenchOptions& o, const CompressedObject& object, uint64_t offset) {
   const size_t index = *object.geometry.frame_at(offset);
   return std::chrono::duration<double>(o.profile.ttfb).count() +
-         static_cast<double>(object.geometry.frames[index].stored_size) / o.profile.bytes_per_second +
+         static_cast<double>(object.geometry.frames[index].stored_size) /
+             o.profile.bytes_per_second +
          object.decompress_seconds(index);
 }
 
 // Runs every iteration of one strategy; fills the latencies (seconds).
 Status run_strategy(const FetchBenchOptions& o, FetchStrategy strategy, const Workload& workload,
-                    const std::filesystem::path& cache_dir,
-                    const std::vector<uint64_t>& offsets, std::vector<double>* latencies,
-                    ChunkerStats* traffic) {
+                    const std::filesystem::path& cache_dir, const std::vector<uint64_t>& offsets,
+                    std::vector<double>* latencies, ChunkerStats* traffic) {
   ChunkerOptions chunker_options;
   chunker_options.strategy = strategy;
   chunker_options.block_size = 4096;
@@ -151,16 +154,16 @@ Result<SimulateProfile> measure_link(ObjectStore& store, const std::string& key,
       Result<size_t> got = (*reader)->read(std::span(*copy).subspan(done));
       if (!got) return got.status().with_context("measuring the link");
       if (*got == 0) {
-        return Status::corruption(fmt::format("measuring the link: {} ended after {} of {} bytes",
-                                              key, done, length));
+        return Status::corruption(
+            fmt::format("measuring the link: {} ended after {} of {} bytes", key, done, length));
       }
       done += *got;
     }
     const auto done_at = Clock::now();
     ttfbs.push_back(std::chrono::duration<double>(first_byte_at - opened_at).count());
-    bandwidths.push_back(static_cast<double>(length) /
-                         std::max(1e-9, std::chrono::duration<double>(done_at - first_byte_at)
-                                            .count()));
+    bandwidths.push_back(
+        static_cast<double>(length) /
+        std::max(1e-9, std::chrono::duration<double>(done_at - first_byte_at).count()));
   }
   std::sort(ttfbs.begin(), ttfbs.end());
   std::sort(bandwidths.begin(), bandwidths.end());
@@ -181,9 +184,9 @@ Result<FetchBenchReport> run_measured(const FetchBenchOptions& options, const Wo
 
   FetchBenchReport report;
   report.options = options;
-  report.limit_us = seconds_to_us(std::chrono::duration<double>(options.profile.ttfb).count() +
-                                  static_cast<double>(options.block) /
-                                      options.profile.bytes_per_second);
+  report.limit_us =
+      seconds_to_us(std::chrono::duration<double>(options.profile.ttfb).count() +
+                    static_cast<double>(options.block) / options.profile.bytes_per_second);
   std::vector<FetchStrategy> strategies = options.strategies;
   if (workload.compressed) {
     // Frames are fetched whole whatever the strategy: one row.
@@ -254,8 +257,7 @@ Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
     if (!files) return files.status();
     copy.resize(options.object_size);
     fill_memory_image(options.object_size, kPatternSeed, 0, copy);
-    workload = {std::make_shared<SimulateStore>(*files, options.profile), kKey,
-                options.object_size,
+    workload = {std::make_shared<SimulateStore>(*files, options.profile), kKey, options.object_size,
                 [&copy](uint64_t offset, std::span<const std::byte> bytes) {
                   return std::equal(bytes.begin(), bytes.end(),
                                     copy.begin() + static_cast<ptrdiff_t>(offset));
@@ -269,8 +271,8 @@ Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
                                                   options.key, *size, options.block));
     }
     measured.object_size = std::min(*size, kChunkSize);
-    Result<SimulateProfile> link = measure_link(*options.store, options.key,
-                                                measured.object_size, &copy);
+    Result<SimulateProfile> link =
+        measure_link(*options.store, options.key, measured.object_size, &copy);
     if (!link) return link.status();
     measured.profile = *link;
     measured.profile_name = "measured";
@@ -286,8 +288,8 @@ Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
     if (!files) return files.status();
     LB_RETURN_IF_ERROR((*files)->put(
         kKey, testing::make_pattern(kPatternSeed, 0, options.object_size), IoContext{}));
-    workload = {std::make_shared<SimulateStore>(*files, options.profile), kKey,
-                options.object_size, [](uint64_t offset, std::span<const std::byte> bytes) {
+    workload = {std::make_shared<SimulateStore>(*files, options.profile), kKey, options.object_size,
+                [](uint64_t offset, std::span<const std::byte> bytes) {
                   return testing::first_pattern_mismatch(kPatternSeed, offset, bytes) ==
                          bytes.size();
                 },
@@ -295,7 +297,6 @@ Result<FetchBenchReport> run_fetch_bench(const FetchBenchOptions& options,
   }
   return run_measured(measured, workload, scratch->path(), progress);
 }
-
 
 std::string format_fetch_report(const FetchBenchReport& report) {
   const FetchBenchOptions& o = report.options;
@@ -332,11 +333,12 @@ std::string format_fetch_report(const FetchBenchReport& report) {
         seed = fmt::format("{:.1f} / {:.1f}", figures.avg_ms, figures.worst_ms);
       }
     }
-    out += fmt::format("{:<10} {:>9.2f} {:>9.2f} {:>9.2f} {:>9.2f} {:>9.2f} {:>10.3f} {:>8.1f} "
-                       "{:>9.2f}   {}\n",
-                       r.name, r.model_us / 1000, r.avg_us / 1000,
-                       r.p50_us / 1000, r.p99_us / 1000, r.worst_us / 1000, r.avg_us / r.model_us,
-                       r.requests_per_iter, r.bytes_per_iter / kMiB, seed);
+    out += fmt::format(
+        "{:<10} {:>9.2f} {:>9.2f} {:>9.2f} {:>9.2f} {:>9.2f} {:>10.3f} {:>8.1f} "
+        "{:>9.2f}   {}\n",
+        r.name, r.model_us / 1000, r.avg_us / 1000, r.p50_us / 1000, r.p99_us / 1000,
+        r.worst_us / 1000, r.avg_us / r.model_us, r.requests_per_iter, r.bytes_per_iter / kMiB,
+        seed);
   }
   return out;
 }
@@ -354,8 +356,8 @@ nlohmann::json fetch_report_json(const FetchBenchReport& report) {
                        {"bytes_per_iter", r.bytes_per_iter}});
   }
   nlohmann::json document = {{"profile", report.options.profile_name},
-                              {"limit_us", report.limit_us},
-                              {"results", std::move(results)}};
+                             {"limit_us", report.limit_us},
+                             {"results", std::move(results)}};
   if (report.options.compressed) {
     document["compressed"] = frame_codec_name(*report.options.compressed);
     document["stored_bytes"] = report.stored_bytes;

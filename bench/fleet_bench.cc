@@ -68,8 +68,9 @@ class Fleet {
     pack_options.temp_dir = dir();
     const UniqueFd fd(::open(raw.c_str(), O_RDONLY | O_CLOEXEC));
     if (!fd) return posix_error("open " + raw.string(), errno);
-    Result<image::PackSummary> packed = image::pack(
-        std::make_shared<image::DataFiles>(files_, chunker_options()), fd.get(), pack_options, nullptr);
+    Result<image::PackSummary> packed =
+        image::pack(std::make_shared<image::DataFiles>(files_, chunker_options()), fd.get(),
+                    pack_options, nullptr);
     std::filesystem::remove(raw);
     if (!packed) return packed.status();
     // The recorded working set: blocks spread over the whole disk.
@@ -232,13 +233,13 @@ std::string format_fleet_report(const FleetBenchReport& report) {
   const auto row = [&](const char* name, const FleetWave& w) {
     out += fmt::format("{:<10} {:>4} {:>8} {:>11.1f} {:>11.1f} {:>14.2f} {:>9} {:>8.2f}\n", name,
                        w.vms, w.reads, w.p50_us, w.p99_us,
-                       static_cast<double>(w.upstream_bytes) / 1e6, w.upstream_requests,
-                       w.seconds);
+                       static_cast<double>(w.upstream_bytes) / 1e6, w.upstream_requests, w.seconds);
   };
   row("single VM", report.single);
   row("wave 1", report.wave1);
   row("wave 2", report.wave2);
-  const double single_bytes = static_cast<double>(std::max<uint64_t>(1, report.single.upstream_bytes));
+  const double single_bytes =
+      static_cast<double>(std::max<uint64_t>(1, report.single.upstream_bytes));
   out += fmt::format(
       "limit: a cold read {:.0f} us (TTFB + 4 KiB/BW); wave 1 fetched {:.2f}x one VM's bytes, its "
       "p50 {:.2f}x the single VM's\n",

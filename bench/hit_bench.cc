@@ -206,11 +206,10 @@ std::string format_hit_report(const HitBenchReport& report) {
   std::string out = fmt::format(
       "bench hit: cached {}-byte reads of a {} object ({} calls per timed sample)\n\n"
       "{:<8} {:>7} {:>10} {:>10}\n",
-      kBlock, format_size(kObjectSize), kCallsPerSample, "call", "threads", "median ns",
-      "p99 ns");
+      kBlock, format_size(kObjectSize), kCallsPerSample, "call", "threads", "median ns", "p99 ns");
   for (const HitResult& r : report.results) {
-    out += fmt::format("{:<8} {:>7} {:>10.0f} {:>10.0f}\n", r.name, r.threads, r.median_ns,
-                       r.p99_ns);
+    out +=
+        fmt::format("{:<8} {:>7} {:>10.0f} {:>10.0f}\n", r.name, r.threads, r.median_ns, r.p99_ns);
   }
   out += fmt::format(
       "\ndisk: the same reads through image::Disk ({} builds in {} pieces, every {}th zeros)\n\n"

@@ -53,7 +53,8 @@ Status write_object(const std::filesystem::path& path, uint64_t size) {
   for (uint64_t offset = 0; offset < size; offset += kPiece) {
     const std::vector<std::byte> piece =
         testing::make_pattern(kPatternSeed, offset, std::min(kPiece, size - offset));
-    out.write(reinterpret_cast<const char*>(piece.data()), static_cast<std::streamsize>(piece.size()));
+    out.write(reinterpret_cast<const char*>(piece.data()),
+              static_cast<std::streamsize>(piece.size()));
   }
   out.close();
   if (!out) return Status::io_error("bench seq: cannot write the object to " + path.string());
@@ -122,8 +123,8 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
   const double seconds = std::chrono::duration<double>(Clock::now() - begin).count();
   const double cpu_seconds = process_cpu_seconds() - cpu_before;
   if (counted.bytes != options.size) {
-    return Status::corruption(fmt::format("bench seq: wrote {} of {} bytes", counted.bytes,
-                                          options.size));
+    return Status::corruption(
+        fmt::format("bench seq: wrote {} of {} bytes", counted.bytes, options.size));
   }
   // Untimed, from the cache.
   if (compressed) {
@@ -171,8 +172,8 @@ std::string format_seq_report(const SeqBenchReport& report) {
         100 * report.mb_per_s / report.limit_mb_per_s, report.limit_mb_per_s,
         streams_bind ? "streams" : "cores", report.requests,
         static_cast<double>(report.bytes_fetched) / 1e6, report.cpu_seconds,
-        report.stream_limit_mb_per_s, o.parallelism, o.profile.bytes_per_second / 1e6,
-        report.ratio, report.cores_limit_mb_per_s, report.cores, report.cores,
+        report.stream_limit_mb_per_s, o.parallelism, o.profile.bytes_per_second / 1e6, report.ratio,
+        report.cores_limit_mb_per_s, report.cores, report.cores,
         report.decompress_mb_per_s_per_core, frame_codec_name(*o.compressed),
         report.decompress_limit_mb_per_s);
   }

@@ -36,8 +36,8 @@ struct SeqBenchReport {
   uint64_t requests = 0;
   uint64_t bytes_fetched = 0;  // from the store
   // --compressed only:
-  double ratio = 0;                     // uncompressed / stored bytes
-  double stream_limit_mb_per_s = 0;     // streams x bandwidth x ratio
+  double ratio = 0;                  // uncompressed / stored bytes
+  double stream_limit_mb_per_s = 0;  // streams x bandwidth x ratio
   double decompress_mb_per_s_per_core = 0;
   int cores = 0;
   double decompress_limit_mb_per_s = 0;  // cores x one core's speed

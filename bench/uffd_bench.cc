@@ -23,8 +23,8 @@
 #include "bench/bench_util.h"
 #include "common/mapped_region.h"
 #include "common/unique_fd.h"
-#include "common/unix_socket.h"
 #include "common/units.h"
+#include "common/unix_socket.h"
 #include "image/pack.h"
 #include "serve/uffd/uffd_server.h"
 #include "storage/file_store.h"
@@ -111,10 +111,10 @@ Result<std::vector<double>> in_vm_process(const std::filesystem::path& socket, u
       return work((*vm)->memory(0));
     }();
     // One byte (1: figures follow, 0: an error message follows), then the rest.
-    const std::string payload =
-        figures ? std::string(reinterpret_cast<const char*>(figures->data()),
-                              figures->size() * sizeof(double))
-                : figures.status().to_string();
+    const std::string payload = figures
+                                    ? std::string(reinterpret_cast<const char*>(figures->data()),
+                                                  figures->size() * sizeof(double))
+                                    : figures.status().to_string();
     const char ok = figures ? 1 : 0;
     (void)!::write(to_parent.get(), &ok, 1);
     for (size_t done = 0; done < payload.size();) {
@@ -137,7 +137,8 @@ Result<std::vector<double>> in_vm_process(const std::filesystem::path& socket, u
   from_vm.reset();
   vm_process->wait();
   if (received.empty()) return Status::io_error("bench uffd: the VM process died");
-  if (received[0] == 0) return Status::io_error("bench uffd: in the VM process: " + received.substr(1));
+  if (received[0] == 0)
+    return Status::io_error("bench uffd: in the VM process: " + received.substr(1));
   std::vector<double> figures((received.size() - 1) / sizeof(double));
   std::memcpy(figures.data(), received.data() + 1, figures.size() * sizeof(double));
   return figures;
@@ -161,7 +162,8 @@ LatencyFigures figures(std::vector<double> seconds) {
 // A UffdServer on a thread of its own, serving a memfile on `socket`.
 class Serving {
  public:
-  Serving(image::Device& memfile, uffd::UffdOptions options) : server_(memfile, std::move(options)) {}
+  Serving(image::Device& memfile, uffd::UffdOptions options)
+      : server_(memfile, std::move(options)) {}
   Status start(const std::filesystem::path& socket) {
     LB_RETURN_IF_ERROR(server_.listen_unix(socket));
     thread_ = std::thread([this] { served_ = server_.serve(); });
@@ -300,9 +302,8 @@ class Bench {
                     pack_options, nullptr);
     if (!packed) return packed.status();
     // The raw file stays mapped: the minimal handler copies from it.
-    Result<MappedRegion> map = MappedRegion::map(o_.memfile_size, PROT_READ,
-                                                 MAP_SHARED | MAP_POPULATE, fd.get(), 0,
-                                                 raw.string());
+    Result<MappedRegion> map = MappedRegion::map(
+        o_.memfile_size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd.get(), 0, raw.string());
     if (!map) return map.status();
     raw_map_ = std::move(*map);
     return Status::ok();
@@ -357,7 +358,8 @@ class Bench {
     const std::filesystem::path socket = dir() / "cold.sock";
     LB_RETURN_IF_ERROR(serving.start(socket));
     const std::vector<uint64_t> pages = random_pages(o_.cold_faults, o_.seed);
-    Result<std::vector<double>> latencies = in_vm_process(socket, o_.memfile_size, touch_pages(pages));
+    Result<std::vector<double>> latencies =
+        in_vm_process(socket, o_.memfile_size, touch_pages(pages));
     if (!latencies) return latencies.status();
     report->cold = figures(*latencies);
     return serving.stop();
@@ -432,8 +434,7 @@ class Bench {
     }
     const auto begin = Clock::now();
     Result<std::vector<double>> done = in_vm_process(
-        socket, o_.memfile_size,
-        [&](const std::byte* memory) -> Result<std::vector<double>> {
+        socket, o_.memfile_size, [&](const std::byte* memory) -> Result<std::vector<double>> {
           std::vector<std::thread> vcpus;
           for (const std::vector<uint64_t>& mine : pages) {
             vcpus.emplace_back([memory, &mine] { touch(memory, mine, nullptr); });
@@ -499,7 +500,8 @@ std::string format_uffd_report(const UffdBenchReport& report) {
   return fmt::format(
       "bench uffd: a {} memfile, profile {} ({}), {} vCPUs, {} streams\n"
       "cold faults    p50 {:8.0f} us  p99 {:8.0f} us   limit {:.0f} us (TTFB + 4 KiB/BW)\n"
-      "warm faults    p50 {:8.1f} us  p99 {:8.1f} us   minimal handler: p50 {:.1f} us, p99 {:.1f} us\n"
+      "warm faults    p50 {:8.1f} us  p99 {:8.1f} us   minimal handler: p50 {:.1f} us, p99 {:.1f} "
+      "us\n"
       "working set    {}: {:.0f} ms without prefetch, {:.0f} ms with ({:.1f}x faster; {:.2f} x "
       "the limit {:.0f} ms = TTFB + set / ({} x BW)); {} pages prefetched\n",
       format_size(o.memfile_size), o.profile_name, o.profile.to_string(), o.vcpus, o.streams,
@@ -507,8 +509,8 @@ std::string format_uffd_report(const UffdBenchReport& report) {
       report.warm.p99_us, report.warm_baseline.p50_us, report.warm_baseline.p99_us,
       format_size(report.working_set_bytes), report.without_prefetch_ms, report.with_prefetch_ms,
       report.without_prefetch_ms / report.with_prefetch_ms,
-      report.with_prefetch_ms / report.working_set_limit_ms, report.working_set_limit_ms,
-      o.streams, report.prefetched_pages);
+      report.with_prefetch_ms / report.working_set_limit_ms, report.working_set_limit_ms, o.streams,
+      report.prefetched_pages);
 }
 
 nlohmann::json uffd_report_json(const UffdBenchReport& report) {

@@ -42,7 +42,8 @@ std::vector<std::byte> framed(std::span<const uint8_t> input) {
   for (size_t i = 0; i < 8; ++i) out[i] = std::byte(i == 0 ? version : 0);
   const std::span<const uint8_t> inner = input.subspan(1 + 64);
   out.push_back(std::byte{0});
-  for (int i = 0; i < 4; ++i) out.push_back(std::byte(static_cast<uint8_t>(inner.size() >> (8 * i))));
+  for (int i = 0; i < 4; ++i)
+    out.push_back(std::byte(static_cast<uint8_t>(inner.size() >> (8 * i))));
   LZ4F_preferences_t prefs{};
   prefs.frameInfo.contentChecksumFlag = LZ4F_contentChecksumEnabled;
   const size_t at = out.size();
@@ -73,7 +74,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!input.empty() && input[0] == 'I') {
     bytes = framed(input.subspan(1));
   } else {
-    const std::span<const uint8_t> object = !input.empty() && input[0] == 'H' ? input.subspan(1) : input;
+    const std::span<const uint8_t> object =
+        !input.empty() && input[0] == 'H' ? input.subspan(1) : input;
     const auto* begin = reinterpret_cast<const std::byte*>(object.data());
     bytes.assign(begin, begin + object.size());
   }
@@ -101,7 +103,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     // table finds the frame holding the first byte the mapping takes.
     check(header->mappings[header->mapping_at(m.offset)] == m);
     if (m.build_id.is_nil()) continue;
-    if (const BuildInfo* build = header->find_build(m.build_id); build && build->frame_table.compressed()) {
+    if (const BuildInfo* build = header->find_build(m.build_id);
+        build && build->frame_table.compressed()) {
       const auto frame = build->frame_table.find(m.build_storage_offset);
       check(frame.has_value());
       const auto& f = build->frame_table.frames[*frame];

@@ -51,8 +51,8 @@ std::optional<CacheCounters> cache_counters(const std::string& log) {
   std::smatch match;
   if (!std::regex_search(log, match, line)) return std::nullopt;
   CacheCounters c;
-  uint64_t* fields[] = {&c.hits,    &c.ranges,  &c.stats,         &c.published,
-                        &c.stale,   &c.corrupt, &c.temps_removed, &c.evicted};
+  uint64_t* fields[] = {&c.hits,  &c.ranges,  &c.stats,         &c.published,
+                        &c.stale, &c.corrupt, &c.temps_removed, &c.evicted};
   for (size_t i = 0; i < std::size(fields); ++i) *fields[i] = std::stoull(match[i + 1].str());
   return c;
 }
@@ -111,9 +111,9 @@ class CacheCliTest : public ::testing::Test {
               const std::string& key = kKey) {
     const std::filesystem::path output = dir_ / "out";
     std::filesystem::remove(output);
-    std::vector<std::string> args = {"cat", "--store", url(store), "--key", key,
-                                     "--cache-dir", cache_dir_.string(), "--log-level", "info",
-                                     "-o", output.string()};
+    std::vector<std::string> args = {"cat",  "--store",     url(store),          "--key",
+                                     key,    "--cache-dir", cache_dir_.string(), "--log-level",
+                                     "info", "-o",          output.string()};
     args.insert(args.end(), extra.begin(), extra.end());
     Outcome run = run_lazyblock(dir_, args);
     *out = slurp(output);
@@ -211,9 +211,9 @@ TEST_F(CacheCliTest, ABuildRepackedUnderTheSameIdIsServedAnew) {
     const std::string bytes = as_string(testing::make_pattern(seed, 0, 9 * kMiB));
     std::ofstream(raw, std::ios::binary | std::ios::trunc) << bytes;
     // Re-packed under the same id, as `pack --force` does.
-    Outcome packed = run_lazyblock(dir_, {"pack", "--store", url("store"), "--build", build,
-                                          "--name", "rootfs.ext4", "--block-size", "4096",
-                                          "--force", raw.string()});
+    Outcome packed =
+        run_lazyblock(dir_, {"pack", "--store", url("store"), "--build", build, "--name",
+                             "rootfs.ext4", "--block-size", "4096", "--force", raw.string()});
     ASSERT_EQ(packed.status, 0) << packed.err;
     const std::filesystem::path output = dir_ / "exported";
     Outcome exported = run_lazyblock(
@@ -232,9 +232,9 @@ TEST_F(CacheCliTest, AKilledProcessLeavesNoTemporaryFileAfterTheNextRun) {
     const std::string binary = lazyblock_binary();
     const std::string store = url("store");
     const std::string cache = cache_dir_.string();
-    ::execl(binary.c_str(), binary.c_str(), "cat", "--store", store.c_str(), "--key",
-            kKey.c_str(), "--cache-dir", cache.c_str(), "--faults", "stall-after=1MiB",
-            "--timeout", "60s", "-o", "/dev/null", static_cast<char*>(nullptr));
+    ::execl(binary.c_str(), binary.c_str(), "cat", "--store", store.c_str(), "--key", kKey.c_str(),
+            "--cache-dir", cache.c_str(), "--faults", "stall-after=1MiB", "--timeout", "60s", "-o",
+            "/dev/null", static_cast<char*>(nullptr));
     ::_exit(127);
   }
   ASSERT_GT(pid, 0);
@@ -309,9 +309,9 @@ class CacheHttpCliTest : public CacheCliTest {
   Outcome cat_http(const std::string& prefix, std::string* out) {
     const std::filesystem::path output = dir_ / "out";
     std::filesystem::remove(output);
-    Outcome run = run_lazyblock(dir_, {"cat", "--store", server_->url() + "/" + prefix, "--key",
-                                       kKey, "--cache-dir", cache_dir_.string(), "-o",
-                                       output.string()});
+    Outcome run =
+        run_lazyblock(dir_, {"cat", "--store", server_->url() + "/" + prefix, "--key", kKey,
+                             "--cache-dir", cache_dir_.string(), "-o", output.string()});
     *out = slurp(output);
     return run;
   }

@@ -46,8 +46,8 @@ TEST_F(CliTest, CatWritesTheObjectToAFile) {
   const std::string expected = put_object("b1/memfile", 9 * kMiB + 4321);
   for (const char* fetch : {"full", "streaming", "split"}) {
     const std::filesystem::path output = dir_ / (std::string("out-") + fetch);
-    Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b1/memfile", "--fetch",
-                                   fetch, "-o", output.string()});
+    Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b1/memfile",
+                                       "--fetch", fetch, "-o", output.string()});
     ASSERT_EQ(run.status, 0) << run.err;
     EXPECT_TRUE(slurp(output) == expected) << "output differs from the object (" << fetch << ")";
   }
@@ -70,8 +70,8 @@ TEST_F(CliTest, CatThroughASimulatedStore) {
 
 TEST_F(CliTest, CatWithFewStreamsAndNoReadahead) {
   const std::string expected = put_object("obj", 9 * kMiB + 7);
-  Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "--parallel",
-                                     "1", "--no-readahead"});
+  Outcome run = run_lazyblock(
+      dir_, {"cat", "--store", store_url_, "--key", "obj", "--parallel", "1", "--no-readahead"});
   ASSERT_EQ(run.status, 0) << run.err;
   EXPECT_TRUE(run.out == expected);
 }
@@ -80,12 +80,12 @@ TEST_F(CliTest, TransientFailuresAreRetriedAndStreamsResumed) {
   const std::string expected = put_object("obj", 6 * kMiB + 3);
   // Every stream breaks after 1 MiB: each retry resumes where the last
   // broke, and makes progress.
-  Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "--faults",
-                                     "fail-after=1MiB"});
+  Outcome run = run_lazyblock(
+      dir_, {"cat", "--store", store_url_, "--key", "obj", "--faults", "fail-after=1MiB"});
   ASSERT_EQ(run.status, 0) << run.err;
   EXPECT_TRUE(run.out == expected);
-  Outcome no_retry = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj",
-                                          "--faults", "fail-after=1MiB", "--retry", "0"});
+  Outcome no_retry = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "--faults",
+                                          "fail-after=1MiB", "--retry", "0"});
   EXPECT_EQ(no_retry.status, 1);
   EXPECT_NE(no_retry.err.find("injected fault"), std::string::npos) << no_retry.err;
 }
@@ -99,9 +99,9 @@ TEST_F(CliTest, ASecondProcessReadsFromTheCacheDirAskingTheStoreOnlyItsVersion) 
   EXPECT_TRUE(first.out == expected);
   // Every stream from the store now fails at its first byte (its size and
   // version are still answered): the cache must serve every byte.
-  Outcome second = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b/memfile",
-                                        "--cache-dir", cache_dir, "--faults", "fail-after=0",
-                                        "--retry", "0"});
+  Outcome second =
+      run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b/memfile", "--cache-dir",
+                           cache_dir, "--faults", "fail-after=0", "--retry", "0"});
   ASSERT_EQ(second.status, 0) << second.err;
   EXPECT_TRUE(second.out == expected);
   // Without the cache, the same command fails: the faults are real.
@@ -110,9 +110,9 @@ TEST_F(CliTest, ASecondProcessReadsFromTheCacheDirAskingTheStoreOnlyItsVersion) 
   EXPECT_EQ(uncached.status, 1);
   // A store that cannot say which version it has is not trusted with old
   // chunks: the read fails as it would without the cache.
-  Outcome down = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b/memfile",
-                                      "--cache-dir", cache_dir, "--faults", "fail-open",
-                                      "--retry", "0"});
+  Outcome down =
+      run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "b/memfile", "--cache-dir",
+                           cache_dir, "--faults", "fail-open", "--retry", "0"});
   EXPECT_EQ(down.status, 1);
   EXPECT_NE(down.err.find("injected fault"), std::string::npos) << down.err;
 }
@@ -143,7 +143,7 @@ TEST_F(CliTest, FailedFetchLeavesNoOutputFile) {
 TEST_F(CliTest, StalledFetchEndsAtTheTimeout) {
   put_object("obj", 2 * kMiB);
   Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "--faults",
-                                 "stall-after=1MiB", "--timeout", "200ms"});
+                                     "stall-after=1MiB", "--timeout", "200ms"});
   EXPECT_EQ(run.status, 1);
   EXPECT_NE(run.err.find("deadline"), std::string::npos) << run.err;
   EXPECT_TRUE(run.out.empty()) << "no byte of a chunk that did not arrive whole is written";
@@ -156,13 +156,13 @@ TEST_F(CliTest, UsageErrorsExitWithTwo) {
       run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "x", "--fetch", "psychic"});
   EXPECT_EQ(bad_strategy.status, 2);
   EXPECT_NE(bad_strategy.err.find("psychic"), std::string::npos) << bad_strategy.err;
-  EXPECT_EQ(run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "x", "--timeout", "soon"})
-                .status,
-            2);
+  EXPECT_EQ(
+      run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "x", "--timeout", "soon"}).status,
+      2);
   EXPECT_EQ(run_lazyblock(dir_, {"bench", "fetch", "--profile", "moon"}).status, 2);
-  EXPECT_EQ(run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "x", "--parallel", "0"})
-                .status,
-            2);
+  EXPECT_EQ(
+      run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "x", "--parallel", "0"}).status,
+      2);
 }
 
 TEST_F(CliTest, MistakesOnTheCommandLineAreSaidInWords) {
@@ -174,7 +174,8 @@ TEST_F(CliTest, MistakesOnTheCommandLineAreSaidInWords) {
   Outcome sub_typo = run_lazyblock(dir_, {"serve", "nbdd"});
   EXPECT_EQ(sub_typo.status, 2);
   EXPECT_NE(sub_typo.err.find("did you mean 'serve nbd'?"), std::string::npos) << sub_typo.err;
-  Outcome range = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "x", "--parallel", "0"});
+  Outcome range =
+      run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "x", "--parallel", "0"});
   EXPECT_EQ(range.status, 2);
   EXPECT_NE(range.err.find("--parallel: must be a whole number of at least 1"), std::string::npos)
       << range.err;
@@ -198,8 +199,9 @@ TEST_F(CliTest, HelpExplainsTheCommands) {
 }
 
 TEST_F(CliTest, BenchFetchJsonHasTheDocumentedShape) {
-  Outcome run = run_lazyblock(dir_, {"bench", "fetch", "--profile", "ttfb=1ms,bw=2GB/s", "--strategy",
-                                 "full,streaming,split", "--iterations", "3", "--json"});
+  Outcome run =
+      run_lazyblock(dir_, {"bench", "fetch", "--profile", "ttfb=1ms,bw=2GB/s", "--strategy",
+                           "full,streaming,split", "--iterations", "3", "--json"});
   ASSERT_EQ(run.status, 0) << run.err;
   const nlohmann::json doc = nlohmann::json::parse(run.out);
   EXPECT_EQ(doc.at("profile"), "ttfb=1ms,bw=2GB/s");
@@ -261,9 +263,9 @@ TEST_F(CliTest, BenchSeqJsonHasTheDocumentedShape) {
 
 TEST_F(CliTest, BenchFetchAgainstARealStore) {
   put_object("obj", 5 * kMiB);
-  Outcome run = run_lazyblock(dir_, {"bench", "fetch", "--store", store_url_, "--key", "obj",
-                                     "--strategy", "streaming,split", "--iterations", "3",
-                                     "--json"});
+  Outcome run =
+      run_lazyblock(dir_, {"bench", "fetch", "--store", store_url_, "--key", "obj", "--strategy",
+                           "streaming,split", "--iterations", "3", "--json"});
   ASSERT_EQ(run.status, 0) << run.err;
   const nlohmann::json doc = nlohmann::json::parse(run.out);
   EXPECT_EQ(doc.at("profile"), "measured");
@@ -303,8 +305,8 @@ TEST_F(CliTest, ServeNbdListensOnHostNamesAndIpv6AndPrintsAnAbsoluteSocketPath) 
   Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_url_, "--build", build, "--name",
                                         "rootfs.ext4", (dir_ / "raw.img").string(), "--quiet"});
   ASSERT_EQ(packed.status, 0) << packed.err;
-  const std::vector<std::string> served = {"--store", store_url_, "--build", build, "--name",
-                                           "rootfs.ext4", "--read-only"};
+  const std::vector<std::string> served = {"--store", store_url_,    "--build",    build,
+                                           "--name",  "rootfs.ext4", "--read-only"};
   const auto serve = [&](std::vector<std::string> where) {
     std::vector<std::string> args = {"-c", kServeAndAsk, "sh", lazyblock_binary(), dir_.string()};
     args.insert(args.end(), served.begin(), served.end());
@@ -342,8 +344,8 @@ TEST_F(CliTest, ServeNbdListensOnHostNamesAndIpv6AndPrintsAnAbsoluteSocketPath) 
 }
 
 TEST_F(CliTest, TheLogLevelMayComeBeforeTheCommand) {
-  const std::vector<std::string> cat = {"cat", "--store", store_url_, "--key", "no/such", "-o",
-                                        (dir_ / "out").string()};
+  const std::vector<std::string> cat = {
+      "cat", "--store", store_url_, "--key", "no/such", "-o", (dir_ / "out").string()};
   std::vector<std::string> global = {"--log-level", "info"};
   global.insert(global.end(), cat.begin(), cat.end());
   // (A cat that succeeds says at info how many requests it took.)
@@ -369,8 +371,8 @@ TEST_F(CliTest, TheLogLevelMayComeBeforeTheCommand) {
   EXPECT_EQ(typo.status, 2) << typo.err;
   EXPECT_NE(typo.err.find("unknown command 'packk' (did you mean 'pack'?)"), std::string::npos)
       << typo.err;
-  Outcome bad = run_lazyblock(dir_, {"--log-level", "loud", "cat", "--store", store_url_, "--key",
-                                     "k"});
+  Outcome bad =
+      run_lazyblock(dir_, {"--log-level", "loud", "cat", "--store", store_url_, "--key", "k"});
   EXPECT_EQ(bad.status, 2) << bad.err;
   EXPECT_NE(bad.err.find("loud"), std::string::npos) << bad.err;
 }

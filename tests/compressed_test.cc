@@ -3,8 +3,8 @@
 // lazyblock: export, serve nbd, and the fetches a cold read makes; and
 // builds that `pack --compress` writes, read back by lazyblock and by that
 // implementation, and checked byte for byte against hand-built objects.
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <lz4frame.h>
 #include <openssl/evp.h>
 #include <signal.h>
@@ -76,10 +76,21 @@ class CompressedTest : public ::testing::Test {
                    const std::string& codec, int version, const std::string& block_size) {
     const std::filesystem::path raw = dir_ / ("image-" + std::to_string(generation));
     std::ofstream(raw, std::ios::binary) << bytes;
-    std::vector<std::string> args = {std::string(LAZYBLOCK_E2B_REFERENCE), "write", "--store",
-                                     (dir_ / "store").string(), "--build", build_id(generation),
-                                     "--name", kName, "--block-size", block_size, "--codec",
-                                     codec, "--version", std::to_string(version), raw.string()};
+    std::vector<std::string> args = {std::string(LAZYBLOCK_E2B_REFERENCE),
+                                     "write",
+                                     "--store",
+                                     (dir_ / "store").string(),
+                                     "--build",
+                                     build_id(generation),
+                                     "--name",
+                                     kName,
+                                     "--block-size",
+                                     block_size,
+                                     "--codec",
+                                     codec,
+                                     "--version",
+                                     std::to_string(version),
+                                     raw.string()};
     if (parent) {
       args.insert(args.end() - 1, {"--parent", build_id(*parent)});
     }
@@ -101,8 +112,8 @@ class CompressedTest : public ::testing::Test {
                       std::vector<std::string> flags) {
     const std::filesystem::path raw = dir_ / ("image-" + std::to_string(generation));
     std::ofstream(raw, std::ios::binary) << bytes;
-    std::vector<std::string> args = {"pack", "--store", store_, "--build", build_id(generation),
-                                     "--name", kName, "--json"};
+    std::vector<std::string> args = {"pack",   "--store", store_,  "--build", build_id(generation),
+                                     "--name", kName,     "--json"};
     if (parent) args.insert(args.end(), {"--parent", build_id(*parent)});
     args.insert(args.end(), flags.begin(), flags.end());
     args.push_back(raw.string());
@@ -117,10 +128,10 @@ class CompressedTest : public ::testing::Test {
   // refuses.
   std::optional<std::string> reference_read(int generation) {
     const std::filesystem::path out = dir_ / ("reference-" + std::to_string(generation));
-    Outcome read = run_program(dir_, "/usr/bin/python3",
-                               {std::string(LAZYBLOCK_E2B_REFERENCE), "read", "--store",
-                                (dir_ / "store").string(), "--build", build_id(generation),
-                                "--name", kName, "-o", out.string()});
+    Outcome read = run_program(
+        dir_, "/usr/bin/python3",
+        {std::string(LAZYBLOCK_E2B_REFERENCE), "read", "--store", (dir_ / "store").string(),
+         "--build", build_id(generation), "--name", kName, "-o", out.string()});
     EXPECT_EQ(read.status, 0) << read.err;
     if (read.status != 0) return std::nullopt;
     return slurp(out);
@@ -158,7 +169,8 @@ TEST_F(CompressedTest, ChainsMixingVersionsAndCodecsExportByteExact) {
   for (const std::string block_size : {"4096", "2MiB"}) {
     // A v3 header cannot map into a compressed build (it has no frame tables),
     // so version 3 comes first, as it does in E2B's buckets.
-    const std::vector<Step> chain = {{"none", 3}, {"zstd", 4}, {"lz4", 5}, {"none", 4}, {"zstd", 5}};
+    const std::vector<Step> chain = {
+        {"none", 3}, {"zstd", 4}, {"lz4", 5}, {"none", 4}, {"zstd", 5}};
     std::vector<std::string> images;
     const int base = block_size == "4096" ? 0 : 10;
     for (size_t g = 0; g < chain.size(); ++g) {
@@ -196,7 +208,8 @@ TEST_F(CompressedTest, AColdPageReadFetchesExactlyOneFrame) {
   uint64_t device_offset = UINT64_MAX, stored_at = 0;
   for (const image::Mapping& m : header.mappings) {
     if (m.build_id.is_nil() || m.build_storage_offset + m.length <= 4 * kMiB + 4096) continue;
-    const uint64_t skip = m.build_storage_offset >= 4 * kMiB ? 0 : 4 * kMiB - m.build_storage_offset;
+    const uint64_t skip =
+        m.build_storage_offset >= 4 * kMiB ? 0 : 4 * kMiB - m.build_storage_offset;
     device_offset = m.offset + skip;
     stored_at = m.build_storage_offset + skip;
     break;
@@ -217,12 +230,14 @@ TEST_F(CompressedTest, ServeNbdServesACompressedBuild) {
   const std::string bytes = image(6 * kMiB, 9);
   write_build(0, std::nullopt, bytes, "lz4", 5, "4096");
   const std::filesystem::path socket = dir_ / "nbd.sock";
-  ServerProcess server(dir_, {"serve", "nbd", "--store", store_, "--build", build_id(0), "--name",
-                              kName, "--socket", socket.string(), "--read-only"},
+  ServerProcess server(dir_,
+                       {"serve", "nbd", "--store", store_, "--build", build_id(0), "--name", kName,
+                        "--socket", socket.string(), "--read-only"},
                        socket);
   ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
-  Outcome copied = run_program(dir_, "nbdcopy", {"nbd+unix:///" + kName + "?socket=" + socket.string(),
-                                                 (dir_ / "copy").string()});
+  Outcome copied = run_program(
+      dir_, "nbdcopy",
+      {"nbd+unix:///" + kName + "?socket=" + socket.string(), (dir_ / "copy").string()});
   ASSERT_EQ(copied.status, 0) << copied.err;
   EXPECT_TRUE(slurp(dir_ / "copy") == bytes);
   EXPECT_EQ(server.stop(), 0);
@@ -235,7 +250,10 @@ TEST_F(CompressedTest, PackCompressRoundTripsThroughExportAndTheReference) {
     std::string block_size;
   };
   const std::vector<Case> cases = {
-      {"zstd", 4, "4096"}, {"zstd", 5, "4096"}, {"lz4", 4, "4096"}, {"lz4", 5, "4096"},
+      {"zstd", 4, "4096"},
+      {"zstd", 5, "4096"},
+      {"lz4", 4, "4096"},
+      {"lz4", 5, "4096"},
       // Blocks of 2 MiB over a device whose size is not a multiple of them:
       // the mappings end at its last 4 KiB page.
       {"zstd", 5, "2MiB"}};
@@ -245,17 +263,17 @@ TEST_F(CompressedTest, PackCompressRoundTripsThroughExportAndTheReference) {
     // A device whose last page is partial; its data file spans several frames.
     const std::string bytes = memory_image(5 * kMiB + 1000, 100 + i);
     const int generation = static_cast<int>(i);
-    const nlohmann::json summary =
-        pack(generation, std::nullopt, bytes,
-             {"--compress", c.codec, "--header-version", std::to_string(c.version), "--block-size",
-              c.block_size});
+    const nlohmann::json summary = pack(generation, std::nullopt, bytes,
+                                        {"--compress", c.codec, "--header-version",
+                                         std::to_string(c.version), "--block-size", c.block_size});
     ASSERT_FALSE(summary.is_null());
     EXPECT_EQ(summary["header_version"], c.version);
     EXPECT_EQ(summary["codec"], c.codec);
     const uint64_t data_bytes = summary["data_bytes"];
     EXPECT_EQ(summary["frames"], div_round_up(data_bytes, 2 * kMiB));
     EXPECT_LT(summary["stored_bytes"].get<uint64_t>(), data_bytes);
-    EXPECT_TRUE(std::filesystem::exists(dir_ / "store" / build_id(generation) / (kName + "." + c.codec)));
+    EXPECT_TRUE(
+        std::filesystem::exists(dir_ / "store" / build_id(generation) / (kName + "." + c.codec)));
     EXPECT_TRUE(exported(generation) == bytes);
     EXPECT_TRUE(reference_read(generation) == bytes);
   }
@@ -267,7 +285,8 @@ TEST_F(CompressedTest, AChainMixingPlainAndCompressedPacksRoundTrips) {
   const std::string base = memory_image(5 * kMiB, 1);
   const std::string child = changed_image(base, 2);
   const std::string grandchild = changed_image(child, 3);
-  EXPECT_EQ(pack(0, std::nullopt, base, {"--compress", "zstd", "--level", "1"})["header_version"], 4);
+  EXPECT_EQ(pack(0, std::nullopt, base, {"--compress", "zstd", "--level", "1"})["header_version"],
+            4);
   const nlohmann::json plain = pack(1, 0, child, {});
   EXPECT_EQ(plain["header_version"], 4);
   EXPECT_EQ(plain["codec"], "none");
@@ -281,9 +300,9 @@ TEST_F(CompressedTest, AChainMixingPlainAndCompressedPacksRoundTrips) {
   // A version 3 header cannot name a compressed build: refused before
   // anything is stored.
   const std::filesystem::path raw = dir_ / "image-1";
-  Outcome v3 = run_lazyblock(dir_, {"pack", "--store", store_, "--build", build_id(3), "--parent",
-                                    build_id(0), "--name", kName, "--header-version", "3",
-                                    raw.string()});
+  Outcome v3 =
+      run_lazyblock(dir_, {"pack", "--store", store_, "--build", build_id(3), "--parent",
+                           build_id(0), "--name", kName, "--header-version", "3", raw.string()});
   EXPECT_EQ(v3.status, 2);
   EXPECT_NE(v3.err.find("version 3 header cannot map into build " + build_id(0)), std::string::npos)
       << v3.err;
@@ -307,8 +326,8 @@ TEST_F(CompressedTest, PackRefusesCompressionSettingsItCannotUse) {
       {{"--compress", "lz4", "--header-version", "3"}, "a version 3 header cannot describe"},
   };
   for (const Case& c : cases) {
-    std::vector<std::string> args = {"pack", "--store", store_, "--build", build_id(0), "--name",
-                                     kName};
+    std::vector<std::string> args = {"pack",      "--store", store_, "--build",
+                                     build_id(0), "--name",  kName};
     args.insert(args.end(), c.flags.begin(), c.flags.end());
     args.push_back(raw.string());
     Outcome refused = run_lazyblock(dir_, args);
@@ -340,7 +359,8 @@ std::string lz4_content(std::string_view frame, size_t length) {
   EXPECT_FALSE(LZ4F_isError(LZ4F_createDecompressionContext(&context, LZ4F_VERSION)));
   std::string out(length + 1, '\0');
   size_t out_size = out.size(), in_size = frame.size();
-  const size_t left = LZ4F_decompress(context, out.data(), &out_size, frame.data(), &in_size, nullptr);
+  const size_t left =
+      LZ4F_decompress(context, out.data(), &out_size, frame.data(), &in_size, nullptr);
   LZ4F_freeDecompressionContext(context);
   EXPECT_EQ(left, 0u) << "the frame does not end where the object does";
   EXPECT_EQ(in_size, frame.size());
@@ -356,8 +376,8 @@ TEST_F(CompressedTest, PackWritesTheBytesOfAHandBuiltBuild) {
     blocks[i] = std::string(4096, static_cast<char>('A' + i));
     std::memcpy(blocks[i].data(), "block ", 6);
   }
-  const std::string image = blocks[0] + blocks[1] + std::string(4096, '\0') + blocks[2] +
-                            blocks[3] + blocks[4];
+  const std::string image =
+      blocks[0] + blocks[1] + std::string(4096, '\0') + blocks[2] + blocks[3] + blocks[4];
   const std::string data = blocks[0] + blocks[1] + blocks[2] + blocks[3] + blocks[4];
   const std::filesystem::path raw = dir_ / "image";
   std::ofstream(raw, std::ios::binary) << image;
@@ -445,8 +465,8 @@ TEST_F(CompressedTest, InspectShowsCodecsAndVerifyNamesTheFirstBadFrame) {
   const std::string base = memory_image(5 * kMiB, 11);
   pack(0, std::nullopt, base, {"--compress", "zstd"});
   pack(1, 0, changed_image(base, 12), {});
-  const std::vector<std::string> inspect = {"inspect", "--store", store_, "--build", build_id(1),
-                                            "--name", kName, "--no-mappings"};
+  const std::vector<std::string> inspect = {"inspect",   "--store", store_, "--build",
+                                            build_id(1), "--name",  kName,  "--no-mappings"};
   std::vector<std::string> as_json = inspect;
   as_json.insert(as_json.end(), {"--json", "--verify"});
   Outcome listed = run_lazyblock(dir_, as_json);
@@ -502,7 +522,8 @@ TEST_F(CompressedTest, InspectShowsCodecsAndVerifyNamesTheFirstBadFrame) {
   std::ofstream(plain, std::ios::binary | std::ios::trunc) << changed;
   Outcome flipped = run_lazyblock(dir_, verify);
   EXPECT_EQ(flipped.status, 1);
-  EXPECT_NE(flipped.err.find(build_id(1) + "/" + kName + ": its "), std::string::npos) << flipped.err;
+  EXPECT_NE(flipped.err.find(build_id(1) + "/" + kName + ": its "), std::string::npos)
+      << flipped.err;
   EXPECT_NE(flipped.err.find("SHA-256"), std::string::npos) << flipped.err;
 }
 
@@ -530,14 +551,14 @@ TEST_F(CompressedTest, APackKilledMidwayLeavesNoHalfBuildAndTheNextPackIsByteExa
   const std::filesystem::path raw = dir_ / "image-killed";
   std::ofstream(raw, std::ios::binary) << bytes;
   const std::string build = build_id(1);
-  const std::vector<std::string> args = {"pack", "--store", store_, "--build", build, "--name",
-                                         kName, "--compress", "zstd", raw.string()};
+  const std::vector<std::string> args = {"pack", "--store",    store_, "--build",   build, "--name",
+                                         kName,  "--compress", "zstd", raw.string()};
   const std::filesystem::path header = dir_ / "store" / build / (kName + ".header");
   const auto exported_bytes = [&](Outcome* run) {
     const std::filesystem::path out = dir_ / "out-killed";
     std::filesystem::remove(out);
-    *run = run_lazyblock(dir_, {"export", "--store", store_, "--build", build, "--name", kName,
-                                "-o", out.string()});
+    *run = run_lazyblock(
+        dir_, {"export", "--store", store_, "--build", build, "--name", kName, "-o", out.string()});
     return slurp(out);
   };
   // A whole pack's time here, to kill the others within it.
@@ -552,9 +573,9 @@ TEST_F(CompressedTest, APackKilledMidwayLeavesNoHalfBuildAndTheNextPackIsByteExa
   for (int kill = 0; kill < kKills; ++kill) {
     std::filesystem::remove_all(dir_ / "store" / build);
     // The moment to kill at: somewhere in the kill-th third of a pack.
-    const auto at = took * kill / kKills +
-                    std::chrono::duration_cast<std::chrono::nanoseconds>(took / kKills) *
-                        std::uniform_real_distribution<double>(0, 1)(rng);
+    const auto at =
+        took * kill / kKills + std::chrono::duration_cast<std::chrono::nanoseconds>(took / kKills) *
+                                   std::uniform_real_distribution<double>(0, 1)(rng);
     std::vector<std::string> argv = {lazyblock_binary()};
     argv.insert(argv.end(), args.begin(), args.end());
     std::vector<char*> pointers;

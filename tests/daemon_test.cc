@@ -10,14 +10,14 @@
 
 #include <atomic>
 #include <chrono>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
-#include <mutex>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -128,9 +128,8 @@ class DaemonTest : public ::testing::Test {
   void pack(const std::string& build, const std::string& name, const std::string& bytes) {
     const std::filesystem::path raw = dir_ / ("raw-" + build + "-" + name);
     std::ofstream(raw, std::ios::binary) << bytes;
-    Outcome packed =
-        run_lazyblock(dir_, {"pack", "--store", "file://" + nginx_->docroot().string(), "--build",
-                             build, "--name", name, raw.string()});
+    Outcome packed = run_lazyblock(dir_, {"pack", "--store", "file://" + nginx_->docroot().string(),
+                                          "--build", build, "--name", name, raw.string()});
     ASSERT_EQ(packed.status, 0) << packed.err;
     // nginx's workers run as another user.
     run_program(dir_, "chmod", {"-R", "a+rX", nginx_->docroot().string()});
@@ -140,8 +139,12 @@ class DaemonTest : public ::testing::Test {
 
   std::unique_ptr<ServerProcess> start_daemon(std::vector<std::string> extra = {},
                                               std::string store = "") {
-    std::vector<std::string> args = {"daemon",     "--store",    store.empty() ? shaped_store() : store,
-                                     "--api",      api_.string(), "--work-dir",
+    std::vector<std::string> args = {"daemon",
+                                     "--store",
+                                     store.empty() ? shaped_store() : store,
+                                     "--api",
+                                     api_.string(),
+                                     "--work-dir",
                                      (dir_ / "work").string()};
     args.insert(args.end(), extra.begin(), extra.end());
     auto daemon = std::make_unique<ServerProcess>(dir_, args, api_);
@@ -155,8 +158,9 @@ class DaemonTest : public ::testing::Test {
                 std::optional<std::filesystem::path> where = std::nullopt) {
     const std::filesystem::path dir = where.value_or(dir_ / "curl");
     std::filesystem::create_directories(dir);
-    std::vector<std::string> args = {"-s", "--unix-socket", api_.string(), "-X", method, "-o",
-                                     (dir / "reply").string(), "-w", "%{http_code}"};
+    std::vector<std::string> args = {
+        "-s", "--unix-socket",          api_.string(), "-X",          method,
+        "-o", (dir / "reply").string(), "-w",          "%{http_code}"};
     if (!body.empty()) {
       std::ofstream(dir / "request", std::ios::binary) << body;
       args.insert(args.end(), {"-H", "Content-Type: application/json", "--data-binary",
@@ -200,7 +204,8 @@ TEST_F(DaemonTest, EightDisksOfOneTemplateFetchItOnceAndKeepTheirWritesApart) {
     at = started.find("metrics at http://127.0.0.1:");
   }
   ASSERT_NE(at, std::string::npos) << started;
-  const std::string metrics_url = started.substr(at + 11, started.find_first_of("; \n", at + 11) - at - 11);
+  const std::string metrics_url =
+      started.substr(at + 11, started.find_first_of("; \n", at + 11) - at - 11);
 
   // Eight PUTs at once: one header load, eight disks.
   constexpr int kDisks = 8;
@@ -235,8 +240,8 @@ TEST_F(DaemonTest, EightDisksOfOneTemplateFetchItOnceAndKeepTheirWritesApart) {
       clients.emplace_back([&, i] {
         const std::filesystem::path where = dir_ / ("client" + std::to_string(i));
         std::filesystem::create_directories(where);
-        copies[i] = run_program(where, "nbdcopy",
-                                {uri("vm" + std::to_string(i) + ".sock"), (where / "copy").string()});
+        copies[i] = run_program(
+            where, "nbdcopy", {uri("vm" + std::to_string(i) + ".sock"), (where / "copy").string()});
       });
     }
     for (std::thread& client : clients) client.join();
@@ -252,13 +257,12 @@ TEST_F(DaemonTest, EightDisksOfOneTemplateFetchItOnceAndKeepTheirWritesApart) {
   EXPECT_LE(static_cast<double>(upstream), 1.05 * static_cast<double>(data_file));
 
   // /metrics (over TCP here) passes promtool, and counts what nginx served.
-  Outcome scraped = run_program(dir_, "curl",
-                                {"-s", "-o", (dir_ / "metrics.txt").string(),
-                                 metrics_url});
+  Outcome scraped =
+      run_program(dir_, "curl", {"-s", "-o", (dir_ / "metrics.txt").string(), metrics_url});
   ASSERT_EQ(scraped.status, 0) << scraped.err;
   const std::string metrics = slurp(dir_ / "metrics.txt");
-  Outcome checked = run_program(dir_, "sh", {"-c", "promtool check metrics < " +
-                                                       (dir_ / "metrics.txt").string()});
+  Outcome checked = run_program(
+      dir_, "sh", {"-c", "promtool check metrics < " + (dir_ / "metrics.txt").string()});
   EXPECT_EQ(checked.status, 0) << checked.out << checked.err << metrics;
   EXPECT_EQ(metric(metrics, "lazyblock_store_requests_total{op=\"range\"}"),
             static_cast<double>(count_method(log, "GET")));
@@ -331,7 +335,6 @@ TEST_F(DaemonTest, EightDisksOfOneTemplateFetchItOnceAndKeepTheirWritesApart) {
   EXPECT_EQ(daemon->stop(), 0);
 }
 
-
 TEST_F(DaemonTest, TwoVmsRestoreOneBuildsMemoryAtOnceEachPageFetchedOnce) {
   const uint64_t size = 8 * kMiB;
   std::string memfile = disk_bytes(size, 2);
@@ -339,9 +342,10 @@ TEST_F(DaemonTest, TwoVmsRestoreOneBuildsMemoryAtOnceEachPageFetchedOnce) {
   std::unique_ptr<ServerProcess> daemon = start_daemon();
   ASSERT_TRUE(daemon->running());
   for (const std::string vm : {"a", "b"}) {
-    ApiReply made = call("PUT", "/memory/" + vm,
-                         R"({"build": ")" + kBuild + R"(", "socket": ")" +
-                             (dir_ / ("uffd-" + vm + ".sock")).string() + R"(", "prefetch": false})");
+    ApiReply made =
+        call("PUT", "/memory/" + vm,
+             R"({"build": ")" + kBuild + R"(", "socket": ")" +
+                 (dir_ / ("uffd-" + vm + ".sock")).string() + R"(", "prefetch": false})");
     ASSERT_EQ(made.status, 201) << made.body;
     EXPECT_EQ(made.doc()["size"], size);
   }
@@ -425,16 +429,19 @@ TEST_F(DaemonTest, BadRequestsGetTheirReasonAndChangeNothing) {
       {"/disks/bad", "[1, 2]", 400, "not a JSON object"},
       {"/disks/bad", disk_body(kBuild, "bad.sock", R"(, "colour": "red")"), 400,
        "unknown field 'colour'"},
-      {"/disks/bad", R"({"build": "not-a-uuid", "name": "rootfs.ext4", "socket": ")" + socket + "\"}",
-       400, "is not a UUID"},
-      {"/disks/bad", R"({"build": ")" + kBuild + R"(", "name": "rootfs.ext4", "socket": "bad.sock"})",
-       400, "is not an absolute path"},
+      {"/disks/bad",
+       R"({"build": "not-a-uuid", "name": "rootfs.ext4", "socket": ")" + socket + "\"}", 400,
+       "is not a UUID"},
+      {"/disks/bad",
+       R"({"build": ")" + kBuild + R"(", "name": "rootfs.ext4", "socket": "bad.sock"})", 400,
+       "is not an absolute path"},
       {"/disks/bad", disk_body(kBuild, "bad.sock", R"(, "overlay": "relative/overlay")"), 400,
        "is not an absolute path"},
       {"/disks/bad", disk_body(kBuild, "bad.sock", R"(, "read_only": "yes")"), 400,
        "not true or false"},
-      {"/disks/bad", R"({"build": ")" + kBuild + R"(", "name": "../x", "socket": ")" + socket + "\"}",
-       400, "not an object name"},
+      {"/disks/bad",
+       R"({"build": ")" + kBuild + R"(", "name": "../x", "socket": ")" + socket + "\"}", 400,
+       "not an object name"},
       {"/disks/bad", std::string(kMiB + 1, ' '), 400, "larger than"},
       {"/disks/a/b", disk_body(kBuild, "bad.sock"), 400, "has a '/'"},
       {"/disks/" + std::string(129, 'x'), disk_body(kBuild, "bad.sock"), 400, "at most 128"},
@@ -477,8 +484,7 @@ TEST_F(DaemonTest, OverBudgetTheIdleTemplateIsEvictedNeverOneInUse) {
     pack(builds[i], kDisk, contents.back());
   }
   // Room for two templates' caches, not three.
-  const uint64_t budget =
-      std::filesystem::file_size(nginx_->docroot() / kBuild / kDisk) * 5 / 2;
+  const uint64_t budget = std::filesystem::file_size(nginx_->docroot() / kBuild / kDisk) * 5 / 2;
   std::unique_ptr<ServerProcess> daemon =
       start_daemon({"--cache-budget", std::to_string(budget), "--idle-ttl", "1h"},
                    "file://" + nginx_->docroot().string());
@@ -653,9 +659,8 @@ TEST_F(DaemonTest, SigtermDuringAStalledHeaderLoadCancelsIt) {
   pack(kBuild, kDisk, disk_bytes(kMiB, 9));
   // Every stream stalls before its first byte, and the fetch deadline is
   // an hour away: only a cancelled load lets the daemon exit.
-  std::unique_ptr<ServerProcess> daemon =
-      start_daemon({"--faults", "stall-after=0", "--timeout", "1h"},
-                   "file://" + nginx_->docroot().string());
+  std::unique_ptr<ServerProcess> daemon = start_daemon(
+      {"--faults", "stall-after=0", "--timeout", "1h"}, "file://" + nginx_->docroot().string());
   ASSERT_TRUE(daemon->running());
   ApiReply put;
   std::thread caller([&] {
@@ -679,10 +684,9 @@ TEST_F(DaemonTest, SigtermDuringAStalledHeaderLoadCancelsIt) {
 TEST(BenchFleetTest, RunsAWaveAloneThenTwoOfSeveralVmsAndPrintsTheirRows) {
   Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
   ASSERT_TRUE(scratch);
-  const std::vector<std::string> args = {"bench",        "fleet",      "--profile",
-                                         "ttfb=1ms,bw=500MB/s", "--vms", "3",
-                                         "--working-set", "256KiB",     "--disk-size",
-                                         "4MiB"};
+  const std::vector<std::string> args = {
+      "bench", "fleet",         "--profile", "ttfb=1ms,bw=500MB/s", "--vms",
+      "3",     "--working-set", "256KiB",    "--disk-size",         "4MiB"};
   Outcome table = run_lazyblock(scratch->path(), args);
   ASSERT_EQ(table.status, 0) << table.err;
   for (const char* row : {"single VM", "wave 1", "wave 2", "limit: a cold read"}) {
@@ -707,8 +711,8 @@ TEST(BenchFleetTest, RunsAWaveAloneThenTwoOfSeveralVmsAndPrintsTheirRows) {
 size_t thread_count(pid_t pid) {
   size_t count = 0;
   std::error_code error;
-  for (const auto& entry : std::filesystem::directory_iterator(
-           "/proc/" + std::to_string(pid) + "/task", error)) {
+  for (const auto& entry :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task", error)) {
     (void)entry;
     ++count;
   }
@@ -718,8 +722,7 @@ size_t thread_count(pid_t pid) {
 TEST_F(DaemonTest, ItsThreadsDoNotGrowWithItsDevicesBeyondOneAcceptorEach) {
   pack(kBuild, kDisk, disk_bytes(kMiB, 7));
   pack(kBuild, "memfile", disk_bytes(kMiB, 8));
-  std::unique_ptr<ServerProcess> daemon =
-      start_daemon({}, "file://" + nginx_->docroot().string());
+  std::unique_ptr<ServerProcess> daemon = start_daemon({}, "file://" + nginx_->docroot().string());
   ASSERT_TRUE(daemon->running());
   auto make = [&](int i) {
     const std::string n = std::to_string(i);
@@ -775,13 +778,13 @@ TEST_F(DaemonTest, SigtermEndsEveryDeviceKeepsOverlaysAndRemovesSockets) {
                   .status,
               201);
     ASSERT_EQ(call("PUT", "/disks/temp", disk_body(kBuild, "temp.sock")).status, 201);
-    ASSERT_EQ(call("PUT", "/memory/mem",
-                   R"({"build": ")" + kBuild + R"(", "socket": ")" + (dir_ / "mem.sock").string() +
-                       "\"}")
-                  .status,
-              201);
-    Outcome wrote = run_program(
-        dir_, "qemu-io", {"-f", "raw", "-c", "write -P 0x5a 1000 70000", uri("kept.sock")});
+    ASSERT_EQ(
+        call("PUT", "/memory/mem",
+             R"({"build": ")" + kBuild + R"(", "socket": ")" + (dir_ / "mem.sock").string() + "\"}")
+            .status,
+        201);
+    Outcome wrote = run_program(dir_, "qemu-io",
+                                {"-f", "raw", "-c", "write -P 0x5a 1000 70000", uri("kept.sock")});
     ASSERT_EQ(wrote.status, 0) << wrote.out << wrote.err;
     EXPECT_EQ(daemon->stop(), 0) << slurp(dir_ / "server.log");
   }

@@ -16,10 +16,10 @@
 
 #include <array>
 #include <atomic>
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <condition_variable>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -122,8 +122,8 @@ class DataSafetyTest : public ::testing::Test {
 
   void pack(const std::string& build, const std::filesystem::path& image,
             std::vector<std::string> extra = {}) {
-    std::vector<std::string> args = {"pack", "--store", store_, "--build", build,
-                                     "--name", kName,   image.string()};
+    std::vector<std::string> args = {"pack", "--store", store_, "--build",
+                                     build,  "--name",  kName,  image.string()};
     args.insert(args.end(), extra.begin(), extra.end());
     Outcome packed = run_lazyblock(dir_, args);
     ASSERT_EQ(packed.status, 0) << packed.err;
@@ -131,8 +131,8 @@ class DataSafetyTest : public ::testing::Test {
 
   std::vector<std::string> serve_args(const std::string& build, const std::filesystem::path& socket,
                                       std::vector<std::string> extra) {
-    std::vector<std::string> args = {"serve", "nbd", "--store", store_,         "--build",
-                                     build,   "--name", kName,  "--socket", socket.string()};
+    std::vector<std::string> args = {"serve", "nbd",    "--store", store_,     "--build",
+                                     build,   "--name", kName,     "--socket", socket.string()};
     args.insert(args.end(), extra.begin(), extra.end());
     return args;
   }
@@ -187,28 +187,28 @@ class FlushLoad {
 
   void write_until_stopped(int c, const std::atomic<bool>& stop, std::atomic<uint64_t>& acked_now,
                            uint64_t flushes, const std::function<void()>& wake) {
-        NbdClient client(uri_);
-        if (!client.connected()) {
-          if (!stop.load()) failed_flushes_.fetch_add(1);
-          return;
-        }
-        for (uint64_t i = 0; !stop.load(); ++i) {
-          const uint64_t block = static_cast<uint64_t>(c) + kConnections * (i % kBlocksEach);
-          const uint64_t seq = next_seq_.fetch_add(1) + 1;
-          if (client.write(stamped_block(block, seq), block * kBlock) != 0) return;
-          const int flushed = client.flush();
-          if (flushed != 0) {
-            if (!stop.load()) failed_flushes_.fetch_add(1);
-            return;
-          }
-          {
-            std::lock_guard lock(mu_);
-            uint64_t& acked = acked_[block];
-            acked = std::max(acked, seq);
-          }
-          acked_flushes_.fetch_add(1);
-          if (acked_now.fetch_add(1) + 1 == flushes) wake();
-        }
+    NbdClient client(uri_);
+    if (!client.connected()) {
+      if (!stop.load()) failed_flushes_.fetch_add(1);
+      return;
+    }
+    for (uint64_t i = 0; !stop.load(); ++i) {
+      const uint64_t block = static_cast<uint64_t>(c) + kConnections * (i % kBlocksEach);
+      const uint64_t seq = next_seq_.fetch_add(1) + 1;
+      if (client.write(stamped_block(block, seq), block * kBlock) != 0) return;
+      const int flushed = client.flush();
+      if (flushed != 0) {
+        if (!stop.load()) failed_flushes_.fetch_add(1);
+        return;
+      }
+      {
+        std::lock_guard lock(mu_);
+        uint64_t& acked = acked_[block];
+        acked = std::max(acked, seq);
+      }
+      acked_flushes_.fetch_add(1);
+      if (acked_now.fetch_add(1) + 1 == flushes) wake();
+    }
   }
 
   // Failed flushes while the server was meant to be up.
@@ -306,9 +306,9 @@ TEST_F(DataSafetyTest, AnOverlayHasOneServerAndBelongsToOneDevice) {
   EXPECT_NE(other.status, 0);
   EXPECT_NE(other.err.find(kBuild), std::string::npos) << other.err;
   EXPECT_NE(other.err.find(kOtherBuild), std::string::npos) << other.err;
-  Outcome other_pack = run_lazyblock(dir_, {"pack", "--store", store_, "--build", kChild,
-                                            "--parent", kOtherBuild, "--name", kName,
-                                            "--overlay", overlay.string()});
+  Outcome other_pack =
+      run_lazyblock(dir_, {"pack", "--store", store_, "--build", kChild, "--parent", kOtherBuild,
+                           "--name", kName, "--overlay", overlay.string()});
   EXPECT_NE(other_pack.status, 0);
   EXPECT_NE(other_pack.err.find(kBuild), std::string::npos) << other_pack.err;
   EXPECT_NE(other_pack.err.find(kOtherBuild), std::string::npos) << other_pack.err;
@@ -367,8 +367,8 @@ TEST_F(DataSafetyTest, AFullOverlayDiskIsEnospcAndRecoversOnceThereIsSpace) {
 }
 
 TEST_F(DataSafetyTest, OutputsThatAreNotRegularFilesAreWrittenInPlaceAndKept) {
-  const std::vector<std::string> exported = {"export", "--store", store_, "--build", kBuild,
-                                             "--name", kName};
+  const std::vector<std::string> exported = {"export", "--store", store_, "--build",
+                                             kBuild,   "--name",  kName};
   // A character device (a private /dev/null, so the real one is never at risk).
   if (::geteuid() == 0) {
     const std::filesystem::path null = dir_ / "null";
@@ -472,8 +472,8 @@ TEST_F(DataSafetyTest, BuildsAreNeverReplacedUnasked) {
   EXPECT_TRUE(slurp(data) != data_before) << "--force did not replace the build";
   // A store directory that does not exist yet is made by pack.
   const std::string fresh = "file://" + (dir_ / "fresh" / "store").string();
-  Outcome made = run_lazyblock(dir_, {"pack", "--store", fresh, "--build", kBuild, "--name",
-                                      kName, (dir_ / "raw").string()});
+  Outcome made = run_lazyblock(dir_, {"pack", "--store", fresh, "--build", kBuild, "--name", kName,
+                                      (dir_ / "raw").string()});
   EXPECT_EQ(made.status, 0) << made.err;
 }
 
@@ -484,9 +484,9 @@ TEST_F(DataSafetyTest, AnOverlayRewrittenWithTheParentsBytesStoresNoChangedBlock
     ServerProcess server(dir_, serve_args(kBuild, socket, {"--overlay", overlay.string()}), socket);
     ASSERT_TRUE(server.running());
     // Every block written, with the bytes it already had.
-    Outcome converted = run_program(
-        dir_, "qemu-img",
-        {"convert", "-n", "-f", "raw", "-O", "raw", "-S", "0", (dir_ / "raw").string(), uri(socket)});
+    Outcome converted = run_program(dir_, "qemu-img",
+                                    {"convert", "-n", "-f", "raw", "-O", "raw", "-S", "0",
+                                     (dir_ / "raw").string(), uri(socket)});
     ASSERT_EQ(converted.status, 0) << converted.err;
     EXPECT_EQ(server.stop(), 0);
   }
@@ -494,8 +494,8 @@ TEST_F(DataSafetyTest, AnOverlayRewrittenWithTheParentsBytesStoresNoChangedBlock
                                         kBuild, "--name", kName, "--overlay", overlay.string()});
   ASSERT_EQ(packed.status, 0) << packed.err;
   EXPECT_NE(packed.out.find(" 0 changed"), std::string::npos) << packed.out;
-  Outcome exported = run_lazyblock(dir_, {"export", "--store", store_, "--build", kChild,
-                                          "--name", kName, "-o", (dir_ / "out").string()});
+  Outcome exported = run_lazyblock(dir_, {"export", "--store", store_, "--build", kChild, "--name",
+                                          kName, "-o", (dir_ / "out").string()});
   ASSERT_EQ(exported.status, 0) << exported.err;
   EXPECT_TRUE(slurp(dir_ / "out") == raw_);
 }

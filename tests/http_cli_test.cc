@@ -57,13 +57,14 @@ class HttpCliTest : public ::testing::Test {
     const std::filesystem::path file = server_->docroot() / kKey;
     std::filesystem::create_directories(file.parent_path());
     std::ofstream(file, std::ios::binary)
-        .write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+        .write(reinterpret_cast<const char*>(data.data()),
+               static_cast<std::streamsize>(data.size()));
     return std::string(reinterpret_cast<const char*>(data.data()), data.size());
   }
 
   Outcome cat(const std::string& prefix, std::vector<std::string> extra = {}) {
-    std::vector<std::string> args = {"cat", "--store", server_->url() + prefix, "--key", kKey,
-                                     "-o", (dir_ / "out").string()};
+    std::vector<std::string> args = {"cat", "--store", server_->url() + prefix, "--key",
+                                     kKey,  "-o",      (dir_ / "out").string()};
     args.insert(args.end(), extra.begin(), extra.end());
     return run_lazyblock(dir_, args);
   }
@@ -155,13 +156,11 @@ struct Misbehaviour {
 
 TEST_F(HttpCliTest, EveryMisbehaviourIsAnErrorNamingTheKeyAndLeavesNoFile) {
   serve(6 * kMiB);
-  for (const Misbehaviour& m : {Misbehaviour{"/full", "whole object"},
-                                Misbehaviour{"/wrong-range", "not the range asked"},
-                                Misbehaviour{"/truncated", "b1/rootfs.ext4"},
-                                Misbehaviour{"/status/503", "HTTP 503"},
-                                Misbehaviour{"/status/403", "access denied"},
-                                Misbehaviour{"/stall", "deadline"},
-                                Misbehaviour{"/slow", "deadline"}}) {
+  for (const Misbehaviour& m :
+       {Misbehaviour{"/full", "whole object"}, Misbehaviour{"/wrong-range", "not the range asked"},
+        Misbehaviour{"/truncated", "b1/rootfs.ext4"}, Misbehaviour{"/status/503", "HTTP 503"},
+        Misbehaviour{"/status/403", "access denied"}, Misbehaviour{"/stall", "deadline"},
+        Misbehaviour{"/slow", "deadline"}}) {
     Outcome run = cat(m.prefix, {"--timeout", "1s", "--retry", "1"});
     EXPECT_EQ(run.status, 1) << m.prefix << ": " << run.err;
     expect_one_error_naming_once(run.err, server_->url() + m.prefix, kKey);

@@ -48,9 +48,9 @@ class ImageCliTest : public ::testing::Test {
 
   Outcome pack(int generation, const std::filesystem::path& raw, std::optional<int> parent,
                std::vector<std::string> extra = {}) {
-    std::vector<std::string> args = {"pack",   "--store", store_url_, "--build",
-                                     build_id(generation), "--name", "rootfs.ext4",
-                                     raw.string()};
+    std::vector<std::string> args = {
+        "pack",   "--store",     store_url_,  "--build", build_id(generation),
+        "--name", "rootfs.ext4", raw.string()};
     if (parent) {
       args.push_back("--parent");
       args.push_back(build_id(*parent));
@@ -114,13 +114,13 @@ TEST_F(ImageCliTest, PackThenExportIsByteExactWithHolesAndAnOddSize) {
   // Zero blocks were stored nowhere.
   EXPECT_LT(std::filesystem::file_size(stored(0)), raw.size() * 3 / 4);
 
-  Outcome to_stdout = run_lazyblock(dir_, {"export", "--store", store_url_, "--build",
-                                           build_id(0), "--name", "rootfs.ext4"});
+  Outcome to_stdout = run_lazyblock(
+      dir_, {"export", "--store", store_url_, "--build", build_id(0), "--name", "rootfs.ext4"});
   ASSERT_EQ(to_stdout.status, 0) << to_stdout.err;
   EXPECT_TRUE(to_stdout.out == raw);
 
-  Outcome inspected = run_lazyblock(dir_, {"inspect", "--store", store_url_, "--build",
-                                           build_id(0), "--name", "rootfs.ext4", "--json"});
+  Outcome inspected = run_lazyblock(dir_, {"inspect", "--store", store_url_, "--build", build_id(0),
+                                           "--name", "rootfs.ext4", "--json"});
   ASSERT_EQ(inspected.status, 0) << inspected.err;
   const nlohmann::json doc = nlohmann::json::parse(inspected.out);
   EXPECT_EQ(doc.at("size"), raw.size());
@@ -146,9 +146,8 @@ TEST_F(ImageCliTest, PackJsonAndInspectShowTheChain) {
   ASSERT_EQ(second.status, 0) << second.err;
   EXPECT_EQ(nlohmann::json::parse(second.out).at("changed"), 1);
 
-  Outcome inspected = run_lazyblock(dir_, {"inspect", "--store", store_url_, "--build",
-                                           build_id(1), "--name", "rootfs.ext4", "--json",
-                                           "--no-mappings"});
+  Outcome inspected = run_lazyblock(dir_, {"inspect", "--store", store_url_, "--build", build_id(1),
+                                           "--name", "rootfs.ext4", "--json", "--no-mappings"});
   ASSERT_EQ(inspected.status, 0) << inspected.err;
   const nlohmann::json doc = nlohmann::json::parse(inspected.out);
   EXPECT_FALSE(doc.contains("mappings"));
@@ -166,7 +165,7 @@ TEST_F(ImageCliTest, PackJsonAndInspectShowTheChain) {
 
 TEST_F(ImageCliTest, PackFromStdin) {
   const std::string raw = image_with_holes(100, 17, 2);
-  std::vector<std::string> args = {"pack",    "--store", store_url_,    "--build",
+  std::vector<std::string> args = {"pack",      "--store", store_url_,    "--build",
                                    build_id(0), "--name",  "rootfs.ext4", "-"};
   Outcome packed = run_lazyblock(dir_, args, write_raw("raw", raw));
   ASSERT_EQ(packed.status, 0) << packed.err;
@@ -181,9 +180,8 @@ TEST_F(ImageCliTest, AChainOfFiveGenerationsExportsEachAsPacked) {
   for (int generation = 0; generation < 5; ++generation) {
     if (generation > 0) change_blocks(raw, 40, rng);
     raws.push_back(raw);
-    Outcome packed =
-        pack(generation, write_raw("raw" + std::to_string(generation), raw),
-             generation > 0 ? std::optional<int>(generation - 1) : std::nullopt);
+    Outcome packed = pack(generation, write_raw("raw" + std::to_string(generation), raw),
+                          generation > 0 ? std::optional<int>(generation - 1) : std::nullopt);
     ASSERT_EQ(packed.status, 0) << packed.err;
   }
   for (int generation = 0; generation < 5; ++generation) {
@@ -192,8 +190,8 @@ TEST_F(ImageCliTest, AChainOfFiveGenerationsExportsEachAsPacked) {
     ASSERT_EQ(exported.status, 0) << exported.err;
     EXPECT_TRUE(slurp(output) == raws[generation]) << "generation " << generation;
   }
-  Outcome inspected = run_lazyblock(dir_, {"inspect", "--store", store_url_, "--build",
-                                           build_id(4), "--name", "rootfs.ext4", "--json"});
+  Outcome inspected = run_lazyblock(dir_, {"inspect", "--store", store_url_, "--build", build_id(4),
+                                           "--name", "rootfs.ext4", "--json"});
   ASSERT_EQ(inspected.status, 0) << inspected.err;
   const nlohmann::json doc = nlohmann::json::parse(inspected.out);
   EXPECT_EQ(doc.at("generation"), 4);
@@ -255,8 +253,8 @@ TEST_F(ImageCliTest, TheHeaderPackWritesHasTheDocumentedLayout) {
   const std::string id = uuid_bytes(build_id(0));
   const std::string nil(16, '\0');
   const std::string expected = le64(3) + le64(kBlock) + le64(raw.size()) + le64(0) + id + id +
-                               le64(0) + le64(kBlock) + id + le64(0) +               //
-                               le64(kBlock) + le64(kBlock) + nil + le64(0) +         //
+                               le64(0) + le64(kBlock) + id + le64(0) +        //
+                               le64(kBlock) + le64(kBlock) + nil + le64(0) +  //
                                le64(2 * kBlock) + le64(2 * kBlock) + id + le64(kBlock);
   EXPECT_TRUE(slurp(stored(0, ".header")) == expected);
   EXPECT_EQ(std::filesystem::file_size(stored(0)), 3 * kBlock);
@@ -269,8 +267,8 @@ TEST_F(ImageCliTest, DamagedHeadersAreClearErrorsNeverCrashes) {
   const std::filesystem::path header = stored(0, ".header");
   const std::string good = slurp(header);
   const auto inspect = [&] {
-    return run_lazyblock(dir_, {"inspect", "--store", store_url_, "--build", build_id(0),
-                                "--name", "rootfs.ext4"});
+    return run_lazyblock(
+        dir_, {"inspect", "--store", store_url_, "--build", build_id(0), "--name", "rootfs.ext4"});
   };
   // `inspect` first loads the header (read, parse, check that it is the
   // build's) and reports a failure of that load as its error; only a header
@@ -343,8 +341,8 @@ TEST_F(ImageCliTest, MistakesAreExplained) {
   EXPECT_NE(missing.err.find("object not found"), std::string::npos) << missing.err;
   EXPECT_FALSE(std::filesystem::exists(dir_ / "out"));
   // A malformed build id.
-  Outcome bad_id = run_lazyblock(dir_, {"inspect", "--store", store_url_, "--build", "nope",
-                                        "--name", "rootfs.ext4"});
+  Outcome bad_id = run_lazyblock(
+      dir_, {"inspect", "--store", store_url_, "--build", "nope", "--name", "rootfs.ext4"});
   EXPECT_EQ(bad_id.status, 2);
   EXPECT_NE(bad_id.err.find("--build"), std::string::npos) << bad_id.err;
   // A parent with other block sizes than asked for; without --block-size,

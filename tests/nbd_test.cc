@@ -2,8 +2,8 @@
 // nbdcopy, qemu-img, qemu-io) and by a raw client that sends what a broken
 // or hostile one would.
 #include <fcntl.h>
-#include <signal.h>
 #include <linux/sockios.h>
+#include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -14,10 +14,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -44,10 +44,10 @@ const std::string kName = "rootfs.ext4";
 // `lazyblock serve nbd` of the test's build, on a socket in `dir`.
 class Server : public ServerProcess {
  public:
-  Server(const std::filesystem::path& dir, const std::string& store,
-         std::vector<std::string> extra)
-      : ServerProcess(dir, with(extra, {"serve", "nbd", "--store", store, "--build", kBuild,
-                                        "--name", kName, "--socket", (dir / "nbd.sock").string()}),
+  Server(const std::filesystem::path& dir, const std::string& store, std::vector<std::string> extra)
+      : ServerProcess(dir,
+                      with(extra, {"serve", "nbd", "--store", store, "--build", kBuild, "--name",
+                                   kName, "--socket", (dir / "nbd.sock").string()}),
                       dir / "nbd.sock") {}
   std::string uri() const { return "nbd+unix:///" + kName + "?socket=" + socket().string(); }
 
@@ -75,13 +75,14 @@ class NbdTest : public ::testing::Test {
       if ((i / 4096) % 5 != 2) raw_[i] = static_cast<char>(rng());
     }
     std::ofstream(dir_ / "raw", std::ios::binary) << raw_;
-    Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_, "--build", kBuild,
-                                          "--name", kName, (dir_ / "raw").string()});
+    Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_, "--build", kBuild, "--name",
+                                          kName, (dir_ / "raw").string()});
     ASSERT_EQ(packed.status, 0) << packed.err;
   }
 
   std::string stored_objects() {
-    return slurp(dir_ / "store" / kBuild / kName) + slurp(dir_ / "store" / kBuild / (kName + ".header"));
+    return slurp(dir_ / "store" / kBuild / kName) +
+           slurp(dir_ / "store" / kBuild / (kName + ".header"));
   }
 
   std::optional<testing::ScratchDir> scratch_;
@@ -102,13 +103,14 @@ TEST_F(NbdTest, StandardClientsSeeTheDisk) {
   Outcome copied = run_program(dir_, "nbdcopy", {server.uri(), (dir_ / "copy").string()});
   ASSERT_EQ(copied.status, 0) << copied.err;
   EXPECT_TRUE(slurp(dir_ / "copy") == raw_);
-  Outcome exported = run_lazyblock(dir_, {"export", "--store", store_, "--build", kBuild,
-                                          "--name", kName, "-o", (dir_ / "exported").string()});
+  Outcome exported = run_lazyblock(dir_, {"export", "--store", store_, "--build", kBuild, "--name",
+                                          kName, "-o", (dir_ / "exported").string()});
   ASSERT_EQ(exported.status, 0) << exported.err;
   EXPECT_TRUE(slurp(dir_ / "copy") == slurp(dir_ / "exported"));
 
-  Outcome compared = run_program(
-      dir_, "qemu-img", {"compare", "-f", "raw", "-F", "raw", (dir_ / "raw").string(), server.uri()});
+  Outcome compared =
+      run_program(dir_, "qemu-img",
+                  {"compare", "-f", "raw", "-F", "raw", (dir_ / "raw").string(), server.uri()});
   EXPECT_EQ(compared.status, 0) << compared.out << compared.err;
   EXPECT_NE(compared.out.find("Images are identical"), std::string::npos) << compared.out;
   EXPECT_EQ(server.stop(), 0);
@@ -122,11 +124,11 @@ TEST_F(NbdTest, WritesGoToTheOverlayAndBecomeTheNextGeneration) {
     Server server(dir_, store_, {"--overlay", overlay.string()});
     ASSERT_TRUE(server.running());
     // Whole blocks, part of a block, across a block boundary, and zeroes.
-    Outcome wrote = run_program(
-        dir_, "qemu-io",
-        {"-f", "raw", "-c", "write -P 0xab 8192 8192", "-c", "write -P 0xcd 100 50", "-c",
-         "write -P 0xef 12000 9000", "-c", "write -z 1048576 65536", "-c",
-         "read -P 0xab 8192 3808", "-c", "read -P 0xcd 100 50", server.uri()});
+    Outcome wrote =
+        run_program(dir_, "qemu-io",
+                    {"-f", "raw", "-c", "write -P 0xab 8192 8192", "-c", "write -P 0xcd 100 50",
+                     "-c", "write -P 0xef 12000 9000", "-c", "write -z 1048576 65536", "-c",
+                     "read -P 0xab 8192 3808", "-c", "read -P 0xcd 100 50", server.uri()});
     ASSERT_EQ(wrote.status, 0) << wrote.out << wrote.err;
     EXPECT_EQ(wrote.out.find("Pattern verification failed"), std::string::npos) << wrote.out;
     std::fill(expected.begin() + 8192, expected.begin() + 16384, '\xab');
@@ -149,8 +151,8 @@ TEST_F(NbdTest, WritesGoToTheOverlayAndBecomeTheNextGeneration) {
   Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_, "--build", kChild, "--parent",
                                         kBuild, "--name", kName, "--overlay", overlay.string()});
   ASSERT_EQ(packed.status, 0) << packed.err;
-  Outcome exported = run_lazyblock(dir_, {"export", "--store", store_, "--build", kChild,
-                                          "--name", kName, "-o", (dir_ / "child").string()});
+  Outcome exported = run_lazyblock(dir_, {"export", "--store", store_, "--build", kChild, "--name",
+                                          kName, "-o", (dir_ / "child").string()});
   ASSERT_EQ(exported.status, 0) << exported.err;
   EXPECT_TRUE(slurp(dir_ / "child") == expected);
   // Only the overlay's blocks were stored: a handful, not the disk.
@@ -188,7 +190,7 @@ class RawClient {
       const uint32_t type = u32(reply + 12);
       std::vector<std::byte> payload(u32(reply + 16));
       if (!read(payload)) return false;
-      if (type == 1) return true;          // ACK: transmission
+      if (type == 1) return true;           // ACK: transmission
       if (type & 0x80000000) return false;  // an error
     }
   }
@@ -196,7 +198,12 @@ class RawClient {
   // Sends a request; for a write, `data` follows.
   bool request(uint16_t type, uint64_t offset, uint32_t length,
                std::span<const std::byte> data = {}, uint16_t flags = 0) {
-    put_u32(0x25609513).put_u16(flags).put_u16(type).put_u64(++cookie_).put_u64(offset).put_u32(length);
+    put_u32(0x25609513)
+        .put_u16(flags)
+        .put_u16(type)
+        .put_u64(++cookie_)
+        .put_u64(offset)
+        .put_u32(length);
     out_.insert(out_.end(), data.begin(), data.end());
     return flush();
   }
@@ -228,10 +235,15 @@ class RawClient {
     out_.push_back(std::byte(v & 0xff));
     return *this;
   }
-  RawClient& put_u32(uint32_t v) { return put_u16(static_cast<uint16_t>(v >> 16)).put_u16(static_cast<uint16_t>(v)); }
-  RawClient& put_u64(uint64_t v) { return put_u32(static_cast<uint32_t>(v >> 32)).put_u32(static_cast<uint32_t>(v)); }
+  RawClient& put_u32(uint32_t v) {
+    return put_u16(static_cast<uint16_t>(v >> 16)).put_u16(static_cast<uint16_t>(v));
+  }
+  RawClient& put_u64(uint64_t v) {
+    return put_u32(static_cast<uint32_t>(v >> 32)).put_u32(static_cast<uint32_t>(v));
+  }
   bool flush() {
-    const bool ok = ::send(fd_, out_.data(), out_.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(out_.size());
+    const bool ok =
+        ::send(fd_, out_.data(), out_.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(out_.size());
     out_.clear();
     return ok;
   }
@@ -310,7 +322,7 @@ TEST_F(NbdTest, AClientThatVanishesLeavesTheServerServingOthers) {
     RawClient garbage(server.socket());
     ASSERT_TRUE(garbage.handshake(kName));
     ASSERT_TRUE(garbage.send_raw(std::vector<std::byte>(28, std::byte{0x42})));  // bad magic
-    EXPECT_EQ(garbage.reply(), std::nullopt);  // closed
+    EXPECT_EQ(garbage.reply(), std::nullopt);                                    // closed
   }
   {
     RawClient unknown(server.socket());
@@ -333,9 +345,9 @@ TEST_F(NbdTest, SigtermCancelsFetchesInFlightAndKeepsTheOverlay) {
   const std::vector<std::byte> written(8192, std::byte{0x5a});
   {
     // Streams deliver 64 KiB (the header is smaller), then stall.
-    Server server(dir_, store_,
-                  {"--overlay", overlay.string(), "--timeout", "60s", "--faults",
-                   "stall-after=65536"});
+    Server server(
+        dir_, store_,
+        {"--overlay", overlay.string(), "--timeout", "60s", "--faults", "stall-after=65536"});
     ASSERT_TRUE(server.running());
     RawClient client(server.socket());
     ASSERT_TRUE(client.handshake(kName));
@@ -352,14 +364,16 @@ TEST_F(NbdTest, SigtermCancelsFetchesInFlightAndKeepsTheOverlay) {
     ASSERT_EQ(::kill(server.pid(), SIGTERM), 0);
     const std::optional<uint32_t> error = client.reply();
     // A hang guard, not a timing assertion: the fetch timeout is 60 s.
-    while (server.running() && std::chrono::steady_clock::now() - signalled < std::chrono::seconds(10)) {
+    while (server.running() &&
+           std::chrono::steady_clock::now() - signalled < std::chrono::seconds(10)) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a real condition
     }
     const bool exited = !server.running();
     if (!exited) server.kill_hard();
     ASSERT_TRUE(exited) << "still running 10 s after SIGTERM: " << slurp(dir_ / "server.log");
-    std::printf("serve nbd exited %.3f s after SIGTERM\n",
-                std::chrono::duration<double>(std::chrono::steady_clock::now() - signalled).count());
+    std::printf(
+        "serve nbd exited %.3f s after SIGTERM\n",
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - signalled).count());
     EXPECT_EQ(server.stop(), 0) << slurp(dir_ / "server.log");
     ASSERT_TRUE(error.has_value()) << "the read got no reply";
     EXPECT_TRUE(*error == kEshutdown || *error == kEio) << *error;
@@ -482,8 +496,8 @@ TEST_F(NbdTest, ClientsThatDoNotReadRepliesHoldBoundedMemory) {
   });
   // A hang guard: on a server whose workers are all stuck on the greedy
   // clients, the copy never ends.
-  Outcome copied = run_program(
-      dir_, "timeout", {"60", "nbdcopy", server.uri(), (dir_ / "copy").string()});
+  Outcome copied =
+      run_program(dir_, "timeout", {"60", "nbdcopy", server.uri(), (dir_ / "copy").string()});
   copying.store(false);
   watch.join();
   peak = std::max(peak, resident_bytes(server.pid()));
@@ -532,8 +546,8 @@ Ranges without(const Ranges& ranges, uint64_t begin, uint64_t end) {
 
 TEST_F(NbdTest, BlockStatusShowsZeroMappingsAndTrimmedBlocksAsHoles) {
   // The zero ranges as the header has them.
-  Outcome inspected = run_lazyblock(dir_, {"inspect", "--store", store_, "--build", kBuild,
-                                           "--name", kName, "--json"});
+  Outcome inspected = run_lazyblock(
+      dir_, {"inspect", "--store", store_, "--build", kBuild, "--name", kName, "--json"});
   ASSERT_EQ(inspected.status, 0) << inspected.err;
   const nlohmann::json header = nlohmann::json::parse(inspected.out);
   Ranges holes;
@@ -587,10 +601,10 @@ TEST_F(NbdTest, BlockStatusShowsZeroMappingsAndTrimmedBlocksAsHoles) {
 
   // Through the overlay: a trimmed data range and one written with zeroes
   // become holes; data written over a zero block is data.
-  Outcome changed = run_program(
-      dir_, "qemu-io",
-      {"-f", "raw", "-c", "discard 1048576 65536", "-c", "write -z -u 3145728 16384", "-c",
-       "write -P 0x55 8192 4096", server.uri()});
+  Outcome changed =
+      run_program(dir_, "qemu-io",
+                  {"-f", "raw", "-c", "discard 1048576 65536", "-c", "write -z -u 3145728 16384",
+                   "-c", "write -P 0x55 8192 4096", server.uri()});
   ASSERT_EQ(changed.status, 0) << changed.out << changed.err;
   holes.emplace_back(1048576, 1048576 + 65536);
   holes.emplace_back(3145728, 3145728 + 16384);

@@ -70,8 +70,8 @@ class S3CliTest : public ::testing::Test {
                                 "rootfs.ext4", (dir_ / "small").string()});
   }
   Outcome cat(const std::vector<std::string>& more = {}) {
-    std::vector<std::string> args = {"cat", "--store", store_, "--key", kBuild + "/rootfs.ext4",
-                                     "-o", (dir_ / "out").string()};
+    std::vector<std::string> args = {
+        "cat", "--store", store_, "--key", kBuild + "/rootfs.ext4", "-o", (dir_ / "out").string()};
     args.insert(args.end(), more.begin(), more.end());
     return run_lazyblock(dir_, args);
   }
@@ -95,8 +95,8 @@ TEST_F(S3CliTest, PackExportAndCatThroughABucket) {
                                         "rootfs.ext4", (dir_ / "raw").string()});
   ASSERT_EQ(packed.status, 0) << packed.err;
 
-  Outcome exported = run_lazyblock(dir_, {"export", "--store", store_, "--build", kBuild,
-                                          "--name", "rootfs.ext4", "-o", (dir_ / "out").string()});
+  Outcome exported = run_lazyblock(dir_, {"export", "--store", store_, "--build", kBuild, "--name",
+                                          "rootfs.ext4", "-o", (dir_ / "out").string()});
   ASSERT_EQ(exported.status, 0) << exported.err;
   EXPECT_TRUE(slurp(dir_ / "out") == raw);
 
@@ -107,9 +107,9 @@ TEST_F(S3CliTest, PackExportAndCatThroughABucket) {
   Outcome first = run_lazyblock(dir_, {"cat", "--store", store_, "--key", kBuild + "/rootfs.ext4",
                                        "--cache-dir", cache_dir, "-o", (dir_ / "data1").string()});
   ASSERT_EQ(first.status, 0) << first.err;
-  Outcome second = run_lazyblock(dir_, {"cat", "--store", store_, "--key", kBuild + "/rootfs.ext4",
-                                        "--cache-dir", cache_dir, "--faults", "fail-after=0",
-                                        "--retry", "0", "-o", (dir_ / "data2").string()});
+  Outcome second = run_lazyblock(
+      dir_, {"cat", "--store", store_, "--key", kBuild + "/rootfs.ext4", "--cache-dir", cache_dir,
+             "--faults", "fail-after=0", "--retry", "0", "-o", (dir_ / "data2").string()});
   ASSERT_EQ(second.status, 0) << second.err;
   EXPECT_TRUE(slurp(dir_ / "data2") == slurp(dir_ / "data1"));
   EXPECT_GT(std::filesystem::file_size(dir_ / "data2"), 30 * kMiB);

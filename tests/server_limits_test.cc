@@ -13,8 +13,8 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <random>
@@ -118,17 +118,28 @@ class ServerLimitsTest : public ::testing::Test {
         .write(reinterpret_cast<const char*>(memfile_.data()),
                static_cast<std::streamsize>(memfile_.size()));
     for (const char* name : {"disk", "memfile"}) {
-      Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_, "--build", kBuild,
-                                            "--name", name, (dir_ / name).string()});
+      Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_, "--build", kBuild, "--name",
+                                            name, (dir_ / name).string()});
       ASSERT_EQ(packed.status, 0) << packed.err;
     }
   }
 
   ServerProcess serve(const std::string& kind, const std::string& name,
                       std::vector<std::string> extra) {
-    std::vector<std::string> args = {"serve", kind, "--store", store_, "--build", kBuild,
-                                     "--name", name, "--socket", socket().string(),
-                                     "--handshake-timeout", "5s", "--log-level", "info"};
+    std::vector<std::string> args = {"serve",
+                                     kind,
+                                     "--store",
+                                     store_,
+                                     "--build",
+                                     kBuild,
+                                     "--name",
+                                     name,
+                                     "--socket",
+                                     socket().string(),
+                                     "--handshake-timeout",
+                                     "5s",
+                                     "--log-level",
+                                     "info"};
     args.insert(args.end(), extra.begin(), extra.end());
     return ServerProcess(dir_, args, socket(), kOpenFiles);
   }
@@ -169,8 +180,8 @@ class ServerLimitsTest : public ::testing::Test {
     // (long enough for all of them to be open at once, even under TSan).
     EXPECT_EQ(silent.wait_closed(std::chrono::seconds(30)), silent.size());
     ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
-    std::printf("server descriptors: %zu with %d silent clients, %zu once they were closed\n",
-                held, kSilent, descriptors_of(server.pid()));
+    std::printf("server descriptors: %zu with %d silent clients, %zu once they were closed\n", held,
+                kSilent, descriptors_of(server.pid()));
     ASSERT_NO_FATAL_FAILURE(serve_one());
     EXPECT_EQ(server.stop(), 0) << slurp(dir_ / "server.log");
   }
@@ -204,8 +215,7 @@ TEST_F(ServerLimitsTest, UffdRefusesConnectionsPastItsLimitAndClosesSilentOnes) 
 }
 
 TEST_F(ServerLimitsTest, UffdOutOfDescriptorsKeepsAccepting) {
-  ServerProcess server =
-      serve("uffd", "memfile", {"--no-prefetch", "--max-connections", "100000"});
+  ServerProcess server = serve("uffd", "memfile", {"--no-prefetch", "--max-connections", "100000"});
   survive_silent_clients(server, [&] { restore_exactly(); });
   EXPECT_NE(slurp(dir_ / "server.log").find("out of file descriptors"), std::string::npos)
       << slurp(dir_ / "server.log");

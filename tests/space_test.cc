@@ -259,10 +259,10 @@ class SpaceTest : public ::testing::Test {
   std::filesystem::path dir_;
 };
 
-#define REQUIRE_MOUNTED(fs)                                                               \
-  if (!(fs)->mounted()) {                                                                 \
+#define REQUIRE_MOUNTED(fs)                                                             \
+  if (!(fs)->mounted()) {                                                               \
     GTEST_SKIP() << "cannot mount a tmpfs at " << (fs)->path() << " (" << (fs)->error() \
-                 << "): these tests need root";                                          \
+                 << "): these tests need root";                                         \
   }
 
 // The three tests of the 256 MiB image on a small filesystem are about
@@ -271,7 +271,8 @@ class SpaceTest : public ::testing::Test {
 // a full filesystem are TSan's in block_cache_test (FullFilesystemTest, and
 // pins against punches).
 #if defined(__SANITIZE_THREAD__)
-#define SKIP_UNDER_TSAN() GTEST_SKIP() << "about space, not threads: run in the plain and ASan builds"
+#define SKIP_UNDER_TSAN() \
+  GTEST_SKIP() << "about space, not threads: run in the plain and ASan builds"
 #else
 #define SKIP_UNDER_TSAN()
 #endif
@@ -315,13 +316,14 @@ TEST_F(SpaceTest, ServeNbdOnASmallFullTmpdirFailsReadsUntilThereIsSpaceThenServe
   REQUIRE_MOUNTED(tmp);
   TmpdirFor tmpdir(tmp->path());
   const std::filesystem::path socket = dir_ / "nbd.sock";
-  ServerProcess server(dir_, {"serve", "nbd", "--store", store(), "--build", kBuild, "--name",
-                              kName, "--socket", socket.string(), "--read-only"},
+  ServerProcess server(dir_,
+                       {"serve", "nbd", "--store", store(), "--build", kBuild, "--name", kName,
+                        "--socket", socket.string(), "--read-only"},
                        socket);
   ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
   fill(tmp->path(), "filler");
-  Outcome refused = run_program(dir_, "timeout", {"60", "nbdcopy", nbd_uri(socket),
-                                                  (dir_ / "copy").string()});
+  Outcome refused =
+      run_program(dir_, "timeout", {"60", "nbdcopy", nbd_uri(socket), (dir_ / "copy").string()});
   EXPECT_NE(refused.status, 0) << "a read succeeded with no space at all for its blocks";
   EXPECT_NE(refused.status, 124) << "the read hung";
   ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
@@ -330,8 +332,8 @@ TEST_F(SpaceTest, ServeNbdOnASmallFullTmpdirFailsReadsUntilThereIsSpaceThenServe
 
   std::filesystem::remove(tmp->path() / "filler");
   std::filesystem::remove(dir_ / "copy");
-  Outcome copied = run_program(dir_, "timeout", {"120", "nbdcopy", nbd_uri(socket),
-                                                 (dir_ / "copy").string()});
+  Outcome copied =
+      run_program(dir_, "timeout", {"120", "nbdcopy", nbd_uri(socket), (dir_ / "copy").string()});
   ASSERT_EQ(copied.status, 0) << copied.err << slurp(dir_ / "server.log");
   EXPECT_TRUE(file_is(dir_ / "copy", *image_)) << "wrong bytes";
   EXPECT_EQ(server.stop(), 0) << slurp(dir_ / "server.log");
@@ -377,7 +379,8 @@ TEST_F(SpaceTest, ACacheFileCutShortUnderACopyIsFetchedAgainOrAnIoErrorNeverACra
         if (::stat(file.c_str(), &st) == 0 && st.st_blocks > 0) cache = file;
       }
       return cache.has_value();
-    })) << command << ": no cache file with blocks in it early enough";
+    })) << command
+        << ": no cache file with blocks in it early enough";
     UniqueFd file(::open(cache->c_str(), O_WRONLY));
     const int fd = file.get();
     ASSERT_GE(fd, 0) << std::strerror(errno);
@@ -409,10 +412,9 @@ TEST_F(SpaceTest, ACacheFileCutShortUnderACopyIsFetchedAgainOrAnIoErrorNeverACra
 TEST_F(SpaceTest, AServeNbdKilledMidFillLeavesNoTemporaryFileAfterTheNextRun) {
   const std::filesystem::path cache = dir_ / "chunks";
   const std::filesystem::path socket = dir_ / "nbd.sock";
-  const std::vector<std::string> args = {"serve", "nbd", "--store", store(), "--build",
-                                         kSmallBuild, "--name", kName, "--socket",
-                                         socket.string(), "--read-only", "--cache-dir",
-                                         cache.string()};
+  const std::vector<std::string> args = {
+      "serve", "nbd",      "--store",       store(),       "--build",     kSmallBuild,   "--name",
+      kName,   "--socket", socket.string(), "--read-only", "--cache-dir", cache.string()};
   std::string mark;
   {
     std::vector<std::string> stalling = args;
@@ -452,10 +454,10 @@ TEST_F(SpaceTest, ACatKilledMidFillLeavesNoPartialFile) {
   const std::filesystem::path output = out_dir / "object";
   const std::string key = kSmallBuild + "/" + kName;
   // Slow (~1 s): killed once its first chunk is written.
-  const pid_t pid = spawn_lazyblock({"cat", "--store", store(), "--key", key, "--simulate",
-                                     "ttfb=5ms,bw=20MB/s", "--parallel", "1", "-o",
-                                     output.string()},
-                                    dir_ / "cat.err");
+  const pid_t pid =
+      spawn_lazyblock({"cat", "--store", store(), "--key", key, "--simulate", "ttfb=5ms,bw=20MB/s",
+                       "--parallel", "1", "-o", output.string()},
+                      dir_ / "cat.err");
   ASSERT_GT(pid, 0);
   // Mid-fill: the output has its first bytes (in an unnamed file, or in
   // any file of the directory for a command that names its partial file).
@@ -475,8 +477,8 @@ TEST_F(SpaceTest, ACatKilledMidFillLeavesNoPartialFile) {
   ASSERT_TRUE(filling) << slurp(dir_ / "cat.err");
   const std::vector<std::string> left = entries_named(out_dir, "");
   EXPECT_TRUE(left.empty()) << "left behind: " << left[0];
-  Outcome again = run_lazyblock(dir_, {"cat", "--store", store(), "--key", key, "-o",
-                                       output.string()});
+  Outcome again =
+      run_lazyblock(dir_, {"cat", "--store", store(), "--key", key, "-o", output.string()});
   ASSERT_EQ(again.status, 0) << again.err;
   EXPECT_TRUE(file_is(output, *small_));
   EXPECT_EQ(entries_named(out_dir, "").size(), 1u) << "more than the output in its directory";

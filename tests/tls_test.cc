@@ -10,13 +10,13 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
-#include <thread>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
@@ -96,8 +96,9 @@ class TlsTest : public ::testing::Test {
   }
 
   std::vector<std::string> cat_args(const std::string& host, std::vector<std::string> extra = {}) {
-    std::vector<std::string> args = {"cat", "--store", server_->url(host), "--key", kKey,
-                                     "-o", (dir_ / "out").string(), "--log-level", "info"};
+    std::vector<std::string> args = {"cat", "--store", server_->url(host),      "--key",
+                                     kKey,  "-o",      (dir_ / "out").string(), "--log-level",
+                                     "info"};
     args.insert(args.end(), extra.begin(), extra.end());
     return args;
   }
@@ -142,8 +143,8 @@ class TlsTest : public ::testing::Test {
 };
 
 TEST_F(TlsTest, CatOverHttpsWithTheCaFromCaFileSpeaksHttp2AndResumesSessions) {
-  Outcome cat = run(cat_args("localhost", {"--ca-file", certificates_.ca.string(),
-                                           "--parallel", "1"}));
+  Outcome cat =
+      run(cat_args("localhost", {"--ca-file", certificates_.ca.string(), "--parallel", "1"}));
   ASSERT_EQ(cat.status, 0) << cat.err;
   EXPECT_TRUE(slurp(dir_ / "out") == expected_);
   const std::string log = log_of(3);
@@ -275,13 +276,17 @@ TEST(TlsS3Test, PackAndExportThroughAnS3ServerOverHttps) {
   const std::string build = "5e5e5e5e-1111-4222-8333-444455556666";
   const std::vector<std::byte> image = testing::make_pattern(5, 0, 5 * kMiB);
   std::ofstream(dir / "image", std::ios::binary)
-      .write(reinterpret_cast<const char*>(image.data()), static_cast<std::streamsize>(image.size()));
+      .write(reinterpret_cast<const char*>(image.data()),
+             static_cast<std::streamsize>(image.size()));
   const auto run = [&](std::vector<std::string> args) {
     std::vector<std::string> command = {
-        "-u", "SSL_CERT_FILE", "AWS_ENDPOINT_URL=" + (*front)->url("localhost"),
+        "-u",
+        "SSL_CERT_FILE",
+        "AWS_ENDPOINT_URL=" + (*front)->url("localhost"),
         std::string("AWS_ACCESS_KEY_ID=") + testing::S3Server::kAccessKeyId,
         std::string("AWS_SECRET_ACCESS_KEY=") + testing::S3Server::kSecretAccessKey,
-        "AWS_CA_BUNDLE=" + certificates->ca.string(), lazyblock_binary()};
+        "AWS_CA_BUNDLE=" + certificates->ca.string(),
+        lazyblock_binary()};
     command.insert(command.end(), args.begin(), args.end());
     return run_program(dir, "env", command);
   };

@@ -7,8 +7,8 @@
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -85,8 +85,9 @@ class UffdTest : public ::testing::Test {
   }
 
   ServerProcess serve(std::vector<std::string> extra = {}) {
-    std::vector<std::string> args = {"serve", "uffd", "--store", store_, "--build", kBuild,
-                                     "--socket", socket().string(), "--log-level", "info"};
+    std::vector<std::string> args = {"serve",       "uffd", "--store",  store_,
+                                     "--build",     kBuild, "--socket", socket().string(),
+                                     "--log-level", "info"};
     args.insert(args.end(), extra.begin(), extra.end());
     return ServerProcess(dir_, args, socket());
   }
@@ -160,9 +161,9 @@ TEST_F(UffdTest, ServesEveryPageByteExactToSeveralVcpus) {
   ASSERT_TRUE(vm) << vm.status().to_string();
   for (size_t region = 0; region < 2; ++region) {
     const uint64_t base = region == 0 ? 0 : 8 * kMiB;
-    const std::vector<uint64_t> wrong = touch_all(
-        (*vm)->memory(region), (*vm)->size(region), kPage,
-        [&](uint64_t offset) { return expected(base + offset, kPage); }, 4, region);
+    const std::vector<uint64_t> wrong =
+        touch_all((*vm)->memory(region), (*vm)->size(region), kPage,
+                  [&](uint64_t offset) { return expected(base + offset, kPage); }, 4, region);
     EXPECT_TRUE(wrong.empty()) << wrong.size() << " wrong pages in region " << region
                                << ", the first at " << wrong.front();
   }
@@ -180,13 +181,14 @@ TEST_F(UffdTest, ServesACompressedMemfileByteExact) {
   std::ofstream(dir_ / "memory-like", std::ios::binary)
       .write(reinterpret_cast<const char*>(memfile.data()),
              static_cast<std::streamsize>(memfile.size()));
-  Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_, "--build", compressed_build,
-                                        "--name", "memfile", "--compress", "zstd",
-                                        (dir_ / "memory-like").string()});
+  Outcome packed =
+      run_lazyblock(dir_, {"pack", "--store", store_, "--build", compressed_build, "--name",
+                           "memfile", "--compress", "zstd", (dir_ / "memory-like").string()});
   ASSERT_EQ(packed.status, 0) << packed.err;
   ASSERT_TRUE(std::filesystem::exists(dir_ / "store" / compressed_build / "memfile.zstd"));
-  ServerProcess server(dir_, {"serve", "uffd", "--store", store_, "--build", compressed_build,
-                              "--socket", socket().string()},
+  ServerProcess server(dir_,
+                       {"serve", "uffd", "--store", store_, "--build", compressed_build, "--socket",
+                        socket().string()},
                        socket());
   ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
   Result<std::unique_ptr<FirecrackerStandIn>> vm =
@@ -194,10 +196,10 @@ TEST_F(UffdTest, ServesACompressedMemfileByteExact) {
   ASSERT_TRUE(vm) << vm.status().to_string();
   for (size_t region = 0; region < 2; ++region) {
     const uint64_t base = region == 0 ? 0 : 8 * kMiB;
-    const std::vector<uint64_t> wrong = touch_all(
-        (*vm)->memory(region), (*vm)->size(region), kPage,
-        [&](uint64_t offset) { return std::span(memfile).subspan(base + offset, kPage); }, 4,
-        region);
+    const std::vector<uint64_t> wrong =
+        touch_all((*vm)->memory(region), (*vm)->size(region), kPage,
+                  [&](uint64_t offset) { return std::span(memfile).subspan(base + offset, kPage); },
+                  4, region);
     EXPECT_TRUE(wrong.empty()) << wrong.size() << " wrong pages in region " << region
                                << ", the first at " << wrong.front();
   }
@@ -214,9 +216,9 @@ TEST_F(UffdTest, HugePageRegionsAreServedWhole) {
   Result<std::unique_ptr<FirecrackerStandIn>> vm =
       FirecrackerStandIn::restore(socket(), {{4 * kMiB, 2 * kMiB, true}});
   ASSERT_TRUE(vm) << vm.status().to_string();
-  const std::vector<uint64_t> wrong = touch_all(
-      (*vm)->memory(0), (*vm)->size(0), kHugePage,
-      [&](uint64_t offset) { return expected(2 * kMiB + offset, kHugePage); }, 2, 7);
+  const std::vector<uint64_t> wrong =
+      touch_all((*vm)->memory(0), (*vm)->size(0), kHugePage,
+                [&](uint64_t offset) { return expected(2 * kMiB + offset, kHugePage); }, 2, 7);
   EXPECT_TRUE(wrong.empty()) << "huge page at " << wrong.front() << " is wrong";
 }
 
@@ -341,17 +343,20 @@ TEST_F(UffdTest, BadHandshakesEndOnlyTheirConnection) {
   UniqueFd uffd_owner = new_userfaultfd();
   const int uffd = uffd_owner.get();
   ASSERT_GE(uffd, 0);
-  const std::string good = "[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":0,"
-                           "\"page_size\":4096}]";
+  const std::string good =
+      "[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":0,"
+      "\"page_size\":4096}]";
   send_handshake(socket(), good, -1);
   send_handshake(socket(), "[{\"base_host_virt_addr\": 4096, \"size\":", -1);
   send_handshake(socket(), good, STDIN_FILENO);
   send_handshake(socket(), "{not json", uffd);
-  send_handshake(socket(), "[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":" +
-                               std::to_string(kMemfileSize) + ",\"page_size\":4096}]",
+  send_handshake(socket(),
+                 "[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":" +
+                     std::to_string(kMemfileSize) + ",\"page_size\":4096}]",
                  uffd);
-  send_handshake(socket(), "[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":0,"
-                           "\"page_size\":8192}]",
+  send_handshake(socket(),
+                 "[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":0,"
+                 "\"page_size\":8192}]",
                  uffd);
   uffd_owner.reset();
 
@@ -363,8 +368,7 @@ TEST_F(UffdTest, BadHandshakesEndOnlyTheirConnection) {
   EXPECT_EQ(server.stop(), 0);
   const std::string log = slurp(dir_ / "server.log");
   for (const char* cause : {"no userfaultfd descriptor", "not a userfaultfd", "not valid JSON",
-                            "lies outside the 12582912-byte memfile",
-                            "neither 4 KiB nor 2 MiB"}) {
+                            "lies outside the 12582912-byte memfile", "neither 4 KiB nor 2 MiB"}) {
     EXPECT_NE(log.find(cause), std::string::npos) << cause << " not in\n" << log;
   }
 }
@@ -451,8 +455,8 @@ uint64_t unnamed_file_blocks(pid_t pid) {
 TEST_F(UffdTest, SigtermCancelsFetchesInFlight) {
   // Whole chunks only, and every stream stalls after 64 KiB (more than the
   // header): no fault outside the cache can be served.
-  ServerProcess server = serve({"--no-prefetch", "--fetch", "full", "--timeout", "60s",
-                                "--faults", "stall-after=65536"});
+  ServerProcess server = serve(
+      {"--no-prefetch", "--fetch", "full", "--timeout", "60s", "--faults", "stall-after=65536"});
   ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
   Result<std::unique_ptr<FirecrackerStandIn>> vm =
       FirecrackerStandIn::restore(socket(), {{4 * kMiB, 4 * kMiB, false}});
@@ -469,7 +473,8 @@ TEST_F(UffdTest, SigtermCancelsFetchesInFlight) {
   const auto signalled = std::chrono::steady_clock::now();
   ASSERT_EQ(::kill(server.pid(), SIGTERM), 0);
   // A hang guard, not a timing assertion: the fetch timeout is 60 s.
-  while (server.running() && std::chrono::steady_clock::now() - signalled < std::chrono::seconds(10)) {
+  while (server.running() &&
+         std::chrono::steady_clock::now() - signalled < std::chrono::seconds(10)) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a real condition
   }
   const bool exited = !server.running();

@@ -20,9 +20,7 @@ namespace lazyblock {
 
 struct Units {
   explicit Units(uint64_t n)
-      : count(n),
-        state(new std::atomic<uint32_t>[n]),
-        last_use(new std::atomic<uint32_t>[n]) {
+      : count(n), state(new std::atomic<uint32_t>[n]), last_use(new std::atomic<uint32_t>[n]) {
     for (uint64_t i = 0; i < n; ++i) {
       state[i].store(0, std::memory_order_relaxed);
       last_use[i].store(0, std::memory_order_relaxed);
@@ -279,12 +277,11 @@ Status BlockCache::write(uint64_t offset, std::span<const std::byte> data) {
     if ((error == ENOSPC || error == EDQUOT) && evict_one(unit_of(offset), evictions_seen)) {
       continue;
     }
-    return posix_error(
-        fmt::format("write {} bytes to the cache file at {}{}", asked, start,
-                    error == ENOSPC || error == EDQUOT
-                        ? " (nothing of this cache was left to give back)"
-                        : ""),
-        error);
+    return posix_error(fmt::format("write {} bytes to the cache file at {}{}", asked, start,
+                                   error == ENOSPC || error == EDQUOT
+                                       ? " (nothing of this cache was left to give back)"
+                                       : ""),
+                       error);
   }
   check_not_cut();
   return Status::ok();
@@ -296,8 +293,10 @@ void BlockCache::check_not_cut() {
   // The file was cut short (and perhaps extended again by writes since, so
   // that a lost block reads as zeros rather than faulting): nothing cached
   // can be trusted.
-  log(LogLevel::kWarn, "the cache file was cut short to {} bytes: every cached block is "
-      "fetched again", st.st_size);
+  log(LogLevel::kWarn,
+      "the cache file was cut short to {} bytes: every cached block is "
+      "fetched again",
+      st.st_size);
   drop(0, size_);
   if (::ftruncate(fd_.get(), static_cast<off_t>(size_)) != 0) {
     log(LogLevel::kWarn, "cannot restore the cache file's size: {}", std::strerror(errno));
@@ -323,8 +322,7 @@ Status BlockCache::copy_out(uint64_t offset, std::span<std::byte> buffer) const 
   return Status::ok();
 }
 
-bool BlockCache::mark_cached_unless_dropped(uint64_t offset, uint64_t end,
-                                            uint64_t drops_seen) {
+bool BlockCache::mark_cached_unless_dropped(uint64_t offset, uint64_t end, uint64_t drops_seen) {
   MutexLock lock(drop_mu_);
   if (drops_.load(std::memory_order_seq_cst) != drops_seen) return false;
   mark_cached(offset, end);

@@ -208,7 +208,7 @@ class BlockCache {
   // eviction; a use stamps its units with it.
   std::atomic<uint32_t> clock_{1};
   std::atomic<uint64_t> evictions_{0};
-  Mutex evict_mu_;            // one eviction at a time
+  Mutex evict_mu_;  // one eviction at a time
   std::atomic<bool> punch_unsupported_{false};
 };
 

@@ -91,8 +91,7 @@ TEST(BlockCacheTest, LargeSparseObjectCostsNoDiskUntilWritten) {
 TEST(BlockCacheTest, MissingDirectoryIsAClearError) {
   auto created = BlockCache::create(4096, 4096, "/nonexistent/lazyblock-cache-dir");
   ASSERT_FALSE(created);
-  EXPECT_NE(created.status().message().find("/nonexistent/lazyblock-cache-dir"),
-            std::string::npos)
+  EXPECT_NE(created.status().message().find("/nonexistent/lazyblock-cache-dir"), std::string::npos)
       << created.status().to_string();
 }
 

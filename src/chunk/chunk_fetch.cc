@@ -146,8 +146,8 @@ void ChunkFetch::maybe_split_locked(uint64_t begin, uint64_t end) {
 
   const uint64_t old_end = stream->end_;
   stream->end_ = cut;
-  log(LogLevel::kDebug, "split {} at {}: {:.2f} ms sooner than the running stream",
-      context_.key, cut, (on_stream - on_new) * 1e3);
+  log(LogLevel::kDebug, "split {} at {}: {:.2f} ms sooner than the running stream", context_.key,
+      cut, (on_stream - on_new) * 1e3);
   start_stream_locked(cut, old_end);
 }
 
@@ -197,7 +197,8 @@ void ChunkFetch::stream_ended(FetchStream& stream, const Status& status) {
     stream.busy_ = false;
     --context_.busy_streams;
   }
-  std::erase_if(streams_, [&](const std::shared_ptr<FetchStream>& s) { return s.get() == &stream; });
+  std::erase_if(streams_,
+                [&](const std::shared_ptr<FetchStream>& s) { return s.get() == &stream; });
   BlockCache* cache = context_.cache.load(std::memory_order_acquire);
   if (cache != nullptr) wake_cached_locked();
   if (!status.is_ok()) {
@@ -205,9 +206,8 @@ void ChunkFetch::stream_ended(FetchStream& stream, const Status& status) {
     // The blocks this stream did not deliver: its waiters there fail with it,
     // but for those that came after its deadline had passed: they look again,
     // and get a stream of their own.
-    const uint64_t lost_begin = cache != nullptr
-                                    ? align_down(stream.position_, cache->block_size())
-                                    : stream.begin_;
+    const uint64_t lost_begin =
+        cache != nullptr ? align_down(stream.position_, cache->block_size()) : stream.begin_;
     const uint64_t lost_end = stream.end_;
     for (auto it = waiters_.begin(); it != waiters_.end();) {
       Waiter& waiter = *it->second;
@@ -275,21 +275,20 @@ Status FetchStream::stream() {
     MutexLock lock(context_.mu);
     // The response's headers come with its first byte.
     first_byte_at_ = Clock::now();
-    context_.observe_ttfb_locked(std::chrono::duration<double>(*first_byte_at_ - opened_at_).count());
+    context_.observe_ttfb_locked(
+        std::chrono::duration<double>(*first_byte_at_ - opened_at_).count());
     Result<BlockCache*> cache = context_.cache_for_size_locked(reader.object_size());
     if (!cache) return cache.status();
     cache_ = *cache;
     drops_seen_ = cache_->drops();
     if (begin_ > cache_->size()) {
-      return Status::out_of_range(
-          fmt::format("{}: the object ends at {}", name_, cache_->size()));
+      return Status::out_of_range(fmt::format("{}: the object ends at {}", name_, cache_->size()));
     }
     requested_end_ = std::min(requested_end_, cache_->size());
     end_ = std::min(end_, requested_end_);
     if (reader.range_length() != requested_end_ - begin_) {
-      return Status::corruption(fmt::format("{}: the store promised {} bytes, expected {}",
-                                            name_, reader.range_length(),
-                                            requested_end_ - begin_));
+      return Status::corruption(fmt::format("{}: the store promised {} bytes, expected {}", name_,
+                                            reader.range_length(), requested_end_ - begin_));
     }
   }
 
@@ -312,8 +311,8 @@ Status FetchStream::stream() {
       // batch is written whole or skipped whole; and stop at the next
       // waiter's end, so it is woken the moment its bytes are in.
       cached = cache_->is_cached(position, position + 1);
-      uint64_t stop = cached ? cache_->first_uncached(position, end_)
-                             : cache_->first_cached(position, end_);
+      uint64_t stop =
+          cached ? cache_->first_uncached(position, end_) : cache_->first_cached(position, end_);
       if (!cached && publish_as_we_go) stop = fetch_->next_wake_locked(position, stop);
       want = std::min(kReadBatch, stop - position);
       reading_until_ = position + want;
@@ -332,8 +331,8 @@ Status FetchStream::stream() {
     Result<size_t> got = reader.read(batch.first(want));
     if (!got) return got.status();
     if (*got == 0) {
-      return Status::corruption(fmt::format("{}: the stream ended after {} of {} bytes",
-                                            name_, position - begin_, requested_end_ - begin_));
+      return Status::corruption(fmt::format("{}: the stream ended after {} of {} bytes", name_,
+                                            position - begin_, requested_end_ - begin_));
     }
     // Bytes of blocks cached before this stream got there (after an earlier
     // failure) are dropped: the cache already holds them.
@@ -360,16 +359,17 @@ Status FetchStream::stream() {
     Result<size_t> more = reader.read(std::span(&extra, 1));
     if (!more) return more.status();
     if (*more != 0) {
-      return Status::corruption(fmt::format("{}: the stream sent more than the {} bytes "
-                                            "promised",
-                                            name_, requested_end_ - begin_));
+      return Status::corruption(
+          fmt::format("{}: the stream sent more than the {} bytes "
+                      "promised",
+                      name_, requested_end_ - begin_));
     }
   }
   if (position - begin_ >= kReadBatch) {
     MutexLock lock(context_.mu);
-    context_.observe_bandwidth_locked(static_cast<double>(position - begin_) /
-                                      std::chrono::duration<double>(Clock::now() - *first_byte_at_)
-                                          .count());
+    context_.observe_bandwidth_locked(
+        static_cast<double>(position - begin_) /
+        std::chrono::duration<double>(Clock::now() - *first_byte_at_).count());
   }
   return Status::ok();
 }

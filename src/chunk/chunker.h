@@ -50,8 +50,8 @@ std::string_view fetch_strategy_name(FetchStrategy strategy);
 
 struct ChunkerOptions {
   FetchStrategy strategy = FetchStrategy::kSplit;  // the fastest in bench fetch
-  uint64_t block_size = 4096;           // unit of caching
-  uint64_t chunk_size = 4 * 1024 * 1024;  // unit of fetching; a multiple of block_size
+  uint64_t block_size = 4096;                      // unit of caching
+  uint64_t chunk_size = 4 * 1024 * 1024;           // unit of fetching; a multiple of block_size
   std::chrono::nanoseconds fetch_timeout = std::chrono::seconds(60);  // deadline per fetch
   std::filesystem::path cache_dir;  // where the cache file lives; empty: $TMPDIR or /tmp
 
@@ -135,7 +135,6 @@ class Chunker {
 // A chunker for the object `key` of `store`. `size`, when given, saves the
 // first fetch from having to learn it. Fails on inconsistent options.
 Result<std::unique_ptr<Chunker>> make_chunker(std::shared_ptr<ObjectStore> store, std::string key,
-                                              std::optional<uint64_t> size,
-                                              ChunkerOptions options);
+                                              std::optional<uint64_t> size, ChunkerOptions options);
 
 }  // namespace lazyblock

@@ -286,7 +286,8 @@ class GatedStore final : public StoreLayer {
           gate_.held_at_ = delivered_;
           ++gate_.held_streams_;
           gate_.cv_.notify_all();
-          gate_.cv_.wait(lock, io_.stop, [&]() REQUIRES(gate_.mu_) { return delivered_ < gate_.limit_; });
+          gate_.cv_.wait(lock, io_.stop,
+                         [&]() REQUIRES(gate_.mu_) { return delivered_ < gate_.limit_; });
           --gate_.held_streams_;
           if (io_.stop.stop_requested()) return Status::cancelled("gated read: stopped");
         }
@@ -312,7 +313,6 @@ class GatedStore final : public StoreLayer {
   uint64_t held_at_ GUARDED_BY(mu_) = UINT64_MAX;
   int held_streams_ GUARDED_BY(mu_) = 0;
 };
-
 
 TEST_F(ChunkerFixture, StreamingWakesEachWaiterAsTheStreamPassesIt) {
   strategy_ = FetchStrategy::kStreaming;
@@ -381,8 +381,7 @@ TEST_P(SingleStreamChunkerTest, FetchFailingHalfWayFailsItsWaitersAndCachesOnlyW
       EXPECT_FALSE(got);
       if (!got) {
         EXPECT_EQ(got.status().code(), StatusCode::kUnavailable) << got.status().to_string();
-        EXPECT_NE(got.status().message().find(kKey), std::string::npos)
-            << got.status().to_string();
+        EXPECT_NE(got.status().message().find(kKey), std::string::npos) << got.status().to_string();
         ++errors;
       }
     });
@@ -429,9 +428,9 @@ TEST_P(ChunkerTest, ReadsAcrossChunkBoundariesAndTheEnd) {
   auto c = chunker(size_);
   EXPECT_TRUE(read_and_check(*c, kChunk - 100, 200).is_ok());
   EXPECT_TRUE(read_and_check(*c, kChunk - 1, 2 * kChunk).is_ok());  // clipped at the end
-  EXPECT_TRUE(read_and_check(*c, size_ - 10, 100).is_ok());          // 10 bytes
-  EXPECT_TRUE(read_and_check(*c, size_, 100).is_ok());               // nothing
-  EXPECT_TRUE(read_and_check(*c, size_ + kChunk, 100).is_ok());      // nothing
+  EXPECT_TRUE(read_and_check(*c, size_ - 10, 100).is_ok());         // 10 bytes
+  EXPECT_TRUE(read_and_check(*c, size_, 100).is_ok());              // nothing
+  EXPECT_TRUE(read_and_check(*c, size_ + kChunk, 100).is_ok());     // nothing
   Result<std::span<const std::byte>> tail = c->slice(size_ - 3000, 1 << 20);
   ASSERT_TRUE(tail);
   EXPECT_EQ(tail->size(), 3000u);
@@ -598,9 +597,8 @@ class HangingStore final : public StoreLayer {
 
 TEST_P(ChunkerTest, ACallerGivesUpAtTheDeadlineEvenIfTheStoreHangs) {
   put_object(kChunk);
-  Result<std::unique_ptr<Chunker>> made =
-      make_chunker(std::make_shared<HangingStore>(files_), kKey, size_,
-                   options(std::chrono::milliseconds(100)));
+  Result<std::unique_ptr<Chunker>> made = make_chunker(
+      std::make_shared<HangingStore>(files_), kKey, size_, options(std::chrono::milliseconds(100)));
   ASSERT_TRUE(made);
   std::vector<std::byte> buffer(4096);
   Result<size_t> got = (*made)->read_at(buffer, 0);
@@ -751,7 +749,8 @@ class SplitChunkerTest : public ChunkerFixture {
 
   // Starts a reader of one block at `offset`; it records its status.
   std::thread read_block(uint64_t offset, Status* status) {
-    return std::thread([this, offset, status] { *status = read_and_check(*chunker_, offset, 4096); });
+    return std::thread(
+        [this, offset, status] { *status = read_and_check(*chunker_, offset, 4096); });
   }
 
   std::shared_ptr<GatedStore> gate_;

@@ -21,9 +21,10 @@ constexpr double kEstimateWeight = 0.25;
 Result<BlockCache*> FetchContext::cache_for_size_locked(uint64_t size) {
   if (BlockCache* existing = cache.load(std::memory_order_acquire)) {
     if (existing->size() != size) {
-      return Status::corruption(fmt::format("object {} changed size: was {} bytes, the store now "
-                                            "reports {}",
-                                            key, existing->size(), size));
+      return Status::corruption(
+          fmt::format("object {} changed size: was {} bytes, the store now "
+                      "reports {}",
+                      key, existing->size(), size));
     }
     return existing;
   }

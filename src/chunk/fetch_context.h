@@ -34,7 +34,7 @@ struct FetchContext {
   std::shared_ptr<ObjectStore> store;
   std::string key;
   ChunkerOptions options;
-  std::stop_source stop;  // requested by cancel() or when the chunker goes away
+  std::stop_source stop;       // requested by cancel() or when the chunker goes away
   TaskGroup* tasks = nullptr;  // runs the streams
 
   // For ChunkerStats.
@@ -49,8 +49,9 @@ struct FetchContext {
   Mutex mu;
   std::unique_ptr<BlockCache> cache_owner GUARDED_BY(mu);
   CondVar size_learned;  // notified when cache is set or a fetch ends
-  std::map<uint64_t, std::shared_ptr<ChunkFetch>> fetches GUARDED_BY(mu);  // in flight, by chunk index
-  int streams GUARDED_BY(mu) = 0;                                          // running, all chunks
+  std::map<uint64_t, std::shared_ptr<ChunkFetch>> fetches
+      GUARDED_BY(mu);              // in flight, by chunk index
+  int streams GUARDED_BY(mu) = 0;  // running, all chunks
   LinkEstimate estimate GUARDED_BY(mu);
 
   // Readahead: chunks overlapping [readahead_from, readahead_end) are still

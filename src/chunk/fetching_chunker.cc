@@ -38,9 +38,12 @@ Result<FetchStrategy> parse_fetch_strategy(std::string_view name) {
 
 std::string_view fetch_strategy_name(FetchStrategy strategy) {
   switch (strategy) {
-    case FetchStrategy::kFull: return "full";
-    case FetchStrategy::kStreaming: return "streaming";
-    case FetchStrategy::kSplit: return "split";
+    case FetchStrategy::kFull:
+      return "full";
+    case FetchStrategy::kStreaming:
+      return "streaming";
+    case FetchStrategy::kSplit:
+      return "split";
   }
   return "unknown";
 }
@@ -58,13 +61,13 @@ Result<std::unique_ptr<Chunker>> make_chunker(std::shared_ptr<ObjectStore> store
     return Status::invalid_argument("the fetch timeout must be positive");
   }
   if (options.max_streams_per_chunk < 1 || options.max_streams < 1 ||
-      options.readahead_streams < 1 ||
-      options.expected_bandwidth <= 0 || options.expected_ttfb.count() < 0) {
+      options.readahead_streams < 1 || options.expected_bandwidth <= 0 ||
+      options.expected_ttfb.count() < 0) {
     return Status::invalid_argument(
         "stream bounds must be at least 1, and the expected link sane (bandwidth > 0)");
   }
-  auto chunker = std::make_unique<FetchingChunker>(std::move(store), std::move(key),
-                                                   std::move(options));
+  auto chunker =
+      std::make_unique<FetchingChunker>(std::move(store), std::move(key), std::move(options));
   if (size) LB_RETURN_IF_ERROR(chunker->set_size(*size));
   return std::unique_ptr<Chunker>(std::move(chunker));
 }

@@ -7,8 +7,8 @@
 #include <optional>
 #include <string>
 
-#include "chunk/chunker.h"
 #include "chunk/chunk_fetch.h"
+#include "chunk/chunker.h"
 #include "chunk/fetch_context.h"
 #include "common/task_group.h"
 
@@ -25,8 +25,7 @@ class FetchingChunker final : public Chunker {
 
   Result<uint64_t> size() override;
   Result<std::span<const std::byte>> slice(uint64_t offset, uint64_t length) override;
-  std::optional<std::span<const std::byte>> cached_slice(uint64_t offset,
-                                                         uint64_t length) override;
+  std::optional<std::span<const std::byte>> cached_slice(uint64_t offset, uint64_t length) override;
   Result<size_t> read_at(std::span<std::byte> buffer, uint64_t offset) override;
   Status write_to(ByteSink& sink) override;
   void prefetch(uint64_t offset, uint64_t length) override;
@@ -55,7 +54,7 @@ class FetchingChunker final : public Chunker {
   // Sequential-read detection; read and written without a lock, so that a
   // hit stays lock-free (a lost update only delays or resets readahead).
   std::atomic<uint64_t> last_read_end_{UINT64_MAX};
-  std::atomic<uint64_t> readahead_window_{0};  // 0: the last read was not sequential
+  std::atomic<uint64_t> readahead_window_{0};                // 0: the last read was not sequential
   std::atomic<uint64_t> readahead_until_chunk_{UINT64_MAX};  // the last window's end chunk
   TaskGroup tasks_;  // the streams' threads; declared last, so waited for first
 };

@@ -17,8 +17,9 @@
 namespace lazyblock {
 
 std::optional<size_t> FrameGeometry::frame_at(uint64_t offset) const {
-  const auto after = std::upper_bound(frames.begin(), frames.end(), offset,
-                                      [](uint64_t o, const CompressedFrame& f) { return o < f.offset; });
+  const auto after =
+      std::upper_bound(frames.begin(), frames.end(), offset,
+                       [](uint64_t o, const CompressedFrame& f) { return o < f.offset; });
   if (after == frames.begin()) return std::nullopt;
   const size_t index = static_cast<size_t>(after - frames.begin()) - 1;
   if (offset >= frames[index].offset + frames[index].size) return std::nullopt;
@@ -30,8 +31,8 @@ Status FrameGeometry::validate(uint64_t block_size) const {
   for (size_t i = 0; i < frames.size(); ++i) {
     const CompressedFrame& frame = frames[i];
     if (frame.offset < least) {
-      return Status::corruption(fmt::format("frame {} starts at {}, inside the frame before it",
-                                            i, frame.offset));
+      return Status::corruption(
+          fmt::format("frame {} starts at {}, inside the frame before it", i, frame.offset));
     }
     if (frame.size == 0 || frame.stored_size == 0) {
       return Status::corruption(fmt::format("frame {} is empty", i));
@@ -124,9 +125,8 @@ class FrameChunker final : public Chunker {
       if (attempt > 0) return copied.with_context(key_);
       // The cache file lost those bytes (truncated, or a failing disk): the
       // frames are dropped and fetched again, once.
-      for (size_t i = first_frame_from(offset); i < table_.frames.size() &&
-                                                table_.frames[i].offset < end;
-           ++i) {
+      for (size_t i = first_frame_from(offset);
+           i < table_.frames.size() && table_.frames[i].offset < end; ++i) {
         cache_->drop(table_.frames[i].offset, table_.frames[i].offset + table_.frames[i].size);
       }
     }
@@ -161,8 +161,8 @@ class FrameChunker final : public Chunker {
     if (length == 0 || offset >= size) return;
     const uint64_t end = offset + std::min(length, size - offset);
     MutexLock lock(mu_);
-    for (size_t i = first_frame_from(offset); i < table_.frames.size() && table_.frames[i].offset < end;
-         ++i) {
+    for (size_t i = first_frame_from(offset);
+         i < table_.frames.size() && table_.frames[i].offset < end; ++i) {
       queued_.push_back(i);
     }
     pump_locked();
@@ -253,8 +253,8 @@ class FrameChunker final : public Chunker {
         }
         const std::shared_ptr<Fetch> fetch = it->second;
         ++waiting_;
-        const bool in_time =
-            cv_.wait_until(lock, deadline, [&]() REQUIRES(mu_) { return fetch->done || cancelled_; });
+        const bool in_time = cv_.wait_until(
+            lock, deadline, [&]() REQUIRES(mu_) { return fetch->done || cancelled_; });
         --waiting_;
         if (cancelled_) return Status::cancelled(key_ + ": the server is shutting down");
         if (!in_time) {
@@ -270,7 +270,8 @@ class FrameChunker final : public Chunker {
   // Requires mu_ held.
   void start_locked(size_t index) REQUIRES(mu_) {
     const CompressedFrame& frame = table_.frames[index];
-    if (cancelled_ || in_flight_.contains(index) || cache_->is_cached(frame.offset, frame.offset + frame.size)) {
+    if (cancelled_ || in_flight_.contains(index) ||
+        cache_->is_cached(frame.offset, frame.offset + frame.size)) {
       return;
     }
     auto fetch = std::make_shared<Fetch>();
@@ -350,9 +351,9 @@ class FrameChunker final : public Chunker {
   // cache), and marked cached only once the whole frame has verified.
   Status fetch_frame(size_t index) {
     const CompressedFrame& frame = table_.frames[index];
-    const std::string what = fmt::format("{} frame {} (bytes [{}, +{}) stored at [{}, +{}))", key_,
-                                         index, frame.offset, frame.size, frame.stored_offset,
-                                         frame.stored_size);
+    const std::string what =
+        fmt::format("{} frame {} (bytes [{}, +{}) stored at [{}, +{}))", key_, index, frame.offset,
+                    frame.size, frame.stored_offset, frame.stored_size);
     const IoContext io{Clock::now() + options_.fetch_timeout, stop_.get_token()};
     requests_.fetch_add(1, std::memory_order_relaxed);
     Result<std::unique_ptr<RangeReader>> reader =
@@ -395,8 +396,8 @@ class FrameChunker final : public Chunker {
       }
     }
     if (got != frame.stored_size) {
-      return Status::corruption(fmt::format(
-          "{}: the object ends after {} of the frame's {} bytes", what, got, frame.stored_size));
+      return Status::corruption(fmt::format("{}: the object ends after {} of the frame's {} bytes",
+                                            what, got, frame.stored_size));
     }
     if (Status s = decoder.finish(); !s.is_ok()) return s.with_context(what);
     LB_RETURN_IF_ERROR(cache_->write(frame.offset + written, plain.subspan(written)));
@@ -420,9 +421,9 @@ class FrameChunker final : public Chunker {
   std::atomic<uint64_t> last_read_end_{UINT64_MAX};
 
   mutable Mutex mu_;
-  CondVar cv_;                        // a fetch ended
+  CondVar cv_;                                                          // a fetch ended
   std::map<size_t, std::shared_ptr<Fetch>> in_flight_ GUARDED_BY(mu_);  // by frame
-  std::deque<size_t> queued_ GUARDED_BY(mu_);  // prefetch and readahead
+  std::deque<size_t> queued_ GUARDED_BY(mu_);                           // prefetch and readahead
   uint64_t waiting_ GUARDED_BY(mu_) = 0;
   bool cancelled_ GUARDED_BY(mu_) = false;
   Mutex spare_mu_;  // only fetches take it, never a reader

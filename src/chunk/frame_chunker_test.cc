@@ -50,7 +50,8 @@ class GatedStore final : public StoreLayer {
     Result<size_t> read(std::span<std::byte> buffer) override {
       const uint64_t half = inner_->range_length() / 2;
       if (delivered_ < half) {
-        Result<size_t> n = inner_->read(buffer.first(std::min<uint64_t>(buffer.size(), half - delivered_)));
+        Result<size_t> n =
+            inner_->read(buffer.first(std::min<uint64_t>(buffer.size(), half - delivered_)));
         if (n) delivered_ += *n;
         return n;
       }
@@ -179,7 +180,8 @@ TEST_P(FrameChunkerTest, ADamagedFrameIsAnErrorNamingItAndCachesNothing) {
 }
 
 TEST_P(FrameChunkerTest, AnObjectShorterThanItsTableIsAnError) {
-  ASSERT_TRUE(store_->put("obj", std::span(stored_).first(stored_.size() - 10), IoContext{}).is_ok());
+  ASSERT_TRUE(
+      store_->put("obj", std::span(stored_).first(stored_.size() - 10), IoContext{}).is_ok());
   std::unique_ptr<Chunker> frames = chunker(table_);
   std::vector<std::byte> page(4096);
   Result<size_t> got = frames->read_at(page, plain_.size() - 100);
@@ -272,7 +274,8 @@ TEST_P(FrameChunkerTest, TheDecoderTakesAFrameInPiecesOfAnySize) {
   Result<std::unique_ptr<FrameDecoder>> decoder = FrameDecoder::create(GetParam());
   ASSERT_TRUE(decoder);
   const CompressedFrame& frame = table_.frames[1];
-  const std::span<const std::byte> stored = std::span(stored_).subspan(frame.stored_offset, frame.stored_size);
+  const std::span<const std::byte> stored =
+      std::span(stored_).subspan(frame.stored_offset, frame.stored_size);
   std::vector<std::byte> out(frame.size);
   for (const size_t piece : {size_t{1}, size_t{7}, size_t{4096}, stored.size()}) {
     std::fill(out.begin(), out.end(), std::byte{0});
@@ -300,7 +303,9 @@ TEST_P(FrameChunkerTest, TheDecoderTakesAFrameInPiecesOfAnySize) {
 
 INSTANTIATE_TEST_SUITE_P(Codecs, FrameChunkerTest,
                          ::testing::Values(FrameCodec::kZstd, FrameCodec::kLz4),
-                         [](const auto& info) { return std::string(frame_codec_name(info.param)); });
+                         [](const auto& info) {
+                           return std::string(frame_codec_name(info.param));
+                         });
 
 }  // namespace
 }  // namespace lazyblock

@@ -53,8 +53,8 @@ class ZstdDecoder final : public FrameDecoder {
         break;
       }
       if (in.pos == in_before && out.pos == out_before) {
-        return Status::corruption(fmt::format(
-            "zstd frame: it holds more than the {} bytes expected", out_.size()));
+        return Status::corruption(
+            fmt::format("zstd frame: it holds more than the {} bytes expected", out_.size()));
       }
     }
     return Status::ok();
@@ -91,8 +91,7 @@ class ZstdDecoder final : public FrameDecoder {
 
 class Lz4Decoder final : public FrameDecoder {
  public:
-  explicit Lz4Decoder(LZ4F_dctx* context)
-      : context_(context, LZ4F_freeDecompressionContext) {}
+  explicit Lz4Decoder(LZ4F_dctx* context) : context_(context, LZ4F_freeDecompressionContext) {}
 
   Status begin(std::span<std::byte> out) override {
     LZ4F_resetDecompressionContext(context_.get());
@@ -120,8 +119,8 @@ class Lz4Decoder final : public FrameDecoder {
       decoded_ += out_size;
       if (hint == 0) ended_ = true;  // the frame's end, its checksum verified
       if (!ended_ && in_size == 0 && out_size == 0) {
-        return Status::corruption(fmt::format(
-            "lz4 frame: it holds more than the {} bytes expected", out_.size()));
+        return Status::corruption(
+            fmt::format("lz4 frame: it holds more than the {} bytes expected", out_.size()));
       }
     }
     return Status::ok();
@@ -135,8 +134,8 @@ class Lz4Decoder final : public FrameDecoder {
       const std::byte none{};
       size_t in_size = 0;
       size_t out_size = out_.size() - decoded_;
-      const size_t hint = LZ4F_decompress(context_.get(), out_.data() + decoded_, &out_size,
-                                          &none, &in_size, nullptr);
+      const size_t hint = LZ4F_decompress(context_.get(), out_.data() + decoded_, &out_size, &none,
+                                          &in_size, nullptr);
       if (LZ4F_isError(hint)) {
         return Status::corruption(fmt::format("lz4 frame: {}", LZ4F_getErrorName(hint)));
       }

@@ -9,8 +9,8 @@
 #include <fmt/format.h>
 
 #include "bench/fetch_bench.h"
-#include "bench/hit_bench.h"
 #include "bench/fleet_bench.h"
+#include "bench/hit_bench.h"
 #include "bench/seq_bench.h"
 #include "bench/uffd_bench.h"
 #include "cli/commands.h"
@@ -40,7 +40,8 @@ Result<std::optional<FrameCodec>> parse_compressed(const std::string& name) {
   if (name.empty()) return std::optional<FrameCodec>();
   if (name == "zstd") return std::optional<FrameCodec>(FrameCodec::kZstd);
   if (name == "lz4") return std::optional<FrameCodec>(FrameCodec::kLz4);
-  return Status::invalid_argument(fmt::format("--compressed {}: the codecs are zstd and lz4", name));
+  return Status::invalid_argument(
+      fmt::format("--compressed {}: the codecs are zstd and lz4", name));
 }
 
 Result<FetchBenchOptions> fetch_bench_options(const FetchBenchFlags& flags) {
@@ -86,8 +87,8 @@ int run_fetch_bench_command(const FetchBenchFlags& flags) {
   Result<FetchBenchReport> report =
       run_fetch_bench(*options, [show_progress](std::string_view strategy) {
         if (show_progress) {
-          std::fprintf(stderr, "bench fetch: running %.*s...\n",
-                       static_cast<int>(strategy.size()), strategy.data());
+          std::fprintf(stderr, "bench fetch: running %.*s...\n", static_cast<int>(strategy.size()),
+                       strategy.data());
         }
       });
   if (!report) return report_failure(report.status().with_context("bench fetch"));
@@ -269,8 +270,9 @@ CommandRunner add_bench_command(CLI::App& app) {
 
   auto hit_flags = std::make_shared<HitBenchFlags>();
   CLI::App* hit = bench->add_subcommand(
-      "hit", "Cost of reads whose blocks are cached: slice and read_at of 4 KiB, 1 and 2 threads, "
-             "and cached_view and read through a disk of several builds");
+      "hit",
+      "Cost of reads whose blocks are cached: slice and read_at of 4 KiB, 1 and 2 threads, "
+      "and cached_view and read through a disk of several builds");
   hit->add_flag("--json", hit_flags->json, "Print one JSON document instead of the table");
   add_log_flag(*hit, hit_flags->log_level);
 
@@ -281,7 +283,9 @@ CommandRunner add_bench_command(CLI::App& app) {
                   "gcs (20ms, 100MB/s), nfs (1ms, 500MB/s) or ttfb=MS,bw=MBPS")
       ->required();
   seq->add_option("--size", seq_flags->size, "Object size, e.g. 1GiB")->capture_default_str();
-  seq->add_option("--parallel", seq_flags->parallelism, "Streams kept transferring (the next request goes out one first-byte time before a stream ends)")
+  seq->add_option("--parallel", seq_flags->parallelism,
+                  "Streams kept transferring (the next request goes out one first-byte time before "
+                  "a stream ends)")
       ->capture_default_str()
       ->check(at_least(1));
   seq->add_option("--fetch", seq_flags->fetch, "Fetch strategy")->capture_default_str();
@@ -321,14 +325,16 @@ CommandRunner add_bench_command(CLI::App& app) {
       "VMs starting at once from one template behind a simulated store, each reading the same "
       "working set at random, then a second wave: read latency and upstream bytes per wave, "
       "beside one VM's alone and the physical limit");
-  fleet->add_option("--profile", fleet_flags->profile,
-                    "gcs (20ms, 100MB/s), nfs (1ms, 500MB/s) or ttfb=MS,bw=MBPS")
+  fleet
+      ->add_option("--profile", fleet_flags->profile,
+                   "gcs (20ms, 100MB/s), nfs (1ms, 500MB/s) or ttfb=MS,bw=MBPS")
       ->required();
   fleet->add_option("--vms", fleet_flags->vms, "VMs in each wave")
       ->capture_default_str()
       ->check(at_least(1));
-  fleet->add_option("--working-set", fleet_flags->working_set,
-                    "Bytes of 4 KiB blocks, spread over the disk, each VM reads")
+  fleet
+      ->add_option("--working-set", fleet_flags->working_set,
+                   "Bytes of 4 KiB blocks, spread over the disk, each VM reads")
       ->capture_default_str();
   fleet->add_option("--disk-size", fleet_flags->disk_size,
                     "The template's disk (default: four times the working set)");

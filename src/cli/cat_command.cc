@@ -7,9 +7,9 @@
 #include "cli/flags.h"
 #include "cli/output.h"
 #include "cli/stream_copy.h"
-#include "common/output_file.h"
 #include "common/byte_sink.h"
 #include "common/log.h"
+#include "common/output_file.h"
 
 namespace lazyblock::cli {
 namespace {
@@ -59,8 +59,8 @@ int run_cat(const CatFlags& flags) {
 
 CommandRunner add_cat_command(CLI::App& app) {
   auto flags = std::make_shared<CatFlags>();
-  CLI::App* cat = app.add_subcommand(
-      "cat", "Write one raw object of a store (no header) to stdout or a file");
+  CLI::App* cat =
+      app.add_subcommand("cat", "Write one raw object of a store (no header) to stdout or a file");
   add_store_flags(*cat, flags->store);
   add_progress_flags(*cat);
   cat->add_option("--key", flags->key, "The object's key, e.g. BUILD/memfile")->required();

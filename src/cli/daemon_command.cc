@@ -25,8 +25,8 @@
 #include "common/file_io.h"
 #include "common/log.h"
 #include "common/unique_fd.h"
-#include "common/unix_socket.h"
 #include "common/units.h"
+#include "common/unix_socket.h"
 #include "daemon/daemon.h"
 #include "daemon/http_server.h"
 #include "daemon/metering_store.h"
@@ -137,9 +137,8 @@ int run_daemon(const DaemonFlags& flags) {
   auto metered = std::make_shared<daemon::MeteringStore>(*store, store_metrics);
 
   const std::filesystem::path work_dir =
-      flags.work_dir.empty()
-          ? temp_directory() / fmt::format("lazyblock-daemon-{}", ::getpid())
-          : std::filesystem::path(flags.work_dir);
+      flags.work_dir.empty() ? temp_directory() / fmt::format("lazyblock-daemon-{}", ::getpid())
+                             : std::filesystem::path(flags.work_dir);
   Result<bool> made_work_dir = make_directory(work_dir);
   if (!made_work_dir) return report_failure(made_work_dir.status().with_context("--work-dir"));
   const MadeDirectory work_dir_made(work_dir, *made_work_dir);
@@ -173,8 +172,8 @@ int run_daemon(const DaemonFlags& flags) {
     Result<std::unique_ptr<UnixListener>> listener = UnixListener::listen(api);
     if (!listener) return report_failure(listener.status().with_context("--api"));
     Result<std::unique_ptr<daemon::HttpServer>> server = daemon::HttpServer::start(
-        (*listener)->fd(), [&](const daemon::HttpRequest& request) { return service.handle(request); },
-        "daemon API");
+        (*listener)->fd(),
+        [&](const daemon::HttpRequest& request) { return service.handle(request); }, "daemon API");
     if (!server) return report_failure(server.status());
 
     UniqueFd metrics_fd;
@@ -196,9 +195,9 @@ int run_daemon(const DaemonFlags& flags) {
           "daemon metrics", 8);
       if (!started) return report_failure(started.status());
       metrics_server = std::move(started).value();
-      metrics_where = fmt::format(", metrics at http://{}:{}/metrics",
-                                  flags.metrics_listen.substr(0, flags.metrics_listen.rfind(':')),
-                                  port);
+      metrics_where =
+          fmt::format(", metrics at http://{}:{}/metrics",
+                      flags.metrics_listen.substr(0, flags.metrics_listen.rfind(':')), port);
     }
 
     std::mutex mu;
@@ -210,8 +209,8 @@ int run_daemon(const DaemonFlags& flags) {
       stop_asked.notify_all();
     });
     std::printf("lazyblock daemon: API at %s%s; store %s, work dir %s, cache budget %s\n",
-                api.c_str(), metrics_where.c_str(), metered->describe().c_str(),
-                work_dir.c_str(), format_size(*cache_budget).c_str());
+                api.c_str(), metrics_where.c_str(), metered->describe().c_str(), work_dir.c_str(),
+                format_size(*cache_budget).c_str());
     std::fflush(stdout);
     {
       std::unique_lock lock(mu);

@@ -127,8 +127,9 @@ void add_progress_flags(CLI::App& command) {
       "--progress", [] { set_progress_mode(ProgressMode::kOn); },
       "Show progress (rate, time left) on stderr even when it is not a terminal");
   command
-      .add_flag_callback("--quiet", [] { set_progress_mode(ProgressMode::kOff); },
-                         "Show no progress, even on a terminal")
+      .add_flag_callback(
+          "--quiet", [] { set_progress_mode(ProgressMode::kOff); },
+          "Show no progress, even on a terminal")
       ->excludes(progress);
 }
 
@@ -205,8 +206,7 @@ Result<StoreStackOptions> store_stack_options(const StoreFlags& flags) {
 
 int report_failure(const Status& status) {
   const bool usage = status.code() == StatusCode::kInvalidArgument;
-  std::fprintf(stderr, "lazyblock: %s: %s\n", usage ? "usage" : "error",
-               status.message().c_str());
+  std::fprintf(stderr, "lazyblock: %s: %s\n", usage ? "usage" : "error", status.message().c_str());
   return usage ? kExitUsage : kExitError;
 }
 

@@ -4,16 +4,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
-#include <algorithm>
 #include <map>
+#include <memory>
 #include <optional>
 #include <set>
-#include <vector>
 #include <stop_token>
-#include <memory>
+#include <vector>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -148,22 +148,21 @@ int run_pack(const PackFlags& flags) {
     if (!input) return report_failure(posix_error("open " + flags.input, errno));
   }
   const int fd = input ? input.get() : STDIN_FILENO;
-  struct stat st{};
+  struct stat st {};
   const uint64_t total = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? st.st_size : 0;
   signals.on_signal([&] { stop.request_stop(); });
   const auto started = std::chrono::steady_clock::now();
   Result<image::PackSummary> summary = [&] {
     Progress progress("pack " + flags.device.name, total);
-    return image::pack(opened->files, fd, options,
-                       [&](uint64_t done) { progress.update(done); });
+    return image::pack(opened->files, fd, options, [&](uint64_t done) { progress.update(done); });
   }();
   signals.stop_waiting();
   input.reset();
   if (!summary) {
     if (signals.received() != 0) {
-      return report_failure(Status::cancelled(fmt::format(
-          "pack {}: interrupted by signal {}: nothing was stored", flags.device.name,
-          signals.received())));
+      return report_failure(
+          Status::cancelled(fmt::format("pack {}: interrupted by signal {}: nothing was stored",
+                                        flags.device.name, signals.received())));
     }
     return report_failure(summary.status().with_context("pack " + flags.device.name));
   }
@@ -178,24 +177,25 @@ int run_pack(const PackFlags& flags) {
   if (flags.json) {
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-    nlohmann::json doc = {{"name", flags.device.name},
-                          {"build", header.build_id.to_string()},
-                          {"parent", flags.parent.empty() ? nlohmann::json() : nlohmann::json(flags.parent)},
-                          {"generation", header.generation},
-                          {"size", header.size},
-                          {"block_size", header.block_size},
-                          {"blocks", summary->blocks},
-                          {"changed", summary->changed},
-                          {"zero", summary->zero},
-                          {"unchanged", summary->unchanged},
-                          {"data_bytes", summary->data_bytes},
-                          {"header_version", header.version},
-                          {"data_key", summary->data_key},
-                          {"codec", image::codec_name(summary->frame_table.codec)},
-                          {"frames", summary->frame_table.frames.size()},
-                          {"stored_bytes", summary->stored_bytes},
-                          {"header_bytes", summary->header_bytes},
-                          {"seconds", seconds}};
+    nlohmann::json doc = {
+        {"name", flags.device.name},
+        {"build", header.build_id.to_string()},
+        {"parent", flags.parent.empty() ? nlohmann::json() : nlohmann::json(flags.parent)},
+        {"generation", header.generation},
+        {"size", header.size},
+        {"block_size", header.block_size},
+        {"blocks", summary->blocks},
+        {"changed", summary->changed},
+        {"zero", summary->zero},
+        {"unchanged", summary->unchanged},
+        {"data_bytes", summary->data_bytes},
+        {"header_version", header.version},
+        {"data_key", summary->data_key},
+        {"codec", image::codec_name(summary->frame_table.codec)},
+        {"frames", summary->frame_table.frames.size()},
+        {"stored_bytes", summary->stored_bytes},
+        {"header_bytes", summary->header_bytes},
+        {"seconds", seconds}};
     std::printf("%s\n", doc.dump(2).c_str());
     return 0;
   }
@@ -208,8 +208,7 @@ int run_pack(const PackFlags& flags) {
       static_cast<unsigned long long>(header.block_size),
       static_cast<unsigned long long>(summary->changed),
       static_cast<unsigned long long>(summary->zero),
-      static_cast<unsigned long long>(summary->unchanged),
-      format_size(summary->data_bytes).c_str(),
+      static_cast<unsigned long long>(summary->unchanged), format_size(summary->data_bytes).c_str(),
       summary->frame_table.compressed()
           ? fmt::format(" as {} in {} {} frames ({:.2f}x)", format_size(summary->stored_bytes),
                         summary->frame_table.frames.size(),
@@ -290,10 +289,11 @@ std::string describe_storage(const image::BuildInfo& info) {
     return info.size == 0 ? "plain, size not recorded" : "plain, " + format_size(info.size);
   }
   const StoredSizes sizes = stored_sizes(info);
-  return fmt::format("{}, {} frames, {} stored for {} ({:.2f}x)",
-                     image::codec_name(info.frame_table.codec), info.frame_table.frames.size(),
-                     format_size(sizes.compressed), format_size(sizes.uncompressed),
-                     static_cast<double>(sizes.uncompressed) / static_cast<double>(sizes.compressed));
+  return fmt::format(
+      "{}, {} frames, {} stored for {} ({:.2f}x)", image::codec_name(info.frame_table.codec),
+      info.frame_table.frames.size(), format_size(sizes.compressed),
+      format_size(sizes.uncompressed),
+      static_cast<double>(sizes.uncompressed) / static_cast<double>(sizes.compressed));
 }
 
 // The builds the device's bytes come from, newest generation first: the
@@ -310,7 +310,8 @@ std::vector<ChainLink> build_chain(ObjectStore& store, const image::Header& head
     std::optional<image::Header> other;
     if (m.build_id == header.build_id) {
       link.generation = header.generation;
-    } else if (Result<image::Header> loaded = image::load_header(store, m.build_id, name, timeout)) {
+    } else if (Result<image::Header> loaded =
+                   image::load_header(store, m.build_id, name, timeout)) {
       link.generation = loaded->generation;
       other = std::move(loaded).value();
       own_entry = other->find_build(m.build_id);
@@ -356,9 +357,8 @@ int run_inspect(const InspectFlags& flags) {
                          opened->files->options().fetch_timeout);
   if (!header) return report_failure(header.status().with_context("inspect"));
   const std::map<std::string, uint64_t> by_build = bytes_by_build(*header);
-  const std::vector<ChainLink> chain =
-      build_chain(opened->files->store(), *header, flags.device.name,
-                  opened->files->options().fetch_timeout);
+  const std::vector<ChainLink> chain = build_chain(
+      opened->files->store(), *header, flags.device.name, opened->files->options().fetch_timeout);
   // --verify: every data file read whole and checked, the first problem
   // ending the command (exit 1).
   const auto verify = [&](const ChainLink& link) -> Result<image::DataFileCheck> {

@@ -2,8 +2,8 @@
 // Firecracker as a UFFD handler, until SIGINT or SIGTERM.
 #include <signal.h>
 
-#include <cstdio>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
@@ -14,9 +14,9 @@
 #include <fmt/format.h>
 
 #include "cli/commands.h"
-#include "common/file_io.h"
 #include "cli/flags.h"
 #include "cli/stop_signals.h"
+#include "common/file_io.h"
 #include "common/log.h"
 #include "common/units.h"
 #include "daemon/device_servers.h"
@@ -154,14 +154,15 @@ int run_uffd(const UffdFlags& flags) {
   uffd::UffdServer server(*memfile, std::move(uffd_options));
   std::string path = flags.socket;
   if (path.empty()) {
-    path = (temp_directory() / fmt::format("lazyblock-{}-{}.sock", flags.build, flags.name))
-               .string();
+    path =
+        (temp_directory() / fmt::format("lazyblock-{}-{}.sock", flags.build, flags.name)).string();
   }
   if (Status s = server.listen_unix(path); !s.is_ok()) return report_failure(s);
-  std::printf("serving %s of build %s (%s) to Firecracker at %s; prefetching %s at each "
-              "connect\n",
-              flags.name.c_str(), flags.build.c_str(), format_size(memfile->size()).c_str(),
-              path.c_str(), format_size(prefetch_bytes).c_str());
+  std::printf(
+      "serving %s of build %s (%s) to Firecracker at %s; prefetching %s at each "
+      "connect\n",
+      flags.name.c_str(), flags.build.c_str(), format_size(memfile->size()).c_str(), path.c_str(),
+      format_size(prefetch_bytes).c_str());
   std::fflush(stdout);
   // Fetches in flight are cancelled, not waited for: a slow store must not
   // hold the exit.
@@ -277,13 +278,15 @@ CommandRunner add_serve_command(CLI::App& app) {
   nbd->add_option("--build", flags->build, "The build's id (a UUID)")->required();
   nbd->add_option("--name", flags->name, "The device, also the export name: rootfs.ext4, ...")
       ->required();
-  nbd->add_option("--socket", flags->socket,
-                  "Unix socket to listen on, mode 0600 (default: $TMPDIR/lazyblock-BUILD-NAME.sock)");
+  nbd->add_option(
+      "--socket", flags->socket,
+      "Unix socket to listen on, mode 0600 (default: $TMPDIR/lazyblock-BUILD-NAME.sock)");
   nbd->add_option("--listen", flags->listen, "TCP address instead, e.g. 127.0.0.1:10809");
-  nbd->add_option("--overlay", flags->overlay,
-                  "Keep the overlay here (and its block map in FILE.map) after exit, for "
-                  "`pack --parent BUILD --overlay FILE`; an existing one is resumed if it was made over this "
-                  "very device (it records which), refused otherwise");
+  nbd->add_option(
+      "--overlay", flags->overlay,
+      "Keep the overlay here (and its block map in FILE.map) after exit, for "
+      "`pack --parent BUILD --overlay FILE`; an existing one is resumed if it was made over this "
+      "very device (it records which), refused otherwise");
   nbd->add_flag("--read-only", flags->read_only, "Refuse writes (EPERM)");
   add_limit_flags(*nbd, flags->limits);
   add_log_flag(*nbd, flags->log_level);

@@ -14,8 +14,7 @@ void prepare_for_streaming(ChunkerOptions& options) {
   options.readahead = false;
 }
 
-Status stream_in_order(const OrderedSource& source, ByteSink& sink,
-                       const ChunkerOptions& options) {
+Status stream_in_order(const OrderedSource& source, ByteSink& sink, const ChunkerOptions& options) {
   // A chunk per read: the unit of fetching, so a chunk is written whole or
   // not at all, and given back whole once written.
   const uint64_t piece = options.chunk_size;

@@ -70,7 +70,6 @@ void prepare_for_streaming(ChunkerOptions& options);
 // Copies the whole of `source`, read through chunkers with `options`, to
 // `sink` in order: a chunk at a time (a chunk that does not arrive whole
 // writes nothing), with one chunk per stream (--parallel) asked for ahead.
-Status stream_in_order(const OrderedSource& source, ByteSink& sink,
-                       const ChunkerOptions& options);
+Status stream_in_order(const OrderedSource& source, ByteSink& sink, const ChunkerOptions& options);
 
 }  // namespace lazyblock::cli

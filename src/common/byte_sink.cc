@@ -22,7 +22,7 @@ Status ByteSink::write_zeros(uint64_t count) {
 namespace {
 
 bool is_regular_file(int fd) {
-  struct stat st{};
+  struct stat st {};
   return ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
 }
 
@@ -36,7 +36,7 @@ Status FdSink::write_zeros(uint64_t count) {
   const off_t position = ::lseek(fd_, 0, SEEK_CUR);
   if (position < 0) return posix_error("seek in " + name_, errno);
   const off_t end = position + static_cast<off_t>(count);
-  struct stat st{};
+  struct stat st {};
   if (::fstat(fd_, &st) != 0) return posix_error("stat " + name_, errno);
   // Extending the file leaves a hole; bytes already there are not ours to
   // keep (the sink owns the rest of the file), so zero them by extension
@@ -46,7 +46,8 @@ Status FdSink::write_zeros(uint64_t count) {
   }
   if (st.st_size > position) {
     // Bytes of an older file lie in the way: write real zeros over them.
-    const uint64_t overlap = std::min<uint64_t>(count, static_cast<uint64_t>(st.st_size - position));
+    const uint64_t overlap =
+        std::min<uint64_t>(count, static_cast<uint64_t>(st.st_size - position));
     LB_RETURN_IF_ERROR(ByteSink::write_zeros(overlap));
   }
   if (::lseek(fd_, end, SEEK_SET) < 0) return posix_error("seek in " + name_, errno);

@@ -14,8 +14,8 @@ Result<size_t> pread_up_to(int fd, std::span<std::byte> buffer, uint64_t offset,
                            std::string_view what) {
   size_t done = 0;
   while (done < buffer.size()) {
-    const ssize_t got = ::pread(fd, buffer.data() + done, buffer.size() - done,
-                                static_cast<off_t>(offset + done));
+    const ssize_t got =
+        ::pread(fd, buffer.data() + done, buffer.size() - done, static_cast<off_t>(offset + done));
     if (got < 0 && errno == EINTR) continue;
     if (got < 0) return posix_error(fmt::format("read {}", what), errno);
     if (got == 0) break;
@@ -24,8 +24,7 @@ Result<size_t> pread_up_to(int fd, std::span<std::byte> buffer, uint64_t offset,
   return done;
 }
 
-Status pwrite_all(int fd, std::span<const std::byte> data, uint64_t offset,
-                  std::string_view what) {
+Status pwrite_all(int fd, std::span<const std::byte> data, uint64_t offset, std::string_view what) {
   while (!data.empty()) {
     const ssize_t put = ::pwrite(fd, data.data(), data.size(), static_cast<off_t>(offset));
     if (put < 0 && errno == EINTR) continue;

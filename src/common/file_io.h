@@ -20,8 +20,7 @@ Result<size_t> pread_up_to(int fd, std::span<std::byte> buffer, uint64_t offset,
                            std::string_view what);
 
 // Writes all of `data` at `offset`, retrying short writes and EINTR.
-Status pwrite_all(int fd, std::span<const std::byte> data, uint64_t offset,
-                  std::string_view what);
+Status pwrite_all(int fd, std::span<const std::byte> data, uint64_t offset, std::string_view what);
 
 // Makes the entries of the directory holding `path` durable (a file just
 // created or renamed there): fsync of the directory.

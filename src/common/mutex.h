@@ -182,9 +182,8 @@ class StoppableCondVar {
   }
   template <class Predicate>
   bool wait(MutexLock& lock, std::stop_token stop, Predicate ready) NO_THREAD_SAFETY_ANALYSIS {
-    return lock.with_native_lock([&](auto& native) {
-      return cv_.wait(native, std::move(stop), lock.noting_owner(ready));
-    });
+    return lock.with_native_lock(
+        [&](auto& native) { return cv_.wait(native, std::move(stop), lock.noting_owner(ready)); });
   }
   template <class Clock, class Duration, class Predicate>
   bool wait_until(MutexLock& lock, std::stop_token stop,

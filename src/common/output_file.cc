@@ -25,10 +25,12 @@ Result<std::filesystem::path> follow_links(std::filesystem::path path) {
     const std::filesystem::file_status status = std::filesystem::symlink_status(path, error);
     if (error || status.type() != std::filesystem::file_type::symlink) return path;
     const std::filesystem::path target = std::filesystem::read_symlink(path, error);
-    if (error) return Status::io_error(fmt::format("read link {}: {}", path.string(), error.message()));
+    if (error)
+      return Status::io_error(fmt::format("read link {}: {}", path.string(), error.message()));
     path = target.is_absolute() ? target : path.parent_path() / target;
   }
-  return Status::invalid_argument(fmt::format("{}: too many levels of symbolic links", path.string()));
+  return Status::invalid_argument(
+      fmt::format("{}: too many levels of symbolic links", path.string()));
 }
 
 std::filesystem::path directory_of(const std::filesystem::path& path) {
@@ -41,7 +43,8 @@ mode_t current_umask() {
   std::ifstream status("/proc/self/status");
   std::string line;
   while (std::getline(status, line)) {
-    if (line.rfind("Umask:", 0) == 0) return static_cast<mode_t>(std::stoul(line.substr(6), nullptr, 8));
+    if (line.rfind("Umask:", 0) == 0)
+      return static_cast<mode_t>(std::stoul(line.substr(6), nullptr, 8));
   }
   return 022;  // the usual one, where /proc does not say
 }
@@ -104,9 +107,9 @@ Status OutputFile::expect_size(uint64_t bytes) const {
     return posix_error("size of device " + name_, errno);
   }
   if (capacity < bytes) {
-    return Status::invalid_argument(fmt::format(
-        "-o {}: the device holds {} bytes, the image is {}: nothing written", name_, capacity,
-        bytes));
+    return Status::invalid_argument(
+        fmt::format("-o {}: the device holds {} bytes, the image is {}: nothing written", name_,
+                    capacity, bytes));
   }
   return Status::ok();
 }

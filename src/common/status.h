@@ -78,7 +78,7 @@ Status posix_error(std::string_view context, int err);
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : state_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : state_(std::move(value)) {}        // NOLINT: implicit by design
   Result(Status status) : state_(std::move(status)) {  // NOLINT: implicit by design
     assert(!std::get<Status>(state_).is_ok());
   }
@@ -114,8 +114,8 @@ class [[nodiscard]] Result {
 }  // namespace lazyblock
 
 // Returns early from the enclosing function with the error of `expr` (a Status).
-#define LB_RETURN_IF_ERROR(expr)                 \
-  do {                                           \
-    ::lazyblock::Status lb_status_ = (expr);     \
-    if (!lb_status_.is_ok()) return lb_status_;  \
+#define LB_RETURN_IF_ERROR(expr)                \
+  do {                                          \
+    ::lazyblock::Status lb_status_ = (expr);    \
+    if (!lb_status_.is_ok()) return lb_status_; \
   } while (0)

@@ -42,10 +42,20 @@ double size_unit(std::string_view suffix) {
     double bytes;
   };
   static constexpr Unit kUnits[] = {
-      {"", 1},         {"b", 1},          {"k", 1024.0},        {"kib", 1024.0},
-      {"kb", 1e3},     {"m", 1048576.0},  {"mib", 1048576.0},   {"mb", 1e6},
-      {"g", 1073741824.0}, {"gib", 1073741824.0}, {"gb", 1e9},
-      {"t", 1099511627776.0}, {"tib", 1099511627776.0}, {"tb", 1e12},
+      {"", 1},
+      {"b", 1},
+      {"k", 1024.0},
+      {"kib", 1024.0},
+      {"kb", 1e3},
+      {"m", 1048576.0},
+      {"mib", 1048576.0},
+      {"mb", 1e6},
+      {"g", 1073741824.0},
+      {"gib", 1073741824.0},
+      {"gb", 1e9},
+      {"t", 1099511627776.0},
+      {"tib", 1099511627776.0},
+      {"tb", 1e12},
   };
   for (const Unit& unit : kUnits) {
     if (iequals(suffix, unit.name)) return unit.bytes;
@@ -75,12 +85,18 @@ Result<std::chrono::nanoseconds> parse_duration(std::string_view text) {
   std::string_view suffix;
   double unit_ns = 0;
   if (split_number(text, &number, &suffix)) {
-    if (suffix.empty() || suffix == "s") unit_ns = 1e9;
-    else if (suffix == "ms") unit_ns = 1e6;
-    else if (suffix == "us") unit_ns = 1e3;
-    else if (suffix == "ns") unit_ns = 1;
-    else if (suffix == "m") unit_ns = 60e9;
-    else if (suffix == "h") unit_ns = 3600e9;
+    if (suffix.empty() || suffix == "s")
+      unit_ns = 1e9;
+    else if (suffix == "ms")
+      unit_ns = 1e6;
+    else if (suffix == "us")
+      unit_ns = 1e3;
+    else if (suffix == "ns")
+      unit_ns = 1;
+    else if (suffix == "m")
+      unit_ns = 60e9;
+    else if (suffix == "h")
+      unit_ns = 3600e9;
   }
   if (unit_ns == 0 || number * unit_ns > 1e18) {
     return Status::invalid_argument(
@@ -92,16 +108,13 @@ Result<std::chrono::nanoseconds> parse_duration(std::string_view text) {
 Result<double> parse_rate(std::string_view text) {
   const size_t slash = text.rfind("/s");
   if (slash == std::string_view::npos || slash + 2 != text.size()) {
-    return Status::invalid_argument(
-        fmt::format("invalid rate '{}' (expected e.g. 100MB/s)", text));
+    return Status::invalid_argument(fmt::format("invalid rate '{}' (expected e.g. 100MB/s)", text));
   }
   double number = 0;
   std::string_view suffix;
-  const double unit =
-      split_number(text.substr(0, slash), &number, &suffix) ? size_unit(suffix) : 0;
+  const double unit = split_number(text.substr(0, slash), &number, &suffix) ? size_unit(suffix) : 0;
   if (unit == 0 || number <= 0) {
-    return Status::invalid_argument(
-        fmt::format("invalid rate '{}' (expected e.g. 100MB/s)", text));
+    return Status::invalid_argument(fmt::format("invalid rate '{}' (expected e.g. 100MB/s)", text));
   }
   return number * unit;
 }

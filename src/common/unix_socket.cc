@@ -55,12 +55,12 @@ Result<std::unique_ptr<UnixListener>> UnixListener::listen(const std::filesystem
   if (error == EADDRINUSE) {
     struct stat st {};
     if (::lstat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode)) {
-      return Status::already_exists(fmt::format(
-          "--socket {} exists and is not a socket: not replacing it", path.string()));
+      return Status::already_exists(
+          fmt::format("--socket {} exists and is not a socket: not replacing it", path.string()));
     }
     if (answers(address)) {
-      return Status::already_exists(fmt::format(
-          "socket {} is already in use by another server", path.string()));
+      return Status::already_exists(
+          fmt::format("socket {} is already in use by another server", path.string()));
     }
     // A socket whose server is gone: ours to replace.
     ::unlink(path.c_str());
@@ -89,7 +89,8 @@ size_t default_max_connections(size_t descriptors_per_connection) {
   const uint64_t descriptors = limit.rlim_cur;
   const uint64_t kept = descriptors / 4 + 32;
   if (descriptors <= kept) return 1;
-  return std::max<size_t>(1, (descriptors - kept) / std::max<size_t>(1, descriptors_per_connection));
+  return std::max<size_t>(1,
+                          (descriptors - kept) / std::max<size_t>(1, descriptors_per_connection));
 }
 
 Acceptor::Acceptor(int listen_fd, int wake_fd, size_t max_connections, std::string what)
@@ -134,9 +135,10 @@ Result<UniqueFd> Acceptor::accept(const std::function<size_t()>& open) {
       const size_t served = open();
       if (served < max_connections_) return fd;
       fd.reset();
-      log_throttled(fmt::format("refused a connection: {} are open, the most allowed "
-                                "(--max-connections)",
-                                served));
+      log_throttled(
+          fmt::format("refused a connection: {} are open, the most allowed "
+                      "(--max-connections)",
+                      served));
       continue;
     }
     const int error = errno;
@@ -152,9 +154,10 @@ Result<UniqueFd> Acceptor::accept(const std::function<size_t()>& open) {
         const bool refused =
             UniqueFd(::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC)).valid();
         spare_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
-        log_throttled(fmt::format("out of file descriptors ({}): refusing connections until "
-                                  "some end",
-                                  std::strerror(error)));
+        log_throttled(
+            fmt::format("out of file descriptors ({}): refusing connections until "
+                        "some end",
+                        std::strerror(error)));
         // Refusing one made progress: go on with the next at once. Else
         // (no spare) wait a little rather than spin.
         if (!refused && !pause()) return UniqueFd();

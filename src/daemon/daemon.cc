@@ -26,10 +26,14 @@ constexpr int kMemoryWorkers = 32;
 
 int http_status(StatusCode code) {
   switch (code) {
-    case StatusCode::kInvalidArgument: return 400;
-    case StatusCode::kNotFound: return 404;
-    case StatusCode::kAlreadyExists: return 409;
-    default: return 500;
+    case StatusCode::kInvalidArgument:
+      return 400;
+    case StatusCode::kNotFound:
+      return 404;
+    case StatusCode::kAlreadyExists:
+      return 409;
+    default:
+      return 500;
   }
 }
 
@@ -393,7 +397,8 @@ std::string Daemon::metrics_text() {
   }
   out.family("lazyblock_cache_bytes", "gauge", "Bytes held by the templates' block caches");
   out.sample("lazyblock_cache_bytes", {}, static_cast<double>(cached));
-  out.family("lazyblock_cache_budget_bytes", "gauge", "The bound of the block caches (--cache-budget)");
+  out.family("lazyblock_cache_budget_bytes", "gauge",
+             "The bound of the block caches (--cache-budget)");
   out.sample("lazyblock_cache_budget_bytes", {}, static_cast<double>(templates_.cache_budget()));
   out.family("lazyblock_cache_evictions_total", "counter", "Idle templates evicted");
   out.sample("lazyblock_cache_evictions_total", {}, static_cast<double>(templates_.evictions()));

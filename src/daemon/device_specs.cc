@@ -125,9 +125,8 @@ Result<MemorySpec> parse_memory_spec(std::string_view body) {
 Status check_device_id(std::string_view id) {
   if (id.empty()) return Status::invalid_argument("the device id is empty");
   if (id.size() > kMaxIdBytes) {
-    return Status::invalid_argument(
-        fmt::format("the device id is {} bytes long; at most {} are allowed", id.size(),
-                    kMaxIdBytes));
+    return Status::invalid_argument(fmt::format(
+        "the device id is {} bytes long; at most {} are allowed", id.size(), kMaxIdBytes));
   }
   if (id.find('/') != std::string_view::npos) {
     return Status::invalid_argument(fmt::format("the device id '{}' has a '/'", id));

@@ -2,10 +2,10 @@
 
 #include <microhttpd.h>
 
+#include <chrono>
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
-#include <chrono>
 
 #include <fmt/format.h>
 
@@ -48,9 +48,9 @@ MHD_Result queue(MHD_Connection* connection, const HttpResponse& response) {
   return queued;
 }
 
-MHD_Result on_request(void* cls, MHD_Connection* connection, const char* url,
-                      const char* method, const char* /*version*/, const char* upload_data,
-                      size_t* upload_data_size, void** state) {
+MHD_Result on_request(void* cls, MHD_Connection* connection, const char* url, const char* method,
+                      const char* /*version*/, const char* upload_data, size_t* upload_data_size,
+                      void** state) {
   auto* context = static_cast<HttpServer::Context*>(cls);
   if (*state == nullptr) {  // the headers: the body (if any) comes in later calls
     auto* pending = new Pending;
@@ -104,8 +104,7 @@ void on_library_error(void* cls, const char* format, va_list arguments) {
 HttpServer::HttpServer(std::unique_ptr<Context> context) : context_(std::move(context)) {}
 
 Result<std::unique_ptr<HttpServer>> HttpServer::start(int listen_fd, HttpHandler handler,
-                                                      std::string what,
-                                                      unsigned max_connections) {
+                                                      std::string what, unsigned max_connections) {
   auto context = std::make_unique<Context>();
   context->handler = std::move(handler);
   context->what = std::move(what);
@@ -115,12 +114,12 @@ Result<std::unique_ptr<HttpServer>> HttpServer::start(int listen_fd, HttpHandler
   // store (loading a header) holds up nobody else's call; ITC so that the
   // socket can be handed back (quiesced) before the daemon stops.
   server->daemon_ = MHD_start_daemon(
-      MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL |
-          MHD_USE_ITC | MHD_USE_ERROR_LOG,
+      MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL | MHD_USE_ITC |
+          MHD_USE_ERROR_LOG,
       0, nullptr, nullptr, &on_request, raw, MHD_OPTION_EXTERNAL_LOGGER, &on_library_error,
-      &raw->what, MHD_OPTION_LISTEN_SOCKET, listen_fd, MHD_OPTION_CONNECTION_LIMIT,
-      max_connections, MHD_OPTION_CONNECTION_TIMEOUT, static_cast<unsigned>(30),
-      MHD_OPTION_NOTIFY_COMPLETED, &on_completed, raw, MHD_OPTION_END);
+      &raw->what, MHD_OPTION_LISTEN_SOCKET, listen_fd, MHD_OPTION_CONNECTION_LIMIT, max_connections,
+      MHD_OPTION_CONNECTION_TIMEOUT, static_cast<unsigned>(30), MHD_OPTION_NOTIFY_COMPLETED,
+      &on_completed, raw, MHD_OPTION_END);
   if (server->daemon_ == nullptr) {
     return Status::io_error(fmt::format("{}: the HTTP server did not start", raw->what));
   }
@@ -138,7 +137,8 @@ void HttpServer::stop() {
   // answer is not waited for long.
   {
     MutexLock lock(context_->mu);
-    context_->ended.wait_for(lock, kAnswerGrace, [&]() REQUIRES(context_->mu) { return context_->in_progress == 0; });
+    context_->ended.wait_for(lock, kAnswerGrace,
+                             [&]() REQUIRES(context_->mu) { return context_->in_progress == 0; });
   }
   MHD_stop_daemon(daemon_);
   daemon_ = nullptr;

@@ -44,8 +44,7 @@ class HttpServer {
   // Serves on `listen_fd` (listening already, owned by the caller, who
   // closes it only after this server is gone). `what` names it in logs.
   static Result<std::unique_ptr<HttpServer>> start(int listen_fd, HttpHandler handler,
-                                                   std::string what,
-                                                   unsigned max_connections = 64);
+                                                   std::string what, unsigned max_connections = 64);
   // stop(), if not yet.
   ~HttpServer();
   HttpServer(const HttpServer&) = delete;

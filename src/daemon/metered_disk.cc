@@ -38,7 +38,7 @@ Status MeteredDisk::do_read(std::span<std::byte> buffer, uint64_t offset) {
 }
 
 Result<std::optional<std::span<const std::byte>>> MeteredDisk::do_view(uint64_t offset,
-                                                                      uint64_t length) {
+                                                                       uint64_t length) {
   count(offset, length);
   return disk_.view(offset, length);
 }

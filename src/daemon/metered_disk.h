@@ -52,8 +52,7 @@ class MeteredDisk final : public image::Disk {
     return disk_.is_zero(offset, length);
   }
   void do_prefetch(uint64_t offset, uint64_t length) override { disk_.prefetch(offset, length); }
-  Status do_extents(uint64_t offset, uint64_t length,
-                    std::vector<image::DiskExtent>& out) override;
+  Status do_extents(uint64_t offset, uint64_t length, std::vector<image::DiskExtent>& out) override;
   Status do_write(std::span<const std::byte> data, uint64_t offset) override {
     return disk_.write(data, offset);
   }

@@ -9,7 +9,8 @@ void count_error(StoreMetrics& metrics, const Status& status) {
 
 class MeteringReader : public RangeReader {
  public:
-  MeteringReader(std::unique_ptr<RangeReader> inner, StoreMetrics& metrics, Clock::time_point opened)
+  MeteringReader(std::unique_ptr<RangeReader> inner, StoreMetrics& metrics,
+                 Clock::time_point opened)
       : inner_(std::move(inner)), metrics_(metrics), opened_(opened) {}
 
   Result<size_t> read(std::span<std::byte> buffer) override {
@@ -52,7 +53,8 @@ Result<std::unique_ptr<RangeReader>> MeteringStore::open_range(const std::string
                                                                const IoContext& io) {
   metrics_.range_requests.fetch_add(1, std::memory_order_relaxed);
   const Clock::time_point opened = Clock::now();
-  Result<std::unique_ptr<RangeReader>> reader = StoreLayer::open_range(key, offset, length, with_stop(io));
+  Result<std::unique_ptr<RangeReader>> reader =
+      StoreLayer::open_range(key, offset, length, with_stop(io));
   if (!reader) {
     count_error(metrics_, reader.status());
     return reader.status();

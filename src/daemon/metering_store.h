@@ -18,9 +18,9 @@
 namespace lazyblock::daemon {
 
 struct StoreMetrics {
-  std::atomic<uint64_t> range_requests{0};  // open_range calls
-  std::atomic<uint64_t> stat_requests{0};   // stat / stat_info calls
-  std::atomic<uint64_t> bytes{0};           // bytes read from range streams
+  std::atomic<uint64_t> range_requests{0};                   // open_range calls
+  std::atomic<uint64_t> stat_requests{0};                    // stat / stat_info calls
+  std::atomic<uint64_t> bytes{0};                            // bytes read from range streams
   std::array<std::atomic<uint64_t>, kStatusCodes> errors{};  // failed calls and reads, by code
   Histogram first_byte;  // from open_range's call to a stream's first byte
 };

@@ -40,9 +40,7 @@ uint64_t Template::cached_bytes() const {
   return bytes;
 }
 
-TemplateLease::~TemplateLease() {
-  registry_.release({template_->build(), template_->name()});
-}
+TemplateLease::~TemplateLease() { registry_.release({template_->build(), template_->name()}); }
 
 TemplateRegistry::TemplateRegistry(TemplateOptions options)
     : options_(std::move(options)), evictor_([this] { evict_loop(); }) {}
@@ -134,7 +132,7 @@ std::vector<TemplateRegistry::Row> TemplateRegistry::list() const {
   const Clock::time_point now = Clock::now();
   for (const auto& [key, entry] : entries_) {
     if (!entry.loaded) continue;
-    Row row{key.first, key.second, entry.loaded->device().size(), entry.loaded->cached_bytes(),
+    Row row{key.first,   key.second, entry.loaded->device().size(), entry.loaded->cached_bytes(),
             entry.users, 0};
     if (entry.users == 0) {
       row.idle_seconds = std::chrono::duration<double>(now - entry.last_used).count();
@@ -165,14 +163,15 @@ void TemplateRegistry::cancel_all() {
 std::vector<std::shared_ptr<Template>> TemplateRegistry::take_evictable_locked(
     Clock::time_point now) {
   std::vector<std::shared_ptr<Template>> evicted;
-  auto evict = [&](std::map<Key, Entry>::iterator it, const char* why, uint64_t bytes) REQUIRES(mu_) {
-    log(LogLevel::kInfo, "daemon: evicting template {}/{} ({}, {} cached)",
-        it->first.first.to_string(), it->first.second, why, bytes);
-    ++evictions_;
-    evicted_bytes_ += bytes;
-    evicted.push_back(std::move(it->second.loaded));
-    entries_.erase(it);
-  };
+  auto evict = [&](std::map<Key, Entry>::iterator it, const char* why, uint64_t bytes)
+                   REQUIRES(mu_) {
+                     log(LogLevel::kInfo, "daemon: evicting template {}/{} ({}, {} cached)",
+                         it->first.first.to_string(), it->first.second, why, bytes);
+                     ++evictions_;
+                     evicted_bytes_ += bytes;
+                     evicted.push_back(std::move(it->second.loaded));
+                     entries_.erase(it);
+                   };
   // Idle for longer than the TTL.
   for (auto it = entries_.begin(); it != entries_.end();) {
     const auto next = std::next(it);

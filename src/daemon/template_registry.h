@@ -107,8 +107,8 @@ class TemplateRegistry {
   // The loaded templates, in (build, name) order.
   std::vector<Row> list() const;
 
-  uint64_t evictions() const;       // templates ended by eviction so far
-  uint64_t evicted_bytes() const;   // the cached bytes they held
+  uint64_t evictions() const;      // templates ended by eviction so far
+  uint64_t evicted_bytes() const;  // the cached bytes they held
   uint64_t cache_budget() const { return options_.cache_budget; }
 
   // Cancels the fetches of every template, loaded or loaded later, for a
@@ -147,7 +147,7 @@ class TemplateRegistry {
   bool stopping_ GUARDED_BY(mu_) = false;
   uint64_t evictions_ GUARDED_BY(mu_) = 0;
   uint64_t evicted_bytes_ GUARDED_BY(mu_) = 0;
-  std::thread evictor_;              // started last
+  std::thread evictor_;  // started last
 };
 
 }  // namespace lazyblock::daemon

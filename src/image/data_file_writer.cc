@@ -55,7 +55,8 @@ struct DataFileWriter::Job {
   std::future<Result<std::vector<std::byte>>> done = encoded.get_future();
 };
 
-Result<std::unique_ptr<DataFileWriter>> DataFileWriter::create(int fd, const DataFileFormat& format) {
+Result<std::unique_ptr<DataFileWriter>> DataFileWriter::create(int fd,
+                                                               const DataFileFormat& format) {
   if (!codec_from_id(static_cast<uint32_t>(format.codec))) {
     return Status::invalid_argument(
         fmt::format("unknown codec {}", static_cast<uint32_t>(format.codec)));
@@ -65,12 +66,13 @@ Result<std::unique_ptr<DataFileWriter>> DataFileWriter::create(int fd, const Dat
     LB_RETURN_IF_ERROR(check_level(frame_codec(format.codec), format.level));
     if (format.frame_size == 0 || format.frame_size % 4096 != 0 ||
         format.frame_size > kMaxFrameSize) {
-      return Status::invalid_argument(fmt::format(
-          "frame size {} must be a multiple of 4 KiB of at most {}", format.frame_size,
-          format_size(kMaxFrameSize)));
+      return Status::invalid_argument(
+          fmt::format("frame size {} must be a multiple of 4 KiB of at most {}", format.frame_size,
+                      format_size(kMaxFrameSize)));
     }
-    threads = format.threads > 0 ? format.threads
-                                 : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    threads = format.threads > 0
+                  ? format.threads
+                  : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   }
   return std::unique_ptr<DataFileWriter>(new DataFileWriter(fd, format, threads));
 }
@@ -113,9 +115,9 @@ Status DataFileWriter::append(std::span<const std::byte> bytes) {
 
 Status DataFileWriter::submit_frame() {
   if (table_.frames.size() + in_flight_.size() >= kMaxFramesPerBuild) {
-    return Status::invalid_argument(fmt::format(
-        "the data file needs more than {} frames of {}: give a larger --frame-size",
-        kMaxFramesPerBuild, format_size(format_.frame_size)));
+    return Status::invalid_argument(
+        fmt::format("the data file needs more than {} frames of {}: give a larger --frame-size",
+                    kMaxFramesPerBuild, format_size(format_.frame_size)));
   }
   while (in_flight_.size() >= in_flight_limit_) LB_RETURN_IF_ERROR(write_oldest());
   auto job = std::make_shared<Job>();
@@ -124,9 +126,8 @@ Status DataFileWriter::submit_frame() {
   current_ = {};
   const FrameCodec codec = frame_codec(format_.codec);
   const int level = format_.level;
-  encoders_->submit([job, codec, level] {
-    job->encoded.set_value(compress_frame(codec, level, job->input));
-  });
+  encoders_->submit(
+      [job, codec, level] { job->encoded.set_value(compress_frame(codec, level, job->input)); });
   in_flight_.push_back(std::move(job));
   return Status::ok();
 }

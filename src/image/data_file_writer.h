@@ -33,10 +33,10 @@ namespace lazyblock::image {
 
 struct DataFileFormat {
   Codec codec = Codec::kNone;
-  int level = 0;                            // the codec's (frame_codec.h, check_level)
-  uint64_t frame_size = 2 * 1024 * 1024;    // uncompressed bytes per frame (E2B's 2 MiB)
-  int threads = 0;                          // encoder threads; 0: one per core
-  bool digest = false;                      // compute the SHA-256 (always when compressed)
+  int level = 0;                          // the codec's (frame_codec.h, check_level)
+  uint64_t frame_size = 2 * 1024 * 1024;  // uncompressed bytes per frame (E2B's 2 MiB)
+  int threads = 0;                        // encoder threads; 0: one per core
+  bool digest = false;                    // compute the SHA-256 (always when compressed)
 };
 
 // What a header says of the file written (BuildInfo's fields).
@@ -82,8 +82,8 @@ class DataFileWriter {
   std::unique_ptr<Sha256> sha_;
   uint64_t size_ = 0;
   uint64_t stored_ = 0;
-  std::vector<std::byte> current_;             // the frame being gathered
-  std::vector<std::vector<std::byte>> spare_;  // frame buffers to reuse
+  std::vector<std::byte> current_;              // the frame being gathered
+  std::vector<std::vector<std::byte>> spare_;   // frame buffers to reuse
   std::deque<std::shared_ptr<Job>> in_flight_;  // oldest first
   FrameTable table_;
   // Last, so that it is destroyed first: its threads are joined while the

@@ -40,8 +40,8 @@ Result<std::vector<std::byte>> read_small_object(ObjectStore& store, const std::
   Result<uint64_t> size = store.stat(key, io);
   if (!size) return size.status();
   if (*size > max_bytes) {
-    return Status::corruption(fmt::format("{} is {} bytes, more than the {} it may be", key,
-                                          *size, format_size(max_bytes)));
+    return Status::corruption(fmt::format("{} is {} bytes, more than the {} it may be", key, *size,
+                                          format_size(max_bytes)));
   }
   std::vector<std::byte> bytes(*size);
   Result<std::unique_ptr<RangeReader>> reader = store.open_range(key, 0, *size, io);
@@ -67,8 +67,8 @@ Result<Header> load_header(ObjectStore& store, const Uuid& build, const std::str
   Result<Header> header = Header::parse(*bytes);
   if (!header) return header.status().with_context("header " + key);
   if (header->build_id != build) {
-    return Status::corruption(fmt::format("header {} belongs to build {}", key,
-                                          header->build_id.to_string()));
+    return Status::corruption(
+        fmt::format("header {} belongs to build {}", key, header->build_id.to_string()));
   }
   return header;
 }
@@ -102,16 +102,17 @@ Result<Chunker*> DataFiles::chunker(const Uuid& build, const std::string& name,
   std::optional<Header> own;
   if (info == nullptr && !referrer.codec_of(build)) {
     Result<Header> loaded = load_header(*store_, build, name, options_.fetch_timeout);
-    if (!loaded) return loaded.status().with_context("how build " + build.to_string() + " is stored");
+    if (!loaded)
+      return loaded.status().with_context("how build " + build.to_string() + " is stored");
     own = std::move(loaded).value();
     info = own->find_build(build);
   }
   Result<std::unique_ptr<Chunker>> made =
       info != nullptr && info->frame_table.compressed()
-          ? make_frame_chunker(store_,
-                               data_key(build, name) +
-                                   std::string(data_file_suffix(info->frame_table.codec)),
-                               geometry_of(*info), options_)
+          ? make_frame_chunker(
+                store_,
+                data_key(build, name) + std::string(data_file_suffix(info->frame_table.codec)),
+                geometry_of(*info), options_)
           : make_chunker(store_, data_key(build, name), std::nullopt, options_);
   if (!made) return made.status();
   MutexLock lock(mu_);
@@ -143,8 +144,7 @@ std::map<Uuid, ChunkerStats> DataFiles::stats() const {
 
 Result<std::unique_ptr<Device>> Device::open(std::shared_ptr<DataFiles> files, const Uuid& build,
                                              std::string name) {
-  Result<Header> header =
-      load_header(files->store(), build, name, files->options().fetch_timeout);
+  Result<Header> header = load_header(files->store(), build, name, files->options().fetch_timeout);
   if (!header) return header.status();
   return std::make_unique<Device>(std::move(files), std::move(header).value(), std::move(name));
 }
@@ -173,8 +173,8 @@ Device::Device(std::shared_ptr<DataFiles> files, Header header, std::string name
     if (mapping.offset >= size()) break;  // the padding of a last partial block
     const Source* source =
         mapping.build_id.is_nil() ? nullptr : &sources_[source_of.at(mapping.build_id)];
-    extents_.push_back({mapping.offset, std::min(mapping.end(), size()), source,
-                        mapping.build_storage_offset});
+    extents_.push_back(
+        {mapping.offset, std::min(mapping.end(), size()), source, mapping.build_storage_offset});
   }
   if (extents_.empty()) return;  // an empty device: nothing is ever looked up
   bucket_shift_ = 12;
@@ -226,9 +226,9 @@ Result<Chunker*> Device::chunker_of(const Source& source) const {
 
 Status Device::short_data_file(const Extent& extent, uint64_t stored_end,
                                uint64_t device_end) const {
-  return Status::corruption(fmt::format(
-      "data file {} ends before {}, where the header maps device byte {}",
-      data_key(extent.source->build, name_), stored_end, device_end));
+  return Status::corruption(
+      fmt::format("data file {} ends before {}, where the header maps device byte {}",
+                  data_key(extent.source->build, name_), stored_end, device_end));
 }
 
 Status Device::do_read(std::span<std::byte> buffer, uint64_t offset) {
@@ -270,8 +270,7 @@ Result<std::optional<std::span<const std::byte>>> Device::do_view(uint64_t offse
   return std::optional(*bytes);
 }
 
-std::optional<std::span<const std::byte>> Device::do_cached_view(uint64_t offset,
-                                                                 uint64_t length) {
+std::optional<std::span<const std::byte>> Device::do_cached_view(uint64_t offset, uint64_t length) {
   const Extent& extent = extent_at(offset);
   if (offset + length > extent.end) return std::nullopt;
   if (extent.source == nullptr) {
@@ -279,8 +278,8 @@ std::optional<std::span<const std::byte>> Device::do_cached_view(uint64_t offset
     return zeros(length);
   }
   if (extent.source->chunker == nullptr) return std::nullopt;
-  std::optional<std::span<const std::byte>> bytes = extent.source->chunker->cached_slice(
-      extent.storage_offset + (offset - extent.begin), length);
+  std::optional<std::span<const std::byte>> bytes =
+      extent.source->chunker->cached_slice(extent.storage_offset + (offset - extent.begin), length);
   // A data file shorter than the header says is view()'s error to report.
   if (bytes && bytes->size() != length) return std::nullopt;
   return bytes;

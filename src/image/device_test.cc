@@ -43,10 +43,13 @@ class DeviceTest : public ::testing::Test {
     ASSERT_TRUE(files);
     store_ = *files;
     // The parent's data file: pattern 1; the child's: pattern 2.
-    ASSERT_TRUE(store_->put(data_key(parent_, "memfile"), testing::make_pattern(1, 0, 8 * kMiB),
-                            IoContext{}).is_ok());
-    ASSERT_TRUE(store_->put(data_key(child_, "memfile"), testing::make_pattern(2, 0, 2 * kMiB),
-                            IoContext{}).is_ok());
+    ASSERT_TRUE(
+        store_
+            ->put(data_key(parent_, "memfile"), testing::make_pattern(1, 0, 8 * kMiB), IoContext{})
+            .is_ok());
+    ASSERT_TRUE(
+        store_->put(data_key(child_, "memfile"), testing::make_pattern(2, 0, 2 * kMiB), IoContext{})
+            .is_ok());
     // Device (5 MiB + 100 bytes): [0, 1 MiB) child at 1 MiB; [1, 2 MiB)
     // zeros; [2 MiB, end) parent at 3 MiB.
     header_.block_size = kBlock;
@@ -93,9 +96,15 @@ TEST_F(DeviceTest, ReadsSplitAlongTheMappings) {
   auto device = open();
   ASSERT_TRUE(device);
   EXPECT_EQ(device->size(), header_.size);
-  for (const auto& [offset, length] : std::vector<std::pair<uint64_t, uint64_t>>{
-           {0, 100}, {1 * kMiB - 10, 20}, {2 * kMiB - 5, 10}, {1 * kMiB - 3, 2 * kMiB},
-           {5 * kMiB, 4096}, {5 * kMiB + 99, 1}, {5 * kMiB + 100, 10}, {0, 6 * kMiB}}) {
+  for (const auto& [offset, length] :
+       std::vector<std::pair<uint64_t, uint64_t>>{{0, 100},
+                                                  {1 * kMiB - 10, 20},
+                                                  {2 * kMiB - 5, 10},
+                                                  {1 * kMiB - 3, 2 * kMiB},
+                                                  {5 * kMiB, 4096},
+                                                  {5 * kMiB + 99, 1},
+                                                  {5 * kMiB + 100, 10},
+                                                  {0, 6 * kMiB}}) {
     std::string buffer(length, 'x');
     Result<size_t> got =
         device->read(std::as_writable_bytes(std::span(buffer.data(), buffer.size())), offset);
@@ -120,7 +129,8 @@ TEST_F(DeviceTest, ViewsWithinOneMappingAndNoneAcross) {
             static_cast<long>(1 * kMiB));
   // Across mappings the bytes are not contiguous: no view, and no error;
   // view_or_read copies them.
-  Result<std::optional<std::span<const std::byte>>> across = device->view(1 * kMiB - kBlock, 2 * kBlock);
+  Result<std::optional<std::span<const std::byte>>> across =
+      device->view(1 * kMiB - kBlock, 2 * kBlock);
   ASSERT_TRUE(across) << across.status().to_string();
   EXPECT_FALSE(*across);
   std::vector<std::byte> scratch;
@@ -130,7 +140,8 @@ TEST_F(DeviceTest, ViewsWithinOneMappingAndNoneAcross) {
   ASSERT_EQ(copied->size(), 2 * kBlock);
   EXPECT_EQ(std::memcmp(copied->data(), expected_.data() + 1 * kMiB - kBlock, 2 * kBlock), 0);
   // The extent table, clipped to the range asked for.
-  Result<std::vector<DiskExtent>> extents = device->extents(1 * kMiB - kBlock, 1 * kMiB + 2 * kBlock);
+  Result<std::vector<DiskExtent>> extents =
+      device->extents(1 * kMiB - kBlock, 1 * kMiB + 2 * kBlock);
   ASSERT_TRUE(extents);
   ASSERT_EQ(extents->size(), 3u);
   EXPECT_EQ((*extents)[0], (DiskExtent{1 * kMiB - kBlock, kBlock, DiskExtent::Kind::kData}));
@@ -147,8 +158,9 @@ TEST_F(DeviceTest, WriteToGivesTheWholeDevice) {
 }
 
 TEST_F(DeviceTest, ADataFileShorterThanItsMappingsIsCorruption) {
-  ASSERT_TRUE(store_->put(data_key(parent_, "memfile"), testing::make_pattern(1, 0, 4 * kMiB),
-                          IoContext{}).is_ok());
+  ASSERT_TRUE(
+      store_->put(data_key(parent_, "memfile"), testing::make_pattern(1, 0, 4 * kMiB), IoContext{})
+          .is_ok());
   auto device = open();
   ASSERT_TRUE(device);
   std::string buffer(4096, '\0');
@@ -163,7 +175,8 @@ TEST_F(DeviceTest, ADataFileShorterThanItsMappingsIsCorruption) {
 TEST_F(DeviceTest, AHeaderOfAnotherBuildIsRefused) {
   Result<Header> header = load_header(*store_, child_, "memfile", std::chrono::seconds(5));
   ASSERT_TRUE(header);
-  ASSERT_TRUE(store_->put(header_key(parent_, "memfile"), *header->serialize(), IoContext{}).is_ok());
+  ASSERT_TRUE(
+      store_->put(header_key(parent_, "memfile"), *header->serialize(), IoContext{}).is_ok());
   Result<Header> wrong = load_header(*store_, parent_, "memfile", std::chrono::seconds(5));
   ASSERT_FALSE(wrong);
   EXPECT_EQ(wrong.status().code(), StatusCode::kCorruption);

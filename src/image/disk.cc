@@ -92,8 +92,8 @@ Status check_writable(bool writable, uint64_t offset, uint64_t length, uint64_t 
                       const char* what) {
   if (!writable) return Status::invalid_argument(fmt::format("{}: the disk is read-only", what));
   if (offset > size || length > size - offset) {
-    return Status::invalid_argument(fmt::format("{} of {} bytes at {} past the disk's end at {}",
-                                                what, length, offset, size));
+    return Status::invalid_argument(
+        fmt::format("{} of {} bytes at {} past the disk's end at {}", what, length, offset, size));
   }
   return Status::ok();
 }

@@ -86,16 +86,16 @@ Status FrameTable::validate() const {
   // otherwise could not be written and read back the same.
   if (frames.empty()) return bad(fmt::format("codec {} with no frames", codec_name(codec)));
   if (frames.size() > kMaxFramesPerBuild) {
-    return bad(fmt::format("{} frames, more than the {} allowed", frames.size(),
-                           kMaxFramesPerBuild));
+    return bad(
+        fmt::format("{} frames, more than the {} allowed", frames.size(), kMaxFramesPerBuild));
   }
   for (size_t i = 0; i < frames.size(); ++i) {
     const Frame& f = frames[i];
-    if (f.size_u == 0 || f.size_c == 0 || f.size_u > kMaxOnDiskSize ||
-        f.size_c > kMaxOnDiskSize) {
-      return bad(fmt::format("frame {} has sizes {} (uncompressed) and {} (compressed): each must "
-                             "be from 1 to {}",
-                             i, f.size_u, f.size_c, kMaxOnDiskSize));
+    if (f.size_u == 0 || f.size_c == 0 || f.size_u > kMaxOnDiskSize || f.size_c > kMaxOnDiskSize) {
+      return bad(
+          fmt::format("frame {} has sizes {} (uncompressed) and {} (compressed): each must "
+                      "be from 1 to {}",
+                      i, f.size_u, f.size_c, kMaxOnDiskSize));
     }
     if (f.start_u > kMaxOnDiskOffset - f.size_u || f.start_c > kMaxOnDiskOffset - f.size_c) {
       return bad(fmt::format("frame {} at {} (uncompressed), {} (compressed) ends past 2^63", i,
@@ -104,9 +104,10 @@ Status FrameTable::validate() const {
     if (i == 0) continue;
     const Frame& before = frames[i - 1];
     if (f.start_u < before.end_u()) {
-      return bad(fmt::format("frame {} starts at uncompressed offset {}, before frame {} ends "
-                             "at {}",
-                             i, f.start_u, i - 1, before.end_u()));
+      return bad(
+          fmt::format("frame {} starts at uncompressed offset {}, before frame {} ends "
+                      "at {}",
+                      i, f.start_u, i - 1, before.end_u()));
     }
     if (f.start_c < before.end_c()) {
       return bad(fmt::format("frame {} starts at compressed offset {}, before frame {} ends at {}",

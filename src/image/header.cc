@@ -76,10 +76,10 @@ Uuid Uuid::random() {
 
 Result<Uuid> Uuid::parse(std::string_view text) {
   const auto invalid = [&] {
-    return Status::invalid_argument(fmt::format(
-        "'{}' is not a UUID (expected 8-4-4-4-12 hex digits, e.g. "
-        "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0)",
-        text));
+    return Status::invalid_argument(
+        fmt::format("'{}' is not a UUID (expected 8-4-4-4-12 hex digits, e.g. "
+                    "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0)",
+                    text));
   };
   if (text.size() != 36) return invalid();
   Uuid id;
@@ -121,9 +121,10 @@ Status check_tiling(const std::vector<Mapping>& mappings, uint64_t unit, uint64_
     }
     if (m.length == 0) return bad(fmt::format("mapping {} is empty", i));
     if (m.length % unit != 0 || m.build_storage_offset % unit != 0) {
-      return bad(fmt::format("mapping {} (length {}, storage offset {}) is not in whole {} "
-                             "of {}",
-                             i, m.length, m.build_storage_offset, unit_name, unit));
+      return bad(
+          fmt::format("mapping {} (length {}, storage offset {}) is not in whole {} "
+                      "of {}",
+                      i, m.length, m.build_storage_offset, unit_name, unit));
     }
     if (m.length > covered - m.offset) {
       return bad(fmt::format("mapping {} [{}, +{}) runs past the device's end at {}", i, m.offset,
@@ -181,16 +182,16 @@ Result<Header> Header::parse(std::span<const std::byte> bytes) {
   }
   const size_t mapping_bytes = bytes.size() - kMetadataBytes;
   if (mapping_bytes % kMappingBytes != 0) {
-    return Status::corruption(fmt::format(
-        "header of {} bytes: its mappings take {} bytes, not a multiple of {}", bytes.size(),
-        mapping_bytes, kMappingBytes));
+    return Status::corruption(
+        fmt::format("header of {} bytes: its mappings take {} bytes, not a multiple of {}",
+                    bytes.size(), mapping_bytes, kMappingBytes));
   }
   // Bounded by the bytes in hand, which are bounded above.
   header.mappings.reserve(mapping_bytes / kMappingBytes);
   for (size_t at = kMetadataBytes; at < bytes.size(); at += kMappingBytes) {
     const std::byte* record = bytes.data() + at;
-    header.mappings.push_back({get_le(record, 8), get_le(record + 8, 8), get_uuid(record + 16),
-                               get_le(record + 32, 8)});
+    header.mappings.push_back(
+        {get_le(record, 8), get_le(record + 8, 8), get_uuid(record + 16), get_le(record + 32, 8)});
   }
   LB_RETURN_IF_ERROR(header.validate());
   return header;

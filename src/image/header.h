@@ -65,7 +65,7 @@ struct Uuid {
 struct Mapping {
   uint64_t offset = 0;  // in the device
   uint64_t length = 0;
-  Uuid build_id;        // whose data file holds the bytes; nil: zeros
+  Uuid build_id;                      // whose data file holds the bytes; nil: zeros
   uint64_t build_storage_offset = 0;  // where in that data file
 
   uint64_t end() const { return offset + length; }
@@ -94,20 +94,20 @@ constexpr uint64_t kMaxHeaderBytes = kMetadataBytes + 5 + kMaxInnerBlockBytes + 
 // What a version 4 or 5 header says of one build's data file.
 struct BuildInfo {
   Uuid build_id;
-  uint64_t size = 0;                  // of the uncompressed data file; 0: unknown
-  std::array<uint8_t, 32> sha256{};   // of the uncompressed data file; all zeros: unknown
-  FrameTable frame_table;             // codec kNone: stored uncompressed
+  uint64_t size = 0;                 // of the uncompressed data file; 0: unknown
+  std::array<uint8_t, 32> sha256{};  // of the uncompressed data file; all zeros: unknown
+  FrameTable frame_table;            // codec kNone: stored uncompressed
 
   friend bool operator==(const BuildInfo&, const BuildInfo&) = default;
 };
 
 struct Header {
-  uint64_t version = 3;     // 3, 4 or 5: the layout parse() read and serialize() writes
+  uint64_t version = 3;  // 3, 4 or 5: the layout parse() read and serialize() writes
   uint64_t block_size = 4096;
   uint64_t size = 0;        // the device's size in bytes
   uint64_t generation = 0;  // 0 for a build without a parent, parent's + 1 otherwise
   Uuid build_id;
-  Uuid base_build_id;       // the first build of the chain (itself for generation 0)
+  Uuid base_build_id;  // the first build of the chain (itself for generation 0)
   std::vector<Mapping> mappings;
   // Versions 4 and 5 only (empty in version 3), sorted by build id: the
   // builds whose data files this header knows. A build its mappings name may

@@ -36,8 +36,8 @@ void PrintTo(const Header& h, std::ostream* os) {
   }
   *os << ", builds:";
   for (const BuildInfo& b : h.builds) {
-    *os << " {" << b.build_id.to_string() << " size " << b.size << " " << codec_name(b.frame_table.codec)
-        << " frames";
+    *os << " {" << b.build_id.to_string() << " size " << b.size << " "
+        << codec_name(b.frame_table.codec) << " frames";
     for (const Frame& f : b.frame_table.frames) {
       *os << " [" << f.start_u << "+" << f.size_u << " @" << f.start_c << "+" << f.size_c << "]";
     }
@@ -154,15 +154,14 @@ TEST(HeaderTest, RefusesWhatBreaksTheRules) {
             std::string::npos);
   EXPECT_NE(rejection([](Header& h) { h.mappings[0].length = 100; }).find("whole blocks"),
             std::string::npos);
-  EXPECT_NE(rejection([](Header& h) { h.mappings[2].build_storage_offset = 7; })
-                .find("whole blocks"),
-            std::string::npos);
+  EXPECT_NE(
+      rejection([](Header& h) { h.mappings[2].build_storage_offset = 7; }).find("whole blocks"),
+      std::string::npos);
   EXPECT_NE(rejection([](Header& h) {
               h.mappings[2].build_storage_offset = UINT64_MAX - 4095;
             }).find("overflows"),
             std::string::npos);
-  EXPECT_NE(rejection([](Header& h) { h.size = UINT64_MAX; }).find("too large"),
-            std::string::npos);
+  EXPECT_NE(rejection([](Header& h) { h.size = UINT64_MAX; }).find("too large"), std::string::npos);
   EXPECT_NE(rejection([](Header& h) {
               h.mappings.insert(h.mappings.begin() + 1, Mapping{3 * 4096, 0, id(1), 0});
             }).find("empty"),
@@ -209,8 +208,9 @@ TEST(HeaderTest, UuidsPrintAndParse) {
   EXPECT_EQ(u.bytes[6] >> 4, 4);
   EXPECT_EQ(Uuid::parse("0F1E2D3C-4B5A-6978-8796-A5B4C3D2E1F0")->to_string(),
             "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0");
-  for (const char* bad : {"", "0f1e2d3c4b5a69788796a5b4c3d2e1f0", "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1fg",
-                          "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0-", "0f1e2d3c+4b5a-6978-8796-a5b4c3d2e1f0"}) {
+  for (const char* bad :
+       {"", "0f1e2d3c4b5a69788796a5b4c3d2e1f0", "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1fg",
+        "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0-", "0f1e2d3c+4b5a-6978-8796-a5b4c3d2e1f0"}) {
     EXPECT_FALSE(Uuid::parse(bad)) << bad;
   }
   EXPECT_TRUE(Uuid::nil().is_nil());
@@ -260,8 +260,9 @@ TEST(MergeMappingsTest, ChangesLaidOverAParentMatchABlockByBlockModel) {
            std::vector<std::pair<uint64_t, std::pair<Uuid, uint64_t>>> overrides;
            for (const Mapping& m : changed) {
              for (uint64_t i = 0; i < m.length / 4096; ++i) {
-               overrides.push_back({m.offset / 4096 + i,
-                                    {m.build_id, m.build_id.is_nil() ? 0 : m.build_storage_offset + i * 4096}});
+               overrides.push_back(
+                   {m.offset / 4096 + i,
+                    {m.build_id, m.build_id.is_nil() ? 0 : m.build_storage_offset + i * 4096}});
              }
            }
            return overrides;
@@ -277,8 +278,9 @@ TEST(MergeMappingsTest, ChangesLaidOverAParentMatchABlockByBlockModel) {
     for (size_t i = 1; i < merged.size(); ++i) {
       const Mapping& a = merged[i - 1];
       const Mapping& b = merged[i];
-      EXPECT_FALSE(a.build_id == b.build_id &&
-                   (a.build_id.is_nil() || a.build_storage_offset + a.length == b.build_storage_offset))
+      EXPECT_FALSE(
+          a.build_id == b.build_id &&
+          (a.build_id.is_nil() || a.build_storage_offset + a.length == b.build_storage_offset))
           << "round " << round << ": mappings " << i - 1 << " and " << i << " should be one";
     }
   }
@@ -335,10 +337,17 @@ Header sample45(uint64_t version) {
                 {165 * kPage, kPage, kC, 0},
                 {166 * kPage, kPage, kA, 3 * kPage}};
   h.builds = {
-      {kA, 4 * kPage, sha(1), {Codec::kZstd, {{0, 0, 2 * kPage, 1000}, {2 * kPage, 1000, 2 * kPage, 900}}}},
-      {kB, 6 * kPage, sha(2),
+      {kA,
+       4 * kPage,
+       sha(1),
+       {Codec::kZstd, {{0, 0, 2 * kPage, 1000}, {2 * kPage, 1000, 2 * kPage, 900}}}},
+      {kB,
+       6 * kPage,
+       sha(2),
        {Codec::kLz4,
-        {{0, 0, 2 * kPage, 500}, {2 * kPage, 500, 2 * kPage, 700}, {4 * kPage, 1200, 2 * kPage, 800}}}},
+        {{0, 0, 2 * kPage, 500},
+         {2 * kPage, 500, 2 * kPage, 700},
+         {4 * kPage, 1200, 2 * kPage, 800}}}},
       {kC, kPage, sha(3), {}},
   };
   return h;
@@ -428,7 +437,8 @@ std::vector<std::byte> expected_inner(uint64_t version) {
 // picks its own block size and records the content size.
 std::vector<std::byte> lz4_one_shot(const std::vector<std::byte>& content, bool checksum = true) {
   LZ4F_preferences_t prefs{};
-  prefs.frameInfo.contentChecksumFlag = checksum ? LZ4F_contentChecksumEnabled : LZ4F_noContentChecksum;
+  prefs.frameInfo.contentChecksumFlag =
+      checksum ? LZ4F_contentChecksumEnabled : LZ4F_noContentChecksum;
   prefs.frameInfo.contentSize = content.size();
   std::vector<std::byte> frame(LZ4F_compressFrameBound(content.size(), &prefs));
   const size_t n =
@@ -453,8 +463,9 @@ std::vector<std::byte> lz4_content(std::span<const std::byte> frame) {
 }
 
 // A whole v4/v5 header object around an inner block: metadata, flags, length, frame.
-std::vector<std::byte> header_object(const Header& metadata_from, const std::vector<std::byte>& inner,
-                                     uint8_t flags = 0, std::optional<uint32_t> length = {}) {
+std::vector<std::byte> header_object(const Header& metadata_from,
+                                     const std::vector<std::byte>& inner, uint8_t flags = 0,
+                                     std::optional<uint32_t> length = {}) {
   std::vector<std::byte> out = metadata_bytes(metadata_from);
   out.push_back(std::byte(flags));
   le(out, length.value_or(static_cast<uint32_t>(inner.size())), 4);
@@ -497,7 +508,8 @@ TEST(HeaderV4V5Test, WritesTheDocumentedBytes) {
 TEST(HeaderV4V5Test, ReadsHandBuiltBytes) {
   for (uint64_t version : {4, 5}) {
     SCOPED_TRACE(version);
-    Result<Header> parsed = Header::parse(header_object(sample45(version), expected_inner(version)));
+    Result<Header> parsed =
+        Header::parse(header_object(sample45(version), expected_inner(version)));
     ASSERT_TRUE(parsed) << parsed.status().to_string();
     EXPECT_EQ(*parsed, trimmed45(version));
     EXPECT_EQ(parsed->codec_of(kA), Codec::kZstd);
@@ -551,8 +563,8 @@ Header random45(std::mt19937_64& rng, uint64_t version) {
       if (!h.mappings.empty() && h.mappings.back().build_id.is_nil() && version == 5) {
         h.mappings.back().length += run * kPage;
       } else {
-        h.mappings.push_back({page * kPage, run * kPage, Uuid::nil(),
-                              version == 4 ? (rng() % 9) * kPage : 0});
+        h.mappings.push_back(
+            {page * kPage, run * kPage, Uuid::nil(), version == 4 ? (rng() % 9) * kPage : 0});
       }
     } else {
       h.mappings.push_back({page * kPage, run * kPage, id(static_cast<uint8_t>(0x10 + b)),
@@ -562,12 +574,16 @@ Header random45(std::mt19937_64& rng, uint64_t version) {
   }
   for (int b = 0; b < builds; ++b) {
     if (rng() % 4 == 0) continue;  // no entry
-    BuildInfo info{id(static_cast<uint8_t>(0x10 + b)), data_pages[b] * kPage, sha(static_cast<uint8_t>(b)), {}};
+    BuildInfo info{id(static_cast<uint8_t>(0x10 + b)),
+                   data_pages[b] * kPage,
+                   sha(static_cast<uint8_t>(b)),
+                   {}};
     if (rng() % 3 != 0) {
       info.frame_table.codec = rng() % 2 ? Codec::kZstd : Codec::kLz4;
       std::vector<std::pair<uint64_t, uint64_t>> taken;
       for (const Mapping& m : h.mappings) {
-        if (m.build_id == info.build_id) taken.emplace_back(m.build_storage_offset, m.end() - m.offset);
+        if (m.build_id == info.build_id)
+          taken.emplace_back(m.build_storage_offset, m.end() - m.offset);
       }
       uint64_t at_c = 0;
       for (uint64_t at = 0; at < data_pages[b];) {
@@ -637,7 +653,9 @@ TEST(HeaderV4V5Test, RoundTripsKeepEverything) {
 TEST(HeaderV4V5Test, WritesOnlyTheFramesTheMappingsReach) {
   Header h = trimmed45(5);
   // A build no mapping names keeps its whole table.
-  h.builds.push_back({id(0xe5), 8 * kPage, sha(5),
+  h.builds.push_back({id(0xe5),
+                      8 * kPage,
+                      sha(5),
                       {Codec::kZstd, {{0, 0, 4 * kPage, 10}, {4 * kPage, 10, 4 * kPage, 10}}}});
   Result<Header> parsed = Header::parse(*sample45(5).serialize());
   ASSERT_TRUE(parsed);
@@ -721,10 +739,11 @@ TEST(HeaderV4V5Test, TheInnerBlockMustBeOneWholeCheckedFrame) {
     std::vector<std::byte> length;
     le(length, inner.size() + change, 4);
     std::copy(length.begin(), length.end(), bad.begin() + 65);
-    EXPECT_HAS(parse_error(bad), change < 0 ? "does not decode into the " + std::to_string(inner.size() - 1)
-                                            : "holds " + std::to_string(inner.size()) +
-                                                  " bytes, its length field says " +
-                                                  std::to_string(inner.size() + 1));
+    EXPECT_HAS(parse_error(bad),
+               change < 0
+                   ? "does not decode into the " + std::to_string(inner.size() - 1)
+                   : "holds " + std::to_string(inner.size()) + " bytes, its length field says " +
+                         std::to_string(inner.size() + 1));
   }
   EXPECT_HAS(parse_error(header_object(h, inner, 0, inner.size() + 1)), "its length field");
   std::vector<std::byte> trailing = header_object(h, inner);
@@ -767,7 +786,8 @@ TEST(HeaderV4V5Test, ReadsTheFramesOfOtherLz4Writers) {
       prefs.frameInfo.blockChecksumFlag = block_checksum;
       prefs.frameInfo.contentChecksumFlag = LZ4F_contentChecksumEnabled;
       std::vector<std::byte> frame(LZ4F_compressFrameBound(inner.size(), &prefs));
-      const size_t n = LZ4F_compressFrame(frame.data(), frame.size(), inner.data(), inner.size(), &prefs);
+      const size_t n =
+          LZ4F_compressFrame(frame.data(), frame.size(), inner.data(), inner.size(), &prefs);
       ASSERT_FALSE(LZ4F_isError(n));
       frame.resize(n);
       // The metadata, flags and length, then the other writer's frame.
@@ -806,8 +826,9 @@ TEST(HeaderV4V5Test, CapsAreEnforcedOnRead) {
     for (int i = 0; i < 32; ++i) inner.push_back(std::byte{0});
     le(inner, 1, 4), le(inner, frames, 4);
     le(inner, 0, 8), le(inner, 0, 8), le(inner, kPage, 4), le(inner, 10, 4);  // one frame only
-    EXPECT_HAS(parse_error(header_object(h, inner)),
-               frames == 3 ? "more than the 24 bytes left can hold" : "more than the 1048576 allowed");
+    EXPECT_HAS(parse_error(header_object(h, inner)), frames == 3
+                                                         ? "more than the 24 bytes left can hold"
+                                                         : "more than the 1048576 allowed");
   }
   // Builds and ranges of a version 5 mapping section.
   for (auto [table, ranges, message] :
@@ -854,7 +875,8 @@ TEST(HeaderV4V5Test, CapsAreEnforcedOnWrite) {
   Header frames = sample45(4);
   FrameTable& table = frames.builds[0].frame_table;
   table.frames.clear();
-  for (uint64_t i = 0; i <= kMaxFramesPerBuild; ++i) table.frames.push_back({i * kPage, i, kPage, 1});
+  for (uint64_t i = 0; i <= kMaxFramesPerBuild; ++i)
+    table.frames.push_back({i * kPage, i, kPage, 1});
   frames.builds[0].size = table.frames.back().end_u();
   EXPECT_HAS(frames.validate().message(), "1048577 frames, more than the 1048576 allowed");
   EXPECT_FALSE(frames.serialize());
@@ -887,8 +909,9 @@ TEST(HeaderV4V5Test, RefusesWhatBreaksTheRules) {
                "each must be from 1 to");
     EXPECT_HAS(invalid(v, [](Header& h) { h.builds[0].frame_table.frames[0].size_u = 1u << 31; }),
                "each must be from 1 to");
-    EXPECT_HAS(invalid(v, [](Header& h) { h.builds[0].frame_table.frames[0].start_u = 1ULL << 63; }),
-               "ends past 2^63");
+    EXPECT_HAS(
+        invalid(v, [](Header& h) { h.builds[0].frame_table.frames[0].start_u = 1ULL << 63; }),
+        "ends past 2^63");
     EXPECT_HAS(invalid(v, [](Header& h) { h.builds[0].size = 3 * kPage; }), "past its size");
     EXPECT_HAS(invalid(v, [](Header& h) { h.builds[0].size = 0; }), "frames but no size");
     EXPECT_HAS(invalid(v, [](Header& h) { h.builds[2].size = 1ULL << 63; }), "past 2^63");
@@ -896,7 +919,10 @@ TEST(HeaderV4V5Test, RefusesWhatBreaksTheRules) {
                "whose data file is 4096 bytes");
     EXPECT_HAS(invalid(v, [](Header& h) { h.builds[0].frame_table.frames.pop_back(); }),
                "which its frames do not cover");
-    EXPECT_HAS(invalid(v, [](Header& h) { h.builds[2].frame_table.frames.push_back({0, 0, 1, 1}); }),
+    EXPECT_HAS(invalid(v,
+                       [](Header& h) {
+                         h.builds[2].frame_table.frames.push_back({0, 0, 1, 1});
+                       }),
                "frames without a codec");
     EXPECT_HAS(invalid(v, [](Header& h) { h.builds[0].frame_table.frames.clear(); }),
                "codec zstd with no frames");
@@ -918,7 +944,8 @@ TEST(HeaderV4V5Test, RefusesWhatBreaksTheRules) {
   const auto stored_zeros = [](Header& h) { h.mappings[1].build_storage_offset = 7 * kPage; };
   EXPECT_HAS(invalid(5, split_zeros), "both read as zeros");
   EXPECT_HAS(invalid(5, stored_zeros), "which version 5 cannot store");
-  for (const auto& change : {std::function<void(Header&)>(split_zeros), std::function<void(Header&)>(stored_zeros)}) {
+  for (const auto& change :
+       {std::function<void(Header&)>(split_zeros), std::function<void(Header&)>(stored_zeros)}) {
     Header h = trimmed45(4);
     change(h);
     Result<Header> parsed = Header::parse(*h.serialize());
@@ -932,7 +959,8 @@ TEST(HeaderV4V5Test, RefusesWhatBreaksTheRules) {
 }
 
 // parse() on sample45(version)'s hand-built bytes, the inner block changed.
-std::string parse_changed(uint64_t version, const std::function<void(std::vector<std::byte>&)>& change) {
+std::string parse_changed(uint64_t version,
+                          const std::function<void(std::vector<std::byte>&)>& change) {
   std::vector<std::byte> inner = expected_inner(version);
   change(inner);
   return parse_error(header_object(sample45(version), inner));
@@ -951,13 +979,16 @@ TEST(HeaderV4V5Test, RefusesBytesNoWriterMakes) {
   const size_t codec_of_a = 4 + 16 + 8 + 32;
   const size_t size_of_c = builds_section_bytes().size() - 8 - 32 - 8;
   for (uint64_t v : {4, 5}) {
-    EXPECT_HAS(parse_changed(v, [&](auto& in) { in[codec_of_a] = std::byte{3}; }), "unknown codec 3");
+    EXPECT_HAS(parse_changed(v, [&](auto& in) { in[codec_of_a] = std::byte{3}; }),
+               "unknown codec 3");
     EXPECT_HAS(parse_changed(v, [&](auto& in) { in[codec_of_a] = std::byte{0}; }),
                "has 2 frames but codec 0");
     EXPECT_HAS(parse_changed(v, [&](auto& in) { in[size_of_c + 7] = std::byte{0x80}; }),
                "has a negative size");
   }
-  EXPECT_HAS(parse_v5_changed([](V5Columns& c) { c.builds = {1, 0, 2, 3, 2}; }),
+  EXPECT_HAS(parse_v5_changed([](V5Columns& c) {
+               c.builds = {1, 0, 2, 3, 2};
+             }),
              "not in order of first use");
   EXPECT_HAS(parse_v5_changed([](V5Columns& c) { c.table.push_back(id(0xe5)); }),
              "mapped build 4 (e5e5e5e5-e5e5-e5e5-e5e5-e5e5e5e5e5e5) is named by no range");
@@ -972,20 +1003,26 @@ TEST(HeaderV4V5Test, RefusesBytesNoWriterMakes) {
              }),
              "include the nil build");
   EXPECT_HAS(parse_v5_changed([](V5Columns& c) { c.builds.back() = 9; }), "names build 9 of 4");
-  EXPECT_HAS(parse_v5_changed([](V5Columns& c) { c.lengths = {0x82, 0x00, 0x03, 0x03, 0x01, 0x01}; }),
-             "not in its shortest varint form");
+  EXPECT_HAS(
+      parse_v5_changed([](V5Columns& c) { c.lengths = {0x82, 0x00, 0x03, 0x03, 0x01, 0x01}; }),
+      "not in its shortest varint form");
   EXPECT_HAS(parse_v5_changed([](V5Columns& c) {
                c.offsets = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02};
              }),
              "overflows 64 bits");
-  EXPECT_HAS(parse_v5_changed([](V5Columns& c) { c.offsets = {0x00, 0x01, 0x03, 0x03, 0x01}; }),
+  EXPECT_HAS(parse_v5_changed([](V5Columns& c) {
+               c.offsets = {0x00, 0x01, 0x03, 0x03, 0x01};
+             }),
              "inside the range before it");
-  EXPECT_HAS(parse_v5_changed([](V5Columns& c) { c.lengths = {0x02, 0x00, 0x03, 0x01, 0x01}; }),
+  EXPECT_HAS(parse_v5_changed([](V5Columns& c) {
+               c.lengths = {0x02, 0x00, 0x03, 0x01, 0x01};
+             }),
              "mapped range 1 is empty");
   EXPECT_HAS(parse_v5_changed([](V5Columns& c) { c.lengths.back() = 0x02; }),
              "ends at page 168, past the device's 167 pages");
-  EXPECT_HAS(parse_v5_changed([](V5Columns& c) { c.storage = {0x01, 0xd3, 0x04, 0x03, 0x00, 0x06}; }),
-             "outside pages 0 to 2^32 - 1");
+  EXPECT_HAS(
+      parse_v5_changed([](V5Columns& c) { c.storage = {0x01, 0xd3, 0x04, 0x03, 0x00, 0x06}; }),
+      "outside pages 0 to 2^32 - 1");
   EXPECT_HAS(parse_v5_changed([](V5Columns& c) { c.count = 6; }),
              "6 mapped ranges do not fit in the 23 bytes left");
   EXPECT_HAS(parse_v5_changed([](V5Columns& c) { c.builds.pop_back(); }),
@@ -1052,7 +1089,8 @@ std::vector<std::byte> slurp_bytes(const fs::path& path) {
 
 void spill(const fs::path& path, std::span<const std::byte> bytes) {
   std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
 }
 
 std::string hex(std::span<const uint8_t> bytes) {
@@ -1064,12 +1102,18 @@ std::string hex(std::span<const uint8_t> bytes) {
 
 // A header as the reference's `dump` prints it, and back.
 nlohmann::json to_json(const Header& h) {
-  nlohmann::json doc = {{"version", h.version}, {"block_size", h.block_size}, {"size", h.size},
-                        {"generation", h.generation}, {"build_id", h.build_id.to_string()},
-                        {"base_build_id", h.base_build_id.to_string()}, {"incomplete", false},
-                        {"mappings", nlohmann::json::array()}, {"builds", nullptr}};
+  nlohmann::json doc = {{"version", h.version},
+                        {"block_size", h.block_size},
+                        {"size", h.size},
+                        {"generation", h.generation},
+                        {"build_id", h.build_id.to_string()},
+                        {"base_build_id", h.base_build_id.to_string()},
+                        {"incomplete", false},
+                        {"mappings", nlohmann::json::array()},
+                        {"builds", nullptr}};
   for (const Mapping& m : h.mappings) {
-    doc["mappings"].push_back({{"offset", m.offset}, {"length", m.length},
+    doc["mappings"].push_back({{"offset", m.offset},
+                               {"length", m.length},
                                {"build_id", m.build_id.to_string()},
                                {"build_storage_offset", m.build_storage_offset}});
   }
@@ -1080,7 +1124,8 @@ nlohmann::json to_json(const Header& h) {
       for (const Frame& f : b.frame_table.frames) {
         frames.push_back({f.start_u, f.start_c, f.size_u, f.size_c});
       }
-      doc["builds"].push_back({{"build_id", b.build_id.to_string()}, {"size", b.size},
+      doc["builds"].push_back({{"build_id", b.build_id.to_string()},
+                               {"size", b.size},
                                {"sha256", hex(b.sha256)},
                                {"codec", std::string(codec_name(b.frame_table.codec))},
                                {"frames", frames}});
@@ -1109,7 +1154,9 @@ Header from_json(const nlohmann::json& doc) {
         info.sha256[i] = static_cast<uint8_t>(std::stoi(digest.substr(2 * i, 2), nullptr, 16));
       }
       const std::string codec = b["codec"];
-      info.frame_table.codec = codec == "zstd" ? Codec::kZstd : codec == "lz4" ? Codec::kLz4 : Codec::kNone;
+      info.frame_table.codec = codec == "zstd"  ? Codec::kZstd
+                               : codec == "lz4" ? Codec::kLz4
+                                                : Codec::kNone;
       for (const auto& f : b["frames"]) info.frame_table.frames.push_back({f[0], f[1], f[2], f[3]});
       h.builds.push_back(info);
     }
@@ -1124,7 +1171,8 @@ class E2bReferenceTest : public ::testing::Test {
     ASSERT_TRUE(dir) << dir.status().to_string();
     dir_.emplace(std::move(dir).value());
     if (access(kPython, X_OK) != 0) GTEST_SKIP() << kPython << " is not installed";
-    if (run({kPython, "-c", "import lz4.frame, zstandard"}, path("probe.out"), path("probe.err")) != 0) {
+    if (run({kPython, "-c", "import lz4.frame, zstandard"}, path("probe.out"), path("probe.err")) !=
+        0) {
       GTEST_SKIP() << "the reference needs Debian's python3-lz4 and python3-zstandard: "
                    << slurp(path("probe.err"));
     }
@@ -1183,15 +1231,26 @@ TEST_F(E2bReferenceTest, HeadersTheReferenceWritesParseToTheSameHeader) {
       const std::string build = uuid_text;
       const std::string content = image(blocks, chain.block_size, generation);
       spill(path("image"), std::as_bytes(std::span(content)));
-      std::vector<std::string> args = {"write", "--store", store, "--build", build, "--name", "disk",
-                                       "--block-size", std::to_string(chain.block_size),
-                                       "--codec", chain.codec, "--version", std::to_string(chain.version),
-                                       "--frame-size", chain.frame_size};
+      std::vector<std::string> args = {"write",
+                                       "--store",
+                                       store,
+                                       "--build",
+                                       build,
+                                       "--name",
+                                       "disk",
+                                       "--block-size",
+                                       std::to_string(chain.block_size),
+                                       "--codec",
+                                       chain.codec,
+                                       "--version",
+                                       std::to_string(chain.version),
+                                       "--frame-size",
+                                       chain.frame_size};
       if (parent) args.insert(args.end(), {"--parent", *parent});
       args.push_back(path("image"));
       reference(args);
       written.push_back({build,
-                         chain.codec == "zstd" ? Codec::kZstd
+                         chain.codec == "zstd"  ? Codec::kZstd
                          : chain.codec == "lz4" ? Codec::kLz4
                                                 : Codec::kNone,
                          generation});

@@ -149,7 +149,8 @@ Result<std::vector<std::byte>> lz4_decode(std::span<const std::byte> frame, uint
   uint64_t magic = 0;
   uint64_t flg = 0;
   uint64_t bd = 0;
-  if (!field(4, magic) || !field(1, flg) || !field(1, bd)) return invalid("the header is cut short");
+  if (!field(4, magic) || !field(1, flg) || !field(1, bd))
+    return invalid("the header is cut short");
   if (magic != kMagic) return bad("the inner block is not in an LZ4 frame");
   if ((flg >> 6) != 1 || (flg & 0x02) != 0 || (bd & 0x8f) != 0 || ((bd >> 4) & 7) < 4) {
     return invalid(fmt::format("descriptor {:02x} {:02x}", flg, bd));
@@ -166,22 +167,27 @@ Result<std::vector<std::byte>> lz4_decode(std::span<const std::byte> frame, uint
     return invalid("its checksum does not match");
   }
   if ((flg & 0x08) != 0 && content_size != length) {
-    return bad(fmt::format("the inner block's LZ4 frame says it holds {} bytes, its length field {}",
-                           content_size, length));
+    return bad(
+        fmt::format("the inner block's LZ4 frame says it holds {} bytes, its length field {}",
+                    content_size, length));
   }
   const uint32_t block_max = 1u << (8 + 2 * ((bd >> 4) & 7));  // 64 KiB to 4 MiB
   std::vector<std::byte> out;
   for (size_t block = 0;; ++block) {
     uint64_t word = 0;
-    if (!field(4, word)) return bad(fmt::format("the header ends inside its LZ4 frame ({} of {} bytes decoded)", out.size(), length));
+    if (!field(4, word))
+      return bad(fmt::format("the header ends inside its LZ4 frame ({} of {} bytes decoded)",
+                             out.size(), length));
     if (word == 0) break;  // the end mark
     const bool stored = (word & 0x80000000u) != 0;
     const uint32_t size = static_cast<uint32_t>(word & 0x7fffffffu);
     if (size > block_max) {
-      return bad(fmt::format("LZ4 block {} is {} bytes, more than the frame's {}", block, size, block_max));
+      return bad(fmt::format("LZ4 block {} is {} bytes, more than the frame's {}", block, size,
+                             block_max));
     }
     if (frame.size() - at < size + (block_checksums ? 4u : 0u)) {
-      return bad(fmt::format("the header ends inside its LZ4 frame ({} of {} bytes decoded)", out.size(), length));
+      return bad(fmt::format("the header ends inside its LZ4 frame ({} of {} bytes decoded)",
+                             out.size(), length));
     }
     const std::byte* data = frame.data() + at;
     at += size;
@@ -193,8 +199,8 @@ Result<std::vector<std::byte>> lz4_decode(std::span<const std::byte> frame, uint
     // the length field, and at most 255 bytes for each byte of a compressed
     // block (LZ4's greatest expansion): never more than the bytes in hand
     // can decode to.
-    const size_t room = std::min<size_t>({block_max, length - out.size(),
-                                          stored ? size : size_t{size} * 256 + 64});
+    const size_t room =
+        std::min<size_t>({block_max, length - out.size(), stored ? size : size_t{size} * 256 + 64});
     const size_t start = out.size();
     if (stored) {
       if (size > room) {
@@ -213,9 +219,10 @@ Result<std::vector<std::byte>> lz4_decode(std::span<const std::byte> frame, uint
         reinterpret_cast<const char*>(out.data() + start - window), static_cast<int>(window));
     if (decoded < 0) {
       if (room == length - start) {
-        return bad(fmt::format("LZ4 block {} of the inner block does not decode into the {} bytes "
-                               "its length field leaves",
-                               block, room));
+        return bad(
+            fmt::format("LZ4 block {} of the inner block does not decode into the {} bytes "
+                        "its length field leaves",
+                        block, room));
       }
       return bad(fmt::format("LZ4 block {} of the inner block does not decode", block));
     }
@@ -223,7 +230,8 @@ Result<std::vector<std::byte>> lz4_decode(std::span<const std::byte> frame, uint
   }
   uint64_t content_checksum = 0;
   if (!field(4, content_checksum)) {
-    return bad(fmt::format("the header ends inside its LZ4 frame ({} of {} bytes decoded)", out.size(), length));
+    return bad(fmt::format("the header ends inside its LZ4 frame ({} of {} bytes decoded)",
+                           out.size(), length));
   }
   if (XXH32(out.data(), out.size(), 0) != content_checksum) {
     return bad("the inner block does not match its LZ4 content checksum");
@@ -260,14 +268,15 @@ Status lz4_encode(std::span<const std::byte> block, std::vector<std::byte>& out)
   size_t at = start;
   const auto step = [&](size_t written) -> Status {
     if (LZ4F_isError(written)) {
-      return Status::io_error(fmt::format("LZ4 compression failed: {}", LZ4F_getErrorName(written)));
+      return Status::io_error(
+          fmt::format("LZ4 compression failed: {}", LZ4F_getErrorName(written)));
     }
     at += written;
     return Status::ok();
   };
   LB_RETURN_IF_ERROR(step(LZ4F_compressBegin(c.ctx, out.data() + at, out.size() - at, &prefs)));
-  LB_RETURN_IF_ERROR(step(LZ4F_compressUpdate(c.ctx, out.data() + at, out.size() - at,
-                                              block.data(), block.size(), nullptr)));
+  LB_RETURN_IF_ERROR(step(LZ4F_compressUpdate(c.ctx, out.data() + at, out.size() - at, block.data(),
+                                              block.size(), nullptr)));
   LB_RETURN_IF_ERROR(step(LZ4F_compressEnd(c.ctx, out.data() + at, out.size() - at, nullptr)));
   out.resize(at);
   return Status::ok();
@@ -309,8 +318,8 @@ Status read_builds(Reader& in, std::vector<BuildInfo>& builds) {
                              kMaxFramesPerBuild));
     }
     if (frames > in.left() / kFrameBytes) {
-      return bad(fmt::format("{} has {} frames, more than the {} bytes left can hold", name,
-                             frames, in.left()));
+      return bad(fmt::format("{} has {} frames, more than the {} bytes left can hold", name, frames,
+                             in.left()));
     }
     // E2B reads a codec with no frames as a build stored uncompressed (an
     // empty data file), and writes it back so.
@@ -358,16 +367,16 @@ Status read_v5_mappings(Reader& in, uint64_t size, std::vector<Mapping>& mapping
                            kMaxBuilds));
   }
   if (table_size > in.left() / kUuidBytes) {
-    return bad(fmt::format("{} mapped builds do not fit in the {} bytes left", table_size,
-                           in.left()));
+    return bad(
+        fmt::format("{} mapped builds do not fit in the {} bytes left", table_size, in.left()));
   }
   std::vector<Uuid> table(table_size);
   for (Uuid& id : table) LB_RETURN_IF_ERROR(in.uuid(id, "the mapped builds"));
   uint64_t count = 0;
   LB_RETURN_IF_ERROR(in.fixed(4, count, "the number of mapped ranges"));
   if (count > kMaxV5MappedRanges) {
-    return bad(fmt::format("{} mapped ranges, more than the {} allowed", count,
-                           kMaxV5MappedRanges));
+    return bad(
+        fmt::format("{} mapped ranges, more than the {} allowed", count, kMaxV5MappedRanges));
   }
   // Each range takes at least a byte in each of the four columns.
   if (count > in.left() / 4) {
@@ -400,9 +409,10 @@ Status read_v5_mappings(Reader& in, uint64_t size, std::vector<Mapping>& mapping
     // inside it, and checking it first keeps the sum from overflowing.
     if (delta < -static_cast<int64_t>(kMaxPages) || delta > static_cast<int64_t>(kMaxPages) ||
         storage + delta < 0 || storage + delta > static_cast<int64_t>(kMaxPages)) {
-      return bad(fmt::format("the storage offset of mapped range {} is outside pages 0 to "
-                             "2^32 - 1",
-                             i));
+      return bad(
+          fmt::format("the storage offset of mapped range {} is outside pages 0 to "
+                      "2^32 - 1",
+                      i));
     }
     storage += delta;
     stored[i] = static_cast<uint32_t>(storage);
@@ -417,9 +427,10 @@ Status read_v5_mappings(Reader& in, uint64_t size, std::vector<Mapping>& mapping
       return bad(fmt::format("mapped range {} names build {} of {}", i, index, table_size));
     }
     if (index > first_unused) {
-      return bad(fmt::format("mapped range {} names build {} before build {} is named: the "
-                             "builds are not in order of first use",
-                             i, index, first_unused));
+      return bad(
+          fmt::format("mapped range {} names build {} before build {} is named: the "
+                      "builds are not in order of first use",
+                      i, index, first_unused));
     }
     if (index == first_unused) ++first_unused;
     builds[i] = static_cast<uint16_t>(index);
@@ -443,9 +454,10 @@ Status read_v5_mappings(Reader& in, uint64_t size, std::vector<Mapping>& mapping
   for (size_t i = 0; i < count; ++i) {
     if (lengths[i] == 0) return bad(fmt::format("mapped range {} is empty", i));
     if (offsets[i] < end) {
-      return bad(fmt::format("mapped range {} starts at page {}, inside the range before it "
-                             "(which ends at page {})",
-                             i, offsets[i], end));
+      return bad(
+          fmt::format("mapped range {} starts at page {}, inside the range before it "
+                      "(which ends at page {})",
+                      i, offsets[i], end));
     }
     if (offsets[i] > end) ++total;
     end = uint64_t{offsets[i]} + lengths[i];
@@ -581,9 +593,10 @@ Status validate_v4v5(const Header& h) {
       continue;
     }
     if (v5 && m.build_storage_offset != 0) {
-      return bad(fmt::format("mapping {} reads as zeros but has storage offset {}, which version 5 "
-                             "cannot store",
-                             i, m.build_storage_offset));
+      return bad(
+          fmt::format("mapping {} reads as zeros but has storage offset {}, which version 5 "
+                      "cannot store",
+                      i, m.build_storage_offset));
     }
     if (v5 && i > 0 && h.mappings[i - 1].build_id.is_nil()) {
       return bad(fmt::format("mappings {} and {} both read as zeros: version 5 stores them as one",
@@ -611,7 +624,8 @@ Status validate_v4v5(const Header& h) {
       return bad(fmt::format("{} is not after build {} ({}): builds must be sorted and unique",
                              name, i - 1, h.builds[i - 1].build_id.to_string()));
     }
-    if (build.size > kMaxSigned64) return bad(fmt::format("{}: size {} is past 2^63", name, build.size));
+    if (build.size > kMaxSigned64)
+      return bad(fmt::format("{}: size {} is past 2^63", name, build.size));
     if (Status s = build.frame_table.validate(); !s.is_ok()) return s.with_context(name);
     const std::vector<Frame>& frames = build.frame_table.frames;
     if (!frames.empty() && build.size == 0) {
@@ -647,14 +661,16 @@ Status parse_v4v5(std::span<const std::byte> after_metadata, Header& h) {
     return s.is_ok() ? s : s.with_context(fmt::format("version {} header", h.version));
   };
   if (after_metadata.size() < 5) {
-    return in_context(bad(fmt::format("{} bytes after the metadata, fewer than the flags and the "
-                                      "inner block's length take",
-                                      after_metadata.size())));
+    return in_context(
+        bad(fmt::format("{} bytes after the metadata, fewer than the flags and the "
+                        "inner block's length take",
+                        after_metadata.size())));
   }
   const auto flags = static_cast<uint8_t>(after_metadata[0]);
   if ((flags & kFlagUnfinishedUpload) != 0) {
-    return in_context(bad("it describes an upload that has not finished (flags bit 0): its "
-                          "data may not all be stored yet"));
+    return in_context(
+        bad("it describes an upload that has not finished (flags bit 0): its "
+            "data may not all be stored yet"));
   }
   if (flags != 0) return in_context(bad(fmt::format("unknown flags 0x{:02x}", flags)));
   const auto length = static_cast<uint32_t>(get_le(after_metadata.data() + 1, 4));
@@ -672,7 +688,8 @@ Status parse_v4v5(std::span<const std::byte> after_metadata, Header& h) {
     LB_RETURN_IF_ERROR(in_context(read_v4_mappings(in, h.mappings)));
   }
   if (in.left() != 0) {
-    return in_context(bad(fmt::format("{} bytes follow the mappings in the inner block", in.left())));
+    return in_context(
+        bad(fmt::format("{} bytes follow the mappings in the inner block", in.left())));
   }
   return Status::ok();
 }

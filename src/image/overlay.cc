@@ -88,8 +88,8 @@ Result<std::unique_ptr<Overlay>> Overlay::open(Device& device,
   UniqueFd fd;
   std::error_code ignored;  // a path that cannot be looked at is opened below, and refused there
   const bool data_exists = std::filesystem::exists(std::filesystem::symlink_status(*path, ignored));
-  const bool map_exists =
-      std::filesystem::exists(std::filesystem::symlink_status(OverlayMap::path_for(*path), ignored));
+  const bool map_exists = std::filesystem::exists(
+      std::filesystem::symlink_status(OverlayMap::path_for(*path), ignored));
   if (!data_exists && !map_exists) {
     // A new overlay: the data file first, then the map that vouches for it.
     fd.reset(::open(path->c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
@@ -241,9 +241,7 @@ Status Overlay::do_extents(uint64_t offset, uint64_t length, std::vector<DiskExt
   return Status::ok();
 }
 
-Disk::Readahead Overlay::readahead() const {
-  return device_.readahead();
-}
+Disk::Readahead Overlay::readahead() const { return device_.readahead(); }
 
 Status Overlay::write_partial_locked(uint64_t index, uint64_t offset_in_block,
                                      std::span<const std::byte> data) {

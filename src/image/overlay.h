@@ -69,8 +69,7 @@ class Overlay final : public Disk {
     std::vector<bool> present;
     std::unique_ptr<OverlayMap> map;  // holds the shared lock while read
   };
-  static Result<Kept> open_kept(const std::filesystem::path& path,
-                                const OverlayIdentity& expected);
+  static Result<Kept> open_kept(const std::filesystem::path& path, const OverlayIdentity& expected);
 
  private:
   Overlay(Disk& device, UniqueFd fd, std::unique_ptr<OverlayMap> map);
@@ -117,7 +116,7 @@ class Overlay final : public Disk {
   uint64_t rounds_started_ GUARDED_BY(flush_mu_) = 0;
   uint64_t rounds_finished_ GUARDED_BY(flush_mu_) = 0;
   bool flushing_ GUARDED_BY(flush_mu_) = false;  // a round runs
-  Status last_round_ GUARDED_BY(flush_mu_);  // how the last round ended
+  Status last_round_ GUARDED_BY(flush_mu_);      // how the last round ended
 };
 
 }  // namespace lazyblock::image

@@ -42,10 +42,10 @@ Status lock_file(int fd, OverlayMap::Access access, const std::filesystem::path&
   if (::fcntl(fd, F_OFD_SETLK, &lock) == 0) return Status::ok();
   const std::filesystem::path map = OverlayMap::path_for(overlay);
   if (errno == EAGAIN || errno == EACCES) {
-    return Status::already_exists(fmt::format(
-        "overlay {} is in use by another lazyblock process (its map {} is locked{})",
-        overlay.string(), map.string(),
-        access == OverlayMap::Access::kWrite ? "" : " by a server writing it"));
+    return Status::already_exists(
+        fmt::format("overlay {} is in use by another lazyblock process (its map {} is locked{})",
+                    overlay.string(), map.string(),
+                    access == OverlayMap::Access::kWrite ? "" : " by a server writing it"));
   }
   return posix_error("lock " + map.string(), errno);
 }
@@ -71,8 +71,8 @@ Result<std::unique_ptr<OverlayMap>> OverlayMap::create(const std::filesystem::pa
                                                        const OverlayIdentity& identity,
                                                        uint64_t data_file_size) {
   if (identity.name.size() > kMaxName) {
-    return Status::invalid_argument(fmt::format("device name '{}' is longer than {} bytes",
-                                                identity.name, kMaxName));
+    return Status::invalid_argument(
+        fmt::format("device name '{}' is longer than {} bytes", identity.name, kMaxName));
   }
   const std::filesystem::path path = path_for(overlay);
   UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
@@ -85,8 +85,8 @@ Result<std::unique_ptr<OverlayMap>> OverlayMap::create(const std::filesystem::pa
   std::unique_ptr<OverlayMap> map(new OverlayMap(std::move(fd), path, identity));
   LB_RETURN_IF_ERROR(lock_file(map->fd_.get(), Access::kWrite, overlay));
   // Allocated whole: later saves overwrite in place and never need space.
-  const int allocated = ::posix_fallocate(map->fd_.get(), 0,
-                                          static_cast<off_t>(2 * map->slot_bytes()));
+  const int allocated =
+      ::posix_fallocate(map->fd_.get(), 0, static_cast<off_t>(2 * map->slot_bytes()));
   if (allocated != 0) {
     ::unlink(path.c_str());
     return posix_error("allocate overlay map " + path.string(), allocated);
@@ -117,9 +117,8 @@ Result<std::unique_ptr<OverlayMap>> OverlayMap::open(const std::filesystem::path
   UniqueFd fd(::open(path.c_str(), (access == Access::kWrite ? O_RDWR : O_RDONLY) | O_CLOEXEC));
   if (!fd) {
     if (errno == ENOENT) {
-      return Status::not_found(fmt::format(
-          "{} is not a lazyblock overlay: its map {} is missing", overlay.string(),
-          path.string()));
+      return Status::not_found(fmt::format("{} is not a lazyblock overlay: its map {} is missing",
+                                           overlay.string(), path.string()));
     }
     return posix_error("open overlay map " + path.string(), errno);
   }
@@ -168,9 +167,9 @@ Result<OverlayMap::Slot> OverlayMap::read_slot(int slot, const OverlayIdentity& 
   if (name_length > kMaxName) return invalid;
   found.name.assign(reinterpret_cast<const char*>(header + kNameAt), name_length);
   if (found != expected) {
-    return Status::invalid_argument(fmt::format(
-        "overlay {} belongs to {}, not to {}: it cannot be used over another device",
-        path_.string(), found.to_string(), expected.to_string()));
+    return Status::invalid_argument(
+        fmt::format("overlay {} belongs to {}, not to {}: it cannot be used over another device",
+                    path_.string(), found.to_string(), expected.to_string()));
   }
   const uint64_t bytes = get_u64(header + 56);
   if (bytes != bitmap_bytes()) return invalid;
@@ -178,8 +177,7 @@ Result<OverlayMap::Slot> OverlayMap::read_slot(int slot, const OverlayIdentity& 
   got = pread_up_to(fd_.get(), std::as_writable_bytes(std::span(read.words)), at + kPage,
                     "overlay map " + path_.string());
   if (!got) return got.status();
-  if (*got != bytes ||
-      XXH3_64bits(read.words.data(), bytes) != get_u64(header + 64)) {
+  if (*got != bytes || XXH3_64bits(read.words.data(), bytes) != get_u64(header + 64)) {
     return invalid;
   }
   return read;

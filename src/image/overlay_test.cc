@@ -64,7 +64,8 @@ TEST_F(OverlayTest, WholeAndPartialWritesToOneBlockAreAtomic) {
   constexpr uint64_t kPartAt = 100, kPartLength = 500;
   std::mt19937 rng(1);
   for (int round = 0; round < 20; ++round) {
-    Result<std::unique_ptr<Overlay>> overlay = Overlay::open(*device_, std::nullopt, scratch_->path());
+    Result<std::unique_ptr<Overlay>> overlay =
+        Overlay::open(*device_, std::nullopt, scratch_->path());
     ASSERT_TRUE(overlay) << overlay.status().to_string();
     std::vector<uint64_t> order(kBlocks);
     for (uint64_t i = 0; i < kBlocks; ++i) order[i] = i;
@@ -98,9 +99,11 @@ TEST_F(OverlayTest, WholeAndPartialWritesToOneBlockAreAtomic) {
 // and the shared blocks of a pair all come from the same one.
 TEST_F(OverlayTest, OverlappingWritesEachLandWhole) {
   for (int round = 0; round < 50; ++round) {
-    Result<std::unique_ptr<Overlay>> overlay = Overlay::open(*device_, std::nullopt, scratch_->path());
+    Result<std::unique_ptr<Overlay>> overlay =
+        Overlay::open(*device_, std::nullopt, scratch_->path());
     ASSERT_TRUE(overlay);
-    std::thread first([&] { ASSERT_TRUE((*overlay)->write(filled(8 * kBlock + 300, 1), 0).is_ok()); });
+    std::thread first(
+        [&] { ASSERT_TRUE((*overlay)->write(filled(8 * kBlock + 300, 1), 0).is_ok()); });
     std::thread second(
         [&] { ASSERT_TRUE((*overlay)->write(filled(8 * kBlock, 2), 4 * kBlock + 300).is_ok()); });
     first.join();
@@ -109,8 +112,8 @@ TEST_F(OverlayTest, OverlappingWritesEachLandWhole) {
     ASSERT_TRUE((*overlay)->read(shared, 4 * kBlock + 300));
     const std::byte winner = shared[0];
     for (size_t i = 0; i < shared.size(); ++i) {
-      ASSERT_EQ(shared[i], winner) << "round " << round << ": bytes of two writes interleave at "
-                                   << i;
+      ASSERT_EQ(shared[i], winner)
+          << "round " << round << ": bytes of two writes interleave at " << i;
     }
   }
 }

@@ -16,8 +16,8 @@
 
 #include "chunk/frame_codec.h"
 #include "common/mapped_region.h"
-#include "common/units.h"
 #include "common/unique_fd.h"
+#include "common/units.h"
 #include "image/overlay.h"
 
 namespace lazyblock::image {
@@ -29,8 +29,8 @@ constexpr uint64_t kBatch = 4 * kMiB;
 bool all_zero(std::span<const std::byte> bytes) {
   // Compare against the first byte's being zero, then the rest with itself
   // shifted by one: memcmp does the work at memory speed.
-  return bytes.empty() ||
-         (bytes[0] == std::byte{0} && std::memcmp(bytes.data(), bytes.data() + 1, bytes.size() - 1) == 0);
+  return bytes.empty() || (bytes[0] == std::byte{0} &&
+                           std::memcmp(bytes.data(), bytes.data() + 1, bytes.size() - 1) == 0);
 }
 
 // Reads until `buffer` is full or the source ends; returns the count read.
@@ -263,7 +263,8 @@ Status record_builds(DataFiles& files, const PackOptions& options, const Header*
     } else if (parent == nullptr || !parent->codec_of(ancestor)) {
       Result<Header> own =
           load_header(files.store(), ancestor, options.name, files.options().fetch_timeout);
-      if (!own) return own.status().with_context("how build " + ancestor.to_string() + " is stored");
+      if (!own)
+        return own.status().with_context("how build " + ancestor.to_string() + " is stored");
       if (const BuildInfo* recorded = own->find_build(ancestor)) info = *recorded;
     }
     if (header.version == 3 && info.frame_table.compressed()) {
@@ -295,7 +296,8 @@ void trim_to_pages(Header& header) {
 
 }  // namespace
 
-Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd, const PackOptions& options,
+Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd,
+                         const PackOptions& options,
                          const std::function<void(uint64_t bytes_read)>& progress) {
   LB_RETURN_IF_ERROR(check_target(files->store(), options));
   PackSummary summary;
@@ -305,14 +307,14 @@ Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd,
   std::unique_ptr<Device> parent;
   uint64_t block = options.block_size.value_or(4096);
   if (options.parent) {
-    Result<Header> parent_header = load_header(files->store(), *options.parent, options.name,
-                                               files->options().fetch_timeout);
+    Result<Header> parent_header =
+        load_header(files->store(), *options.parent, options.name, files->options().fetch_timeout);
     if (!parent_header) return parent_header.status().with_context("parent");
     if (!options.block_size) block = parent_header->block_size;
     if (parent_header->block_size != block) {
-      return Status::invalid_argument(fmt::format(
-          "the parent {} has blocks of {} bytes, not {}", options.parent->to_string(),
-          parent_header->block_size, block));
+      return Status::invalid_argument(fmt::format("the parent {} has blocks of {} bytes, not {}",
+                                                  options.parent->to_string(),
+                                                  parent_header->block_size, block));
     }
     header.generation = parent_header->generation + 1;
     header.base_build_id = parent_header->base_build_id;
@@ -381,7 +383,8 @@ Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd,
       put_file(files->store(), summary.data_key, data_fd.get(), summary.stored_bytes, io));
   if (options.stop.stop_requested()) return Status::cancelled("pack: interrupted");
   // The header last: a build is visible only once its data is in place.
-  LB_RETURN_IF_ERROR(files->store().put(header_key(options.build, options.name), *header_bytes, io));
+  LB_RETURN_IF_ERROR(
+      files->store().put(header_key(options.build, options.name), *header_bytes, io));
   return summary;
 }
 

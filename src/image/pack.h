@@ -64,15 +64,15 @@ struct PackOptions {
 
 struct PackSummary {
   Header header;
-  uint64_t blocks = 0;     // in the device
-  uint64_t changed = 0;    // stored in the new data file
-  uint64_t zero = 0;       // mapped to nil
-  uint64_t unchanged = 0;  // mapped into an ancestor's data file
-  uint64_t data_bytes = 0;    // the new data file's size, uncompressed
-  uint64_t stored_bytes = 0;  // the data object's size (compressed, if it is)
-  uint64_t header_bytes = 0;  // the new header's size
-  std::string data_key;       // where the data file went
-  FrameTable frame_table;     // codec kNone: stored plain
+  uint64_t blocks = 0;                  // in the device
+  uint64_t changed = 0;                 // stored in the new data file
+  uint64_t zero = 0;                    // mapped to nil
+  uint64_t unchanged = 0;               // mapped into an ancestor's data file
+  uint64_t data_bytes = 0;              // the new data file's size, uncompressed
+  uint64_t stored_bytes = 0;            // the data object's size (compressed, if it is)
+  uint64_t header_bytes = 0;            // the new header's size
+  std::string data_key;                 // where the data file went
+  FrameTable frame_table;               // codec kNone: stored plain
   std::optional<uint64_t> parent_size;  // the parent device's size, if there is a parent
 };
 
@@ -80,7 +80,8 @@ struct PackSummary {
 // options.overlay) as device `options.name` of build `options.build`, stored
 // through `files`' store.
 // `progress`, if set, hears of the bytes read so far.
-Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd, const PackOptions& options,
+Result<PackSummary> pack(const std::shared_ptr<DataFiles>& files, int source_fd,
+                         const PackOptions& options,
                          const std::function<void(uint64_t bytes_read)>& progress);
 
 }  // namespace lazyblock::image

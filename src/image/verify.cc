@@ -73,9 +73,8 @@ Status check_digest(const std::string& key, const BuildInfo& info, EVP_MD_CTX* s
   const std::array<uint8_t, 32> digest = finish_sha256(sha);
   if (is_zero(info.sha256)) return Status::ok();
   if (digest != info.sha256) {
-    return Status::corruption(fmt::format(
-        "{}: its {} bytes have SHA-256 {}, the header records {}", key, check.size, hex(digest),
-        hex(info.sha256)));
+    return Status::corruption(fmt::format("{}: its {} bytes have SHA-256 {}, the header records {}",
+                                          key, check.size, hex(digest), hex(info.sha256)));
   }
   check.sha256_checked = true;
   return Status::ok();
@@ -85,8 +84,8 @@ Status check_size(const std::string& key, const BuildInfo& info, uint64_t mapped
                   DataFileCheck& check) {
   if (info.size != 0) {
     if (check.size != info.size) {
-      return Status::corruption(fmt::format("{} holds {} bytes, the header records {}", key,
-                                            check.size, info.size));
+      return Status::corruption(
+          fmt::format("{} holds {} bytes, the header records {}", key, check.size, info.size));
     }
     check.size_checked = true;
   }
@@ -118,8 +117,8 @@ Result<DataFileCheck> verify_plain(ObjectStore& store, const std::string& key,
       check.size += *got;
     }
     if (check.size != *size) {
-      return Status::corruption(
-          fmt::format("{}: the store said {} bytes, its stream ended after {}", key, *size, check.size));
+      return Status::corruption(fmt::format(
+          "{}: the store said {} bytes, its stream ended after {}", key, *size, check.size));
     }
   }
   LB_RETURN_IF_ERROR(check_size(key, info, mapped_end, check));
@@ -151,16 +150,18 @@ Result<DataFileCheck> verify_frames(ObjectStore& store, const std::string& key,
   for (size_t i = 0; i < table.frames.size(); ++i) {
     const Frame& f = table.frames[i];
     if (f.end_c() > *size) {
-      return Status::corruption(fmt::format("{} is cut short: the object is {} bytes, the frame "
-                                            "ends at {}",
-                                            frame_name(i), *size, f.end_c()));
+      return Status::corruption(
+          fmt::format("{} is cut short: the object is {} bytes, the frame "
+                      "ends at {}",
+                      frame_name(i), *size, f.end_c()));
     }
     while (position < f.start_c) {  // a gap of frames this table does not list
       const size_t take = std::min<uint64_t>(skipped.size(), f.start_c - position);
       Result<size_t> got = read_exactly(**reader, std::span(skipped).first(take));
       if (!got) return got.status().with_context("read " + key);
       if (*got != take) {
-        return Status::corruption(fmt::format("{}: the stream ended at {}", frame_name(i), position + *got));
+        return Status::corruption(
+            fmt::format("{}: the stream ended at {}", frame_name(i), position + *got));
       }
       position += take;
     }
@@ -168,9 +169,10 @@ Result<DataFileCheck> verify_frames(ObjectStore& store, const std::string& key,
     Result<size_t> got = read_exactly(**reader, stored);
     if (!got) return got.status().with_context("read " + key);
     if (*got != f.size_c) {
-      return Status::corruption(fmt::format("{} is cut short: the stream ended after {} of its {} "
-                                            "bytes",
-                                            frame_name(i), *got, f.size_c));
+      return Status::corruption(
+          fmt::format("{} is cut short: the stream ended after {} of its {} "
+                      "bytes",
+                      frame_name(i), *got, f.size_c));
     }
     position += f.size_c;
     plain.resize(f.size_u);

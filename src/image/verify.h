@@ -22,12 +22,12 @@
 namespace lazyblock::image {
 
 struct DataFileCheck {
-  std::string key;             // the object read
-  uint64_t stored_bytes = 0;   // its size
-  uint64_t size = 0;           // its uncompressed bytes read
-  size_t frames = 0;           // frames decompressed and verified
-  bool size_checked = false;   // against the header's size
-  bool sha256_checked = false; // against the header's SHA-256
+  std::string key;              // the object read
+  uint64_t stored_bytes = 0;    // its size
+  uint64_t size = 0;            // its uncompressed bytes read
+  size_t frames = 0;            // frames decompressed and verified
+  bool size_checked = false;    // against the header's size
+  bool sha256_checked = false;  // against the header's SHA-256
 };
 
 // Checks the data file `name` of `info.build_id` in `store`, stored as

@@ -28,8 +28,7 @@ bool SessionRegistry::start(UniqueFd socket, std::function<void(int socket)> run
       ++live_;
     } catch (const std::system_error& error) {
       // Out of threads: this connection is refused; the server goes on.
-      log(LogLevel::kWarn, "{}: refused a connection: no thread for it ({})", what_,
-          error.what());
+      log(LogLevel::kWarn, "{}: refused a connection: no thread for it ({})", what_, error.what());
       sessions_.erase(session);
       started = false;
     }

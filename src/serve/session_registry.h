@@ -66,7 +66,7 @@ class SessionRegistry {
 
   const std::string what_;
   mutable Mutex mu_;
-  CondVar changed_;                             // a session ended
+  CondVar changed_;  // a session ended
   std::list<Session> sessions_ GUARDED_BY(mu_);
   size_t live_ GUARDED_BY(mu_) = 0;  // sessions not ended
 };

@@ -179,8 +179,8 @@ bool remove_if_abandoned(const std::filesystem::path& path) {
 // Unlinks `path` if it still names the file open as `fd` (another process
 // may have renamed a good file into place since `fd` was opened).
 void unlink_if_same(const std::filesystem::path& path, int fd) {
-  struct stat open_file{};
-  struct stat named{};
+  struct stat open_file {};
+  struct stat named {};
   if (::fstat(fd, &open_file) != 0 || ::stat(path.c_str(), &named) != 0) return;
   if (open_file.st_dev == named.st_dev && open_file.st_ino == named.st_ino) {
     ::unlink(path.c_str());
@@ -276,8 +276,7 @@ class DiskCacheStore::PartialChunk {
   }
   // Requires mu_ held.
   bool claim_if_ready() REQUIRES(mu_) {
-    const bool whole = filled_.size() == 1 && filled_[0].first == 0 &&
-                       filled_[0].second == length_;
+    const bool whole = filled_.size() == 1 && filled_[0].first == 0 && filled_[0].second == length_;
     if (claimed_ || failed_ || !whole || (last_ && !end_confirmed_)) return false;
     claimed_ = true;
     return true;
@@ -345,11 +344,10 @@ class DiskCacheStore::Reader final : public RangeReader {
     if (cached_index_ == index && upstream_ == nullptr) {
       const uint64_t chunk_end = std::min(end_, (index + 1) * chunk_size);
       const uint64_t take = std::min<uint64_t>(buffer.size(), chunk_end - position_);
-      LB_RETURN_IF_ERROR(pread_all(cached_fd_.get(), buffer.first(take),
-                                   position_ - index * chunk_size)
-                             .with_context(fmt::format("cache-dir {}: chunk {} of {}",
-                                                       store_.options_.dir.string(), index,
-                                                       key_)));
+      LB_RETURN_IF_ERROR(
+          pread_all(cached_fd_.get(), buffer.first(take), position_ - index * chunk_size)
+              .with_context(fmt::format("cache-dir {}: chunk {} of {}",
+                                        store_.options_.dir.string(), index, key_)));
       position_ += take;
       return take;
     }
@@ -360,10 +358,10 @@ class DiskCacheStore::Reader final : public RangeReader {
       const ObjectInfo now{(*opened)->object_size(), (*opened)->object_version()};
       if (now != info_) {
         // Bytes of two versions must not meet in one stream.
-        return Status::corruption(fmt::format(
-            "{}: read {}: the object changed while it was read (size {} to {}, version "
-            "'{}' to '{}')",
-            store_.location(), key_, info_.size, now.size, info_.version, now.version));
+        return Status::corruption(
+            fmt::format("{}: read {}: the object changed while it was read (size {} to {}, version "
+                        "'{}' to '{}')",
+                        store_.location(), key_, info_.size, now.size, info_.version, now.version));
       }
       upstream_ = std::move(opened).value();
     }
@@ -451,7 +449,9 @@ Result<std::shared_ptr<DiskCacheStore>> DiskCacheStore::open(std::shared_ptr<Obj
 }
 
 DiskCacheStore::DiskCacheStore(std::shared_ptr<ObjectStore> inner, DiskCacheOptions options)
-    : StoreLayer(std::move(inner)), options_(std::move(options)), location_(StoreLayer::location()) {}
+    : StoreLayer(std::move(inner)),
+      options_(std::move(options)),
+      location_(StoreLayer::location()) {}
 
 DiskCacheStore::~DiskCacheStore() {
   MutexLock lock(mu_);
@@ -461,8 +461,8 @@ DiskCacheStore::~DiskCacheStore() {
       "cache-dir {}: {} chunks served from it, {} ranges and {} stats asked of the store, {} "
       "chunks published, {} dropped for another object or version, {} dropped as corrupt, {} "
       "temporary files of dead processes removed, {} evicted",
-      options_.dir.string(), c.chunk_hits, c.upstream_ranges, c.upstream_stats,
-      c.chunks_published, c.stale_dropped, c.corrupt_dropped, c.temps_removed, c.evicted);
+      options_.dir.string(), c.chunk_hits, c.upstream_ranges, c.upstream_stats, c.chunks_published,
+      c.stale_dropped, c.corrupt_dropped, c.temps_removed, c.evicted);
 }
 
 std::filesystem::path DiskCacheStore::chunk_path(const std::string& key, uint64_t index) const {
@@ -512,8 +512,7 @@ Result<ObjectInfo> DiskCacheStore::stat_info(const std::string& key, const IoCon
 }
 
 Result<std::unique_ptr<RangeReader>> DiskCacheStore::open_upstream(const std::string& key,
-                                                                   uint64_t offset,
-                                                                   uint64_t length,
+                                                                   uint64_t offset, uint64_t length,
                                                                    const IoContext& io) {
   {
     MutexLock lock(mu_);
@@ -532,8 +531,8 @@ UniqueFd DiskCacheStore::open_cached(const std::string& key, uint64_t index,
   // A file that is not the chunk asked for is a miss; one that is not whole
   // and intact is corrupt. Either way it goes, and the chunk is fetched again.
   const auto drop = [&](bool corrupt, const std::string& why) -> UniqueFd {
-    log(corrupt ? LogLevel::kWarn : LogLevel::kInfo,
-        "cache-dir: dropping {} (chunk {} of {}): {}", path.string(), index, key, why);
+    log(corrupt ? LogLevel::kWarn : LogLevel::kInfo, "cache-dir: dropping {} (chunk {} of {}): {}",
+        path.string(), index, key, why);
     unlink_if_same(path, fd.get());
     fd.reset();
     MutexLock lock(mu_);
@@ -541,7 +540,7 @@ UniqueFd DiskCacheStore::open_cached(const std::string& key, uint64_t index,
     verified_.erase(path);
     return UniqueFd();
   };
-  struct stat st{};
+  struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return drop(true, std::strerror(errno));
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
   if (file_size < kTrailerSize) return drop(true, "shorter than a trailer");
@@ -556,8 +555,8 @@ UniqueFd DiskCacheStore::open_cached(const std::string& key, uint64_t index,
     return drop(false, "it holds another store's object, or another version of this one");
   }
   if (trailer->index != index || trailer->chunk_size != options_.chunk_size) {
-    return drop(false, fmt::format("it holds chunk {} of {} bytes", trailer->index,
-                                   trailer->chunk_size));
+    return drop(false,
+                fmt::format("it holds chunk {} of {} bytes", trailer->index, trailer->chunk_size));
   }
   if (trailer->object_size != info.size) {
     return drop(false, fmt::format("it is of the object at {} bytes, the store has {}",
@@ -621,7 +620,7 @@ std::shared_ptr<DiskCacheStore::PartialChunk> DiskCacheStore::partial(const std:
                                                   sequence.fetch_add(1, std::memory_order_relaxed));
     fd.reset(::open(temp_path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
     if (!fd) break;
-    struct stat st{};
+    struct stat st {};
     if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0 || ::fstat(fd.get(), &st) != 0 ||
         st.st_nlink == 0) {
       fd.reset();
@@ -702,7 +701,7 @@ void DiskCacheStore::evict_locked() {
     if (group_name.size() != 2 || !is_hex(group_name) || !group.is_directory(error)) continue;
     for (const auto& file : std::filesystem::directory_iterator(group.path(), error)) {
       const std::string name = file.path().filename().string();
-      struct stat st{};
+      struct stat st {};
       if (::lstat(file.path().c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
       if (std::optional<pid_t> owner = temp_owner(name)) {
         // This process's own are alive (and on NFS a second lock of its own
@@ -749,9 +748,9 @@ Result<std::unique_ptr<RangeReader>> DiskCacheStore::open_range(const std::strin
   }
   if (info) {
     if (offset > info->size) {
-      return Status::out_of_range(fmt::format(
-          "{}: read {}: offset {} is past the object's end at {}", location(), key, offset,
-          info->size));
+      return Status::out_of_range(
+          fmt::format("{}: read {}: offset {} is past the object's end at {}", location(), key,
+                      offset, info->size));
     }
     if (UniqueFd fd = open_cached(key, index, *info)) {
       const uint64_t range_length = std::min(length, info->size - offset);

@@ -105,13 +105,13 @@ class DiskCacheStore final : public StoreLayer {
 
   // For tests and metrics.
   struct Counters {
-    uint64_t chunk_hits = 0;        // chunks served from the directory
-    uint64_t upstream_ranges = 0;   // ranges opened in the store below
-    uint64_t upstream_stats = 0;    // stats (size and version) asked of the store below
+    uint64_t chunk_hits = 0;       // chunks served from the directory
+    uint64_t upstream_ranges = 0;  // ranges opened in the store below
+    uint64_t upstream_stats = 0;   // stats (size and version) asked of the store below
     uint64_t chunks_published = 0;
-    uint64_t stale_dropped = 0;     // files for another store, key, index, size or version
-    uint64_t corrupt_dropped = 0;   // files that failed verification
-    uint64_t temps_removed = 0;     // temporary files of dead processes
+    uint64_t stale_dropped = 0;    // files for another store, key, index, size or version
+    uint64_t corrupt_dropped = 0;  // files that failed verification
+    uint64_t temps_removed = 0;    // temporary files of dead processes
     uint64_t evicted = 0;
   };
   Counters counters() const;

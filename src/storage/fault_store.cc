@@ -26,8 +26,8 @@ class FaultStore::Reader final : public RangeReader {
     uint64_t limit = buffer.size();
     if (spec_.fail_after) {
       if (delivered_ >= *spec_.fail_after) {
-        return Status::unavailable(fmt::format("injected fault: stream of {} failed after {} bytes",
-                                               key_, delivered_));
+        return Status::unavailable(
+            fmt::format("injected fault: stream of {} failed after {} bytes", key_, delivered_));
       }
       limit = std::min(limit, *spec_.fail_after - delivered_);
     }
@@ -167,9 +167,8 @@ Result<ObjectInfo> FaultStore::stat_info(const std::string& key, const IoContext
   return info;
 }
 
-Result<std::unique_ptr<RangeReader>> FaultStore::open_range(const std::string& key,
-                                                            uint64_t offset, uint64_t length,
-                                                            const IoContext& io) {
+Result<std::unique_ptr<RangeReader>> FaultStore::open_range(const std::string& key, uint64_t offset,
+                                                            uint64_t length, const IoContext& io) {
   const FaultSpec spec = spec_for_call();
   {
     MutexLock lock(mu_);

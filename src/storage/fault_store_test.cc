@@ -36,8 +36,8 @@ TEST(FaultSpecTest, ParsesEveryFault) {
 }
 
 TEST(FaultSpecTest, RejectsUnknownFaultsAndBadNumbers) {
-  for (const char* bad : {"explode", "fail-after", "fail-after=lots", "short=", "fail-open=1",
-                          "size=1,,"}) {
+  for (const char* bad :
+       {"explode", "fail-after", "fail-after=lots", "short=", "fail-open=1", "size=1,,"}) {
     Result<FaultSpec> spec = FaultSpec::parse(bad);
     EXPECT_FALSE(spec) << bad;
     if (!spec) {

@@ -2,8 +2,8 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <signal.h>
 #include <linux/openat2.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -159,9 +159,8 @@ Result<ObjectInfo> FileStore::stat_info(const std::string& key, const IoContext&
   return info;
 }
 
-Result<std::unique_ptr<RangeReader>> FileStore::open_range(const std::string& key,
-                                                           uint64_t offset, uint64_t length,
-                                                           const IoContext&) {
+Result<std::unique_ptr<RangeReader>> FileStore::open_range(const std::string& key, uint64_t offset,
+                                                           uint64_t length, const IoContext&) {
   Result<std::unique_ptr<RangeReader>> reader = open_range_here(key, offset, length);
   if (!reader) return reader.status().with_context(describe());
   return reader;
@@ -188,8 +187,7 @@ Result<ObjectInfo> FileStore::stat_info_here(const std::string& key) {
 }
 
 Result<std::unique_ptr<RangeReader>> FileStore::open_range_here(const std::string& key,
-                                                                uint64_t offset,
-                                                                uint64_t length) {
+                                                                uint64_t offset, uint64_t length) {
   LB_RETURN_IF_ERROR(check_key(key));
   UniqueFd fd(open_beneath(root_fd_.get(), key, O_RDONLY));
   if (!fd) return open_error(key, errno);

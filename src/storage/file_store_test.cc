@@ -4,8 +4,8 @@
 #include <unistd.h>
 
 #include <filesystem>
-#include <optional>
 #include <fstream>
+#include <optional>
 #include <vector>
 
 #include "testing/pattern.h"
@@ -53,8 +53,8 @@ TEST_F(FileStoreTest, PutThenReadRanges) {
   ASSERT_TRUE(size);
   EXPECT_EQ(*size, 10000u);
 
-  Result<std::unique_ptr<RangeReader>> reader = store_->open_range("build/memfile", 1234, 5000,
-                                                                  IoContext{});
+  Result<std::unique_ptr<RangeReader>> reader =
+      store_->open_range("build/memfile", 1234, 5000, IoContext{});
   ASSERT_TRUE(reader) << reader.status().to_string();
   EXPECT_EQ((*reader)->object_size(), 10000u);
   EXPECT_EQ((*reader)->range_length(), 5000u);
@@ -117,8 +117,8 @@ TEST_F(FileStoreTest, KeysMayNotLeaveTheRoot) {
   std::ofstream(dir_ / "secret") << "outside";
   std::filesystem::create_directory_symlink(dir_, dir_ / "root" / "escape");
   std::filesystem::create_symlink(dir_ / "secret", dir_ / "root" / "link");
-  for (const char* key : {"../secret", "/etc/passwd", "a/../../secret", "./x", "a//b", "",
-                          "a/", "escape/secret", "link"}) {
+  for (const char* key : {"../secret", "/etc/passwd", "a/../../secret", "./x", "a//b", "", "a/",
+                          "escape/secret", "link"}) {
     auto reader = store_->open_range(key, 0, 10, IoContext{});
     EXPECT_FALSE(reader) << "key '" << key << "' was accepted";
     if (!reader) {

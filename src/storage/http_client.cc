@@ -309,13 +309,13 @@ class HttpClient::Transfer final : public HttpResponse {
       LB_RETURN_IF_ERROR(io_.check(fmt::format("{} {}", method_, url_)));
       const Clock::time_point now = Clock::now();
       if (!paused_ && now - last_progress_ >= stall_timeout_) {
-        return Status::unavailable(fmt::format(
-            "{} {}: stalled, no byte for {} ms", method_, url_, stall_timeout_.count()));
+        return Status::unavailable(fmt::format("{} {}: stalled, no byte for {} ms", method_, url_,
+                                               stall_timeout_.count()));
       }
       auto wait = std::min<Clock::duration>(kMaxPoll, last_progress_ + stall_timeout_ - now);
       if (io_.deadline != Clock::time_point::max()) wait = std::min(wait, io_.deadline - now);
-      const int wait_ms = static_cast<int>(
-          std::max<int64_t>(1, std::chrono::duration_cast<std::chrono::milliseconds>(wait).count()));
+      const int wait_ms = static_cast<int>(std::max<int64_t>(
+          1, std::chrono::duration_cast<std::chrono::milliseconds>(wait).count()));
       curl_multi_poll(multi_, nullptr, 0, wait_ms, nullptr);
     }
   }
@@ -333,8 +333,7 @@ class HttpClient::Transfer final : public HttpResponse {
   std::string advice(std::string_view detail) const {
     const std::string& ca_file = client_.options().ca_file;
     const std::string trusted =
-        ca_file.empty() ? "the system's CAs"
-                        : fmt::format("the CAs of {}", ca_file);
+        ca_file.empty() ? "the system's CAs" : fmt::format("the CAs of {}", ca_file);
     switch (result_) {
       case CURLE_COULDNT_RESOLVE_HOST:
         return " (the host name does not resolve: check the store URL)";
@@ -343,9 +342,10 @@ class HttpClient::Transfer final : public HttpResponse {
           return " (TLS: the server's certificate is not valid for this host name: use the "
                  "name the certificate was issued for)";
         }
-        return fmt::format(" (TLS: the server's certificate is not signed by {}: name its CA "
-                           "with --ca-file, AWS_CA_BUNDLE or SSL_CERT_FILE)",
-                           trusted);
+        return fmt::format(
+            " (TLS: the server's certificate is not signed by {}: name its CA "
+            "with --ca-file, AWS_CA_BUNDLE or SSL_CERT_FILE)",
+            trusted);
       case CURLE_SSL_CACERT_BADFILE:
         return fmt::format(" (TLS: the CA file {} cannot be read)",
                            ca_file.empty() ? "of the system" : ca_file);

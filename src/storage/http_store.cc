@@ -64,9 +64,10 @@ class HttpRangeReader final : public RangeReader {
     }
     delivered_ += *got;
     if (delivered_ > range_length_) {
-      return Status::corruption(fmt::format("{}: the response sent more than the {} bytes "
-                                            "promised",
-                                            where_, range_length_));
+      return Status::corruption(
+          fmt::format("{}: the response sent more than the {} bytes "
+                      "promised",
+                      where_, range_length_));
     }
     return got;
   }
@@ -122,17 +123,27 @@ Result<ObjectInfo> info_from_head(Result<std::unique_ptr<HttpResponse>> response
 
 Status restated(const Status& status, std::string message) {
   switch (status.code()) {
-    case StatusCode::kNotFound: return Status::not_found(std::move(message));
-    case StatusCode::kInvalidArgument: return Status::invalid_argument(std::move(message));
-    case StatusCode::kOutOfRange: return Status::out_of_range(std::move(message));
-    case StatusCode::kCorruption: return Status::corruption(std::move(message));
-    case StatusCode::kTimeout: return Status::timeout(std::move(message));
-    case StatusCode::kCancelled: return Status::cancelled(std::move(message));
-    case StatusCode::kUnavailable: return Status::unavailable(std::move(message));
-    case StatusCode::kNoSpace: return Status::no_space(std::move(message));
-    case StatusCode::kAlreadyExists: return Status::already_exists(std::move(message));
+    case StatusCode::kNotFound:
+      return Status::not_found(std::move(message));
+    case StatusCode::kInvalidArgument:
+      return Status::invalid_argument(std::move(message));
+    case StatusCode::kOutOfRange:
+      return Status::out_of_range(std::move(message));
+    case StatusCode::kCorruption:
+      return Status::corruption(std::move(message));
+    case StatusCode::kTimeout:
+      return Status::timeout(std::move(message));
+    case StatusCode::kCancelled:
+      return Status::cancelled(std::move(message));
+    case StatusCode::kUnavailable:
+      return Status::unavailable(std::move(message));
+    case StatusCode::kNoSpace:
+      return Status::no_space(std::move(message));
+    case StatusCode::kAlreadyExists:
+      return Status::already_exists(std::move(message));
     case StatusCode::kOk:
-    case StatusCode::kIoError: break;
+    case StatusCode::kIoError:
+      break;
   }
   return Status::io_error(std::move(message));
 }
@@ -163,7 +174,8 @@ Status http_failure(long status, const std::string& store, const std::string& wh
   // An S3-style error names its cause in <Code> and <Message>.
   if (const size_t code = body.find("<Code>"); code != std::string_view::npos) {
     const size_t end = body.find("</Code>", code);
-    if (end != std::string_view::npos) detail += fmt::format(" {}", body.substr(code + 6, end - code - 6));
+    if (end != std::string_view::npos)
+      detail += fmt::format(" {}", body.substr(code + 6, end - code - 6));
   }
   if (status == 404) {
     if (body.find("<Code>NoSuchBucket</Code>") != std::string_view::npos) {
@@ -197,18 +209,18 @@ Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> 
   }
   if (status == 206) {
     const std::optional<std::string> header = response->header("Content-Range");
-    const std::optional<ContentRange> range =
-        header ? parse_content_range(*header) : std::nullopt;
+    const std::optional<ContentRange> range = header ? parse_content_range(*header) : std::nullopt;
     if (!range || !range->first || !range->total) {
-      return Status::corruption(fmt::format("{}: a 206 answer without a usable Content-Range "
-                                            "('{}')",
-                                            what, header.value_or("")));
+      return Status::corruption(
+          fmt::format("{}: a 206 answer without a usable Content-Range "
+                      "('{}')",
+                      what, header.value_or("")));
     }
     const uint64_t expected_end = std::min(offset + length, *range->total);
     if (*range->first != offset || *range->last + 1 != expected_end) {
-      return Status::corruption(fmt::format(
-          "{}: the store answered with bytes [{}, {}] of {}, not the range asked", what,
-          *range->first, *range->last, *range->total));
+      return Status::corruption(
+          fmt::format("{}: the store answered with bytes [{}, {}] of {}, not the range asked", what,
+                      *range->first, *range->last, *range->total));
     }
     const uint64_t range_length = *range->last + 1 - *range->first;
     if (has_length && content_length != range_length) {
@@ -217,8 +229,8 @@ Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> 
     }
     std::string version = version_from_headers(*response);
     return std::unique_ptr<RangeReader>(new HttpRangeReader(std::move(response), std::move(request),
-                                                            what, *range->total,
-                                                            std::move(version), range_length));
+                                                            what, *range->total, std::move(version),
+                                                            range_length));
   }
   if (status == 200) {
     // A server without range support sends the whole object: acceptable
@@ -228,8 +240,8 @@ Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> 
     }
     if (offset != 0 || content_length > length) {
       return Status::corruption(fmt::format(
-          "{}: the store ignored the range and answered 200 with the whole object ({} bytes)",
-          what, content_length));
+          "{}: the store ignored the range and answered 200 with the whole object ({} bytes)", what,
+          content_length));
     }
     std::string version = version_from_headers(*response);
     return std::unique_ptr<RangeReader>(new HttpRangeReader(std::move(response), std::move(request),
@@ -238,16 +250,15 @@ Result<std::unique_ptr<RangeReader>> range_reader(std::unique_ptr<HttpResponse> 
   }
   if (status == 416) {
     const std::optional<std::string> header = response->header("Content-Range");
-    const std::optional<ContentRange> range =
-        header ? parse_content_range(*header) : std::nullopt;
+    const std::optional<ContentRange> range = header ? parse_content_range(*header) : std::nullopt;
     if (range && range->total && offset == *range->total) {
       // A range starting exactly at the end is empty, not an error.
-      return std::unique_ptr<RangeReader>(new HttpRangeReader(
-          nullptr, {}, {}, *range->total, version_from_headers(*response), 0));
+      return std::unique_ptr<RangeReader>(
+          new HttpRangeReader(nullptr, {}, {}, *range->total, version_from_headers(*response), 0));
     }
-    return Status::out_of_range(fmt::format(
-        "{}: the offset is past the object's end{}", what,
-        range && range->total ? fmt::format(" at {}", *range->total) : std::string()));
+    return Status::out_of_range(
+        fmt::format("{}: the offset is past the object's end{}", what,
+                    range && range->total ? fmt::format(" at {}", *range->total) : std::string()));
   }
   return http_failure(status, store, read_what, key, error_excerpt(*response));
 }
@@ -303,9 +314,8 @@ Result<std::unique_ptr<RangeReader>> HttpStore::open_range(const std::string& ke
 }
 
 Status HttpStore::put(const std::string& key, std::span<const std::byte>, const IoContext&) {
-  return Status::invalid_argument(
-      fmt::format("{}: put {}: http:// stores are read-only (write with file:// or s3://)",
-                  describe(), key));
+  return Status::invalid_argument(fmt::format(
+      "{}: put {}: http:// stores are read-only (write with file:// or s3://)", describe(), key));
 }
 
 Status HttpStore::remove(const std::string& key, const IoContext&) {

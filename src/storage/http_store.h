@@ -35,8 +35,7 @@ class HttpStore final : public ObjectStore {
   Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
                                                   uint64_t length, const IoContext& io) override;
   bool read_only() const override { return true; }
-  Status put(const std::string& key, std::span<const std::byte> data,
-             const IoContext& io) override;
+  Status put(const std::string& key, std::span<const std::byte> data, const IoContext& io) override;
   Status remove(const std::string& key, const IoContext& io) override;
   std::string describe() const override { return base_url_; }
 

@@ -33,7 +33,8 @@ class HttpStoreTest : public ::testing::Test {
     std::filesystem::create_directories(file.parent_path());
     const std::vector<std::byte> data = make_pattern(kSeed, 0, kObjectSize);
     std::ofstream(file, std::ios::binary)
-        .write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+        .write(reinterpret_cast<const char*>(data.data()),
+               static_cast<std::streamsize>(data.size()));
     store_ = open("");
   }
 
@@ -44,8 +45,8 @@ class HttpStoreTest : public ::testing::Test {
   }
 
   // Reads the range to its end; returns the bytes and how the stream ended.
-  static std::pair<std::vector<std::byte>, Status> read_range(ObjectStore& store,
-                                                              uint64_t offset, uint64_t length,
+  static std::pair<std::vector<std::byte>, Status> read_range(ObjectStore& store, uint64_t offset,
+                                                              uint64_t length,
                                                               const IoContext& io = {}) {
     std::vector<std::byte> out;
     auto reader = store.open_range(kKey, offset, length, io);
@@ -77,8 +78,8 @@ TEST_F(HttpStoreTest, TheVersionIsTheETagOfTheAnswer) {
   EXPECT_EQ((*reader)->object_version(), info->version) << "a HEAD and a GET agree";
   // Written again (another modification time): another version.
   const std::filesystem::path file = server_->docroot() / kKey;
-  std::filesystem::last_write_time(file, std::filesystem::last_write_time(file) -
-                                             std::chrono::hours(1));
+  std::filesystem::last_write_time(file,
+                                   std::filesystem::last_write_time(file) - std::chrono::hours(1));
   Result<ObjectInfo> again = store_->stat_info(kKey, IoContext{});
   ASSERT_TRUE(again) << again.status().to_string();
   EXPECT_NE(again->version, info->version);
@@ -128,7 +129,8 @@ TEST_F(HttpStoreTest, SequentialRangesShareOneConnection) {
   }
   std::set<std::string> connections;
   std::istringstream log(server_->access_log());
-  for (std::string line; std::getline(log, line);) connections.insert(line.substr(0, line.find(' ')));
+  for (std::string line; std::getline(log, line);)
+    connections.insert(line.substr(0, line.find(' ')));
   EXPECT_EQ(connections.size(), 1u) << server_->access_log();
 }
 
@@ -190,8 +192,7 @@ TEST_F(HttpStoreTest, AStopWakesABlockedRead) {
   std::stop_source stop;
   Status status;
   std::thread reader([&] {
-    status = read_range(*slow, 0, 10, IoContext{Clock::time_point::max(), stop.get_token()})
-                 .second;
+    status = read_range(*slow, 0, 10, IoContext{Clock::time_point::max(), stop.get_token()}).second;
   });
   // Once nginx holds the request, the reader is blocked waiting for its
   // first byte: the stop must end that wait.

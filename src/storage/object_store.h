@@ -97,8 +97,7 @@ class ObjectStore {
   // Opens a stream of [offset, offset + length) of the object at `key`,
   // clipped at its end.
   virtual Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
-                                                          uint64_t length,
-                                                          const IoContext& io) = 0;
+                                                          uint64_t length, const IoContext& io) = 0;
 
   // Stores `data` as the object at `key`, replacing any object there.
   // Readers never see a partial object.

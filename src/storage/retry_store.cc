@@ -17,8 +17,7 @@ std::chrono::nanoseconds jittered_delay(const RetryPolicy& policy, int attempt) 
   const int doublings = std::min(attempt - 1, 30);
   const auto cap = std::min(policy.max_delay, policy.base_delay * (int64_t{1} << doublings));
   if (cap.count() <= 0) return std::chrono::nanoseconds::zero();
-  return std::chrono::nanoseconds(
-      std::uniform_int_distribution<int64_t>(0, cap.count() - 1)(rng));
+  return std::chrono::nanoseconds(std::uniform_int_distribution<int64_t>(0, cap.count() - 1)(rng));
 }
 
 double milliseconds(std::chrono::nanoseconds duration) {
@@ -55,8 +54,7 @@ class RetryStore::Reader final : public RangeReader {
       const Status failure =
           got ? Status::unavailable(fmt::format("{}: read {}: the response ended after {} of {} "
                                                 "bytes",
-                                                store_.location(), key_, delivered_,
-                                                range_length_))
+                                                store_.location(), key_, delivered_, range_length_))
               : got.status();
       const Status verdict = store_.before_retry(failures_, failure, name(), io_);
       if (!verdict.is_ok()) {
@@ -68,8 +66,7 @@ class RetryStore::Reader final : public RangeReader {
       Result<std::unique_ptr<RangeReader>> reopened = store_.open_with_retries(
           key_, offset_ + delivered_, range_length_ - delivered_, io_, failures_);
       if (!reopened) return reopened.status();
-      if ((*reopened)->object_size() != object_size_ ||
-          (*reopened)->object_version() != version_) {
+      if ((*reopened)->object_size() != object_size_ || (*reopened)->object_version() != version_) {
         return Status::corruption(fmt::format(
             "{}: read {}: the object changed between attempts (size {} to {}, version '{}' to "
             "'{}')",
@@ -105,8 +102,8 @@ class RetryStore::Reader final : public RangeReader {
 RetryStore::RetryStore(std::shared_ptr<ObjectStore> inner, RetryPolicy policy)
     : StoreLayer(std::move(inner)), policy_(policy) {}
 
-Status RetryStore::before_retry(Failures& failures, const Status& failure,
-                                const std::string& what, const IoContext& io) {
+Status RetryStore::before_retry(Failures& failures, const Status& failure, const std::string& what,
+                                const IoContext& io) {
   const Clock::time_point now = Clock::now();
   if (++failures.count == 1) failures.first = now;
   if (!is_transient(failure)) return failure;
@@ -114,8 +111,7 @@ Status RetryStore::before_retry(Failures& failures, const Status& failure,
   const auto give_up = [&] {
     if (done == 0) return failure;
     return Status::unavailable(fmt::format("{} (gave up after {} {} over {:.1f} s)",
-                                           failure.message(), done,
-                                           done == 1 ? "retry" : "retries",
+                                           failure.message(), done, done == 1 ? "retry" : "retries",
                                            milliseconds(now - failures.first) / 1000));
   };
   if (policy_.retries && done >= *policy_.retries) return give_up();
@@ -125,8 +121,8 @@ Status RetryStore::before_retry(Failures& failures, const Status& failure,
   // The backoff must end with an attempt's worth of time left.
   const Clock::time_point latest_wake = end - policy_.attempt_reserve;
   if (now >= latest_wake) return give_up();
-  const std::chrono::nanoseconds delay =
-      std::min<std::chrono::nanoseconds>(jittered_delay(policy_, failures.count), latest_wake - now);
+  const std::chrono::nanoseconds delay = std::min<std::chrono::nanoseconds>(
+      jittered_delay(policy_, failures.count), latest_wake - now);
   // The failure names the store and the object already.
   log(LogLevel::kInfo, "{} (retry {}{} in {:.1f} ms)", failure.message(), failures.count,
       policy_.retries ? fmt::format(" of {}", *policy_.retries) : std::string(),
@@ -136,8 +132,7 @@ Status RetryStore::before_retry(Failures& failures, const Status& failure,
 }
 
 Result<std::unique_ptr<RangeReader>> RetryStore::open_with_retries(const std::string& key,
-                                                                   uint64_t offset,
-                                                                   uint64_t length,
+                                                                   uint64_t offset, uint64_t length,
                                                                    const IoContext& io,
                                                                    Failures& failures) {
   for (;;) {
@@ -158,9 +153,8 @@ Result<ObjectInfo> RetryStore::stat_info(const std::string& key, const IoContext
   }
 }
 
-Result<std::unique_ptr<RangeReader>> RetryStore::open_range(const std::string& key,
-                                                            uint64_t offset, uint64_t length,
-                                                            const IoContext& io) {
+Result<std::unique_ptr<RangeReader>> RetryStore::open_range(const std::string& key, uint64_t offset,
+                                                            uint64_t length, const IoContext& io) {
   Failures failures;
   Result<std::unique_ptr<RangeReader>> opened =
       open_with_retries(key, offset, length, io, failures);

@@ -58,8 +58,7 @@ class RetryStore final : public StoreLayer {
   Result<ObjectInfo> stat_info(const std::string& key, const IoContext& io) override;
   Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
                                                   uint64_t length, const IoContext& io) override;
-  Status put(const std::string& key, std::span<const std::byte> data,
-             const IoContext& io) override;
+  Status put(const std::string& key, std::span<const std::byte> data, const IoContext& io) override;
   Status remove(const std::string& key, const IoContext& io) override;
   std::string describe() const override;
 

@@ -233,8 +233,7 @@ TEST_F(RetryStoreTest, ACountBoundsRetriesWithinTheDeadline) {
 TEST_F(RetryStoreTest, BackoffEndsAtTheDeadline) {
   // A backoff longer than what is left of the deadline: the sleep is cut
   // short, the attempt after it still made.
-  use_policy(std::nullopt, std::chrono::seconds(10)).attempt_reserve =
-      std::chrono::milliseconds(1);
+  use_policy(std::nullopt, std::chrono::seconds(10)).attempt_reserve = std::chrono::milliseconds(1);
   renew_store();
   set_faults("fail-open,times=1");
   const IoContext io{Clock::now() + std::chrono::milliseconds(300), {}};
@@ -267,8 +266,7 @@ TEST_F(RetryStoreTest, StatPutAndRemoveAreRetried) {
 TEST_F(RetryStoreTest, DescribesItself) {
   EXPECT_EQ(store_->describe().rfind("retry(3) over faults(", 0), 0u) << store_->describe();
   use_policy(std::nullopt);
-  EXPECT_EQ(store_->describe().rfind("retry(deadline) over faults(", 0), 0u)
-      << store_->describe();
+  EXPECT_EQ(store_->describe().rfind("retry(deadline) over faults(", 0), 0u) << store_->describe();
 }
 
 }  // namespace

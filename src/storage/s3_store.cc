@@ -44,11 +44,16 @@ std::optional<std::string> xml_value(std::string_view xml, std::string_view tag)
     }
     const std::string_view entity = raw.substr(i + 1, semicolon - i - 1);
     unsigned code = 0;
-    if (entity == "amp") code = '&';
-    else if (entity == "lt") code = '<';
-    else if (entity == "gt") code = '>';
-    else if (entity == "quot") code = '"';
-    else if (entity == "apos") code = '\'';
+    if (entity == "amp")
+      code = '&';
+    else if (entity == "lt")
+      code = '<';
+    else if (entity == "gt")
+      code = '>';
+    else if (entity == "quot")
+      code = '"';
+    else if (entity == "apos")
+      code = '\'';
     else if (entity.size() > 1 && entity[0] == '#' && entity[1] != 'x') {
       std::from_chars(entity.data() + 1, entity.data() + entity.size(), code);
     }
@@ -125,7 +130,8 @@ Result<S3Config> S3Config::from_url(const std::string& url) {
     return Status::invalid_argument(
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together");
   }
-  if (!key_id.empty()) config.credentials = SigV4Credentials{key_id, secret, env("AWS_SESSION_TOKEN")};
+  if (!key_id.empty())
+    config.credentials = SigV4Credentials{key_id, secret, env("AWS_SESSION_TOKEN")};
 
   if (config.scheme == "gs") {
     config.endpoint = env("GCS_ENDPOINT_URL");
@@ -227,13 +233,12 @@ HttpRequest S3Store::request(const std::string& method, const std::string& key,
     signing.query = query;
     signing.headers = headers;
     signing.payload_sha256 = payload;
-    headers.emplace_back("Authorization",
-                         sigv4_sign(signing, *config_.credentials, config_.region, "s3", date)
-                             .authorization);
+    headers.emplace_back(
+        "Authorization",
+        sigv4_sign(signing, *config_.credentials, config_.region, "s3", date).authorization);
   }
-  const bool typed = std::any_of(headers.begin(), headers.end(), [](const auto& header) {
-    return header.first == "Content-Type";
-  });
+  const bool typed = std::any_of(headers.begin(), headers.end(),
+                                 [](const auto& header) { return header.first == "Content-Type"; });
   if (method == "POST" && !typed) {
     // curl types every POST as a form unless told otherwise, and S3 keeps
     // the type of an upload's start as the object's; an empty value makes
@@ -261,8 +266,8 @@ Status S3Store::answer_failure(std::string_view what, const std::string& key,
   const auto is = [&](std::string_view name) { return code && *code == name; };
 
   if (is("NoSuchBucket")) {
-    return Status::not_found(fmt::format("{}: {}: bucket {} does not exist ({})", describe(),
-                                         what, config_.bucket, said));
+    return Status::not_found(fmt::format("{}: {}: bucket {} does not exist ({})", describe(), what,
+                                         config_.bucket, said));
   }
   if (status == 404) {
     return Status::not_found(fmt::format("{}: object not found: {} ({})", describe(), key, said));
@@ -274,8 +279,8 @@ Status S3Store::answer_failure(std::string_view what, const std::string& key,
   if (!region) region = response.header("x-amz-bucket-region");
   const std::string key_id = config_.credentials ? config_.credentials->access_key_id : "";
   if (region && !region->empty() && *region != config_.region) {
-    hint = fmt::format("bucket {} is in region {}, not {}", config_.bucket, *region,
-                       config_.region);
+    hint =
+        fmt::format("bucket {} is in region {}, not {}", config_.bucket, *region, config_.region);
     if (config_.scheme == "s3") hint += ": set AWS_REGION=" + *region;
   } else if (is("SignatureDoesNotMatch")) {
     hint = fmt::format(
@@ -291,7 +296,8 @@ Status S3Store::answer_failure(std::string_view what, const std::string& key,
     hint = config_.credentials && config_.credentials->session_token.empty()
                ? "the server wants a session token: set AWS_SESSION_TOKEN"
                : "the session token was refused: check AWS_SESSION_TOKEN (it must be the one "
-                 "issued with AWS_ACCESS_KEY_ID " + key_id + ", and not expired)";
+                 "issued with AWS_ACCESS_KEY_ID " +
+                     key_id + ", and not expired)";
   } else if (is("RequestTimeTooSkewed")) {
     const std::optional<int64_t> sent = utc_seconds(xml_value(body, "RequestTime").value_or(""));
     const std::optional<int64_t> now = utc_seconds(xml_value(body, "ServerTime").value_or(""));
@@ -304,18 +310,19 @@ Status S3Store::answer_failure(std::string_view what, const std::string& key,
     }
     hint += ": set the clock right (NTP)";
   } else if (is("AccessDenied") && !config_.credentials && config_.bearer_token.empty()) {
-    hint = "the request went without credentials: set AWS_ACCESS_KEY_ID and "
-           "AWS_SECRET_ACCESS_KEY";
+    hint =
+        "the request went without credentials: set AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY";
   } else if (is("PermanentRedirect")) {
     if (const std::optional<std::string> endpoint = xml_value(body, "Endpoint")) {
       hint = "the bucket is served at " + *endpoint;
     }
   }
-  const std::string text = fmt::format("{}: {}: {}", describe(), what,
-                                       hint.empty() ? said : hint + " (" + said + ")");
+  const std::string text =
+      fmt::format("{}: {}: {}", describe(), what, hint.empty() ? said : hint + " (" + said + ")");
   if (status == 416) return Status::out_of_range(text);
-  if (status == 408 || status == 429 || status >= 500 || is("RequestTimeout") ||
-      is("SlowDown") || is("InternalError")) {
+  if (status == 408 || status == 429 || status >= 500 || is("RequestTimeout") || is("SlowDown") ||
+      is("InternalError")) {
     return Status::unavailable(text);
   }
   return Status::io_error(text);
@@ -364,12 +371,10 @@ Result<std::unique_ptr<RangeReader>> S3Store::open_range(const std::string& key,
     Result<std::string> body = (*response)->read_all(kErrorBodyLimit);
     return answer_failure(what, key, **response, status, body ? *body : "");
   }
-  return range_reader(std::move(response).value(), std::move(get), describe(), key, offset,
-                      length);
+  return range_reader(std::move(response).value(), std::move(get), describe(), key, offset, length);
 }
 
-Status S3Store::put(const std::string& key, std::span<const std::byte> data,
-                    const IoContext& io) {
+Status S3Store::put(const std::string& key, std::span<const std::byte> data, const IoContext& io) {
   LB_RETURN_IF_ERROR(check_key(key));
   if (data.size() > config_.multipart_threshold) return put_multipart(key, data, io);
   const std::string what = "put " + key;
@@ -401,13 +406,14 @@ Status S3Store::put_multipart(const std::string& key, std::span<const std::byte>
   if (!started_body) return transport_failure(what, start, started_body.status());
   const std::optional<std::string> upload_id = xml_value(*started_body, "UploadId");
   if (!upload_id) {
-    return Status::corruption(fmt::format("{}: {}: the answer names no UploadId", describe(), what));
+    return Status::corruption(
+        fmt::format("{}: {}: the answer names no UploadId", describe(), what));
   }
 
   std::string complete = "<CompleteMultipartUpload>";
   for (uint64_t part = 1; part <= parts; ++part) {
-    const std::string part_what = fmt::format("put {} (multipart upload, part {} of {})", key,
-                                              part, parts);
+    const std::string part_what =
+        fmt::format("put {} (multipart upload, part {} of {})", key, part, parts);
     if (Status stopped = io.check(describe() + ": " + part_what); !stopped.is_ok()) {
       return abort_upload(key, *upload_id, stopped);
     }
@@ -417,19 +423,21 @@ Status S3Store::put_multipart(const std::string& key, std::span<const std::byte>
     const HttpRequest put = request(
         "PUT", key, {{"partNumber", std::to_string(part)}, {"uploadId", *upload_id}}, {}, bytes);
     Result<std::unique_ptr<HttpResponse>> sent = client_.send(put, io);
-    if (!sent) return abort_upload(key, *upload_id, transport_failure(part_what, put, sent.status()));
+    if (!sent)
+      return abort_upload(key, *upload_id, transport_failure(part_what, put, sent.status()));
     Result<std::string> body = (*sent)->read_all(kErrorBodyLimit);
     if ((*sent)->status() != 200) {
-      return abort_upload(key, *upload_id,
-                          answer_failure(part_what, key, **sent, (*sent)->status(),
-                                         body ? *body : ""));
+      return abort_upload(
+          key, *upload_id,
+          answer_failure(part_what, key, **sent, (*sent)->status(), body ? *body : ""));
     }
-    if (!body) return abort_upload(key, *upload_id, transport_failure(part_what, put, body.status()));
+    if (!body)
+      return abort_upload(key, *upload_id, transport_failure(part_what, put, body.status()));
     const std::optional<std::string> etag = (*sent)->header("ETag");
     if (!etag) {
-      return abort_upload(key, *upload_id,
-                          Status::corruption(fmt::format("{}: {}: the answer has no ETag",
-                                                         describe(), part_what)));
+      return abort_upload(
+          key, *upload_id,
+          Status::corruption(fmt::format("{}: {}: the answer has no ETag", describe(), part_what)));
     }
     complete += fmt::format("<Part><PartNumber>{}</PartNumber><ETag>{}</ETag></Part>", part, *etag);
   }

@@ -58,8 +58,8 @@ namespace lazyblock {
 struct S3Config {
   std::string scheme = "s3";  // "s3" or "gs", for messages
   std::string bucket;
-  std::string prefix;         // without leading or trailing '/'
-  std::string endpoint;       // "https://s3.us-east-1.amazonaws.com", no trailing '/'
+  std::string prefix;    // without leading or trailing '/'
+  std::string endpoint;  // "https://s3.us-east-1.amazonaws.com", no trailing '/'
   std::string region = "us-east-1";
   bool path_style = true;
   std::optional<SigV4Credentials> credentials;  // none: anonymous (or bearer)
@@ -81,8 +81,7 @@ class S3Store final : public ObjectStore {
   Result<ObjectInfo> stat_info(const std::string& key, const IoContext& io) override;
   Result<std::unique_ptr<RangeReader>> open_range(const std::string& key, uint64_t offset,
                                                   uint64_t length, const IoContext& io) override;
-  Status put(const std::string& key, std::span<const std::byte> data,
-             const IoContext& io) override;
+  Status put(const std::string& key, std::span<const std::byte> data, const IoContext& io) override;
   Status remove(const std::string& key, const IoContext& io) override;
   // "s3://BUCKET/PREFIX (ENDPOINT)"
   std::string describe() const override;
@@ -105,15 +104,14 @@ class S3Store final : public ObjectStore {
                            const Status& failure) const;
   // The answer `response` (HTTP `status`, error body `body`, possibly
   // empty) to `what` on `key` failed: what S3 said, and what to do.
-  Status answer_failure(std::string_view what, const std::string& key,
-                        const HttpResponse& response, long status, std::string_view body) const;
+  Status answer_failure(std::string_view what, const std::string& key, const HttpResponse& response,
+                        long status, std::string_view body) const;
 
   Status put_multipart(const std::string& key, std::span<const std::byte> data,
                        const IoContext& io);
   // Aborts the upload `upload_id` of `key` after `failure`, and returns
   // `failure`, saying so if the upload could not be aborted.
-  Status abort_upload(const std::string& key, const std::string& upload_id,
-                      const Status& failure);
+  Status abort_upload(const std::string& key, const std::string& upload_id, const Status& failure);
 
   const S3Config config_;
   HttpClient client_;

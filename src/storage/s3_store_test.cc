@@ -34,8 +34,9 @@ size_t count(std::string_view text, std::string_view part) {
 // Whether the server answered a request whose line has every one of `parts`.
 bool answered(const testing::S3Server& server, const std::vector<std::string>& parts) {
   for (const std::string& line : server.requests()) {
-    if (std::all_of(parts.begin(), parts.end(),
-                    [&](const std::string& part) { return line.find(part) != std::string::npos; })) {
+    if (std::all_of(parts.begin(), parts.end(), [&](const std::string& part) {
+          return line.find(part) != std::string::npos;
+        })) {
       return true;
     }
   }
@@ -53,8 +54,7 @@ class S3StoreTest : public ::testing::Test {
 
   // Replaces the fixture's server with one started with `options`, and its
   // store with one signing for `region`.
-  void restart(const testing::S3Server::Options& options,
-               const std::string& region = "us-east-1") {
+  void restart(const testing::S3Server::Options& options, const std::string& region = "us-east-1") {
     server_.reset();
     Result<std::unique_ptr<testing::S3Server>> server =
         testing::S3Server::start({kBucket}, options);
@@ -69,8 +69,7 @@ class S3StoreTest : public ::testing::Test {
     config.bucket = kBucket;
     config.prefix = "templates";
     config.endpoint = server_->endpoint();
-    config.credentials =
-        SigV4Credentials{testing::S3Server::kAccessKeyId, secret, ""};
+    config.credentials = SigV4Credentials{testing::S3Server::kAccessKeyId, secret, ""};
     config.part_size = 5 * kMiB;
     config.multipart_threshold = 5 * kMiB;
     return config;
@@ -186,8 +185,8 @@ TEST_F(S3StoreTest, AnUnknownAccessKeyIsRefused) {
 TEST_F(S3StoreTest, AnEndpointWithItsDefaultPortIsSignedAsSent) {
   std::mt19937 rng(std::random_device{}());
   testing::S3Server::Options on_port_80;
-  on_port_80.address = fmt::format("127.{}.{}.{}", 1 + rng() % 254, 1 + rng() % 254,
-                                   1 + rng() % 254);
+  on_port_80.address =
+      fmt::format("127.{}.{}.{}", 1 + rng() % 254, 1 + rng() % 254, 1 + rng() % 254);
   on_port_80.port = 80;
   Result<std::unique_ptr<testing::S3Server>> server =
       testing::S3Server::start({kBucket}, on_port_80);
@@ -281,7 +280,8 @@ TEST_F(S3StoreTest, ErrorsNameTheStoreAndTheKeyOnce) {
         << status.to_string();
   }
   // (A HEAD's answer has no body: stat asked again with a GET to learn why.)
-  EXPECT_TRUE(answered(*server_, {"GET /snapshots/templates/b1/memfile 403 SignatureDoesNotMatch"}));
+  EXPECT_TRUE(
+      answered(*server_, {"GET /snapshots/templates/b1/memfile 403 SignatureDoesNotMatch"}));
   // A transport failure names them too.
   server_.reset();
   const Status gone = store_->stat("b1/memfile", IoContext{}).status();

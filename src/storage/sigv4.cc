@@ -123,10 +123,10 @@ SigV4Signature sigv4_sign(const SigV4Request& request, const SigV4Credentials& c
     if (!result.signed_headers.empty()) result.signed_headers.push_back(';');
     result.signed_headers += headers[i].first;
   }
-  result.canonical_request = fmt::format("{}\n{}\n{}\n{}\n{}\n{}", request.method,
-                                         request.canonical_uri.empty() ? "/" : request.canonical_uri,
-                                         canonical_query(request.query), canonical_headers,
-                                         result.signed_headers, request.payload_sha256);
+  result.canonical_request = fmt::format(
+      "{}\n{}\n{}\n{}\n{}\n{}", request.method,
+      request.canonical_uri.empty() ? "/" : request.canonical_uri, canonical_query(request.query),
+      canonical_headers, result.signed_headers, request.payload_sha256);
   const std::string_view date = amz_date.substr(0, 8);
   const std::string scope = fmt::format("{}/{}/{}/aws4_request", date, region, service);
   result.string_to_sign = fmt::format("AWS4-HMAC-SHA256\n{}\n{}\n{}", amz_date, scope,

@@ -45,8 +45,8 @@ TEST(SimulateProfileTest, ExplicitProfiles) {
 }
 
 TEST(SimulateProfileTest, RejectsNonsense) {
-  for (const char* bad : {"", "s3", "ttfb=20ms", "bw=1MB/s", "ttfb=x,bw=1MB/s",
-                          "ttfb=1ms,bw=0MB/s", "ttfb=1ms,bw=1MB/s,jitter=3", "ttfb"}) {
+  for (const char* bad : {"", "s3", "ttfb=20ms", "bw=1MB/s", "ttfb=x,bw=1MB/s", "ttfb=1ms,bw=0MB/s",
+                          "ttfb=1ms,bw=1MB/s,jitter=3", "ttfb"}) {
     Result<SimulateProfile> p = SimulateProfile::parse(bad);
     EXPECT_FALSE(p) << bad;
     if (!p) {
@@ -137,8 +137,10 @@ TEST_F(SimulateStoreTest, StopEndsAWaitWithCancelled) {
   SimulateStore store(files_, SimulateProfile{std::chrono::seconds(30), 1e6});
   std::stop_source stop;
   Result<std::unique_ptr<RangeReader>> reader = Status::io_error("not run");
-  std::thread opener([&] { reader = store.open_range("obj", 0, kMiB, IoContext{
-                                                         Clock::time_point::max(), stop.get_token()}); });
+  std::thread opener([&] {
+    reader =
+        store.open_range("obj", 0, kMiB, IoContext{Clock::time_point::max(), stop.get_token()});
+  });
   stop.request_stop();
   opener.join();
   ASSERT_FALSE(reader);
@@ -153,8 +155,7 @@ TEST_F(SimulateStoreTest, ErrorsOfTheInnerStorePassThrough) {
   Result<uint64_t> size = store.stat("obj", IoContext{});
   ASSERT_TRUE(size);
   EXPECT_EQ(*size, 4 * kMiB);
-  EXPECT_NE(store.describe().find("simulate(ttfb=1ms,bw=1000MB/s) over file://"),
-            std::string::npos)
+  EXPECT_NE(store.describe().find("simulate(ttfb=1ms,bw=1000MB/s) over file://"), std::string::npos)
       << store.describe();
 }
 

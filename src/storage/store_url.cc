@@ -30,9 +30,8 @@ Result<HttpClientOptions> http_client_options(const StoreStackOptions& options) 
   if (!http.ca_file.empty()) {
     std::error_code error;
     if (!std::filesystem::is_regular_file(http.ca_file, error)) {
-      return Status::invalid_argument(
-          fmt::format("{} {}: no such file (expected the CA certificates, PEM)", origin,
-                      http.ca_file));
+      return Status::invalid_argument(fmt::format(
+          "{} {}: no such file (expected the CA certificates, PEM)", origin, http.ca_file));
     }
   }
   return http;
@@ -85,7 +84,8 @@ Result<std::shared_ptr<ObjectStore>> open_store(const std::string& url,
   if (options.retry) store = std::make_shared<RetryStore>(store, *options.retry);
   // Outermost: a chunk in the directory costs no request below.
   if (options.disk_cache) {
-    Result<std::shared_ptr<DiskCacheStore>> cached = DiskCacheStore::open(store, *options.disk_cache);
+    Result<std::shared_ptr<DiskCacheStore>> cached =
+        DiskCacheStore::open(store, *options.disk_cache);
     if (!cached) return cached.status();
     store = *cached;
   }

@@ -16,9 +16,9 @@
 namespace lazyblock {
 
 struct StoreStackOptions {
-  std::optional<SimulateProfile> simulate;  // --simulate
-  std::optional<FaultSpec> faults;          // --faults
-  std::optional<RetryPolicy> retry;         // --retry
+  std::optional<SimulateProfile> simulate;     // --simulate
+  std::optional<FaultSpec> faults;             // --faults
+  std::optional<RetryPolicy> retry;            // --retry
   std::optional<DiskCacheOptions> disk_cache;  // --cache-dir, --cache-size
   // A file:// store's directory is created if missing (for writers: pack).
   bool create_directory = false;

@@ -23,8 +23,10 @@ TEST(StoreUrlTest, FileUrlsOpenAFileStore) {
   Result<std::shared_ptr<ObjectStore>> stacked = open_store("file://" + dir.string(), layers);
   ASSERT_TRUE(stacked);
   // Faults innermost, simulation on top.
-  EXPECT_EQ((*stacked)->describe(), "simulate(ttfb=20ms,bw=100MB/s) over faults(fail-open) over "
-                                    "file://" + dir.string());
+  EXPECT_EQ((*stacked)->describe(),
+            "simulate(ttfb=20ms,bw=100MB/s) over faults(fail-open) over "
+            "file://" +
+                dir.string());
   std::filesystem::remove_all(dir);
 }
 

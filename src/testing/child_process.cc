@@ -44,8 +44,7 @@ Result<ChildProcess> ChildProcess::spawn(std::vector<std::string> argv,
   if (pid == 0) {
     if (options.own_process_group) ::setpgid(0, 0);
     const int output = O_WRONLY | O_CREAT | (options.append ? O_APPEND : O_TRUNC);
-    if (!options.stdin_from.empty() &&
-        !redirect(options.stdin_from, O_RDONLY, STDIN_FILENO)) {
+    if (!options.stdin_from.empty() && !redirect(options.stdin_from, O_RDONLY, STDIN_FILENO)) {
       ::_exit(127);
     }
     if (!options.stdout_to.empty() && !redirect(options.stdout_to, output, STDOUT_FILENO)) {
@@ -81,9 +80,7 @@ Result<ChildProcess> ChildProcess::fork(const std::function<int()>& body) {
 }
 
 ChildProcess::ChildProcess(ChildProcess&& other) noexcept
-    : pid_(std::exchange(other.pid_, -1)),
-      group_(other.group_),
-      exit_status_(other.exit_status_) {}
+    : pid_(std::exchange(other.pid_, -1)), group_(other.group_), exit_status_(other.exit_status_) {}
 
 ChildProcess& ChildProcess::operator=(ChildProcess&& other) noexcept {
   if (this != &other) {

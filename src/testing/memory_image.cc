@@ -13,9 +13,9 @@ constexpr size_t kPage = 4096;
 constexpr size_t kDistinctRepeated = 48;
 
 constexpr std::array<std::string_view, 24> kWords = {
-    "the ",     "snapshot ", "memory ", "page ",   "fault ",  "return ", "struct ",  "int ",
-    "0x7f3a ",  "error: ",   "void ",   "kernel ", "{\n",     "}\n",     "ERROR ",   "INFO ",
-    "request ", "GET /",     "200 ",    "null, ",  "\"id\": ", "true ",  "buffer ",  "= ",
+    "the ",     "snapshot ", "memory ", "page ",   "fault ",   "return ", "struct ", "int ",
+    "0x7f3a ",  "error: ",   "void ",   "kernel ", "{\n",      "}\n",     "ERROR ",  "INFO ",
+    "request ", "GET /",     "200 ",    "null, ",  "\"id\": ", "true ",   "buffer ", "= ",
 };
 
 void fill_text(std::mt19937_64& rng, std::byte* page, size_t length) {

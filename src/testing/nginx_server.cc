@@ -203,17 +203,32 @@ Result<TestCertificates> TestCertificates::make(const std::filesystem::path& dir
   const std::filesystem::path extensions = dir / "server.ext";
   const std::filesystem::path log = dir / "openssl.log";
   // P-256 keys: as good as RSA for a test, and made in milliseconds.
-  LB_RETURN_IF_ERROR(run_command(
-      {"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-       "-nodes", "-keyout", ca_key.string(), "-out", made.ca.string(), "-days", "2", "-subj",
-       "/CN=lazyblock test CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext",
-       "keyUsage=critical,keyCertSign,cRLSign"},
-      log));
-  LB_RETURN_IF_ERROR(run_command(
-      {"openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-       "-nodes", "-keyout", made.key.string(), "-out", request.string(), "-subj",
-       "/CN=" + names.front()},
-      log));
+  LB_RETURN_IF_ERROR(run_command({"openssl",
+                                  "req",
+                                  "-x509",
+                                  "-newkey",
+                                  "ec",
+                                  "-pkeyopt",
+                                  "ec_paramgen_curve:prime256v1",
+                                  "-nodes",
+                                  "-keyout",
+                                  ca_key.string(),
+                                  "-out",
+                                  made.ca.string(),
+                                  "-days",
+                                  "2",
+                                  "-subj",
+                                  "/CN=lazyblock test CA",
+                                  "-addext",
+                                  "basicConstraints=critical,CA:TRUE",
+                                  "-addext",
+                                  "keyUsage=critical,keyCertSign,cRLSign"},
+                                 log));
+  LB_RETURN_IF_ERROR(
+      run_command({"openssl", "req", "-new", "-newkey", "ec", "-pkeyopt",
+                   "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", made.key.string(), "-out",
+                   request.string(), "-subj", "/CN=" + names.front()},
+                  log));
   std::string alt_names;
   for (const std::string& name : names) {
     const bool address = !name.empty() && (std::isdigit(static_cast<unsigned char>(name[0])) ||
@@ -222,11 +237,11 @@ Result<TestCertificates> TestCertificates::make(const std::filesystem::path& dir
   }
   std::ofstream(extensions) << "subjectAltName=" << alt_names
                             << "\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n";
-  LB_RETURN_IF_ERROR(run_command(
-      {"openssl", "x509", "-req", "-in", request.string(), "-CA", made.ca.string(), "-CAkey",
-       ca_key.string(), "-CAcreateserial", "-out", made.certificate.string(), "-days", "2",
-       "-extfile", extensions.string()},
-      log));
+  LB_RETURN_IF_ERROR(
+      run_command({"openssl", "x509", "-req", "-in", request.string(), "-CA", made.ca.string(),
+                   "-CAkey", ca_key.string(), "-CAcreateserial", "-out", made.certificate.string(),
+                   "-days", "2", "-extfile", extensions.string()},
+                  log));
   return made;
 }
 
@@ -300,8 +315,8 @@ Result<std::unique_ptr<NginxServer>> NginxServer::start(
           std::move(dir).value(), docroot, *port, std::move(*child), options.tls.has_value()));
     }
     child->kill_hard();
-    last_failure = Status::io_error(fmt::format("nginx did not start on port {}: {}", *port,
-                                                slurp(root / "error.log")));
+    last_failure = Status::io_error(
+        fmt::format("nginx did not start on port {}: {}", *port, slurp(root / "error.log")));
     if (slurp(root / "error.log").find("Address already in use") == std::string::npos) break;
   }
   return last_failure;

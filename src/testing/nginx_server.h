@@ -81,8 +81,8 @@ class NginxServer {
   bool slow_request_arrived() const;
 
  private:
-  NginxServer(ScratchDir dir, std::filesystem::path docroot, uint16_t port,
-              ChildProcess process, bool tls);
+  NginxServer(ScratchDir dir, std::filesystem::path docroot, uint16_t port, ChildProcess process,
+              bool tls);
 
   ScratchDir dir_;
   std::filesystem::path docroot_;

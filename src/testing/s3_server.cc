@@ -24,9 +24,8 @@ std::string slurp(const std::filesystem::path& path) {
 }
 
 bool is_number(const std::string& text) {
-  return !text.empty() && std::all_of(text.begin(), text.end(), [](unsigned char c) {
-    return std::isdigit(c) != 0;
-  });
+  return !text.empty() && std::all_of(text.begin(), text.end(),
+                                      [](unsigned char c) { return std::isdigit(c) != 0; });
 }
 
 }  // namespace
@@ -47,19 +46,30 @@ Result<std::unique_ptr<S3Server>> S3Server::start(const std::vector<std::string>
   if (!dir) return dir.status();
   const std::filesystem::path ready = dir->path() / "ready";
   const std::string log = (dir->path() / "server.log").string();
-  std::vector<std::string> args = {
-      "/usr/bin/node", front,
-      "--data", (dir->path() / "data").string(),
-      "--ready", ready.string(),
-      "--log", (dir->path() / "requests.log").string(),
-      "--address", options.address,
-      "--port", std::to_string(options.port),
-      "--region", options.region,
-      "--access-key-id", kAccessKeyId,
-      "--secret-access-key", kSecretAccessKey,
-      "--clock-skew-seconds", std::to_string(options.clock_skew.count()),
-      "--fail-part", std::to_string(options.fail_part),
-      "--stall-part", std::to_string(options.stall_part)};
+  std::vector<std::string> args = {"/usr/bin/node",
+                                   front,
+                                   "--data",
+                                   (dir->path() / "data").string(),
+                                   "--ready",
+                                   ready.string(),
+                                   "--log",
+                                   (dir->path() / "requests.log").string(),
+                                   "--address",
+                                   options.address,
+                                   "--port",
+                                   std::to_string(options.port),
+                                   "--region",
+                                   options.region,
+                                   "--access-key-id",
+                                   kAccessKeyId,
+                                   "--secret-access-key",
+                                   kSecretAccessKey,
+                                   "--clock-skew-seconds",
+                                   std::to_string(options.clock_skew.count()),
+                                   "--fail-part",
+                                   std::to_string(options.fail_part),
+                                   "--stall-part",
+                                   std::to_string(options.stall_part)};
   if (!options.session_token.empty()) {
     args.push_back("--session-token");
     args.push_back(options.session_token);

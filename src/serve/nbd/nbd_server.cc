@@ -201,10 +201,10 @@ Status NbdServer::listen_tcp(const std::string& host, uint16_t port) {
 Status NbdServer::serve() {
   if (listen_fd_ < 0) return Status::invalid_argument("serve() before listen");
   // One descriptor per connection.
-  Acceptor acceptor(listen_fd_, wake_read_.get(),
-                    limits_.max_connections > 0 ? limits_.max_connections
-                                                : default_max_connections(1),
-                    "serve nbd");
+  Acceptor acceptor(
+      listen_fd_, wake_read_.get(),
+      limits_.max_connections > 0 ? limits_.max_connections : default_max_connections(1),
+      "serve nbd");
   const auto open = [&] { return sessions_.live(); };
   while (!stopping_.load()) {
     Result<UniqueFd> accepted = acceptor.accept(open);

@@ -89,7 +89,7 @@ class NbdServer {
   std::unique_ptr<UnixListener> unix_listener_;  // listen_unix
   UniqueFd tcp_listener_;                        // listen_tcp
   int listen_fd_ = -1;                           // whichever of the two
-  UniqueFd wake_read_, wake_write_;  // a pipe that wakes serve() for stop()
+  UniqueFd wake_read_, wake_write_;              // a pipe that wakes serve() for stop()
   uint16_t port_ = 0;
   std::atomic<bool> stopping_{false};
   std::atomic<uint64_t> connections_{0};

@@ -24,10 +24,14 @@ constexpr size_t kPayloadStep = 64 * 1024;
 // file system sees a full disk, not a broken one).
 uint32_t nbd_error(const Status& status) {
   switch (status.code()) {
-    case StatusCode::kInvalidArgument: return kEinval;
-    case StatusCode::kNoSpace: return kEnospc;
-    case StatusCode::kCancelled: return kEshutdown;
-    default: return kEio;
+    case StatusCode::kInvalidArgument:
+      return kEinval;
+    case StatusCode::kNoSpace:
+      return kEnospc;
+    case StatusCode::kCancelled:
+      return kEshutdown;
+    default:
+      return kEio;
   }
 }
 
@@ -269,8 +273,8 @@ void Session::transmission() {
     }
     // What the request makes the server hold: the reply of a read, the
     // payload of a write (longer reads are refused unallocated).
-    const bool holds = (request->type == kCmdRead || request->type == kCmdWrite) &&
-                       request->length <= kMaxBlock;
+    const bool holds =
+        (request->type == kCmdRead || request->type == kCmdWrite) && request->length <= kMaxBlock;
     const uint64_t cost = holds ? request->length : 0;
     if (!runner_.admit(cost)) return;  // stopping
     std::vector<std::byte> payload;
@@ -330,8 +334,9 @@ uint32_t Session::check(const Request& request) const {
 
 void Session::handle(const Request& request, std::span<const std::byte> payload) {
   if (const uint32_t error = check(request); error != 0) {
-    finish_error(request, error, fmt::format("request {} at {} of {} bytes refused", request.type,
-                                             request.offset, request.length));
+    finish_error(request, error,
+                 fmt::format("request {} at {} of {} bytes refused", request.type, request.offset,
+                             request.length));
     return;
   }
   Status status;
@@ -404,10 +409,9 @@ void Session::block_status(const Request& request) {
       continue;
     }
     if ((request.flags & kCmdFlagReqOne) && !descriptors.empty()) break;
-    descriptors.emplace_back(static_cast<uint32_t>(extent.length),
-                             extent.kind == image::DiskExtent::Kind::kZero
-                                 ? kStateHole | kStateZero
-                                 : 0u);
+    descriptors.emplace_back(
+        static_cast<uint32_t>(extent.length),
+        extent.kind == image::DiskExtent::Kind::kZero ? kStateHole | kStateZero : 0u);
     last_kind = extent.kind;
   }
   Writer chunk;

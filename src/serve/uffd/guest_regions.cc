@@ -29,8 +29,7 @@ Status read_field(const nlohmann::json& region, size_t index, const char* name, 
 
 }  // namespace
 
-Result<std::vector<GuestRegion>> parse_guest_regions(std::string_view json,
-                                                     uint64_t memfile_size) {
+Result<std::vector<GuestRegion>> parse_guest_regions(std::string_view json, uint64_t memfile_size) {
   const nlohmann::json doc = nlohmann::json::parse(json, nullptr, /*allow_exceptions=*/false);
   if (doc.is_discarded()) {
     return Status::invalid_argument("the guest memory mappings are not valid JSON");
@@ -51,8 +50,8 @@ Result<std::vector<GuestRegion>> parse_guest_regions(std::string_view json,
     LB_RETURN_IF_ERROR(read_field(
         item, i, item.contains("page_size") ? "page_size" : "page_size_kib", &region.page_size));
     if (region.page_size != kSmallPage && region.page_size != kHugePage) {
-      return Status::invalid_argument(fmt::format(
-          "region {}: page size {} is neither 4 KiB nor 2 MiB", i, region.page_size));
+      return Status::invalid_argument(
+          fmt::format("region {}: page size {} is neither 4 KiB nor 2 MiB", i, region.page_size));
     }
     if (region.size == 0 || region.base % region.page_size != 0 ||
         region.size % region.page_size != 0 || region.offset % region.page_size != 0) {
@@ -63,9 +62,9 @@ Result<std::vector<GuestRegion>> parse_guest_regions(std::string_view json,
     }
     if (region.base + region.size < region.base || region.offset > memfile_size ||
         region.size > memfile_size - region.offset) {
-      return Status::invalid_argument(fmt::format(
-          "region {} ({} bytes at memfile offset {}) lies outside the {}-byte memfile", i,
-          region.size, region.offset, memfile_size));
+      return Status::invalid_argument(
+          fmt::format("region {} ({} bytes at memfile offset {}) lies outside the {}-byte memfile",
+                      i, region.size, region.offset, memfile_size));
     }
     regions.push_back(region);
   }
@@ -73,8 +72,8 @@ Result<std::vector<GuestRegion>> parse_guest_regions(std::string_view json,
             [](const GuestRegion& a, const GuestRegion& b) { return a.base < b.base; });
   for (size_t i = 1; i < regions.size(); ++i) {
     if (regions[i].base < regions[i - 1].end()) {
-      return Status::invalid_argument(fmt::format("regions at {:#x} and {:#x} overlap",
-                                                  regions[i - 1].base, regions[i].base));
+      return Status::invalid_argument(
+          fmt::format("regions at {:#x} and {:#x} overlap", regions[i - 1].base, regions[i].base));
     }
   }
   return regions;

@@ -29,8 +29,7 @@ struct GuestRegion {
 // `memfile_size` bytes: sizes, addresses and offsets aligned to a supported
 // page size, no overlaps, every region inside the memfile. kInvalidArgument
 // naming the fault otherwise.
-Result<std::vector<GuestRegion>> parse_guest_regions(std::string_view json,
-                                                     uint64_t memfile_size);
+Result<std::vector<GuestRegion>> parse_guest_regions(std::string_view json, uint64_t memfile_size);
 
 // The region holding `address`, or nullptr. `regions` sorted by address.
 const GuestRegion* region_at(const std::vector<GuestRegion>& regions, uint64_t address);

@@ -87,8 +87,8 @@ void PageRecorder::touched(uint64_t offset, uint64_t length) {
     if (offset < before.offset + before.length) return;  // touched before
   }
   // Merge into seen_: with the run ending at `offset` and the one starting at `end`.
-  const bool joins_before = it != seen_.begin() &&
-                            std::prev(it)->offset + std::prev(it)->length == offset;
+  const bool joins_before =
+      it != seen_.begin() && std::prev(it)->offset + std::prev(it)->length == offset;
   const bool joins_after = it != seen_.end() && it->offset == end;
   if (joins_before && joins_after) {
     std::prev(it)->length += length + it->length;

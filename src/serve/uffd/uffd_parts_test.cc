@@ -14,18 +14,17 @@ constexpr uint64_t kMemfile = 64 * kMiB;
 
 std::string region_json(uint64_t base, uint64_t size, uint64_t offset, const char* page_field,
                         uint64_t page) {
-  return "{\"base_host_virt_addr\":" + std::to_string(base) + ",\"size\":" +
-         std::to_string(size) + ",\"offset\":" + std::to_string(offset) + ",\"" + page_field +
+  return "{\"base_host_virt_addr\":" + std::to_string(base) + ",\"size\":" + std::to_string(size) +
+         ",\"offset\":" + std::to_string(offset) + ",\"" + page_field +
          "\":" + std::to_string(page) + "}";
 }
 
 TEST(GuestRegionsTest, ParsesFirecrackerMappingsSortedByAddress) {
   // Two regions around a gap, in the order Firecracker may list them; the
   // second from an older version that sends only page_size_kib (in bytes).
-  const std::string json = "[" + region_json(0x7f0000400000, 4 * kMiB, 8 * kMiB, "page_size",
-                                             2 * kMiB) +
-                           "," + region_json(0x7f0000000000, 2 * kMiB, 0, "page_size_kib", 4096) +
-                           "]";
+  const std::string json =
+      "[" + region_json(0x7f0000400000, 4 * kMiB, 8 * kMiB, "page_size", 2 * kMiB) + "," +
+      region_json(0x7f0000000000, 2 * kMiB, 0, "page_size_kib", 4096) + "]";
   Result<std::vector<GuestRegion>> regions = parse_guest_regions(json, kMemfile);
   ASSERT_TRUE(regions) << regions.status().to_string();
   ASSERT_EQ(regions->size(), 2u);
@@ -60,8 +59,7 @@ TEST(GuestRegionsTest, RefusesInconsistentMappingsByName) {
       {"[" + region_json(4096, 0, 0, "page_size", 4096) + "]", "empty or not aligned"},
       {"[" + region_json(4096, 8192, kMemfile - 4096, "page_size", 4096) + "]",
        "outside the 67108864-byte memfile"},
-      {"[" + region_json(4096, 4096, kMemfile + 4096, "page_size", 4096) + "]",
-       "outside the"},
+      {"[" + region_json(4096, 4096, kMemfile + 4096, "page_size", 4096) + "]", "outside the"},
       {"[" + region_json(4096, 8192, 0, "page_size", 4096) + "," +
            region_json(8192, 4096, 0, "page_size", 4096) + "]",
        "overlap"},
@@ -80,8 +78,8 @@ TEST(PageRecordTest, RecorderKeepsFirstTouchOrderAndMergesRuns) {
   recorder.touched(8192, 4096);
   recorder.touched(12288, 4096);  // follows on: same run
   recorder.touched(0, 4096);
-  recorder.touched(8192, 4096);   // again: not recorded twice
-  recorder.touched(4096, 4096);   // follows 0: same run
+  recorder.touched(8192, 4096);  // again: not recorded twice
+  recorder.touched(4096, 4096);  // follows 0: same run
   recorder.touched(2 * kMiB, 2 * kMiB);
   recorder.touched(12288, 4096);
   const std::vector<PageRun> want = {{8192, 8192}, {0, 8192}, {2 * kMiB, 2 * kMiB}};

@@ -133,9 +133,9 @@ class UffdServer::Session {
   Mutex mu_;
   CondVar changed_;  // tasks_, drained_ or stopping_ changed
   bool stopping_ GUARDED_BY(mu_) = false;
-  int tasks_ GUARDED_BY(mu_) = 0;  // worker tasks not yet finished
-  uint64_t drained_ GUARDED_BY(mu_) = 0;  // rounds of events drained
-  std::set<uint64_t> in_flight_ GUARDED_BY(mu_);  // pages handed to workers
+  int tasks_ GUARDED_BY(mu_) = 0;                   // worker tasks not yet finished
+  uint64_t drained_ GUARDED_BY(mu_) = 0;            // rounds of events drained
+  std::set<uint64_t> in_flight_ GUARDED_BY(mu_);    // pages handed to workers
   std::vector<uint64_t> deferred_ GUARDED_BY(mu_);  // worker installs that got EAGAIN
   // Guarded by mu_: pages whose fetch failed, by when to try again, and the
   // delay before the next try of each (doubling).
@@ -157,8 +157,8 @@ void UffdServer::Session::run() {
   }
   uint64_t bytes = 0;
   for (const GuestRegion& region : regions_) bytes += region.size;
-  log(LogLevel::kInfo, "serve uffd: VM connected: {} regions, {} of guest memory",
-      regions_.size(), format_size(bytes));
+  log(LogLevel::kInfo, "serve uffd: VM connected: {} regions, {} of guest memory", regions_.size(),
+      format_size(bytes));
   if (!server_.options_.prefetch.empty()) prefetcher_ = std::thread([this] { prefetch(); });
 
   const Status served = serve_events();
@@ -198,13 +198,14 @@ Status UffdServer::Session::receive_mappings() {
   std::string body;
   std::vector<char> buffer(64 * 1024);
   for (;;) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
     if (left.count() <= 0) {
-      return Status::timeout(!uffd_ ? fmt::format("no userfaultfd descriptor within {} ms",
-                                                   timeout.count())
-                                    : fmt::format("the memory mappings did not arrive whole "
-                                                  "within {} ms",
-                                                  timeout.count()));
+      return Status::timeout(
+          !uffd_ ? fmt::format("no userfaultfd descriptor within {} ms", timeout.count())
+                 : fmt::format("the memory mappings did not arrive whole "
+                               "within {} ms",
+                               timeout.count()));
     }
     pollfd fds{socket_, POLLIN, 0};
     const int ready = ::poll(&fds, 1, static_cast<int>(left.count()));
@@ -242,8 +243,9 @@ Status UffdServer::Session::receive_mappings() {
       // A probe (is the socket up?) rather than a VM: not worth an error.
       if (body.empty()) return Status::cancelled("a client connected and left without a word");
       if (!uffd_) {
-        return Status::invalid_argument("the VM sent its memory mappings but no userfaultfd "
-                                        "descriptor, and closed the connection");
+        return Status::invalid_argument(
+            "the VM sent its memory mappings but no userfaultfd "
+            "descriptor, and closed the connection");
       }
       break;  // whatever came is all there is
     }
@@ -273,8 +275,7 @@ Status UffdServer::Session::serve_events() {
   std::vector<uint64_t> faults;
   Clock::time_point last_event = Clock::now();
   for (;;) {
-    pollfd fds[3] = {
-        {uffd_.get(), POLLIN, 0}, {socket_, POLLIN, 0}, {wake_.get(), POLLIN, 0}};
+    pollfd fds[3] = {{uffd_.get(), POLLIN, 0}, {socket_, POLLIN, 0}, {wake_.get(), POLLIN, 0}};
     // Faults come in bursts (a vCPU touches page after page): for a moment
     // after one, look for the next without sleeping, which saves the
     // wake-up of a blocked thread on each.
@@ -435,8 +436,7 @@ std::optional<UffdServer::Session::Page> UffdServer::Session::page_at(uint64_t a
 UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address, bool retry) {
   const std::optional<Page> page = page_at(address);
   if (!page) {
-    log(LogLevel::kError, "serve uffd: fault at {:#x}, outside every region the VM sent",
-        address);
+    log(LogLevel::kError, "serve uffd: fault at {:#x}, outside every region the VM sent", address);
     return Install::kNoTarget;
   }
   if (!retry) {
@@ -515,8 +515,9 @@ void UffdServer::Session::fetch_and_install(Page page) {
     // tries again later, with this worker free for other faults meanwhile
     // (a broken object must not hold up every VM of the host).
     auto [delay, first] = retry_delay_.try_emplace(page.address, kFirstRetryDelay);
-    log(LogLevel::kError, "serve uffd: page at {:#x} (memfile [{}, +{})): {}; trying again in {} ms",
-        page.address, page.offset, page.size, bytes.status().to_string(), delay->second.count());
+    log(LogLevel::kError,
+        "serve uffd: page at {:#x} (memfile [{}, +{})): {}; trying again in {} ms", page.address,
+        page.offset, page.size, bytes.status().to_string(), delay->second.count());
     retry_due_.emplace(Clock::now() + delay->second, page.address);
     delay->second = std::min(2 * delay->second, kMaxRetryDelay);
     wake_events();
@@ -583,8 +584,7 @@ void UffdServer::Session::prefetch() {
   }
 }
 
-void UffdServer::Session::prefetch_range(const GuestRegion& region, uint64_t begin,
-                                         uint64_t end) {
+void UffdServer::Session::prefetch_range(const GuestRegion& region, uint64_t begin, uint64_t end) {
   image::Disk& memfile = server_.memfile_;
   const bool zero = memfile.is_zero(begin, end - begin);
   std::span<const std::byte> bytes;
@@ -684,14 +684,18 @@ UffdServer::Session::Install UffdServer::Session::zero(const Page& page) {
 UffdServer::Session::Install UffdServer::Session::result_of(int error, const Page& page,
                                                             const char* what) {
   switch (error) {
-    case EEXIST: return Install::kExisted;  // installed by someone else first
-    case EAGAIN: return Install::kAgain;    // an event is queued: drain, then retry
+    case EEXIST:
+      return Install::kExisted;  // installed by someone else first
+    case EAGAIN:
+      return Install::kAgain;  // an event is queued: drain, then retry
     case EFAULT:
-      log(LogLevel::kWarn, "serve uffd: {} of page {:#x}: the source could not be read; "
-          "reading it again", what, page.address);
+      log(LogLevel::kWarn,
+          "serve uffd: {} of page {:#x}: the source could not be read; "
+          "reading it again",
+          what, page.address);
       return Install::kUnreadable;
-    case ENOENT:                             // unregistered (removed) or unmapped
-    case ESRCH:                              // the VM's memory is gone
+    case ENOENT:  // unregistered (removed) or unmapped
+    case ESRCH:   // the VM's memory is gone
       return Install::kNoTarget;
     default:
       log(LogLevel::kError, "serve uffd: {} of page {:#x}: {}", what, page.address,
@@ -743,8 +747,7 @@ Status UffdServer::serve() {
     const int socket = accepted->get();
     auto session = std::make_shared<Session>(*this, socket);
     sessions_.start(
-        std::move(*accepted), [session](int) { session->run(); },
-        [session] { session->stop(); });
+        std::move(*accepted), [session](int) { session->run(); }, [session] { session->stop(); });
   }
   sessions_.join_all();
   return Status::ok();
@@ -760,8 +763,8 @@ void UffdServer::stop() {
 }
 
 UffdStats UffdServer::stats() const {
-  return {counters_.connections.load(), counters_.faults.load(),
-          counters_.served_cached.load(), counters_.served_zero.load(),
+  return {counters_.connections.load(),    counters_.faults.load(),
+          counters_.served_cached.load(),  counters_.served_zero.load(),
           counters_.served_fetched.load(), counters_.prefetched.load(),
           counters_.removed.load()};
 }
