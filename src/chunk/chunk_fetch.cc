@@ -190,6 +190,11 @@ uint64_t ChunkFetch::next_wake_locked(uint64_t position, uint64_t limit) const {
   return it == waiters_.end() ? limit : std::min(limit, it->first);
 }
 
+size_t ChunkFetch::waiters_locked() const {
+  context_.mu.assert_held();
+  return waiters_.size();
+}
+
 void ChunkFetch::stream_ended(FetchStream& stream, const Status& status) {
   MutexLock lock(context_.mu);
   --context_.streams;
@@ -320,7 +325,7 @@ Status FetchStream::stream() {
       // this chunk wait on this stream, or are better served by it going
       // on: a sequential reader waits on the very stream that feeds it, and
       // yielding to it would only hand the CPU to other processes.)
-      others_wait = context_.waiting.load(std::memory_order_relaxed) > fetch_->waiters_.size();
+      others_wait = context_.waiting.load(std::memory_order_relaxed) > fetch_->waiters_locked();
     }
     LB_RETURN_IF_ERROR(io_.check(name_));
     if (want == kReadBatch && others_wait) {

@@ -92,6 +92,8 @@ class ChunkFetch : public std::enable_shared_from_this<ChunkFetch> {
   FetchStream* stream_covering_locked(uint64_t offset) const REQUIRES(context_.mu);
   // Ends the waits of waiters whose ranges are cached.
   void wake_cached_locked();
+  // How many readers wait on this chunk. Requires context_.mu held.
+  size_t waiters_locked() const;
   // The end of the first waiter ending in (position, limit], or `limit`.
   uint64_t next_wake_locked(uint64_t position, uint64_t limit) const;
   // Called by a stream when it is over, with the status it ended with.
