@@ -365,8 +365,9 @@ TEST_F(SpaceTest, ACacheFileCutShortUnderACopyIsFetchedAgainOrAnIoErrorNeverACra
     ASSERT_GT(pid, 0);
     // Once some blocks are cached, with three chunks or more still to be
     // written out (so that the copy meets the cut), the cache file is cut
-    // to nothing.
-    std::optional<std::filesystem::path> cache;
+    // to nothing. The file is opened as soon as it is found: a descriptor
+    // that ends between the listing and the open is looked for again.
+    UniqueFd cache_file;
     ASSERT_TRUE(eventually([&] {
       uint64_t written = 0;
       for (const std::filesystem::path& file : unnamed_files_in(pid, out_dir)) {
@@ -374,18 +375,18 @@ TEST_F(SpaceTest, ACacheFileCutShortUnderACopyIsFetchedAgainOrAnIoErrorNeverACra
         if (::stat(file.c_str(), &st) == 0) written += static_cast<uint64_t>(st.st_size);
       }
       if (written + 3 * 4 * kMiB > kSmallSize) return false;
-      for (const std::filesystem::path& file : unnamed_files_in(pid, tmp)) {
+      for (const std::filesystem::path& candidate : unnamed_files_in(pid, tmp)) {
         struct stat st {};
-        if (::stat(file.c_str(), &st) == 0 && st.st_blocks > 0) cache = file;
+        if (::stat(candidate.c_str(), &st) == 0 && st.st_blocks > 0) {
+          cache_file.reset(::open(candidate.c_str(), O_WRONLY));
+          if (cache_file) return true;
+        }
       }
-      return cache.has_value();
+      return false;
     })) << command
         << ": no cache file with blocks in it early enough";
-    UniqueFd file(::open(cache->c_str(), O_WRONLY));
-    const int fd = file.get();
-    ASSERT_GE(fd, 0) << std::strerror(errno);
-    ASSERT_EQ(::ftruncate(fd, 0), 0) << std::strerror(errno);
-    file.reset();
+    ASSERT_EQ(::ftruncate(cache_file.get(), 0), 0) << std::strerror(errno);
+    cache_file.reset();
     const int status = wait_for(pid);
     const std::string log = slurp(err);
     ASSERT_LT(status, 128) << command << " was killed by signal " << status - 128 << ": " << log;
