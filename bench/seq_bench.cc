@@ -74,7 +74,7 @@ double process_cpu_seconds() {
 }  // namespace
 
 Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
-  if (options.size == 0 || options.parallelism < 1) {
+  if (options.size == 0 || options.parallel < 1) {
     return Status::invalid_argument("bench seq needs a size > 0 and --parallel >= 1");
   }
   ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);  // as in bench fetch: precise pacing
@@ -95,7 +95,7 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
 
   ChunkerOptions chunker_options;
   chunker_options.strategy = options.strategy;
-  chunker_options.readahead_streams = options.parallelism;
+  chunker_options.parallel = options.parallel;
   chunker_options.cache_dir = scratch->path();
   chunker_options.expected_ttfb = options.profile.ttfb;
   chunker_options.expected_bandwidth = options.profile.bytes_per_second;
@@ -140,7 +140,7 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
   report.seconds = seconds;
   report.cpu_seconds = cpu_seconds;
   report.mb_per_s = static_cast<double>(options.size) / 1e6 / seconds;
-  report.limit_mb_per_s = options.parallelism * options.profile.bytes_per_second / 1e6;
+  report.limit_mb_per_s = options.parallel * options.profile.bytes_per_second / 1e6;
   report.requests = (*chunker)->stats().requests;
   report.bytes_fetched = (*chunker)->stats().bytes;
   if (compressed) {
@@ -168,11 +168,11 @@ std::string format_seq_report(const SeqBenchReport& report) {
         "measured just before ({} threads decoding frames and writing them into a file at once; "
         "decoding alone: {} x {:.0f} MB/s of {} per core = {:.0f} MB/s)\n",
         format_size(o.size), frame_codec_name(*o.compressed), report.ratio, o.profile_name,
-        o.profile.to_string(), o.parallelism, report.mb_per_s, report.seconds,
+        o.profile.to_string(), o.parallel, report.mb_per_s, report.seconds,
         100 * report.mb_per_s / report.limit_mb_per_s, report.limit_mb_per_s,
         streams_bind ? "streams" : "cores", report.requests,
         static_cast<double>(report.bytes_fetched) / 1e6, report.cpu_seconds,
-        report.stream_limit_mb_per_s, o.parallelism, o.profile.bytes_per_second / 1e6, report.ratio,
+        report.stream_limit_mb_per_s, o.parallel, o.profile.bytes_per_second / 1e6, report.ratio,
         report.cores_limit_mb_per_s, report.cores, report.cores,
         report.decompress_mb_per_s_per_core, frame_codec_name(*o.compressed),
         report.decompress_limit_mb_per_s);
@@ -181,9 +181,9 @@ std::string format_seq_report(const SeqBenchReport& report) {
       "bench seq: cold write_to of a {} object, profile {} ({}), {} streams, {}\n"
       "{:.0f} MB/s in {:.2f} s ({:.0f}% of the limit {:.0f} MB/s = {} streams x {:.0f} MB/s), "
       "{} requests, {:.2f} s of CPU, output byte-exact\n",
-      format_size(o.size), o.profile_name, o.profile.to_string(), o.parallelism,
+      format_size(o.size), o.profile_name, o.profile.to_string(), o.parallel,
       fetch_strategy_name(o.strategy), report.mb_per_s, report.seconds,
-      100 * report.mb_per_s / report.limit_mb_per_s, report.limit_mb_per_s, o.parallelism,
+      100 * report.mb_per_s / report.limit_mb_per_s, report.limit_mb_per_s, o.parallel,
       o.profile.bytes_per_second / 1e6, report.requests, report.cpu_seconds);
 }
 

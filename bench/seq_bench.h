@@ -22,7 +22,7 @@ struct SeqBenchOptions {
   std::string profile_name;
   SimulateProfile profile;
   uint64_t size = 1ULL << 30;
-  int parallelism = 8;
+  int parallel = 8;
   FetchStrategy strategy = FetchStrategy::kSplit;
   std::optional<FrameCodec> compressed;
 };

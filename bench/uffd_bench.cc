@@ -269,7 +269,7 @@ class Bench {
     LB_RETURN_IF_ERROR(warm_faults(&report));
     LB_RETURN_IF_ERROR(working_set(&report));
     report.working_set_limit_ms =
-        (ttfb + static_cast<double>(report.working_set_bytes) / (o_.streams * bw)) * 1e3;
+        (ttfb + static_cast<double>(report.working_set_bytes) / (o_.parallel * bw)) * 1e3;
     return report;
   }
 
@@ -314,7 +314,7 @@ class Bench {
   ChunkerOptions chunker_options() const {
     ChunkerOptions options;
     options.cache_dir = dir();
-    options.readahead_streams = o_.streams;
+    options.parallel = o_.parallel;
     options.expected_ttfb = o_.profile.ttfb;
     options.expected_bandwidth = o_.profile.bytes_per_second;
     return options;
@@ -504,13 +504,13 @@ std::string format_uffd_report(const UffdBenchReport& report) {
       "us\n"
       "working set    {}: {:.0f} ms without prefetch, {:.0f} ms with ({:.1f}x faster; {:.2f} x "
       "the limit {:.0f} ms = TTFB + set / ({} x BW)); {} pages prefetched\n",
-      format_size(o.memfile_size), o.profile_name, o.profile.to_string(), o.vcpus, o.streams,
+      format_size(o.memfile_size), o.profile_name, o.profile.to_string(), o.vcpus, o.parallel,
       report.cold.p50_us, report.cold.p99_us, report.cold_limit_us, report.warm.p50_us,
       report.warm.p99_us, report.warm_baseline.p50_us, report.warm_baseline.p99_us,
       format_size(report.working_set_bytes), report.without_prefetch_ms, report.with_prefetch_ms,
       report.without_prefetch_ms / report.with_prefetch_ms,
-      report.with_prefetch_ms / report.working_set_limit_ms, report.working_set_limit_ms, o.streams,
-      report.prefetched_pages);
+      report.with_prefetch_ms / report.working_set_limit_ms, report.working_set_limit_ms,
+      o.parallel, report.prefetched_pages);
 }
 
 nlohmann::json uffd_report_json(const UffdBenchReport& report) {

@@ -34,7 +34,7 @@ struct UffdBenchOptions {
   int cold_faults = 24;
   int warm_faults = 2000;
   int vcpus = 2;
-  int streams = 8;  // the chunker's readahead/prefetch streams
+  int parallel = 8;  // the chunker's readahead/prefetch streams (--parallel)
   uint64_t seed = 42;
 };
 

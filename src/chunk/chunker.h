@@ -63,9 +63,9 @@ struct ChunkerOptions {
   // the last ended) keep this many streams transferring ahead of the reader:
   // the next chunk's request goes out one time-to-first-byte before a stream
   // ends, so the wait for its first byte overlaps the others' transfers.
-  int readahead_streams = 8;
+  int parallel = 8;
   // Whether runs of sequential read_at/slice grow a readahead window (from
-  // 1 MiB, doubling per read up to 2 x readahead_streams chunks). Random reads
+  // 1 MiB, doubling per read up to 2 x parallel chunks). Random reads
   // never read ahead; write_to always does.
   bool readahead = true;
   // For a reader that reads each byte once, in order, and asks for its own
@@ -119,7 +119,7 @@ class Chunker {
 
   // Asks for [offset, offset + length) to be fetched ahead of its reads,
   // without waiting: queued behind earlier requests and started as
-  // readahead is (readahead_streams at a time). Failures surface to whoever
+  // readahead is (parallel at a time). Failures surface to whoever
   // reads those bytes. Ranges past the end are ignored.
   virtual void prefetch(uint64_t offset, uint64_t length) = 0;
 

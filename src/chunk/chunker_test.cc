@@ -660,7 +660,7 @@ TEST_P(ReadaheadTest, SequentialReadsFetchTheChunksAhead) {
     ASSERT_TRUE(read_and_check(*c, offset, 64 * kKiB).is_ok());
   }
   wait_for_streams_to_end(*c);
-  // Readahead runs at most 2 x readahead_streams chunks ahead: all 8 here.
+  // Readahead runs at most 2 x parallel chunks ahead: all 8 here.
   EXPECT_EQ(recorder_->chunks_opened(), (std::vector<uint64_t>{0, 1, 2, 3, 4, 5, 6, 7}));
   EXPECT_TRUE(read_and_check(*c, 0, size_).is_ok());
   EXPECT_EQ(c->stats().bytes, size_);  // nothing fetched twice

@@ -55,8 +55,7 @@ void FetchContext::pump_readahead_locked() {
   if (blocks == nullptr) return;
   const uint64_t chunk_size = options.chunk_size;
   const uint64_t end = std::min(readahead_end, blocks->size());
-  while (readahead_from < end && busy_streams < options.readahead_streams &&
-         streams < options.max_streams) {
+  while (readahead_from < end && busy_streams < options.parallel && streams < options.max_streams) {
     const uint64_t chunk = readahead_from / chunk_size;
     const uint64_t chunk_begin = chunk * chunk_size;
     const uint64_t chunk_end = std::min(chunk_begin + chunk_size, blocks->size());
@@ -65,8 +64,7 @@ void FetchContext::pump_readahead_locked() {
     }
     readahead_from = chunk_end;
   }
-  while (!prefetches.empty() && busy_streams < options.readahead_streams &&
-         streams < options.max_streams) {
+  while (!prefetches.empty() && busy_streams < options.parallel && streams < options.max_streams) {
     auto& [begin, stop] = prefetches.front();
     const uint64_t range_end = std::min(stop, blocks->size());
     if (begin >= range_end) {

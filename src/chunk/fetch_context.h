@@ -56,7 +56,7 @@ struct FetchContext {
 
   // Readahead: chunks overlapping [readahead_from, readahead_end) are still
   // to be handed to streams. Streams are started while fewer than
-  // options.readahead_streams are busy: a stream is busy from its start until
+  // options.parallel are busy: a stream is busy from its start until
   // it is one time to first byte from its end (or ends), so a new request's
   // wait for its first byte overlaps the running streams' transfers.
   uint64_t readahead_from GUARDED_BY(mu) = 0;
@@ -79,7 +79,7 @@ struct FetchContext {
   // pump_readahead_locked does. Requires mu held and the cache created.
   void read_ahead_locked(uint64_t from, uint64_t until) REQUIRES(mu);
   // Starts streams for the next chunks of the readahead range, then of the
-  // prefetched ranges, while fewer than options.readahead_streams are busy.
+  // prefetched ranges, while fewer than options.parallel are busy.
   // Requires mu held.
   void pump_readahead_locked() REQUIRES(mu);
 

@@ -20,10 +20,10 @@ constexpr uint64_t kFirstReadaheadWindow = 1 * kMiB;
 constexpr int kFetchAttempts = 4;
 
 // Readahead runs at most this far ahead of the reader: enough chunks to keep
-// readahead_streams streams transferring while the next requests wait for
+// parallel streams transferring while the next requests wait for
 // their first bytes.
 uint64_t max_readahead_window(const ChunkerOptions& options) {
-  return 2 * static_cast<uint64_t>(options.readahead_streams) * options.chunk_size;
+  return 2 * static_cast<uint64_t>(options.parallel) * options.chunk_size;
 }
 
 }  // namespace
@@ -60,9 +60,8 @@ Result<std::unique_ptr<Chunker>> make_chunker(std::shared_ptr<ObjectStore> store
   if (options.fetch_timeout <= std::chrono::nanoseconds::zero()) {
     return Status::invalid_argument("the fetch timeout must be positive");
   }
-  if (options.max_streams_per_chunk < 1 || options.max_streams < 1 ||
-      options.readahead_streams < 1 || options.expected_bandwidth <= 0 ||
-      options.expected_ttfb.count() < 0) {
+  if (options.max_streams_per_chunk < 1 || options.max_streams < 1 || options.parallel < 1 ||
+      options.expected_bandwidth <= 0 || options.expected_ttfb.count() < 0) {
     return Status::invalid_argument(
         "stream bounds must be at least 1, and the expected link sane (bandwidth > 0)");
   }

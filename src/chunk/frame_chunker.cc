@@ -187,7 +187,7 @@ class FrameChunker final : public Chunker {
     return static_cast<size_t>(it - table_.frames.begin());
   }
 
-  // Sequential reads keep readahead_streams frames in flight past the read.
+  // Sequential reads keep parallel frames in flight past the read.
   void note_read(uint64_t offset, uint64_t end) {
     const uint64_t previous = last_read_end_.exchange(end, std::memory_order_relaxed);
     if (!options_.readahead || offset != previous) return;
@@ -291,14 +291,14 @@ class FrameChunker final : public Chunker {
     });
   }
 
-  // How many frames readahead keeps in flight: readahead_streams. Keeping
-  // enough more in flight that readahead_streams of them are always
+  // How many frames readahead keeps in flight: parallel. Keeping
+  // enough more in flight that parallel of them are always
   // transferring (streams x (1 + TTFB / a frame's transfer time), ~33 for
   // 2 MiB zstd frames at 20 ms and 100 MB/s) was tried: on this project's
   // 2-core machine, shared and CPU-bound, it doubled the CPU time per byte
   // (0.6-0.8 s against 1.3-1.6 s per 256 MiB in bench seq) and halved the
   // throughput, as the cores, not the streams, bind there.
-  size_t frames_in_flight() const { return static_cast<size_t>(options_.readahead_streams); }
+  size_t frames_in_flight() const { return static_cast<size_t>(options_.parallel); }
 
   // Starts queued prefetches while fewer than frames_in_flight() run.
   // Requires mu_ held.
@@ -439,7 +439,7 @@ Result<std::unique_ptr<Chunker>> make_frame_chunker(std::shared_ptr<ObjectStore>
   if (Status s = table.validate(options.block_size); !s.is_ok()) {
     return s.with_context("frame table of " + key);
   }
-  if (options.readahead_streams < 1 || options.fetch_timeout.count() <= 0) {
+  if (options.parallel < 1 || options.fetch_timeout.count() <= 0) {
     return Status::invalid_argument("readahead streams and the fetch timeout must be positive");
   }
   const std::filesystem::path dir =

@@ -15,7 +15,7 @@
 //
 // Frames, not 4 MiB chunks, are the unit of fetching here, so there is no
 // split: a frame is decompressed whole. Sequential reads (and write_to) keep
-// readahead_streams frames in flight ahead of the reader; prefetch() queues
+// parallel frames in flight ahead of the reader; prefetch() queues
 // frames behind them. Cached reads take no lock.
 #pragma once
 

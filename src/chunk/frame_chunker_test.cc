@@ -117,7 +117,7 @@ class FrameChunkerTest : public ::testing::TestWithParam<FrameCodec> {
   std::unique_ptr<Chunker> chunker(FrameGeometry table) {
     ChunkerOptions options;
     options.cache_dir = scratch_->path();
-    options.readahead_streams = 2;
+    options.parallel = 2;
     Result<std::unique_ptr<Chunker>> made = make_frame_chunker(store_, "obj", table, options);
     EXPECT_TRUE(made) << made.status().to_string();
     return made ? std::move(made).value() : nullptr;

@@ -120,7 +120,7 @@ int run_hit_bench_command(const HitBenchFlags& flags) {
 struct SeqBenchFlags {
   std::string profile;
   std::string size = "1GiB";
-  int parallelism = 8;
+  int parallel = 8;
   std::string fetch = "split";
   std::string compressed;
   bool json = false;
@@ -137,7 +137,7 @@ int run_seq_bench_command(const SeqBenchFlags& flags) {
   Result<uint64_t> size = parse_size(flags.size);
   if (!size) return report_failure(size.status());
   options.size = *size;
-  options.parallelism = flags.parallelism;
+  options.parallel = flags.parallel;
   Result<FetchStrategy> strategy = parse_fetch_strategy(flags.fetch);
   if (!strategy) return report_failure(strategy.status());
   options.strategy = *strategy;
@@ -202,7 +202,7 @@ struct UffdBenchFlags {
   std::string memfile_size = "256MiB";
   std::string working_set = "32MiB";
   int vcpus = 2;
-  int parallelism = 8;
+  int parallel = 8;
   bool json = false;
   std::string log_level = "warn";
 };
@@ -221,7 +221,7 @@ int run_uffd_bench_command(const UffdBenchFlags& flags) {
   if (!working_set) return report_failure(working_set.status().with_context("--working-set"));
   options.working_set = *working_set;
   options.vcpus = flags.vcpus;
-  options.streams = flags.parallelism;
+  options.parallel = flags.parallel;
   Result<UffdBenchReport> report = run_uffd_bench(options);
   if (!report) return report_failure(report.status().with_context("bench uffd"));
   if (flags.json) {
@@ -283,7 +283,7 @@ CommandRunner add_bench_command(CLI::App& app) {
                   "gcs (20ms, 100MB/s), nfs (1ms, 500MB/s) or ttfb=MS,bw=MBPS")
       ->required();
   seq->add_option("--size", seq_flags->size, "Object size, e.g. 1GiB")->capture_default_str();
-  seq->add_option("--parallel", seq_flags->parallelism,
+  seq->add_option("--parallel", seq_flags->parallel,
                   "Streams kept transferring (the next request goes out one first-byte time before "
                   "a stream ends)")
       ->capture_default_str()
@@ -313,7 +313,7 @@ CommandRunner add_bench_command(CLI::App& app) {
   uffd->add_option("--vcpus", uffd_flags->vcpus, "Threads touching the working set")
       ->capture_default_str()
       ->check(at_least(1));
-  uffd->add_option("--parallel", uffd_flags->parallelism, "Streams prefetching at once")
+  uffd->add_option("--parallel", uffd_flags->parallel, "Streams prefetching at once")
       ->capture_default_str()
       ->check(at_least(1));
   uffd->add_flag("--json", uffd_flags->json, "Print one JSON document instead of the table");

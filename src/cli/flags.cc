@@ -151,7 +151,7 @@ Result<ChunkerOptions> chunker_options(const StoreFlags& flags) {
   if (!timeout) return timeout.status();
   if (timeout->count() <= 0) return Status::invalid_argument("--timeout must be positive");
   options.fetch_timeout = *timeout;
-  options.readahead_streams = flags.parallel;
+  options.parallel = flags.parallel;
   options.readahead = !flags.no_readahead;
   if (!flags.simulate.empty()) {
     // The simulated link is the best first guess of the link.

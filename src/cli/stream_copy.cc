@@ -18,13 +18,12 @@ Status stream_in_order(const OrderedSource& source, ByteSink& sink, const Chunke
   // A chunk per read: the unit of fetching, so a chunk is written whole or
   // not at all, and given back whole once written.
   const uint64_t piece = options.chunk_size;
-  // The chunk being copied and readahead_streams chunks past it: with a
-  // window of readahead_streams chunks alone, a single stream (--parallel 1)
+  // The chunk being copied and parallel chunks past it: with a
+  // window of parallel chunks alone, a single stream (--parallel 1)
   // would fetch the next chunk only once this one is written out, leaving the
   // link idle for each chunk's write and its request's round trip. (The
-  // chunker still keeps at most readahead_streams streams transferring.)
-  const uint64_t window =
-      (static_cast<uint64_t>(options.readahead_streams) + 1) * options.chunk_size;
+  // chunker still keeps at most parallel streams transferring.)
+  const uint64_t window = (static_cast<uint64_t>(options.parallel) + 1) * options.chunk_size;
   std::vector<std::byte> buffer(piece);
   uint64_t asked = 0;  // prefetched up to here
   for (uint64_t position = 0;;) {

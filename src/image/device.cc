@@ -324,9 +324,8 @@ Status Device::do_extents(uint64_t offset, uint64_t length, std::vector<DiskExte
 Disk::Readahead Device::readahead() const {
   const ChunkerOptions& options = files_->options();
   // Ranges up to this far ahead of the writer are asked of their chunkers,
-  // which start them readahead_streams at a time each.
-  return {options.chunk_size,
-          2 * static_cast<uint64_t>(options.readahead_streams) * options.chunk_size};
+  // which start them parallel at a time each.
+  return {options.chunk_size, 2 * static_cast<uint64_t>(options.parallel) * options.chunk_size};
 }
 
 }  // namespace lazyblock::image
