@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <fstream>
 #include <memory>
 #include <random>
 #include <thread>
@@ -18,8 +17,8 @@
 #include "common/unique_fd.h"
 #include "common/units.h"
 #include "image/device.h"
-#include "image/pack.h"
 #include "storage/file_store.h"
+#include "testing/build_fixture.h"
 #include "testing/pattern.h"
 #include "testing/scratch_dir.h"
 
@@ -44,35 +43,14 @@ class Fleet {
     Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
     if (!scratch) return scratch.status();
     scratch_ = std::move(scratch).value();
-    const std::filesystem::path raw = dir() / "disk";
-    {
-      std::ofstream out(raw, std::ios::binary);
-      for (uint64_t offset = 0; offset < disk_size(); offset += 4 * kMiB) {
-        const std::vector<std::byte> piece =
-            testing::make_pattern(kPatternSeed, offset, std::min(4 * kMiB, disk_size() - offset));
-        out.write(reinterpret_cast<const char*>(piece.data()),
-                  static_cast<std::streamsize>(piece.size()));
-      }
-      if (!out) return Status::io_error("bench fleet: cannot write " + raw.string());
-    }
-    std::filesystem::create_directories(dir() / "store");
-    Result<std::shared_ptr<FileStore>> files = FileStore::open(dir() / "store");
-    if (!files) return files.status();
-    files_ = *files;
-    Result<image::Uuid> build = image::Uuid::parse(kBuild);
-    if (!build) return build.status();
-    build_ = *build;
-    image::PackOptions pack_options;
-    pack_options.build = build_;
-    pack_options.name = kName;
-    pack_options.temp_dir = dir();
-    const UniqueFd fd(::open(raw.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd) return posix_error("open " + raw.string(), errno);
-    Result<image::PackSummary> packed =
-        image::pack(std::make_shared<image::DataFiles>(files_, chunker_options()), fd.get(),
-                    pack_options, nullptr);
-    std::filesystem::remove(raw);
+    testing::BuildSpec spec(dir() / "store", kBuild, kName);
+    Result<testing::PackedBuild> packed =
+        testing::pack_build(spec, disk_size(), [](uint64_t offset, std::span<std::byte> out) {
+          testing::fill_pattern(kPatternSeed, offset, out);
+        });
     if (!packed) return packed.status();
+    files_ = packed->store;
+    build_ = packed->build;
     // The recorded working set: blocks spread over the whole disk.
     std::vector<uint64_t> all(disk_size() / kBlock);
     for (uint64_t i = 0; i < all.size(); ++i) all[i] = i * kBlock;

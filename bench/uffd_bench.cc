@@ -7,13 +7,11 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <fstream>
 #include <functional>
 #include <random>
 #include <thread>
@@ -25,9 +23,10 @@
 #include "common/unique_fd.h"
 #include "common/units.h"
 #include "common/unix_socket.h"
-#include "image/pack.h"
+#include "image/device.h"
 #include "serve/uffd/uffd_server.h"
 #include "storage/file_store.h"
+#include "testing/build_fixture.h"
 #include "testing/child_process.h"
 #include "testing/firecracker_stand_in.h"
 #include "testing/pattern.h"
@@ -50,19 +49,6 @@ void fill_expected(uint64_t offset, std::span<std::byte> out) {
   } else {
     testing::fill_pattern(kPatternSeed, offset, out);
   }
-}
-
-Status write_memfile(const std::filesystem::path& path, uint64_t size) {
-  std::ofstream out(path, std::ios::binary);
-  std::vector<std::byte> chunk(kChunk);
-  for (uint64_t offset = 0; offset < size; offset += kChunk) {
-    const uint64_t length = std::min(kChunk, size - offset);
-    fill_expected(offset, std::span(chunk).first(length));
-    out.write(reinterpret_cast<const char*>(chunk.data()), static_cast<std::streamsize>(length));
-  }
-  out.close();
-  if (!out) return Status::io_error("bench uffd: cannot write " + path.string());
-  return Status::ok();
 }
 
 // The pages of `offsets` in `memory` that differ from the memfile's.
@@ -282,30 +268,13 @@ class Bench {
     Result<testing::ScratchDir> scratch = testing::ScratchDir::create();
     if (!scratch) return scratch.status();
     scratch_ = std::move(scratch).value();
-    const std::filesystem::path raw = dir() / "memfile";
-    LB_RETURN_IF_ERROR(write_memfile(raw, o_.memfile_size));
-    std::filesystem::create_directories(dir() / "store");
-    Result<std::shared_ptr<FileStore>> files = FileStore::open(dir() / "store");
-    if (!files) return files.status();
-    files_ = *files;
-    Result<image::Uuid> build = image::Uuid::parse(kBuild);
-    if (!build) return build.status();
-    build_ = *build;
-    image::PackOptions pack_options;
-    pack_options.build = build_;
-    pack_options.name = "memfile";
-    pack_options.temp_dir = dir();
-    const UniqueFd fd(::open(raw.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd) return posix_error("open " + raw.string(), errno);
-    Result<image::PackSummary> packed =
-        image::pack(std::make_shared<image::DataFiles>(files_, chunker_options()), fd.get(),
-                    pack_options, nullptr);
+    testing::BuildSpec spec(dir() / "store", kBuild, "memfile");
+    spec.map_raw = true;  // the minimal handler copies from it
+    Result<testing::PackedBuild> packed = testing::pack_build(spec, o_.memfile_size, fill_expected);
     if (!packed) return packed.status();
-    // The raw file stays mapped: the minimal handler copies from it.
-    Result<MappedRegion> map = MappedRegion::map(
-        o_.memfile_size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd.get(), 0, raw.string());
-    if (!map) return map.status();
-    raw_map_ = std::move(*map);
+    files_ = packed->store;
+    build_ = packed->build;
+    raw_map_ = std::move(packed->raw);
     return Status::ok();
   }
 

@@ -4,7 +4,6 @@
 // each run asked of the store comes from the cache's own counters (logged at
 // info when it closes) or, over HTTP, from nginx's access log.
 #include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -227,26 +226,16 @@ TEST_F(CacheCliTest, ABuildRepackedUnderTheSameIdIsServedAnew) {
 TEST_F(CacheCliTest, AKilledProcessLeavesNoTemporaryFileAfterTheNextRun) {
   const std::string expected = put("store", 1, kSize);
   // A fill that stops after 1 MiB of each stream and waits there.
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    const std::string binary = lazyblock_binary();
-    const std::string store = url("store");
-    const std::string cache = cache_dir_.string();
-    ::execl(binary.c_str(), binary.c_str(), "cat", "--store", store.c_str(), "--key", kKey.c_str(),
-            "--cache-dir", cache.c_str(), "--faults", "stall-after=1MiB", "--timeout", "60s", "-o",
-            "/dev/null", static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
-  ASSERT_GT(pid, 0);
-  const std::string mark = ".tmp." + std::to_string(pid) + ".";
+  Result<testing::ChildProcess> fill = start_lazyblock(
+      {"cat", "--store", url("store"), "--key", kKey, "--cache-dir", cache_dir_.string(),
+       "--faults", "stall-after=1MiB", "--timeout", "60s", "-o", "/dev/null"});
+  ASSERT_TRUE(fill) << fill.status().to_string();
+  const std::string mark = ".tmp." + std::to_string(fill->pid()) + ".";
   while (files_named(cache_dir_, mark).empty()) {
-    int status = 0;
-    ASSERT_EQ(::waitpid(pid, &status, WNOHANG), 0) << "the fill ended before it began";
+    ASSERT_TRUE(fill->running()) << "the fill ended before it began";
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
-  ASSERT_EQ(::kill(pid, SIGKILL), 0);
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_EQ(fill->kill_hard(), 128 + SIGKILL);
   ASSERT_FALSE(files_named(cache_dir_, mark).empty());
 
   std::string out;

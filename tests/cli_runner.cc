@@ -54,6 +54,15 @@ Outcome run_lazyblock_bounded(const std::filesystem::path& dir, std::vector<std:
   return run_program_with_input(dir, args, {});
 }
 
+Result<testing::ChildProcess> start_lazyblock(std::vector<std::string> args,
+                                              testing::SpawnOptions options) {
+  args.insert(args.begin(), lazyblock_binary());
+  options.stdin_from = "/dev/null";
+  if (options.stdout_to.empty()) options.stdout_to = "/dev/null";
+  if (options.stderr_to.empty()) options.stderr_to = "/dev/null";
+  return testing::ChildProcess::spawn(std::move(args), options);
+}
+
 Outcome run_program(const std::filesystem::path& dir, const std::string& program,
                     std::vector<std::string> args) {
   args.insert(args.begin(), program);

@@ -32,6 +32,13 @@ Outcome run_lazyblock(const std::filesystem::path& dir, std::vector<std::string>
 Outcome run_lazyblock_bounded(const std::filesystem::path& dir, std::vector<std::string> args,
                               int seconds = 30);
 
+// `lazyblock ARGS...` started in the background, for a test that interrupts
+// or kills a command midway: stdin from /dev/null, stdout and stderr where
+// `options` sends them (else /dev/null). Its destruction stops it (SIGTERM)
+// if the test has not ended it.
+Result<testing::ChildProcess> start_lazyblock(std::vector<std::string> args,
+                                              testing::SpawnOptions options = {});
+
 // Runs `program` (found on PATH) with `args` the same way.
 Outcome run_program(const std::filesystem::path& dir, const std::string& program,
                     std::vector<std::string> args);

@@ -8,7 +8,6 @@
 #include <lz4frame.h>
 #include <openssl/evp.h>
 #include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -576,24 +575,11 @@ TEST_F(CompressedTest, APackKilledMidwayLeavesNoHalfBuildAndTheNextPackIsByteExa
     const auto at =
         took * kill / kKills + std::chrono::duration_cast<std::chrono::nanoseconds>(took / kKills) *
                                    std::uniform_real_distribution<double>(0, 1)(rng);
-    std::vector<std::string> argv = {lazyblock_binary()};
-    argv.insert(argv.end(), args.begin(), args.end());
-    std::vector<char*> pointers;
-    for (std::string& arg : argv) pointers.push_back(arg.data());
-    pointers.push_back(nullptr);
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-      const int null = ::open("/dev/null", O_RDWR);
-      ::dup2(null, 1);
-      ::dup2(null, 2);
-      ::execv(pointers[0], pointers.data());
-      ::_exit(127);
-    }
-    ASSERT_GT(pid, 0);
+    Result<testing::ChildProcess> killed = start_lazyblock(args);
+    ASSERT_TRUE(killed) << killed.status().to_string();
+    const pid_t pid = killed->pid();
     std::this_thread::sleep_for(at);  // the fault's moment, not a wait for anything
-    ::kill(pid, SIGKILL);
-    int status = 0;
-    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    killed->kill_hard();
     SCOPED_TRACE("killed after " + std::to_string(std::chrono::duration<double>(at).count()) +
                  " s of a " + std::to_string(std::chrono::duration<double>(took).count()) +
                  " s pack");

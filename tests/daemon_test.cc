@@ -20,6 +20,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <span>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -28,6 +29,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/units.h"
+#include "testing/build_fixture.h"
 #include "testing/firecracker_stand_in.h"
 #include "testing/nginx_server.h"
 #include "testing/scratch_dir.h"
@@ -126,11 +128,9 @@ class DaemonTest : public ::testing::Test {
 
   // Packs `bytes` as `name` of `build` into nginx's docroot.
   void pack(const std::string& build, const std::string& name, const std::string& bytes) {
-    const std::filesystem::path raw = dir_ / ("raw-" + build + "-" + name);
-    std::ofstream(raw, std::ios::binary) << bytes;
-    Outcome packed = run_lazyblock(dir_, {"pack", "--store", "file://" + nginx_->docroot().string(),
-                                          "--build", build, "--name", name, raw.string()});
-    ASSERT_EQ(packed.status, 0) << packed.err;
+    Result<testing::PackedBuild> packed =
+        testing::pack_build({nginx_->docroot(), build, name}, std::as_bytes(std::span(bytes)));
+    ASSERT_TRUE(packed) << packed.status().to_string();
     // nginx's workers run as another user.
     run_program(dir_, "chmod", {"-R", "a+rX", nginx_->docroot().string()});
   }

@@ -9,7 +9,6 @@
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -25,12 +24,14 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "common/unique_fd.h"
 #include "common/units.h"
+#include "testing/build_fixture.h"
 #include "testing/local_port.h"
 #include "testing/scratch_dir.h"
 #include "tests/cli_runner.h"
@@ -109,24 +110,21 @@ class DataSafetyTest : public ::testing::Test {
     ASSERT_TRUE(scratch);
     scratch_ = std::move(scratch).value();
     dir_ = scratch_->path();
-    std::filesystem::create_directories(dir_ / "store");
-    store_ = "file://" + (dir_ / "store").string();
     std::mt19937_64 rng(7);
     raw_.assign(8 * kMiB, '\0');
     for (size_t i = 0; i < raw_.size(); ++i) {
       if ((i / kBlock) % 4 != 1) raw_[i] = static_cast<char>(rng());
     }
-    std::ofstream(dir_ / "raw", std::ios::binary) << raw_;
     pack(kBuild, dir_ / "raw");
   }
 
-  void pack(const std::string& build, const std::filesystem::path& image,
-            std::vector<std::string> extra = {}) {
-    std::vector<std::string> args = {"pack", "--store", store_, "--build",
-                                     build,  "--name",  kName,  image.string()};
-    args.insert(args.end(), extra.begin(), extra.end());
-    Outcome packed = run_lazyblock(dir_, args);
-    ASSERT_EQ(packed.status, 0) << packed.err;
+  // raw_ packed as `build` (its raw image kept at `raw`, if given).
+  void pack(const std::string& build, const std::filesystem::path& raw = {}) {
+    testing::BuildSpec spec(dir_ / "store", build, kName);
+    spec.raw = raw;
+    Result<testing::PackedBuild> packed = testing::pack_build(spec, std::as_bytes(std::span(raw_)));
+    ASSERT_TRUE(packed) << packed.status().to_string();
+    store_ = packed->store_url;
   }
 
   std::vector<std::string> serve_args(const std::string& build, const std::filesystem::path& socket,
@@ -300,7 +298,7 @@ TEST_F(DataSafetyTest, AnOverlayHasOneServerAndBelongsToOneDevice) {
   EXPECT_EQ(first.stop(), 0);
 
   // Over another build: refused, both named.
-  pack(kOtherBuild, dir_ / "raw");
+  pack(kOtherBuild);
   Outcome other = run_lazyblock_bounded(
       dir_, serve_args(kOtherBuild, dir_ / "c.sock", {"--overlay", overlay.string()}));
   EXPECT_NE(other.status, 0);

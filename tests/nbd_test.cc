@@ -8,7 +8,6 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -23,6 +22,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <thread>
 
@@ -30,6 +30,7 @@
 
 #include "common/unique_fd.h"
 #include "common/units.h"
+#include "testing/build_fixture.h"
 #include "testing/local_port.h"
 #include "testing/scratch_dir.h"
 #include "tests/cli_runner.h"
@@ -66,18 +67,17 @@ class NbdTest : public ::testing::Test {
     ASSERT_TRUE(scratch);
     scratch_ = std::move(scratch).value();
     dir_ = scratch_->path();
-    std::filesystem::create_directories(dir_ / "store");
-    store_ = "file://" + (dir_ / "store").string();
     // 6 MiB + 512 bytes of random data with zero holes.
     std::mt19937_64 rng(9);
     raw_.assign(6 * kMiB + 512, '\0');
     for (size_t i = 0; i < raw_.size(); ++i) {
       if ((i / 4096) % 5 != 2) raw_[i] = static_cast<char>(rng());
     }
-    std::ofstream(dir_ / "raw", std::ios::binary) << raw_;
-    Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_, "--build", kBuild, "--name",
-                                          kName, (dir_ / "raw").string()});
-    ASSERT_EQ(packed.status, 0) << packed.err;
+    testing::BuildSpec spec(dir_ / "store", kBuild, kName);
+    spec.raw = dir_ / "raw";  // qemu-img compares the served disk with it
+    Result<testing::PackedBuild> packed = testing::pack_build(spec, std::as_bytes(std::span(raw_)));
+    ASSERT_TRUE(packed) << packed.status().to_string();
+    store_ = packed->store_url;
   }
 
   std::string stored_objects() {
@@ -469,15 +469,12 @@ uint64_t resident_bytes(pid_t pid) {
 // per request, and serves another client meanwhile.
 TEST_F(NbdTest, ClientsThatDoNotReadRepliesHoldBoundedMemory) {
   // A 40 MiB disk: 1 MiB of data, then zeros (served without a fetch).
-  const std::filesystem::path big = dir_ / "big";
-  std::filesystem::create_directories(big);
   std::string disk(40 * kMiB, '\0');
   std::copy(raw_.begin(), raw_.begin() + kMiB, disk.begin());
-  std::ofstream(dir_ / "big.raw", std::ios::binary) << disk;
-  Outcome packed = run_lazyblock(dir_, {"pack", "--store", "file://" + big.string(), "--build",
-                                        kBuild, "--name", kName, (dir_ / "big.raw").string()});
-  ASSERT_EQ(packed.status, 0) << packed.err;
-  Server server(dir_, "file://" + big.string(), {"--read-only"});
+  Result<testing::PackedBuild> packed =
+      testing::pack_build({dir_ / "big", kBuild, kName}, std::as_bytes(std::span(disk)));
+  ASSERT_TRUE(packed) << packed.status().to_string();
+  Server server(dir_, packed->store_url, {"--read-only"});
   ASSERT_TRUE(server.running());
   const uint64_t before = resident_bytes(server.pid());
   std::vector<std::unique_ptr<RawClient>> greedy;

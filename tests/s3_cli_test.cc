@@ -3,9 +3,7 @@
 // large data files), exporting and cat-ing back byte-exact, a second process
 // served by --cache-dir once the server is gone, and the errors a user meets
 // when the configuration is wrong, each saying where and what to do.
-#include <fcntl.h>
 #include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -123,18 +121,14 @@ TEST_F(S3CliTest, APackInterruptedBySigintLeavesNoUploadBehind) {
   std::string raw(40 * kMiB, '\0');
   for (char& c : raw) c = static_cast<char>(rng() | 1);
   std::ofstream(dir_ / "raw", std::ios::binary) << raw;
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    const int log = ::open((dir_ / "pack.log").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    ::dup2(log, STDOUT_FILENO);
-    ::dup2(log, STDERR_FILENO);
-    const std::string binary = lazyblock_binary();
-    const std::string raw_path = (dir_ / "raw").string();
-    ::execl(binary.c_str(), binary.c_str(), "pack", "--store", store_.c_str(), "--build",
-            kBuild.c_str(), "--name", "rootfs.ext4", raw_path.c_str(), nullptr);
-    ::_exit(127);
-  }
-  ASSERT_GT(pid, 0);
+  testing::SpawnOptions logged;
+  logged.stdout_to = dir_ / "pack.log";
+  logged.stderr_to = logged.stdout_to;
+  Result<testing::ChildProcess> pack =
+      start_lazyblock({"pack", "--store", store_, "--build", kBuild, "--name", "rootfs.ext4",
+                       (dir_ / "raw").string()},
+                      logged);
+  ASSERT_TRUE(pack) << pack.status().to_string();
   // Until the held part has reached the server (a real condition, polled).
   const auto held = [&] {
     for (const std::string& line : server_->requests()) {
@@ -142,16 +136,15 @@ TEST_F(S3CliTest, APackInterruptedBySigintLeavesNoUploadBehind) {
     }
     return false;
   };
-  int status = 0;
-  while (!held() && ::waitpid(pid, &status, WNOHANG) == 0) {
+  while (!held() && pack->running()) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   ASSERT_TRUE(held()) << slurp(dir_ / "pack.log");
   ASSERT_EQ(server_->uploads("snapshots").size(), 1u) << "the upload is under way";
-  ::kill(pid, SIGINT);
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  ASSERT_TRUE(WIFEXITED(status)) << "pack died of the signal instead of stopping";
-  EXPECT_EQ(WEXITSTATUS(status), 1) << slurp(dir_ / "pack.log");
+  pack->signal(SIGINT);
+  const int status = pack->wait();
+  ASSERT_NE(status, 128 + SIGINT) << "pack died of the signal instead of stopping";
+  EXPECT_EQ(status, 1) << slurp(dir_ / "pack.log");
   EXPECT_NE(slurp(dir_ / "pack.log").find("interrupted"), std::string::npos)
       << slurp(dir_ / "pack.log");
   EXPECT_TRUE(server_->uploads("snapshots").empty()) << "the multipart upload was left behind";

@@ -13,17 +13,18 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "common/unique_fd.h"
 #include "common/units.h"
+#include "testing/build_fixture.h"
 #include "testing/firecracker_stand_in.h"
 #include "testing/local_port.h"
 #include "testing/pattern.h"
@@ -107,20 +108,17 @@ class ServerLimitsTest : public ::testing::Test {
     ASSERT_TRUE(scratch);
     scratch_ = std::move(scratch).value();
     dir_ = scratch_->path();
-    std::filesystem::create_directories(dir_ / "store");
-    store_ = "file://" + (dir_ / "store").string();
     std::mt19937_64 rng(5);
     disk_.assign(5 * kMiB + 4096, '\0');
     for (char& c : disk_) c = static_cast<char>(rng());
-    std::ofstream(dir_ / "disk", std::ios::binary) << disk_;
     memfile_ = testing::make_pattern(3, 0, kMemfileSize);
-    std::ofstream(dir_ / "memfile", std::ios::binary)
-        .write(reinterpret_cast<const char*>(memfile_.data()),
-               static_cast<std::streamsize>(memfile_.size()));
-    for (const char* name : {"disk", "memfile"}) {
-      Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_, "--build", kBuild, "--name",
-                                            name, (dir_ / name).string()});
-      ASSERT_EQ(packed.status, 0) << packed.err;
+    const std::pair<const char*, std::span<const std::byte>> images[] = {
+        {"disk", std::as_bytes(std::span(disk_))}, {"memfile", memfile_}};
+    for (const auto& [name, bytes] : images) {
+      Result<testing::PackedBuild> packed =
+          testing::pack_build({dir_ / "store", kBuild, name}, bytes);
+      ASSERT_TRUE(packed) << packed.status().to_string();
+      store_ = packed->store_url;
     }
   }
 

@@ -10,7 +10,6 @@
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -20,15 +19,16 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "common/unique_fd.h"
 #include "common/units.h"
+#include "testing/build_fixture.h"
 #include "testing/pattern.h"
 #include "testing/scratch_dir.h"
 #include "tests/cli_runner.h"
@@ -125,30 +125,12 @@ class TmpdirFor {
   std::optional<std::string> old_;
 };
 
-// `lazyblock ARGS` in a child process, stderr to `err`; its pid.
-pid_t spawn_lazyblock(std::vector<std::string> args, const std::filesystem::path& err) {
-  args.insert(args.begin(), lazyblock_binary());
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    const int fd = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    const int null = ::open("/dev/null", O_RDWR);
-    ::dup2(null, STDIN_FILENO);
-    ::dup2(null, STDOUT_FILENO);
-    ::dup2(fd, STDERR_FILENO);
-    std::vector<char*> argv;
-    for (std::string& arg : args) argv.push_back(arg.data());
-    argv.push_back(nullptr);
-    ::execv(argv[0], argv.data());
-    ::_exit(127);
-  }
-  return pid;
-}
-
-// The exit status of child `pid` (128 + the signal that ended it).
-int wait_for(pid_t pid) {
-  int status = 0;
-  if (::waitpid(pid, &status, 0) != pid) return -1;
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+// `lazyblock ARGS` in the background, stderr to `err`.
+Result<testing::ChildProcess> start_logging(std::vector<std::string> args,
+                                            const std::filesystem::path& err) {
+  testing::SpawnOptions options;
+  options.stderr_to = err;
+  return start_lazyblock(std::move(args), options);
 }
 
 // The descriptor paths (/proc/PID/fd/N) of the unnamed regular files that
@@ -207,16 +189,12 @@ class SpaceTest : public ::testing::Test {
     ASSERT_TRUE(scratch) << scratch.status().to_string();
     shared_ = new testing::ScratchDir(std::move(scratch).value());
     small_ = new std::string(as_string(testing::make_pattern(8, 0, kSmallSize)));
-    std::filesystem::create_directories(shared_->path() / "store");
     pack_into_store(kSmallBuild, *small_);
   }
   static void pack_into_store(const std::string& build, const std::string& bytes) {
-    const std::filesystem::path raw = shared_->path() / "image.raw";
-    std::ofstream(raw, std::ios::binary) << bytes;
-    Outcome packed = run_lazyblock(shared_->path(), {"pack", "--store", store(), "--build", build,
-                                                     "--name", kName, raw.string()});
-    ASSERT_EQ(packed.status, 0) << packed.err;
-    std::filesystem::remove(raw);
+    Result<testing::PackedBuild> packed = testing::pack_build(
+        {shared_->path() / "store", build, kName}, std::as_bytes(std::span(bytes)));
+    ASSERT_TRUE(packed) << packed.status().to_string();
   }
   // kBuild, the 256 MiB image; call with ASSERT_NO_FATAL_FAILURE.
   static void use_large_image() {
@@ -361,8 +339,9 @@ TEST_F(SpaceTest, ACacheFileCutShortUnderACopyIsFetchedAgainOrAnIoErrorNeverACra
     args.insert(args.end(), {"--store", store(), "--simulate", "ttfb=5ms,bw=10MB/s", "--parallel",
                              "2", "-o", output.string()});
     const std::filesystem::path err = dir_ / (command + ".err");
-    const pid_t pid = spawn_lazyblock(args, err);
-    ASSERT_GT(pid, 0);
+    Result<testing::ChildProcess> copy = start_logging(args, err);
+    ASSERT_TRUE(copy) << copy.status().to_string();
+    const pid_t pid = copy->pid();
     // Once some blocks are cached, with three chunks or more still to be
     // written out (so that the copy meets the cut), the cache file is cut
     // to nothing. The file is opened as soon as it is found: a descriptor
@@ -387,7 +366,7 @@ TEST_F(SpaceTest, ACacheFileCutShortUnderACopyIsFetchedAgainOrAnIoErrorNeverACra
         << ": no cache file with blocks in it early enough";
     ASSERT_EQ(::ftruncate(cache_file.get(), 0), 0) << std::strerror(errno);
     cache_file.reset();
-    const int status = wait_for(pid);
+    const int status = copy->wait();
     const std::string log = slurp(err);
     ASSERT_LT(status, 128) << command << " was killed by signal " << status - 128 << ": " << log;
     if (status == 0) {
@@ -455,11 +434,12 @@ TEST_F(SpaceTest, ACatKilledMidFillLeavesNoPartialFile) {
   const std::filesystem::path output = out_dir / "object";
   const std::string key = kSmallBuild + "/" + kName;
   // Slow (~1 s): killed once its first chunk is written.
-  const pid_t pid =
-      spawn_lazyblock({"cat", "--store", store(), "--key", key, "--simulate", "ttfb=5ms,bw=20MB/s",
-                       "--parallel", "1", "-o", output.string()},
-                      dir_ / "cat.err");
-  ASSERT_GT(pid, 0);
+  Result<testing::ChildProcess> cat =
+      start_logging({"cat", "--store", store(), "--key", key, "--simulate", "ttfb=5ms,bw=20MB/s",
+                     "--parallel", "1", "-o", output.string()},
+                    dir_ / "cat.err");
+  ASSERT_TRUE(cat) << cat.status().to_string();
+  const pid_t pid = cat->pid();
   // Mid-fill: the output has its first bytes (in an unnamed file, or in
   // any file of the directory for a command that names its partial file).
   const bool filling = eventually([&] {
@@ -473,8 +453,7 @@ TEST_F(SpaceTest, ACatKilledMidFillLeavesNoPartialFile) {
     }
     return false;
   });
-  ::kill(pid, SIGKILL);
-  EXPECT_EQ(wait_for(pid), 128 + SIGKILL);
+  EXPECT_EQ(cat->kill_hard(), 128 + SIGKILL);
   ASSERT_TRUE(filling) << slurp(dir_ / "cat.err");
   const std::vector<std::string> left = entries_named(out_dir, "");
   EXPECT_TRUE(left.empty()) << "left behind: " << left[0];

@@ -25,6 +25,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -35,6 +36,7 @@
 #include "serve/uffd/uffd_server.h"
 #include "storage/fault_store.h"
 #include "storage/file_store.h"
+#include "testing/build_fixture.h"
 #include "testing/firecracker_stand_in.h"
 #include "testing/local_port.h"
 #include "testing/memory_image.h"
@@ -60,8 +62,6 @@ class UffdTest : public ::testing::Test {
     ASSERT_TRUE(scratch);
     scratch_ = std::move(scratch).value();
     dir_ = scratch_->path();
-    std::filesystem::create_directories(dir_ / "store");
-    store_ = "file://" + (dir_ / "store").string();
     // Pattern bytes with zero pages: every 7th page, and all of [3 MiB, 4 MiB),
     // which the header maps to nil.
     memfile_ = testing::make_pattern(11, 0, kMemfileSize);
@@ -71,12 +71,10 @@ class UffdTest : public ::testing::Test {
         std::memset(memfile_.data() + offset, 0, kPage);
       }
     }
-    std::ofstream(dir_ / "memfile", std::ios::binary)
-        .write(reinterpret_cast<const char*>(memfile_.data()),
-               static_cast<std::streamsize>(memfile_.size()));
-    Outcome packed = run_lazyblock(dir_, {"pack", "--store", store_, "--build", kBuild, "--name",
-                                          "memfile", (dir_ / "memfile").string()});
-    ASSERT_EQ(packed.status, 0) << packed.err;
+    Result<testing::PackedBuild> packed =
+        testing::pack_build({dir_ / "store", kBuild, "memfile"}, memfile_);
+    ASSERT_TRUE(packed) << packed.status().to_string();
+    store_ = packed->store_url;
   }
 
   // A page of the memfile as it must appear in guest memory.

@@ -1,8 +1,6 @@
 #include "image/header.h"
 
-#include <fcntl.h>
 #include <lz4frame.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -17,6 +15,7 @@
 #include <set>
 #include <tuple>
 
+#include "testing/child_process.h"
 #include "testing/scratch_dir.h"
 
 namespace lazyblock::image {
@@ -1058,22 +1057,12 @@ constexpr const char* kPython = "/usr/bin/python3";
 
 // Runs `argv` (argv[0] a path), stdout and stderr to files; its exit status.
 int run(const std::vector<std::string>& argv, const fs::path& out, const fs::path& err) {
-  const pid_t pid = fork();
-  if (pid == 0) {
-    const int in_fd = ::open("/dev/null", O_RDONLY);
-    const int out_fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    const int err_fd = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (in_fd < 0 || out_fd < 0 || err_fd < 0) _exit(126);
-    dup2(in_fd, 0), dup2(out_fd, 1), dup2(err_fd, 2);
-    std::vector<char*> args;
-    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    execv(args[0], args.data());
-    _exit(127);
-  }
-  int status = 0;
-  if (pid < 0 || waitpid(pid, &status, 0) != pid) return -1;
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  testing::SpawnOptions options;
+  options.stdin_from = "/dev/null";
+  options.stdout_to = out;
+  options.stderr_to = err;
+  Result<testing::ChildProcess> child = testing::ChildProcess::spawn(argv, options);
+  return child ? child->wait() : -1;
 }
 
 std::string slurp(const fs::path& path) {

@@ -71,12 +71,14 @@ class ChildProcess {
   int stop(std::chrono::milliseconds grace = kStopGrace);
   // SIGKILL, as a crash or the OOM killer would end it, then reaped.
   int kill_hard();
+  // Sends signal `number` (SIGINT, as a user's ^C) to the child, or to its
+  // process group; nothing once it has been reaped.
+  void signal(int number) const;
   // The exit status (128 + signal if a signal ended it) once reaped, else -1.
   int exit_status() const { return exit_status_; }
 
  private:
   ChildProcess(pid_t pid, bool group) : pid_(pid), group_(group) {}
-  void signal(int number) const;
   // waitpid with `flags`; true if the child was reaped.
   bool reap(int flags);
 
