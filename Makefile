@@ -74,8 +74,8 @@ test-tsan: deps
 fuzz: deps
 	@echo "== fuzzing the header parser, the NBD server and the UFFD handshake and record parsers, $(FUZZ_SECONDS) s each (build-fuzz/)"
 	$(call configure,build-fuzz,RelWithDebInfo,-DCMAKE_CXX_COMPILER=clang++ -DLAZYBLOCK_FUZZ=ON)
-	@cmake --build build-fuzz --target header_fuzz nbd_fuzz uffd_fuzz -j $(JOBS)
-	@for target in header nbd uffd; do \
+	@cmake --build build-fuzz --target header_fuzz nbd_fuzz uffd_fuzz frame_fuzz -j $(JOBS)
+	@for target in header nbd uffd frame; do \
 	  mkdir -p build-fuzz/corpus/$$target; \
 	  echo "-- $${target}_fuzz"; \
 	  build-fuzz/fuzz/$${target}_fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
