@@ -27,7 +27,11 @@ namespace {
 constexpr uint64_t kObjectSize = 64 * kMiB;
 constexpr uint64_t kBlock = 4096;
 constexpr int kCallsPerSample = 16;
-constexpr int kSamplesPerThread = 20000;
+// The chunker's and the disk's calls take turns in kRounds rounds of
+// kSamplesPerRound samples per thread each, so that a change of load on a
+// shared machine falls on both alike and their ratio holds.
+constexpr int kRounds = 4;
+constexpr int kSamplesPerRound = 5000;
 const std::string kKey = "bench/hit";
 // The disk: as large as the object, from kBuilds builds' data files in
 // pieces of kPiece taken in turn, every kZeroEvery-th piece zeros.
@@ -36,21 +40,24 @@ constexpr uint64_t kPiece = 256 * 1024;
 constexpr uint64_t kZeroEvery = 16;
 const std::string kDeviceName = "memfile";
 
-// Times `kSamplesPerThread` samples of `kCallsPerSample` calls of `call` in
-// each of `threads` threads; returns per-call nanoseconds, one per sample.
+// Times `kSamplesPerRound` samples of `kCallsPerSample` calls of `call` in
+// each of `threads` threads; appends per-call nanoseconds, one per sample,
+// to `samples`.
 template <typename Call>
-Result<std::vector<double>> time_calls(int threads, Call call) {
+Status time_calls(int threads, std::vector<double>& samples, Call call) {
   std::vector<std::vector<double>> per_thread(threads);
   std::vector<Status> statuses(threads);
   std::barrier start(threads);
+  // Each round's offsets differ; the chunker's and the disk's are the same.
+  const uint64_t round_seed = samples.size();
   std::vector<std::thread> workers;
   for (int t = 0; t < threads; ++t) {
     workers.emplace_back([&, t] {
-      std::mt19937_64 rng(t + 1);
+      std::mt19937_64 rng(round_seed + t + 1);
       std::vector<uint64_t> offsets(kCallsPerSample);
-      per_thread[t].reserve(kSamplesPerThread);
+      per_thread[t].reserve(kSamplesPerRound);
       start.arrive_and_wait();
-      for (int s = 0; s < kSamplesPerThread; ++s) {
+      for (int s = 0; s < kSamplesPerRound; ++s) {
         for (uint64_t& offset : offsets) offset = rng() % (kObjectSize / kBlock) * kBlock;
         const auto begin = std::chrono::steady_clock::now();
         for (uint64_t offset : offsets) {
@@ -67,12 +74,14 @@ Result<std::vector<double>> time_calls(int threads, Call call) {
   }
   for (std::thread& worker : workers) worker.join();
   for (const Status& status : statuses) LB_RETURN_IF_ERROR(status);
-  std::vector<double> all;
-  for (const std::vector<double>& samples : per_thread) {
-    all.insert(all.end(), samples.begin(), samples.end());
-  }
-  std::sort(all.begin(), all.end());
-  return all;
+  for (const std::vector<double>& own : per_thread)
+    samples.insert(samples.end(), own.begin(), own.end());
+  return Status::ok();
+}
+
+HitResult summarise(std::string name, int threads, std::vector<double>& samples) {
+  std::sort(samples.begin(), samples.end());
+  return {std::move(name), threads, percentile(samples, 0.5), percentile(samples, 0.99)};
 }
 
 // A device of kBuilds generations stored in `store`, its header saved
@@ -130,35 +139,6 @@ Result<HitBenchReport> run_hit_bench() {
   if (!whole) return whole.status();
   const uint64_t warm_requests = c.stats().requests;
 
-  HitBenchReport report;
-  for (int threads : {1, 2}) {
-    // slice: a view; touch its first byte so that the call is not optimised
-    // into nothing and the page is really mapped.
-    std::atomic<uint64_t> sink{0};
-    Result<std::vector<double>> slice_ns = time_calls(threads, [&](uint64_t offset) {
-      Result<std::span<const std::byte>> view = c.slice(offset, kBlock);
-      if (!view) return view.status();
-      sink.fetch_add(static_cast<uint64_t>((*view)[0]), std::memory_order_relaxed);
-      return Status::ok();
-    });
-    if (!slice_ns) return slice_ns.status();
-    report.results.push_back(
-        {"slice", threads, percentile(*slice_ns, 0.5), percentile(*slice_ns, 0.99)});
-
-    Result<std::vector<double>> read_ns = time_calls(threads, [&](uint64_t offset) {
-      thread_local std::vector<std::byte> buffer(kBlock);
-      Result<size_t> got = c.read_at(buffer, offset);
-      if (!got) return got.status();
-      return Status::ok();
-    });
-    if (!read_ns) return read_ns.status();
-    report.results.push_back(
-        {"read_at", threads, percentile(*read_ns, 0.5), percentile(*read_ns, 0.99)});
-  }
-  if (c.stats().requests != warm_requests) {
-    return Status::io_error("bench hit: a cached read went to the store");
-  }
-
   // The same reads through a Disk: a real header's extent table over
   // several builds' chunkers.
   auto data_files = std::make_shared<image::DataFiles>(*files, options);
@@ -175,29 +155,57 @@ Result<HitBenchReport> run_hit_bench() {
     touched.fetch_add(static_cast<uint64_t>((**view)[0]), std::memory_order_relaxed);
   }
   const uint64_t disk_requests = total_requests(*data_files);
-  for (int threads : {1, 2}) {
-    std::atomic<uint64_t> sink{0};
-    Result<std::vector<double>> view_ns = time_calls(threads, [&](uint64_t offset) {
-      std::optional<std::span<const std::byte>> view = disk.cached_view(offset, kBlock);
-      if (!view) return Status::io_error("bench hit: a warm block is not cached");
-      sink.fetch_add(static_cast<uint64_t>((*view)[0]), std::memory_order_relaxed);
-      return Status::ok();
-    });
-    if (!view_ns) return view_ns.status();
-    report.disk.push_back(
-        {"cached_view", threads, percentile(*view_ns, 0.5), percentile(*view_ns, 0.99)});
 
-    Result<std::vector<double>> read_ns = time_calls(threads, [&](uint64_t offset) {
-      thread_local std::vector<std::byte> buffer(kBlock);
-      Result<size_t> got = disk.read(buffer, offset);
-      if (!got) return got.status();
-      return Status::ok();
-    });
-    if (!read_ns) return read_ns.status();
-    report.disk.push_back({"read", threads, percentile(*read_ns, 0.5), percentile(*read_ns, 0.99)});
+  // Per-call nanoseconds of each call, by thread count (1, 2).
+  struct Samples {
+    std::vector<double> slice, read_at, cached_view, read;
+  };
+  Samples by_threads[2];
+  // A view's first byte is touched, so that the call is not optimised into
+  // nothing and the page is really mapped.
+  std::atomic<uint64_t> sink{0};
+  for (int round = 0; round < kRounds; ++round) {
+    for (int threads : {1, 2}) {
+      Samples& samples = by_threads[threads - 1];
+      LB_RETURN_IF_ERROR(time_calls(threads, samples.slice, [&](uint64_t offset) {
+        Result<std::span<const std::byte>> view = c.slice(offset, kBlock);
+        if (!view) return view.status();
+        sink.fetch_add(static_cast<uint64_t>((*view)[0]), std::memory_order_relaxed);
+        return Status::ok();
+      }));
+      LB_RETURN_IF_ERROR(time_calls(threads, samples.cached_view, [&](uint64_t offset) {
+        std::optional<std::span<const std::byte>> view = disk.cached_view(offset, kBlock);
+        if (!view) return Status::io_error("bench hit: a warm block is not cached");
+        sink.fetch_add(static_cast<uint64_t>((*view)[0]), std::memory_order_relaxed);
+        return Status::ok();
+      }));
+      LB_RETURN_IF_ERROR(time_calls(threads, samples.read_at, [&](uint64_t offset) {
+        thread_local std::vector<std::byte> buffer(kBlock);
+        Result<size_t> got = c.read_at(buffer, offset);
+        if (!got) return got.status();
+        return Status::ok();
+      }));
+      LB_RETURN_IF_ERROR(time_calls(threads, samples.read, [&](uint64_t offset) {
+        thread_local std::vector<std::byte> buffer(kBlock);
+        Result<size_t> got = disk.read(buffer, offset);
+        if (!got) return got.status();
+        return Status::ok();
+      }));
+    }
+  }
+  if (c.stats().requests != warm_requests) {
+    return Status::io_error("bench hit: a cached read went to the store");
   }
   if (total_requests(*data_files) != disk_requests) {
     return Status::io_error("bench hit: a cached disk read went to the store");
+  }
+  HitBenchReport report;
+  for (int threads : {1, 2}) {
+    Samples& samples = by_threads[threads - 1];
+    report.results.push_back(summarise("slice", threads, samples.slice));
+    report.results.push_back(summarise("read_at", threads, samples.read_at));
+    report.disk.push_back(summarise("cached_view", threads, samples.cached_view));
+    report.disk.push_back(summarise("read", threads, samples.read));
   }
   return report;
 }

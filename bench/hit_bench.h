@@ -6,7 +6,9 @@
 // calls, so that the clock's own cost is spread thin; the figures are per
 // call. No lock that a fetch holds is taken on this path. The disk rows
 // make the same calls through image::Disk (cached_view, read) of a device
-// whose header maps pieces of several builds: the extent table's cost.
+// whose header maps pieces of several builds: the extent table's cost. The
+// chunker's and the disk's calls take turns, round after round, so that
+// their ratio holds on a loaded machine.
 #pragma once
 
 #include <string>
