@@ -1,16 +1,26 @@
 // `lazyblock bench fleet`: a host's VMs starting at once from one template,
-// as the daemon serves them. One template (a build's disk, its Device with
-// one set of chunkers and block caches, as the daemon's TemplateRegistry
-// holds it) behind a simulated store; each VM reads the same recorded
-// working set (4 KiB blocks spread over the disk) in an order of its own,
-// from a few threads at once (its queue depth), through that shared Device.
+// as the daemon serves them. One template (a build's disk and its memfile,
+// each a Device with one set of chunkers and block caches, as the daemon's
+// TemplateRegistry holds them) behind a simulated store; each VM reads the
+// same recorded working set of disk blocks (4 KiB spread over the disk) in
+// an order of its own, from a few threads at once (its queue depth),
+// through the shared disk Device, and at the same time faults the same
+// recorded working set of memory pages (4 KiB spread over the memfile) in
+// an order of its own from as many vCPU threads: its guest memory is a
+// Firecracker stand-in's, served over the real UFFD path (socket handshake,
+// userfaultfd, UFFDIO_COPY) by a UffdServer of its own over the shared
+// memfile Device, all servers' waiting faults on one worker pool, as the
+// daemon's memory devices are.
 //
 // Three runs: one VM alone on a cold template (the figure a VM has without
 // sharing), then wave 1, N VMs at once on another cold template, then wave
 // 2, N more VMs once wave 1 has finished, on wave 1's (now warm) template.
-// Each prints the p50/p99 latency of a read and the bytes fetched from the
-// store, beside the physical limit of a cold read (TTFB + 4 KiB / BW) and
-// the bytes of one VM's. Every read is checked against the pattern.
+// Each prints, for disk reads and for memory faults apart, the p50/p99
+// latency and the bytes fetched from the store, beside the physical limit
+// of a cold read (TTFB + 4 KiB / BW) and one VM's figures, and whether the
+// goals of sharing are met (wave 1 fetches at most 1.05x one VM's bytes at
+// a p50 at most 1.2x one VM's; wave 2 is served from the cache). Every read
+// and every page is checked against its pattern.
 #pragma once
 
 #include <cstdint>
@@ -35,14 +45,20 @@ struct FleetBenchOptions {
   uint64_t seed = 42;
 };
 
-struct FleetWave {
-  int vms = 0;
-  uint64_t reads = 0;
+// One kind of access of a run: disk reads or memory faults.
+struct FleetAccesses {
+  uint64_t count = 0;
   double p50_us = 0;
   double p99_us = 0;
-  double seconds = 0;           // from the first VM's start to the last one's end
-  uint64_t upstream_bytes = 0;  // fetched from the store during the wave
+  uint64_t upstream_bytes = 0;  // fetched from the store for this device during the run
   uint64_t upstream_requests = 0;
+};
+
+struct FleetWave {
+  int vms = 0;
+  double seconds = 0;  // from the first VM's start to the last one's end
+  FleetAccesses disk;
+  FleetAccesses memory;
 };
 
 struct FleetBenchReport {

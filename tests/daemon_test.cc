@@ -689,7 +689,8 @@ TEST(BenchFleetTest, RunsAWaveAloneThenTwoOfSeveralVmsAndPrintsTheirRows) {
       "3",     "--working-set", "256KiB",    "--disk-size",         "4MiB"};
   Outcome table = run_lazyblock(scratch->path(), args);
   ASSERT_EQ(table.status, 0) << table.err;
-  for (const char* row : {"single VM", "wave 1", "wave 2", "limit: a cold read"}) {
+  for (const char* row : {"single VM", "wave 1", "wave 2", "memory pages", "limit: a cold read",
+                          "goals, disk:", "goals, memory:"}) {
     EXPECT_NE(table.out.find(row), std::string::npos) << row << " in\n" << table.out;
   }
   std::vector<std::string> json_args = args;
@@ -705,6 +706,13 @@ TEST(BenchFleetTest, RunsAWaveAloneThenTwoOfSeveralVmsAndPrintsTheirRows) {
   EXPECT_EQ(doc["wave2"]["reads"], 3 * 64);
   EXPECT_GT(doc["single"]["upstream_bytes"].get<uint64_t>(), 0u);
   EXPECT_EQ(doc["wave2"]["upstream_requests"], 0);
+  // And faulted the memory's (64 pages) through UFFD, wave 2 from the cache.
+  EXPECT_EQ(doc["single"]["memory"]["faults"], 64);
+  EXPECT_EQ(doc["wave1"]["memory"]["faults"], 3 * 64);
+  EXPECT_EQ(doc["wave2"]["memory"]["faults"], 3 * 64);
+  EXPECT_GT(doc["single"]["memory"]["upstream_bytes"].get<uint64_t>(), 0u);
+  EXPECT_EQ(doc["wave2"]["memory"]["upstream_requests"], 0);
+  EXPECT_EQ(doc["goals"]["memory"]["wave2_met"], true);
 }
 
 // Threads of a running process, from /proc/PID/task.
