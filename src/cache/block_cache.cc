@@ -1,5 +1,5 @@
 #include "cache/block_cache.h"
-#include "cache/guarded_copy.h"
+#include "common/guarded_copy.h"
 #include "common/file_io.h"
 
 #include <fcntl.h>

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -14,6 +15,8 @@
 #include <thread>
 #include <vector>
 
+#include "common/byte_sink.h"
+#include "common/unique_fd.h"
 #include "testing/pattern.h"
 
 namespace lazyblock {
@@ -372,8 +375,21 @@ TEST(BlockCacheTest, AFileCutShortIsFoundByTheNextWrite) {
   EXPECT_TRUE(cache.is_cached(kUnit, 2 * kUnit)) << "what was written after is lost";
 }
 
+// Collects what it is given (a sink with ByteSink's own write_from_mapping).
+class VectorSink final : public ByteSink {
+ public:
+  Status write(std::span<const std::byte> data) override {
+    bytes.insert(bytes.end(), data.begin(), data.end());
+    return Status::ok();
+  }
+  std::vector<std::byte> bytes;
+};
+
 // A copy out of a map whose file was cut fails, every time: the fault is
 // caught, and caught again (SIGBUS is unblocked after each), never fatal.
+// A write from the map to a sink stops where the file ends, the bytes
+// before the cut written: a file descriptor's (straight from the map: the
+// kernel's EFAULT) and any other's (through a guarded copy).
 TEST(BlockCacheTest, CopiesOutOfACutFileFailEveryTimeAndTheProcessLives) {
   auto created = BlockCache::create(kUnit, 4096, temp_dir());
   ASSERT_TRUE(created);
@@ -400,6 +416,31 @@ TEST(BlockCacheTest, CopiesOutOfACutFileFailEveryTimeAndTheProcessLives) {
     EXPECT_EQ(failed.code(), StatusCode::kIoError) << failed.to_string();
     EXPECT_NE(failed.message().find("[8192, 12288)"), std::string::npos) << failed.to_string();
   }
+  const std::filesystem::path out = temp_dir() / "written";
+  UniqueFd out_fd(::open(out.c_str(), O_CREAT | O_TRUNC | O_WRONLY, 0600));
+  ASSERT_TRUE(out_fd) << std::strerror(errno);
+  FdSink file_sink(out_fd.get(), out.string());
+  VectorSink vector_sink;
+  for (ByteSink* sink : {static_cast<ByteSink*>(&file_sink), static_cast<ByteSink*>(&vector_sink)}) {
+    for (int i = 0; i < 2; ++i) {
+      Result<size_t> written = sink->write_from_mapping(cache.slice(0, 4 * 4096));
+      ASSERT_TRUE(written) << written.status().to_string();
+      EXPECT_EQ(*written, 4096u) << "not stopped at the cut";
+    }
+  }
+  // Each write gave the first block (the one before the cut), twice.
+  ASSERT_EQ(vector_sink.bytes.size(), 2 * 4096u);
+  std::vector<std::byte> in_file(2 * 4096);
+  UniqueFd in_fd(::open(out.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_EQ(::pread(in_fd.get(), in_file.data(), in_file.size(), 0),
+            static_cast<ssize_t>(in_file.size()));
+  for (const std::vector<std::byte>* bytes : {&vector_sink.bytes, &in_file}) {
+    for (uint64_t copy = 0; copy < 2; ++copy) {
+      EXPECT_EQ(first_pattern_mismatch(5, 0, std::span(*bytes).subspan(copy * 4096, 4096)), 4096u)
+          << "wrong bytes";
+    }
+  }
+  std::filesystem::remove(out);
 }
 
 }  // namespace

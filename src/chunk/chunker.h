@@ -114,6 +114,18 @@ class Chunker {
   // `buffer`; returns the count copied (less than asked only at the end).
   virtual Result<size_t> read_at(std::span<std::byte> buffer, uint64_t offset) = 0;
 
+  // Writes [offset, offset + length) clipped to the object's end to `sink`
+  // once it is all cached, straight from the cache's map
+  // (ByteSink::write_from_mapping: no copy in between for a file
+  // descriptor); returns the count written (less than asked only at the
+  // end). A cache file that fails under the write loses the blocks not yet
+  // written: they are fetched once more and written after the bytes that
+  // went out. A second failure, or a drop of the cache during the write
+  // (the bytes out may be the hole it left), is an I/O error naming the
+  // object and the range. With drop_behind, the blocks are given back once
+  // written.
+  virtual Result<size_t> write_range_to(ByteSink& sink, uint64_t offset, uint64_t length) = 0;
+
   // Writes the whole object to `sink` in order.
   virtual Status write_to(ByteSink& sink) = 0;
 

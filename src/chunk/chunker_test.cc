@@ -5,9 +5,13 @@
 
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <optional>
@@ -15,7 +19,9 @@
 #include <thread>
 #include <vector>
 
+#include "common/byte_sink.h"
 #include "common/mutex.h"
+#include "common/unique_fd.h"
 #include "common/units.h"
 #include "storage/fault_store.h"
 #include "storage/file_store.h"
@@ -489,6 +495,36 @@ TEST_P(ChunkerTest, WriteToOnAFreshChunkerExportsTheWholeObject) {
   ASSERT_TRUE(c->write_to(sink).is_ok());
   ASSERT_EQ(sink.bytes.size(), size_);
   EXPECT_EQ(first_pattern_mismatch(kSeed, 0, sink.bytes), size_);
+}
+
+// write_range_to, as cat uses it (drop_behind, a file descriptor's sink):
+// ranges across a chunk boundary and past the end, written in order from
+// the cache, each range's blocks given back once written.
+TEST_P(ChunkerTest, WriteRangeToWritesRangesInOrderClippedAtTheEndAndGivesThemBack) {
+  put_object(2 * kChunk + 777);
+  ChunkerOptions o = options();
+  o.drop_behind = true;
+  Result<std::unique_ptr<Chunker>> made = make_chunker(faults_, kKey, std::nullopt, o);
+  ASSERT_TRUE(made) << made.status().to_string();
+  Chunker& c = **made;
+  const std::filesystem::path out = dir_ / "out";
+  UniqueFd fd(::open(out.c_str(), O_CREAT | O_TRUNC | O_RDWR | O_CLOEXEC, 0600));
+  ASSERT_TRUE(fd) << std::strerror(errno);
+  FdSink sink(fd.get(), out.string());
+  uint64_t position = 0;
+  for (const uint64_t length : {kChunk / 2 + 4096, kChunk, kChunk}) {
+    Result<size_t> written = c.write_range_to(sink, position, length);
+    ASSERT_TRUE(written) << written.status().to_string();
+    EXPECT_EQ(*written, std::min(length, size_ - position)) << "at " << position;
+    position += *written;
+  }
+  Result<size_t> at_end = c.write_range_to(sink, position, kChunk);
+  ASSERT_TRUE(at_end) << at_end.status().to_string();
+  EXPECT_EQ(*at_end, 0u);
+  std::vector<std::byte> bytes(size_ + 1);
+  ASSERT_EQ(::pread(fd.get(), bytes.data(), bytes.size(), 0), static_cast<ssize_t>(size_));
+  EXPECT_EQ(first_pattern_mismatch(kSeed, 0, std::span(bytes).first(size_)), size_);
+  EXPECT_FALSE(c.cached_slice(0, 4096)) << "a written block was not given back";
 }
 
 // Review regression: a zero-length read on a fresh chunker crashed.

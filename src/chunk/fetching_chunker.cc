@@ -280,6 +280,54 @@ Result<size_t> FetchingChunker::read_at(std::span<std::byte> buffer, uint64_t of
   return failed;
 }
 
+Result<size_t> FetchingChunker::write_range_to(ByteSink& sink, uint64_t offset,
+                                               uint64_t length) {
+  if (length == 0) return size_t{0};
+  Result<uint64_t> size = learn_size(offset);
+  if (!size) return size.status();
+  if (offset >= *size) return size_t{0};
+  const uint64_t end = offset + std::min(length, *size - offset);
+  note_read(offset, end);
+  BlockCache* cache = context_.cache.load(std::memory_order_acquire);
+  uint64_t position = offset;  // written up to here
+  Status failed;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    {
+      Result<BlockCache::Pin> pin = fetch_pinned(position, end);
+      if (!pin) return pin.status();
+      const uint64_t drops = cache->drops();
+      if (!cache->is_cached(position, end)) {
+        // Dropped between the fetch and the look at drops(): fetch again.
+        failed = Status::io_error(fmt::format("{} [{}, +{}): the cache was dropped under the read",
+                                              context_.key, position, end - position));
+        continue;
+      }
+      Result<size_t> written = sink.write_from_mapping(cache->slice(position, end - position));
+      if (!written) return written.status();  // the sink's own error names it
+      if (cache->drops() != drops) {
+        // What went out may be the hole a drop left, and cannot be taken
+        // back.
+        return Status::io_error(fmt::format(
+            "{}: the cache file could not be read at [{}, {}) (it was cut short under the write)",
+            context_.key, position, end));
+      }
+      position += *written;
+      if (position == end) {
+        pin->reset();
+        if (context_.options.drop_behind) cache->release(offset, end);
+        return end - offset;
+      }
+    }
+    failed = Status::io_error(fmt::format(
+        "{}: the cache file could not be read at [{}, {}) (a disk error, or the file was cut short)",
+        context_.key, position, end));
+    log(LogLevel::kWarn, "{}; fetching it again", failed.to_string());
+    MutexLock lock(context_.mu);
+    cache->drop(position, end);
+  }
+  return failed;
+}
+
 Status FetchingChunker::write_to(ByteSink& sink) {
   Result<uint64_t> size = learn_size(0);
   if (!size) return size.status();

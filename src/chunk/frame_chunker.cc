@@ -132,6 +132,36 @@ class FrameChunker final : public Chunker {
     }
   }
 
+  Result<size_t> write_range_to(ByteSink& sink, uint64_t offset, uint64_t length) override {
+    const uint64_t size = table_.size();
+    if (length == 0 || offset >= size) return size_t{0};
+    const uint64_t end = offset + std::min(length, size - offset);
+    uint64_t position = offset;  // written up to here
+    for (int attempt = 0;; ++attempt) {
+      Result<BlockCache::Pin> pin = fetch_pinned(position, end);
+      if (!pin) return pin.status();
+      Result<size_t> written = sink.write_from_mapping(cache_->slice(position, end - position));
+      pin->reset();
+      if (!written) return written.status();  // the sink's own error names it
+      position += *written;
+      if (position == end) {
+        if (options_.drop_behind) cache_->release(offset, end);
+        return end - offset;
+      }
+      const Status failed = Status::io_error(fmt::format(
+          "{}: the cache file could not be read at [{}, {}) (a disk error, or the file was cut "
+          "short)",
+          key_, position, end));
+      if (attempt > 0) return failed;
+      // The cache file lost those bytes: the frames not yet written are
+      // dropped and fetched again, once.
+      for (size_t i = first_frame_from(position);
+           i < table_.frames.size() && table_.frames[i].offset < end; ++i) {
+        cache_->drop(table_.frames[i].offset, table_.frames[i].offset + table_.frames[i].size);
+      }
+    }
+  }
+
   void cancel() override {
     MutexLock lock(mu_);
     cancelled_ = true;

@@ -72,6 +72,14 @@ Status ProgressSink::write(std::span<const std::byte> data) {
   return Status::ok();
 }
 
+Result<size_t> ProgressSink::write_from_mapping(std::span<const std::byte> data) {
+  Result<size_t> written = inner_.write_from_mapping(data);
+  if (!written) return written.status();
+  done_ += *written;
+  progress_.update(done_);
+  return written;
+}
+
 Status ProgressSink::write_zeros(uint64_t count) {
   LB_RETURN_IF_ERROR(inner_.write_zeros(count));
   done_ += count;

@@ -43,6 +43,7 @@ class ProgressSink final : public ByteSink {
   ProgressSink(ByteSink& inner, Progress& progress) : inner_(inner), progress_(progress) {}
   Status write(std::span<const std::byte> data) override;
   Status write_zeros(uint64_t count) override;
+  Result<size_t> write_from_mapping(std::span<const std::byte> data) override;
 
  private:
   ByteSink& inner_;

@@ -24,7 +24,8 @@ Status stream_in_order(const OrderedSource& source, ByteSink& sink, const Chunke
   // link idle for each chunk's write and its request's round trip. (The
   // chunker still keeps at most parallel streams transferring.)
   const uint64_t window = (static_cast<uint64_t>(options.parallel) + 1) * options.chunk_size;
-  std::vector<std::byte> buffer(piece);
+  // Only for a source that cannot write straight from its cache.
+  std::vector<std::byte> buffer(source.write_to ? 0 : piece);
   uint64_t asked = 0;  // prefetched up to here
   for (uint64_t position = 0;;) {
     if (source.size && position >= *source.size) return Status::ok();
@@ -41,9 +42,13 @@ Status stream_in_order(const OrderedSource& source, ByteSink& sink, const Chunke
       position += length;
       continue;
     }
-    Result<size_t> got = source.read_at(std::span(buffer).first(length), position);
+    Result<size_t> got = source.write_to
+                             ? source.write_to(sink, position, length)
+                             : source.read_at(std::span(buffer).first(length), position);
     if (!got) return got.status();
-    if (*got > 0) LB_RETURN_IF_ERROR(sink.write(std::span(buffer).first(*got)));
+    if (!source.write_to && *got > 0) {
+      LB_RETURN_IF_ERROR(sink.write(std::span(buffer).first(*got)));
+    }
     position += *got;
     if (*got < length) {
       if (!source.size) return Status::ok();

@@ -3,9 +3,12 @@
 //
 // Data flow: the copier asks its source to fetch `window` bytes ahead of
 // where it reads (prefetch(), which keeps --parallel streams transferring),
-// reads the next chunk with read_at (a guarded copy out of the cache map: a
-// failing cache file is an error naming the object and offset, never a
-// SIGBUS), writes it to the sink, and moves on. The source's chunkers run
+// writes the next chunk to the sink once it is cached, straight from the
+// cache map where the source can (a chunker's write_range_to: for a file
+// descriptor, write(2) from the map, no copy in between), else through a
+// buffer read with read_at (a guarded copy out of the map), and moves on.
+// Either way a failing cache file is an error naming the object and
+// offset, never a SIGBUS. The source's chunkers run
 // with drop_behind (prepare_for_streaming), so each chunk's blocks are given
 // back to the filesystem once copied: the cache needs room for the window,
 // about --parallel chunks, not for the object. Ranges the source knows to be
@@ -28,6 +31,10 @@ namespace lazyblock::cli {
 struct OrderedSource {
   // Copies [offset, offset + buffer.size()) clipped to the end; the count.
   std::function<Result<size_t>(std::span<std::byte> buffer, uint64_t offset)> read_at;
+  // If set: writes [offset, offset + length) clipped to the end straight
+  // from the source's cache to the sink (no copy of its own); the count.
+  // Used instead of read_at.
+  std::function<Result<size_t>(ByteSink& sink, uint64_t offset, uint64_t length)> write_to;
   // Starts fetching [offset, offset + length) without waiting.
   std::function<void(uint64_t offset, uint64_t length)> prefetch;
   // Known before the first read (a device), or not (a raw object, whose
@@ -51,6 +58,11 @@ OrderedSource source_of(Reader& reader) {
       return reader.read(buffer, offset);
     }
   };
+  if constexpr (requires(ByteSink& sink) { reader.write_range_to(sink, uint64_t{0}, uint64_t{0}); }) {
+    source.write_to = [&reader](ByteSink& sink, uint64_t offset, uint64_t length) {
+      return reader.write_range_to(sink, offset, length);
+    };
+  }
   source.prefetch = [&reader](uint64_t offset, uint64_t length) {
     reader.prefetch(offset, length);
   };
@@ -68,8 +80,8 @@ OrderedSource source_of(Reader& reader) {
 void prepare_for_streaming(ChunkerOptions& options);
 
 // Copies the whole of `source`, read through chunkers with `options`, to
-// `sink` in order: a chunk at a time (a chunk that does not arrive whole
-// writes nothing), with one chunk per stream (--parallel) asked for ahead.
+// `sink` in order: a chunk at a time (a chunk is written once it is wholly
+// cached), with one chunk per stream (--parallel) asked for ahead.
 Status stream_in_order(const OrderedSource& source, ByteSink& sink, const ChunkerOptions& options);
 
 }  // namespace lazyblock::cli

@@ -7,6 +7,8 @@
 #include <array>
 #include <cerrno>
 
+#include "common/guarded_copy.h"
+
 namespace lazyblock {
 
 Status ByteSink::write_zeros(uint64_t count) {
@@ -17,6 +19,34 @@ Status ByteSink::write_zeros(uint64_t count) {
     count -= take;
   }
   return Status::ok();
+}
+
+namespace {
+// The unit in which a mapping fails.
+constexpr size_t kPage = 4096;
+}  // namespace
+
+Result<size_t> ByteSink::write_from_mapping(std::span<const std::byte> data) {
+  std::array<std::byte, 64 * 1024> bounce;
+  size_t done = 0;
+  while (done < data.size()) {
+    size_t take = std::min(bounce.size(), data.size() - done);
+    if (!guarded_copy(bounce.data(), data.data() + done, take)) {
+      // The piece holds the failing page: what comes before it, a page at
+      // a time, is still written.
+      size_t copied = 0;
+      while (copied < take) {
+        const size_t page = std::min(kPage, take - copied);
+        if (!guarded_copy(bounce.data() + copied, data.data() + done + copied, page)) break;
+        copied += page;
+      }
+      if (copied > 0) LB_RETURN_IF_ERROR(write(std::span(bounce).first(copied)));
+      return done + copied;
+    }
+    LB_RETURN_IF_ERROR(write(std::span(bounce).first(take)));
+    done += take;
+  }
+  return done;
 }
 
 namespace {
@@ -64,6 +94,22 @@ Status FdSink::write(std::span<const std::byte> data) {
     data = data.subspan(static_cast<size_t>(n));
   }
   return Status::ok();
+}
+
+Result<size_t> FdSink::write_from_mapping(std::span<const std::byte> data) {
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t n = ::write(fd_, data.data() + done, data.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      // The kernel met a page of the mapping it could not read (after
+      // writing the bytes before it, as a short count).
+      if (errno == EFAULT) return done;
+      return posix_error("write to " + name_, errno);
+    }
+    done += static_cast<size_t>(n);
+  }
+  return done;
 }
 
 }  // namespace lazyblock

@@ -19,6 +19,14 @@ class ByteSink {
   // Writes `count` zero bytes. Sinks that can leave a hole instead (a
   // regular file) do so: an exported disk stays sparse where it reads zeros.
   virtual Status write_zeros(uint64_t count);
+  // Writes `data`, which lies in a file mapping that may fail under the
+  // write (a cache file cut short, a disk error: reading it would raise
+  // SIGBUS): data.size(), or the count written before the mapping failed
+  // (the bytes past it are not written), or the sink's own error. This
+  // default copies through a small buffer with guarded_copy; a file
+  // descriptor's sink writes straight from the mapping, with no copy of
+  // its own (the kernel reports the fault as EFAULT, not SIGBUS).
+  virtual Result<size_t> write_from_mapping(std::span<const std::byte> data);
 };
 
 // Writes to a file descriptor it does not own, retrying short writes and
@@ -29,6 +37,7 @@ class FdSink final : public ByteSink {
   Status write(std::span<const std::byte> data) override;
   // On a regular file, extends it past the zeros and seeks there (a hole).
   Status write_zeros(uint64_t count) override;
+  Result<size_t> write_from_mapping(std::span<const std::byte> data) override;
 
  private:
   const int fd_;

@@ -1,4 +1,4 @@
-#include "cache/guarded_copy.h"
+#include "common/guarded_copy.h"
 
 #include <pthread.h>
 #include <setjmp.h>
