@@ -1,6 +1,6 @@
 #include "cache/block_cache.h"
-#include "common/guarded_copy.h"
 #include "common/file_io.h"
+#include "common/guarded_copy.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>

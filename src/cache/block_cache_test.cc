@@ -421,7 +421,8 @@ TEST(BlockCacheTest, CopiesOutOfACutFileFailEveryTimeAndTheProcessLives) {
   ASSERT_TRUE(out_fd) << std::strerror(errno);
   FdSink file_sink(out_fd.get(), out.string());
   VectorSink vector_sink;
-  for (ByteSink* sink : {static_cast<ByteSink*>(&file_sink), static_cast<ByteSink*>(&vector_sink)}) {
+  for (ByteSink* sink :
+       {static_cast<ByteSink*>(&file_sink), static_cast<ByteSink*>(&vector_sink)}) {
     for (int i = 0; i < 2; ++i) {
       Result<size_t> written = sink->write_from_mapping(cache.slice(0, 4 * 4096));
       ASSERT_TRUE(written) << written.status().to_string();

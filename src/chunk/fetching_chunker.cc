@@ -280,8 +280,7 @@ Result<size_t> FetchingChunker::read_at(std::span<std::byte> buffer, uint64_t of
   return failed;
 }
 
-Result<size_t> FetchingChunker::write_range_to(ByteSink& sink, uint64_t offset,
-                                               uint64_t length) {
+Result<size_t> FetchingChunker::write_range_to(ByteSink& sink, uint64_t offset, uint64_t length) {
   if (length == 0) return size_t{0};
   Result<uint64_t> size = learn_size(offset);
   if (!size) return size.status();
@@ -318,9 +317,10 @@ Result<size_t> FetchingChunker::write_range_to(ByteSink& sink, uint64_t offset,
         return end - offset;
       }
     }
-    failed = Status::io_error(fmt::format(
-        "{}: the cache file could not be read at [{}, {}) (a disk error, or the file was cut short)",
-        context_.key, position, end));
+    failed =
+        Status::io_error(fmt::format("{}: the cache file could not be read at [{}, {}) (a disk "
+                                     "error, or the file was cut short)",
+                                     context_.key, position, end));
     log(LogLevel::kWarn, "{}; fetching it again", failed.to_string());
     MutexLock lock(context_.mu);
     cache->drop(position, end);

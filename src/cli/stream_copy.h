@@ -58,7 +58,9 @@ OrderedSource source_of(Reader& reader) {
       return reader.read(buffer, offset);
     }
   };
-  if constexpr (requires(ByteSink& sink) { reader.write_range_to(sink, uint64_t{0}, uint64_t{0}); }) {
+  if constexpr (requires(ByteSink & sink) {
+                  reader.write_range_to(sink, uint64_t{0}, uint64_t{0});
+                }) {
     source.write_to = [&reader](ByteSink& sink, uint64_t offset, uint64_t length) {
       return reader.write_range_to(sink, offset, length);
     };
