@@ -129,8 +129,8 @@ Result<double> measure_decode_and_cache(const std::filesystem::path& path,
                                         uint64_t bytes) {
   const UniqueFd in(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (in.get() < 0) return posix_error("bench: open " + path.string(), errno);
-  const UniqueFd out(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
-  if (out.get() < 0) return posix_error("bench: a temporary file in " + dir.string(), errno);
+  Result<UniqueFd> out = open_unnamed_file(dir, "bench: the decoded bytes' file");
+  if (!out) return out.status();
   const std::vector<CompressedFrame>& frames = object.geometry.frames;
   size_t count = 0;
   for (uint64_t sum = 0; count < frames.size() && sum < bytes; ++count) sum += frames[count].size;
@@ -160,7 +160,7 @@ Result<double> measure_decode_and_cache(const std::filesystem::path& path,
         status = (*decoder)->begin(plain);
         if (status.is_ok()) status = (*decoder)->feed(stored);
         if (status.is_ok()) status = (*decoder)->finish();
-        if (status.is_ok()) status = pwrite_all(out.get(), plain, frame.offset, "bench: scratch");
+        if (status.is_ok()) status = pwrite_all(out->get(), plain, frame.offset, "bench: scratch");
         if (!status.is_ok()) return;
         delivered.fetch_add(frame.size, std::memory_order_relaxed);
       }

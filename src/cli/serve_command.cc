@@ -233,7 +233,7 @@ int run_nbd(const NbdFlags& flags) {
   });
   const Status served = server.serve();
   signals.stop_waiting();  // its stop() may still be running: before the server goes
-  if (Status s = (*disk)->close(); !s.is_ok()) return report_failure(s);
+  if (Status s = (*disk)->retire(); !s.is_ok()) return report_failure(s);
   if (!served.is_ok()) return report_failure(served.with_context("serve nbd"));
   return 0;
 }

@@ -215,7 +215,7 @@ Status Daemon::end_disk(Disk& disk) {
   disk.served->server().stop();
   disk.serving.join();
   ended_nbd_connections_ += disk.served->server().connections();
-  const Status flushed = disk.served->close();
+  const Status flushed = disk.served->retire();
   disk.served.reset();
   disk.lease.reset();
   return flushed;

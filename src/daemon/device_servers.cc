@@ -62,10 +62,11 @@ Result<std::unique_ptr<DiskServer>> DiskServer::open(image::Device& device,
 }
 
 DiskServer::~DiskServer() {
-  if (Status s = close(); !s.is_ok()) log(LogLevel::kError, "flushing an overlay: {}", s.message());
+  if (Status s = retire(); !s.is_ok())
+    log(LogLevel::kError, "flushing an overlay: {}", s.message());
 }
 
-Status DiskServer::close() {
+Status DiskServer::retire() {
   server_.reset();
   metered_.reset();
   Status flushed = Status::ok();

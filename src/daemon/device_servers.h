@@ -7,7 +7,7 @@
 // Data flow: open_device() (header, data file sizes) -> a Device shared by
 // any number of servers -> DiskServer::open() (overlay over it, or none if
 // read-only; the export metered if asked; an NbdServer on a given pool or
-// its own) -> listen, serve(), stop() -> DiskServer::close() (the server
+// its own) -> listen, serve(), stop() -> DiskServer::retire() (the server
 // gone, then the overlay flushed).
 #pragma once
 
@@ -69,7 +69,7 @@ class DiskServer {
   // Nothing listens yet: listen with server().listen_unix() or listen_tcp().
   static Result<std::unique_ptr<DiskServer>> open(image::Device& device,
                                                   const DiskServerOptions& options);
-  // close(), if not yet (its flush's error logged).
+  // retire(), if not yet (its flush's error logged).
   ~DiskServer();
 
   nbd::NbdServer& server() { return *server_; }
@@ -79,7 +79,7 @@ class DiskServer {
   // Once serve() has returned: ends the server (its sessions are gone, so
   // nothing writes to the overlay any more), then flushes the overlay.
   // Idempotent.
-  Status close();
+  Status retire();
 
  private:
   DiskServer() = default;

@@ -2,13 +2,13 @@
 
 #include <algorithm>
 #include <cstring>
-#include <future>
 #include <map>
 #include <vector>
 
 #include <fmt/format.h>
 
 #include "chunk/frame_chunker.h"
+#include "common/task_group.h"
 #include "common/units.h"
 
 namespace lazyblock::image {
@@ -189,22 +189,29 @@ Device::Device(std::shared_ptr<DataFiles> files, Header header, std::string name
 }
 
 Status Device::learn_sizes() {
-  std::vector<std::future<Status>> learned;
-  for (const Source& source : sources_) {
-    learned.push_back(std::async(std::launch::async, [this, &source]() -> Status {
-      Result<Chunker*> chunker = chunker_of(source);
-      if (!chunker) return chunker.status();
-      Result<uint64_t> size = (*chunker)->size();
-      if (!size) return size.status().with_context("data file " + data_key(source.build, name_));
-      return Status::ok();
-    }));
+  // One thread per data file: each size is a round trip to the store.
+  std::vector<Status> learned(sources_.size());
+  {
+    TaskGroup tasks;
+    for (size_t i = 0; i < sources_.size(); ++i) {
+      tasks.spawn([this, i, &learned] {
+        const Source& source = sources_[i];
+        Result<Chunker*> chunker = chunker_of(source);
+        if (!chunker) {
+          learned[i] = chunker.status();
+          return;
+        }
+        Result<uint64_t> size = (*chunker)->size();
+        if (!size) {
+          learned[i] = size.status().with_context("data file " + data_key(source.build, name_));
+        }
+      });
+    }
+  }  // every task has returned
+  for (const Status& s : learned) {
+    if (!s.is_ok()) return s;
   }
-  Status first_error;
-  for (std::future<Status>& status : learned) {
-    Status s = status.get();
-    if (!s.is_ok() && first_error.is_ok()) first_error = s;
-  }
-  return first_error;
+  return Status::ok();
 }
 
 const Device::Extent& Device::extent_at(uint64_t offset) const {
