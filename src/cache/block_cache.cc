@@ -7,6 +7,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -65,13 +67,31 @@ void unpin_units(Units& units, uint64_t first, uint64_t end) {
 
 // The units a thread holds for the view it was last handed
 // (BlockCache::hold_for_thread); released when it asks for another, or ends.
+// It also keeps the Units of the last few caches it held in alive (kKept):
+// a thread that moves between the caches of a disk's builds then holds and
+// releases without touching the counts of their shared_ptrs, which all the
+// threads reading that cache would otherwise bounce between their cores.
 struct ThreadHold {
-  std::shared_ptr<Units> units;
+  static constexpr size_t kKept = 4;
+  std::array<std::shared_ptr<Units>, kKept> kept;  // the most recently held first
+  Units* units = nullptr;                          // the one held now: among kept
   uint64_t first = 0;
   uint64_t end = 0;
+
   void release() {
-    if (units) unpin_units(*units, first, end);
+    if (units != nullptr) unpin_units(*units, first, end);
+    units = nullptr;
     first = end = 0;
+  }
+  // Makes `next` the first of kept (released first: nothing held is dropped).
+  void keep(const std::shared_ptr<Units>& next) {
+    auto found = std::find_if(kept.begin(), kept.end(),
+                              [&](const std::shared_ptr<Units>& k) { return k == next; });
+    if (found == kept.end()) {
+      found = kept.end() - 1;
+      *found = next;
+    }
+    std::rotate(kept.begin(), found, found + 1);
   }
   ~ThreadHold() { release(); }
 };
@@ -160,10 +180,11 @@ void BlockCache::hold_for_thread(uint64_t offset, uint64_t end) const {
   if (offset >= end) return;
   const uint64_t first = unit_of(offset);
   const uint64_t last = unit_end(end);
-  if (hold.units.get() == units_.get() && first >= hold.first && last <= hold.end) return;
+  if (hold.units == units_.get() && first >= hold.first && last <= hold.end) return;
   hold.release();
   for (uint64_t unit = first; unit < last; ++unit) pin_unit(*units_, unit);
-  if (hold.units.get() != units_.get()) hold.units = units_;
+  if (hold.kept[0] != units_) hold.keep(units_);
+  hold.units = units_.get();
   hold.first = first;
   hold.end = last;
   touch(first, last);
