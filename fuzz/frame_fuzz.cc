@@ -22,18 +22,23 @@
 // CPU): frames of up to kMaxClaimed bytes, delivered in at most about
 // kMaxPieces pieces.
 //
-// Checked, for every input:
+// Checked, for every input, with one fresh decoder (so that a verdict
+// depends on the input alone) decoding three frames in a row:
 // - FrameDecoder (the streaming decoder the frame chunker uses) never
 //   reports more decoded bytes than claimed, and never fewer than before;
 //   it verifies (finish() OK) only with exactly the claimed bytes, and its
-//   verdict and bytes do not depend on the splits (the one-shot
-//   decompress_frame gives the same); zstd's verdict and bytes agree with
-//   libzstd's one-shot API; a built frame left undamaged verifies exactly
-//   when the claimed size is the plain size, and then yields the plain
-//   bytes; a decoder that failed decodes the next good frame right.
-// Checked for one input in kChunkerEvery (chosen by a hash of the input, so
-//   the same input always is; a FrameChunker costs a cache file, its map
-//   and a fetch thread, ten times the rest):
+//   verdict and bytes do not depend on the splits (the frame again, in one
+//   piece, gives the same); zstd's verdict and bytes agree with libzstd's
+//   one-shot API; a built frame left undamaged verifies exactly when the
+//   claimed size is the plain size, and then yields the plain bytes; the
+//   decoder, whatever became of those frames, decodes a good one right.
+// - No read past a piece it is fed, nor of a piece after feed() returned
+//   (see PoisonedPieces), nor a write past the claimed bytes.
+// Checked for one input in kChunkerEvery, chosen by a hash of the input (so
+// the same input always is; a FrameChunker costs a cache file, its map and
+// a fetch thread, several times all the rest):
+// - The one-shot decompress_frame (inspect --verify's) gives the same
+//   verdict and bytes.
 // - Through a FrameChunker over a store whose reads deliver the frame in
 //   the same splits: a read of the frame succeeds exactly when the decoder
 //   verifies, with the same bytes, and after a failed read nothing of the
@@ -143,7 +148,8 @@ std::unique_ptr<std::byte[]> buffer_of(uint64_t size) {
 
 struct Decoded {
   Status status;
-  std::vector<std::byte> bytes;  // all `claimed` of them if it verified, else none
+  std::unique_ptr<std::byte[]> out;  // `claimed` bytes, decoded into
+  std::span<const std::byte> bytes;  // all of out if it verified, else none
 };
 
 // The stored bytes of a frame laid out in one allocation for delivery in
@@ -194,8 +200,8 @@ class PoisonedPieces {
 Decoded decode_in_pieces(FrameDecoder& decoder, std::span<const std::byte> stored,
                          const std::vector<size_t>& pieces, uint64_t claimed) {
   Decoded result;
-  const std::unique_ptr<std::byte[]> out = buffer_of(claimed);
-  const std::span<std::byte> plain(out.get(), claimed);
+  result.out = buffer_of(claimed);
+  const std::span<std::byte> plain(result.out.get(), claimed);
   result.status = decoder.begin(plain);
   check(result.status.is_ok());
   PoisonedPieces laid_out(stored, pieces);
@@ -211,7 +217,7 @@ Decoded decode_in_pieces(FrameDecoder& decoder, std::span<const std::byte> store
   check(decoder.decoded() >= before && decoder.decoded() <= claimed);
   if (result.status.is_ok()) {
     check(decoder.decoded() == claimed);
-    result.bytes.assign(plain.begin(), plain.end());
+    result.bytes = plain;
   } else {
     check(result.status.code() == StatusCode::kCorruption);
   }
@@ -465,7 +471,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const int64_t claimed_offset = static_cast<int16_t>(size_field);
     claimed = static_cast<uint64_t>(
         std::clamp<int64_t>(static_cast<int64_t>(plain.size()) + claimed_offset, 1, kMaxClaimed));
-    // The damage: a flip (mask 0: none) and a cut (0xff: none).
+    // The damage: a flip (mask 0: none) and a cut (0xffff: none).
     const size_t flip_at = static_cast<size_t>(data[8] | data[9] << 8) % stored.size();
     const uint8_t mask = data[10];
     const uint16_t cut = static_cast<uint16_t>(data[11] | data[12] << 8);
@@ -475,8 +481,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   const std::vector<size_t> pieces = split_of(stored.size(), seed, largest);
 
-  // One decoder per input, fresh (so that an input's verdict depends on it
-  // alone), for three frames in a row.
   std::unique_ptr<FrameDecoder> decoder = make_decoder(codec);
   const Decoded streamed = decode_in_pieces(*decoder, stored, pieces, claimed);
 
@@ -508,8 +512,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
   const std::string_view input(reinterpret_cast<const char*>(data), size);
   if (std::hash<std::string_view>{}(input) % kChunkerEvery == 0) {
-    // The one-shot decompress_frame (inspect --verify's), a fresh decoder of
-    // its own: the same verdict and bytes.
+    // The one-shot decompress_frame, a fresh decoder of its own.
     const std::unique_ptr<std::byte[]> out = buffer_of(claimed);
     const Status one_shot = decompress_frame(codec, stored, std::span(out.get(), claimed));
     check(one_shot.is_ok() == streamed.status.is_ok());
