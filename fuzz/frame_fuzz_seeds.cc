@@ -29,13 +29,14 @@ std::vector<std::byte> plain_bytes(size_t size) {
 }
 
 // The 13 bytes before the payload: flags, the size field, the largest
-// piece's exponent, the split seed, no damage.
-std::vector<std::byte> prefix(FrameCodec codec, bool built, uint16_t size_field, uint8_t piece) {
-  const uint8_t flags = (codec == FrameCodec::kLz4 ? 1 : 0) | (built ? 2 : 0);
+// piece's exponent and the built frame's blocks, the split seed, no damage.
+std::vector<std::byte> prefix(FrameCodec codec, bool built, uint16_t size_field, uint8_t piece,
+                              uint8_t blocks = 0, bool linked = false) {
+  const uint8_t flags = (codec == FrameCodec::kLz4 ? 1 : 0) | (built ? 2 : 0) | (linked ? 4 : 0);
   const uint8_t bytes[13] = {flags,
                              static_cast<uint8_t>(size_field),
                              static_cast<uint8_t>(size_field >> 8),
-                             piece,
+                             static_cast<uint8_t>(piece | blocks << 5),
                              1,
                              2,
                              3,
@@ -70,18 +71,18 @@ int main(int argc, char** argv) {
     const std::string name(lazyblock::frame_codec_name(codec));
     for (size_t size : {size_t{64}, size_t{4096}, size_t{65536}}) {
       const std::vector<std::byte> plain = plain_bytes(size);
-      for (uint8_t piece : {uint8_t{0}, uint8_t{7}, uint8_t{17}}) {
+      for (uint8_t piece : {uint8_t{0}, uint8_t{7}, uint8_t{16}}) {
         // Built: the plain bytes, compressed by the target.
         std::vector<std::byte> built = prefix(codec, true, 0, piece);
         built.insert(built.end(), plain.begin(), plain.end());
-        // Raw: the frame itself (sizes are multiples of 4, as raw claims).
+        // Raw: the frame itself, claiming its size (less one, as raw claims).
         lazyblock::Result<std::vector<std::byte>> frame =
             lazyblock::compress_frame(codec, 1, plain);
         if (!frame) {
           std::fprintf(stderr, "%s\n", frame.status().to_string().c_str());
           return 1;
         }
-        std::vector<std::byte> raw = prefix(codec, false, static_cast<uint16_t>(size / 4), piece);
+        std::vector<std::byte> raw = prefix(codec, false, static_cast<uint16_t>(size - 1), piece);
         raw.insert(raw.end(), frame->begin(), frame->end());
         const std::string stem =
             dir + "/" + name + "-" + std::to_string(size) + "-p" + std::to_string(piece);
@@ -90,6 +91,20 @@ int main(int argc, char** argv) {
           return 1;
         }
         written += 2;
+      }
+      // Built in blocks of 2 KiB (independent, and for LZ4 linked too),
+      // as other writers may cut a frame.
+      for (bool linked : {false, true}) {
+        if (linked && codec != FrameCodec::kLz4) continue;
+        std::vector<std::byte> blocky = prefix(codec, true, 0, 7, 3, linked);
+        blocky.insert(blocky.end(), plain.begin(), plain.end());
+        const std::string path = dir + "/" + name + "-" + std::to_string(size) + "-blocks" +
+                                 (linked ? "-linked" : "") + "-built";
+        if (!write(path, blocky)) {
+          std::fprintf(stderr, "cannot write seeds in %s\n", dir.c_str());
+          return 1;
+        }
+        ++written;
       }
     }
   }
