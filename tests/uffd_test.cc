@@ -91,8 +91,7 @@ class UffdTest : public ::testing::TestWithParam<image::Codec> {
     store_ = packed->store_url;
     data_key_ = packed->data_key;
     // The suite's codec took: the data file is the one a compressed build has.
-    ASSERT_EQ(data_key_, kBuild + "/" + std::string("memfile") +
-                             std::string(image::data_file_suffix(GetParam())));
+    ASSERT_EQ(data_key_, kBuild + "/memfile" + std::string(image::data_file_suffix(GetParam())));
   }
 
   // A page of the memfile as it must appear in guest memory.
