@@ -13,7 +13,6 @@
 #include "common/file_io.h"
 #include "common/unique_fd.h"
 #include "image/device.h"
-#include "image/pack.h"
 
 namespace lazyblock::testing {
 namespace {
@@ -65,11 +64,14 @@ Result<PackedBuild> pack_build(const BuildSpec& spec, uint64_t size, const Image
   options.build = packed.build;
   options.name = spec.name;
   options.temp_dir = beside;
+  options.codec = spec.codec;
+  options.frame_size = spec.frame_size;
   ChunkerOptions chunker;
   chunker.cache_dir = beside;
   Result<image::PackSummary> summary = image::pack(
       std::make_shared<image::DataFiles>(packed.store, chunker), raw->get(), options, nullptr);
   if (!summary) return summary.status().with_context("pack " + spec.name);
+  packed.data_key = summary->data_key;
   if (spec.map_raw && size > 0) {
     Result<MappedRegion> map =
         MappedRegion::map(size, PROT_READ, MAP_SHARED | MAP_POPULATE, raw->get(), 0, what);

@@ -16,6 +16,7 @@
 #include "common/mapped_region.h"
 #include "common/status.h"
 #include "image/header.h"
+#include "image/pack.h"
 #include "storage/file_store.h"
 
 namespace lazyblock::testing {
@@ -37,13 +38,19 @@ struct BuildSpec {
   std::filesystem::path raw;
   // Keep the raw image mapped (read-only, populated) in PackedBuild::raw.
   bool map_raw = false;
+  // How the data file is stored (image::PackOptions): kNone for BUILD/NAME,
+  // else BUILD/NAME.zstd or .lz4 in frames of frame_size (a test's small
+  // image wants frames smaller than pack's 2 MiB, to have several).
+  image::Codec codec = image::Codec::kNone;
+  uint64_t frame_size = image::PackOptions{}.frame_size;
 };
 
 struct PackedBuild {
   std::shared_ptr<FileStore> store;
   std::string store_url;  // "file://" and the store's directory
   image::Uuid build;
-  MappedRegion raw;  // the raw image, if BuildSpec::map_raw
+  std::string data_key;  // the data file's key in the store ("BUILD/NAME", or with .zstd, .lz4)
+  MappedRegion raw;      // the raw image, if BuildSpec::map_raw
 };
 
 // Packs the `size` bytes that `bytes` makes as device `spec.name` of
