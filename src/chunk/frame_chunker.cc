@@ -11,6 +11,7 @@
 
 #include "cache/block_cache.h"
 #include "common/file_io.h"
+#include "common/log.h"
 #include "common/mutex.h"
 #include "common/task_group.h"
 
@@ -124,7 +125,9 @@ class FrameChunker final : public Chunker {
       }
       if (attempt > 0) return copied.with_context(key_);
       // The cache file lost those bytes (truncated, or a failing disk): the
-      // frames are dropped and fetched again, once.
+      // frames are dropped and fetched again, once, as the plain chunker
+      // does and says.
+      log(LogLevel::kWarn, "{}; fetching it again", copied.with_context(key_).to_string());
       for (size_t i = first_frame_from(offset);
            i < table_.frames.size() && table_.frames[i].offset < end; ++i) {
         cache_->drop(table_.frames[i].offset, table_.frames[i].offset + table_.frames[i].size);
@@ -155,6 +158,7 @@ class FrameChunker final : public Chunker {
       if (attempt > 0) return failed;
       // The cache file lost those bytes: the frames not yet written are
       // dropped and fetched again, once.
+      log(LogLevel::kWarn, "{}; fetching it again", failed.to_string());
       for (size_t i = first_frame_from(position);
            i < table_.frames.size() && table_.frames[i].offset < end; ++i) {
         cache_->drop(table_.frames[i].offset, table_.frames[i].offset + table_.frames[i].size);
