@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 
 #include "bench/bench_util.h"
+#include "bench/uffd_serving.h"
 #include "common/unique_fd.h"
 #include "common/units.h"
 #include "common/worker_pool.h"
@@ -68,40 +69,13 @@ FleetAccesses latency_figures(const std::vector<std::vector<double>>& per_thread
   return figures;
 }
 
-// A memory device as the daemon serves one: a UffdServer of its own over
-// the template's shared memfile, on a socket of its own, its waiting faults
-// on a pool shared with the other servers.
-class MemoryServer {
- public:
-  MemoryServer(image::Device& memfile, WorkerPool& workers) : server_(memfile, options(workers)) {}
-  ~MemoryServer() { (void)stop(); }
-  MemoryServer(const MemoryServer&) = delete;
-  MemoryServer& operator=(const MemoryServer&) = delete;
-
-  Status start(const std::filesystem::path& socket) {
-    LB_RETURN_IF_ERROR(server_.listen_unix(socket));
-    thread_ = std::thread([this] { served_ = server_.serve(); });
-    return Status::ok();
-  }
-  // Once its VM has gone: ends serving, and its status.
-  Status stop() {
-    if (!thread_.joinable()) return Status::ok();
-    server_.stop();
-    thread_.join();
-    return served_;
-  }
-
- private:
-  static uffd::UffdOptions options(WorkerPool& workers) {
-    uffd::UffdOptions options;
-    options.shared_workers = &workers;
-    return options;
-  }
-
-  uffd::UffdServer server_;
-  std::thread thread_;
-  Status served_;  // written by thread_, read once it is joined
-};
+// A memory device's options as the daemon's: its waiting faults on a pool
+// shared with the other memory devices.
+uffd::UffdOptions memory_device_options(WorkerPool& workers) {
+  uffd::UffdOptions options;
+  options.shared_workers = &workers;
+  return options;
+}
 
 class Fleet {
  public:
@@ -157,11 +131,12 @@ class Fleet {
     // starts (declared in this order so that the guests go first, then
     // their servers, then the pool the servers use).
     WorkerPool fault_workers(kFaultWorkers);
-    std::vector<std::unique_ptr<MemoryServer>> servers;
+    std::vector<std::unique_ptr<UffdServing>> servers;
     std::vector<std::unique_ptr<testing::FirecrackerStandIn>> guests;
     for (int vm = 0; vm < vms; ++vm) {
       const std::filesystem::path socket = dir() / fmt::format("vm{}.uffd", vm);
-      servers.push_back(std::make_unique<MemoryServer>(*memory.device, fault_workers));
+      servers.push_back(
+          std::make_unique<UffdServing>(*memory.device, memory_device_options(fault_workers)));
       LB_RETURN_IF_ERROR(servers.back()->start(socket));
       Result<std::unique_ptr<testing::FirecrackerStandIn>> guest =
           testing::FirecrackerStandIn::restore(socket, {{disk_size(), 0, false}});
@@ -228,7 +203,7 @@ class Fleet {
     result.vms = vms;
     result.seconds = seconds_since(start);
     guests.clear();  // the VMs exit
-    for (const std::unique_ptr<MemoryServer>& server : servers) LB_RETURN_IF_ERROR(server->stop());
+    for (const std::unique_ptr<UffdServing>& server : servers) LB_RETURN_IF_ERROR(server->stop());
     result.disk = latency_figures(disk_latencies);
     result.memory = latency_figures(memory_latencies);
     // Streams the wave started and still running (read ahead past its

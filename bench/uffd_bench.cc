@@ -19,6 +19,7 @@
 #include <fmt/format.h>
 
 #include "bench/bench_util.h"
+#include "bench/uffd_serving.h"
 #include "common/mapped_region.h"
 #include "common/unique_fd.h"
 #include "common/units.h"
@@ -144,32 +145,6 @@ LatencyFigures figures(std::vector<double> seconds) {
   std::sort(seconds.begin(), seconds.end());
   return {percentile(seconds, 0.5) * 1e6, percentile(seconds, 0.99) * 1e6};
 }
-
-// A UffdServer on a thread of its own, serving a memfile on `socket`.
-class Serving {
- public:
-  Serving(image::Device& memfile, uffd::UffdOptions options)
-      : server_(memfile, std::move(options)) {}
-  Status start(const std::filesystem::path& socket) {
-    LB_RETURN_IF_ERROR(server_.listen_unix(socket));
-    thread_ = std::thread([this] { served_ = server_.serve(); });
-    return Status::ok();
-  }
-  // Stops the server once its sessions have ended (records are written).
-  Status stop() {
-    if (!thread_.joinable()) return Status::ok();
-    server_.stop();
-    thread_.join();
-    return served_;
-  }
-  ~Serving() { (void)stop(); }
-  uffd::UffdServer& server() { return server_; }
-
- private:
-  uffd::UffdServer server_;
-  std::thread thread_;
-  Status served_;
-};
 
 // The reference point for warm faults: the smallest handler there is. One
 // thread takes one VM, reads one event at a time and copies the page from
@@ -323,7 +298,7 @@ class Bench {
   Status cold_faults(UffdBenchReport* report) {
     Result<std::unique_ptr<image::Device>> memfile = cold_memfile();
     if (!memfile) return memfile.status();
-    Serving serving(**memfile, {});
+    UffdServing serving(**memfile, {});
     const std::filesystem::path socket = dir() / "cold.sock";
     LB_RETURN_IF_ERROR(serving.start(socket));
     const std::vector<uint64_t> pages = random_pages(o_.cold_faults, o_.seed);
@@ -355,7 +330,7 @@ class Bench {
       return handler.finish();
     };
     const auto measure_ours = [&]() -> Status {
-      Serving serving(**memfile, {});
+      UffdServing serving(**memfile, {});
       const std::filesystem::path socket = dir() / "warm.sock";
       LB_RETURN_IF_ERROR(serving.start(socket));
       Result<std::vector<double>> latencies =
@@ -426,7 +401,7 @@ class Bench {
       if (!memfile) return memfile.status();
       uffd::UffdOptions options;
       options.record = record;
-      Serving serving(**memfile, options);
+      UffdServing serving(**memfile, options);
       const std::filesystem::path socket = dir() / "record.sock";
       LB_RETURN_IF_ERROR(serving.start(socket));
       Result<double> ms = sweep(socket, chunks);
@@ -440,7 +415,7 @@ class Bench {
     if (!memfile) return memfile.status();
     uffd::UffdOptions options;
     options.prefetch = *runs;
-    Serving serving(**memfile, options);
+    UffdServing serving(**memfile, options);
     const std::filesystem::path socket = dir() / "prefetch.sock";
     LB_RETURN_IF_ERROR(serving.start(socket));
     Result<double> ms = sweep(socket, chunks);

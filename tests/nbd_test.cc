@@ -120,21 +120,12 @@ class NbdTest : public ::testing::TestWithParam<image::Codec> {
   std::string raw_;
 };
 
-std::string codec_test_name(const ::testing::TestParamInfo<image::Codec>& info) {
-  switch (info.param) {
-    case image::Codec::kNone:
-      return "Plain";
-    case image::Codec::kZstd:
-      return "Zstd";
-    case image::Codec::kLz4:
-      return "Lz4";
-  }
-  return "Unknown";
-}
-
+// Named as the codecs are on the command line: none, zstd, lz4.
 INSTANTIATE_TEST_SUITE_P(Codec, NbdTest,
                          ::testing::Values(image::Codec::kNone, image::Codec::kZstd),
-                         codec_test_name);
+                         [](const ::testing::TestParamInfo<image::Codec>& info) {
+                           return std::string(image::codec_name(info.param));
+                         });
 
 TEST_P(NbdTest, StandardClientsSeeTheDisk) {
   Server server(dir_, store_, {});

@@ -133,21 +133,12 @@ class UffdTest : public ::testing::TestWithParam<image::Codec> {
   std::unique_ptr<image::Device> device_;  // by open_breakable_memfile
 };
 
-std::string codec_test_name(const ::testing::TestParamInfo<image::Codec>& info) {
-  switch (info.param) {
-    case image::Codec::kNone:
-      return "Plain";
-    case image::Codec::kZstd:
-      return "Zstd";
-    case image::Codec::kLz4:
-      return "Lz4";
-  }
-  return "Unknown";
-}
-
+// Named as the codecs are on the command line: none, zstd, lz4.
 INSTANTIATE_TEST_SUITE_P(Codec, UffdTest,
                          ::testing::Values(image::Codec::kNone, image::Codec::kLz4),
-                         codec_test_name);
+                         [](const ::testing::TestParamInfo<image::Codec>& info) {
+                           return std::string(image::codec_name(info.param));
+                         });
 
 // Reads every page of `memory` (mapping memfile bytes from `offset`) in a
 // shuffled order from `threads` threads, as vCPUs would, and returns the
