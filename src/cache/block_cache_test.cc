@@ -18,6 +18,7 @@
 #include "common/byte_sink.h"
 #include "common/unique_fd.h"
 #include "testing/pattern.h"
+#include "testing/vector_sink.h"
 
 namespace lazyblock {
 namespace {
@@ -375,16 +376,6 @@ TEST(BlockCacheTest, AFileCutShortIsFoundByTheNextWrite) {
   EXPECT_TRUE(cache.is_cached(kUnit, 2 * kUnit)) << "what was written after is lost";
 }
 
-// Collects what it is given (a sink with ByteSink's own write_from_mapping).
-class VectorSink final : public ByteSink {
- public:
-  Status write(std::span<const std::byte> data) override {
-    bytes.insert(bytes.end(), data.begin(), data.end());
-    return Status::ok();
-  }
-  std::vector<std::byte> bytes;
-};
-
 // A copy out of a map whose file was cut fails, every time: the fault is
 // caught, and caught again (SIGBUS is unblocked after each), never fatal.
 // A write from the map to a sink stops where the file ends, the bytes
@@ -420,7 +411,7 @@ TEST(BlockCacheTest, CopiesOutOfACutFileFailEveryTimeAndTheProcessLives) {
   UniqueFd out_fd(::open(out.c_str(), O_CREAT | O_TRUNC | O_WRONLY, 0600));
   ASSERT_TRUE(out_fd) << std::strerror(errno);
   FdSink file_sink(out_fd.get(), out.string());
-  VectorSink vector_sink;
+  testing::VectorSink vector_sink;
   for (ByteSink* sink :
        {static_cast<ByteSink*>(&file_sink), static_cast<ByteSink*>(&vector_sink)}) {
     for (int i = 0; i < 2; ++i) {

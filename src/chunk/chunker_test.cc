@@ -27,6 +27,7 @@
 #include "storage/file_store.h"
 #include "testing/pattern.h"
 #include "testing/scratch_dir.h"
+#include "testing/vector_sink.h"
 
 namespace lazyblock {
 
@@ -106,16 +107,6 @@ class ChunkerTest : public ChunkerFixture, public ::testing::WithParamInterface<
     strategy_ = GetParam();
     ChunkerFixture::SetUp();
   }
-};
-
-// Collects what write_to writes.
-class VectorSink final : public ByteSink {
- public:
-  Status write(std::span<const std::byte> data) override {
-    bytes.insert(bytes.end(), data.begin(), data.end());
-    return Status::ok();
-  }
-  std::vector<std::byte> bytes;
 };
 
 // Waits until `count` callers of `chunker` are waiting on fetches.
@@ -455,7 +446,7 @@ TEST_P(ChunkerTest, EmptyObject) {
   put_object(0);
   auto c = chunker(std::nullopt);
   EXPECT_TRUE(read_and_check(*c, 0, 4096).is_ok());
-  VectorSink sink;
+  testing::VectorSink sink;
   EXPECT_TRUE(c->write_to(sink).is_ok());
   EXPECT_TRUE(sink.bytes.empty());
 }
@@ -491,7 +482,7 @@ TEST_P(ChunkerTest, SizeOfAFreshChunkerAsksTheStoreNotTheData) {
 TEST_P(ChunkerTest, WriteToOnAFreshChunkerExportsTheWholeObject) {
   put_object(3 * kChunk + 777);
   auto c = chunker(std::nullopt);
-  VectorSink sink;
+  testing::VectorSink sink;
   ASSERT_TRUE(c->write_to(sink).is_ok());
   ASSERT_EQ(sink.bytes.size(), size_);
   EXPECT_EQ(first_pattern_mismatch(kSeed, 0, sink.bytes), size_);

@@ -10,6 +10,7 @@
 #include "storage/file_store.h"
 #include "testing/pattern.h"
 #include "testing/scratch_dir.h"
+#include "testing/vector_sink.h"
 
 namespace lazyblock {
 namespace {
@@ -76,16 +77,6 @@ class GatedStore final : public StoreLayer {
   std::condition_variable cv_;
   bool held_ = false;    // guarded by mu_
   bool opened_ = false;  // guarded by mu_
-};
-
-// A sink that keeps what it is given.
-class Collect final : public ByteSink {
- public:
-  Status write(std::span<const std::byte> data) override {
-    bytes.insert(bytes.end(), data.begin(), data.end());
-    return Status::ok();
-  }
-  std::vector<std::byte> bytes;
 };
 
 class FrameChunkerTest : public ::testing::TestWithParam<FrameCodec> {
@@ -159,7 +150,7 @@ TEST_P(FrameChunkerTest, EveryRangeReadsBackAndWriteToIsWhole) {
     ASSERT_TRUE(std::equal(bytes.begin(), bytes.begin() + *got, plain_.begin() + offset));
   }
   std::unique_ptr<Chunker> fresh = chunker(table_);
-  Collect sink;
+  testing::VectorSink sink;
   ASSERT_TRUE(fresh->write_to(sink).is_ok());
   EXPECT_TRUE(sink.bytes == plain_);
 }
