@@ -34,6 +34,7 @@
 #include "testing/build_fixture.h"
 #include "testing/local_port.h"
 #include "testing/scratch_dir.h"
+#include "testing/unnamed_files.h"
 #include "tests/cli_runner.h"
 
 namespace lazyblock {
@@ -430,25 +431,6 @@ TEST_P(NbdTest, SigtermCancelsFetchesInFlightAndKeepsTheOverlay) {
   EXPECT_EQ(server.stop(), 0);
 }
 
-// The descriptor paths (/proc/PID/fd/N) of the unnamed regular files that
-// process `pid` holds: its block cache (one per data file), its temporary
-// overlay if it has one.
-std::vector<std::filesystem::path> unnamed_files_of(pid_t pid) {
-  std::vector<std::filesystem::path> files;
-  std::error_code error;
-  const std::filesystem::path fds = "/proc/" + std::to_string(pid) + "/fd";
-  for (const auto& entry : std::filesystem::directory_iterator(fds, error)) {
-    std::error_code link_error;
-    const std::string target = std::filesystem::read_symlink(entry.path(), link_error).string();
-    if (link_error || target.find("(deleted)") == std::string::npos) continue;
-    struct stat st {};
-    if (::stat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
-      files.push_back(entry.path());
-    }
-  }
-  return files;
-}
-
 // The block cache's file cut short under the running server (as a failing
 // disk would make its map fault): the reads past the cut get an EIO at most,
 // then the right bytes; the server serves on.
@@ -459,7 +441,7 @@ TEST_P(NbdTest, ACacheFileCutShortUnderTheServerCostsOneReadAtMost) {
   ASSERT_EQ(copied.status, 0) << copied.err;
   ASSERT_TRUE(slurp(dir_ / "copy") == raw_);
   // One data file (the build has no parent), no overlay: one cache file.
-  const std::vector<std::filesystem::path> caches = unnamed_files_of(server.pid());
+  const std::vector<std::filesystem::path> caches = testing::unnamed_files_of(server.pid());
   ASSERT_EQ(caches.size(), 1u);
   const std::filesystem::path& cache = caches[0];
   {

@@ -31,6 +31,7 @@
 #include "testing/build_fixture.h"
 #include "testing/pattern.h"
 #include "testing/scratch_dir.h"
+#include "testing/unnamed_files.h"
 #include "tests/cli_runner.h"
 
 namespace lazyblock {
@@ -131,27 +132,6 @@ Result<testing::ChildProcess> start_logging(std::vector<std::string> args,
   testing::SpawnOptions options;
   options.stderr_to = err;
   return start_lazyblock(std::move(args), options);
-}
-
-// The descriptor paths (/proc/PID/fd/N) of the unnamed regular files that
-// process `pid` holds in directory `dir` (its block caches there).
-std::vector<std::filesystem::path> unnamed_files_in(pid_t pid, const std::filesystem::path& dir) {
-  std::vector<std::filesystem::path> files;
-  std::error_code error;
-  const std::filesystem::path fds = "/proc/" + std::to_string(pid) + "/fd";
-  for (const auto& entry : std::filesystem::directory_iterator(fds, error)) {
-    std::error_code link_error;
-    const std::string target = std::filesystem::read_symlink(entry.path(), link_error).string();
-    if (link_error || target.find("(deleted)") == std::string::npos ||
-        target.rfind(dir.string() + "/", 0) != 0) {
-      continue;
-    }
-    struct stat st {};
-    if (::stat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
-      files.push_back(entry.path());
-    }
-  }
-  return files;
 }
 
 // Names of the entries of `dir` (not recursive) that contain `part`.
@@ -349,12 +329,12 @@ TEST_F(SpaceTest, ACacheFileCutShortUnderACopyIsFetchedAgainOrAnIoErrorNeverACra
     UniqueFd cache_file;
     ASSERT_TRUE(eventually([&] {
       uint64_t written = 0;
-      for (const std::filesystem::path& file : unnamed_files_in(pid, out_dir)) {
+      for (const std::filesystem::path& file : testing::unnamed_files_of(pid, out_dir)) {
         struct stat st {};
         if (::stat(file.c_str(), &st) == 0) written += static_cast<uint64_t>(st.st_size);
       }
       if (written + 3 * 4 * kMiB > kSmallSize) return false;
-      for (const std::filesystem::path& candidate : unnamed_files_in(pid, tmp)) {
+      for (const std::filesystem::path& candidate : testing::unnamed_files_of(pid, tmp)) {
         struct stat st {};
         if (::stat(candidate.c_str(), &st) == 0 && st.st_blocks > 0) {
           cache_file.reset(::open(candidate.c_str(), O_WRONLY));
@@ -443,7 +423,7 @@ TEST_F(SpaceTest, ACatKilledMidFillLeavesNoPartialFile) {
   // Mid-fill: the output has its first bytes (in an unnamed file, or in
   // any file of the directory for a command that names its partial file).
   const bool filling = eventually([&] {
-    std::vector<std::filesystem::path> files = unnamed_files_in(pid, out_dir);
+    std::vector<std::filesystem::path> files = testing::unnamed_files_of(pid, out_dir);
     for (const auto& entry : std::filesystem::directory_iterator(out_dir)) {
       files.push_back(entry.path());
     }

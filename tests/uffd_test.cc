@@ -41,6 +41,7 @@
 #include "testing/local_port.h"
 #include "testing/pattern.h"
 #include "testing/scratch_dir.h"
+#include "testing/unnamed_files.h"
 #include "tests/cli_runner.h"
 
 namespace lazyblock {
@@ -425,16 +426,9 @@ TEST_P(UffdTest, RecordedWorkingSetIsPrefetchedOnTheNextRestore) {
 // block cache, which fills as fetches bring data.
 uint64_t unnamed_file_blocks(pid_t pid) {
   uint64_t blocks = 0;
-  std::error_code error;
-  const std::filesystem::path fds = "/proc/" + std::to_string(pid) + "/fd";
-  for (const auto& entry : std::filesystem::directory_iterator(fds, error)) {
-    std::error_code link_error;
-    const std::string target = std::filesystem::read_symlink(entry.path(), link_error).string();
-    if (link_error || target.find("(deleted)") == std::string::npos) continue;
+  for (const std::filesystem::path& file : testing::unnamed_files_of(pid)) {
     struct stat st {};
-    if (::stat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
-      blocks += static_cast<uint64_t>(st.st_blocks);
-    }
+    if (::stat(file.c_str(), &st) == 0) blocks += static_cast<uint64_t>(st.st_blocks);
   }
   return blocks;
 }
@@ -479,42 +473,33 @@ TEST_P(UffdTest, SigtermCancelsFetchesInFlight) {
          std::chrono::steady_clock::now() - asked < std::chrono::seconds(10)) {
     std::this_thread::sleep_for(std::chrono::milliseconds(2));  // polling a real condition
   }
-  ASSERT_TRUE(fetching()) << slurp(dir_ / "server.log");
-  const auto signalled = std::chrono::steady_clock::now();
-  ASSERT_EQ(::kill(server.pid(), SIGTERM), 0);
-  // A hang guard, not a timing assertion: the fetch timeout is 60 s.
-  while (server.running() &&
-         std::chrono::steady_clock::now() - signalled < std::chrono::seconds(10)) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a real condition
+  // From here on nothing returns before the vCPU thread is joined: its fault
+  // is let go only when the VM closes its userfaultfd.
+  const bool fetch_started = fetching();
+  bool signalled_ok = false;
+  int kill_error = 0;
+  bool exited = false;
+  double seconds = 0;
+  if (fetch_started) {
+    const auto signalled = std::chrono::steady_clock::now();
+    signalled_ok = ::kill(server.pid(), SIGTERM) == 0;
+    kill_error = signalled_ok ? 0 : errno;
+    // A hang guard, not a timing assertion: the fetch timeout is 60 s.
+    while (signalled_ok && server.running() &&
+           std::chrono::steady_clock::now() - signalled < std::chrono::seconds(10)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a real condition
+    }
+    exited = !server.running();
+    seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - signalled).count();
   }
-  const bool exited = !server.running();
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - signalled).count();
   if (!exited) server.kill_hard();
   (*vm)->close_userfaultfd();  // the VM goes too: its waiting fault is let go
   vcpu.join();
+  ASSERT_TRUE(fetch_started) << "no fetch began: " << slurp(dir_ / "server.log");
+  ASSERT_TRUE(signalled_ok) << std::strerror(kill_error);
   ASSERT_TRUE(exited) << "still running 10 s after SIGTERM: " << slurp(dir_ / "server.log");
   std::printf("serve uffd exited %.3f s after SIGTERM\n", seconds);
   EXPECT_EQ(server.stop(), 0) << slurp(dir_ / "server.log");
-}
-
-// The descriptor paths (/proc/PID/fd/N) of the unnamed regular files that
-// process `pid` holds: its block cache (one per data file), its temporary
-// overlay if it has one.
-std::vector<std::filesystem::path> unnamed_files_of(pid_t pid) {
-  std::vector<std::filesystem::path> files;
-  std::error_code error;
-  const std::filesystem::path fds = "/proc/" + std::to_string(pid) + "/fd";
-  for (const auto& entry : std::filesystem::directory_iterator(fds, error)) {
-    std::error_code link_error;
-    const std::string target = std::filesystem::read_symlink(entry.path(), link_error).string();
-    if (link_error || target.find("(deleted)") == std::string::npos) continue;
-    struct stat st {};
-    if (::stat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
-      files.push_back(entry.path());
-    }
-  }
-  return files;
 }
 
 // The block cache's file cut short under the running handler (as a failing
@@ -531,7 +516,7 @@ TEST_P(UffdTest, ACacheFileCutShortUnderTheHandlerIsFetchedAgain) {
     EXPECT_TRUE(touch_all((*vm)->memory(0), kMemfileSize, kPage, want, 2, 1).empty());
   }
   // One data file (the build has no parent), no overlay: one cache file.
-  const std::vector<std::filesystem::path> caches = unnamed_files_of(server.pid());
+  const std::vector<std::filesystem::path> caches = testing::unnamed_files_of(server.pid());
   ASSERT_EQ(caches.size(), 1u);
   const std::filesystem::path& cache = caches[0];
   {

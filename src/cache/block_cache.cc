@@ -104,6 +104,11 @@ uint64_t page_size() {
 
 }  // namespace
 
+// A write extends the file only if it was cut short, and then never back to
+// this size, so that the size after a write tells whether the file was cut
+// before it (check_not_cut).
+uint64_t BlockCache::file_size_for(uint64_t size) { return size + page_size(); }
+
 Result<std::unique_ptr<BlockCache>> BlockCache::create(uint64_t size, uint64_t block_size,
                                                        const std::filesystem::path& dir) {
   if (block_size == 0) return Status::invalid_argument("block size must be positive");
@@ -111,7 +116,7 @@ Result<std::unique_ptr<BlockCache>> BlockCache::create(uint64_t size, uint64_t b
   if (!fd) return fd.status();
   MappedRegion map;
   if (size > 0) {
-    if (::ftruncate(fd->get(), static_cast<off_t>(size)) != 0) {
+    if (::ftruncate(fd->get(), static_cast<off_t>(file_size_for(size))) != 0) {
       return posix_error(fmt::format("size cache file in {} to {} bytes", dir.string(), size),
                          errno);
     }
@@ -310,16 +315,19 @@ Status BlockCache::write(uint64_t offset, std::span<const std::byte> data) {
 
 void BlockCache::check_not_cut() {
   struct stat st {};
-  if (::fstat(fd_.get(), &st) != 0 || static_cast<uint64_t>(st.st_size) >= size_) return;
+  if (::fstat(fd_.get(), &st) != 0 || static_cast<uint64_t>(st.st_size) >= file_size_for(size_)) {
+    return;
+  }
   // The file was cut short (and perhaps extended again by writes since, so
   // that a lost block reads as zeros rather than faulting): nothing cached
-  // can be trusted.
+  // can be trusted. No write of ours reaches the guard page, so a file that
+  // was cut stays short, even after a write of the object's last block.
   log(LogLevel::kWarn,
       "the cache file was cut short to {} bytes: every cached block is "
       "fetched again",
       st.st_size);
   drop(0, size_);
-  if (::ftruncate(fd_.get(), static_cast<off_t>(size_)) != 0) {
+  if (::ftruncate(fd_.get(), static_cast<off_t>(file_size_for(size_))) != 0) {
     log(LogLevel::kWarn, "cannot restore the cache file's size: {}", std::strerror(errno));
   }
 }
@@ -336,11 +344,15 @@ void BlockCache::mark_cached(uint64_t offset, uint64_t end) {
 Status BlockCache::copy_out(uint64_t offset, std::span<std::byte> buffer) const {
   if (buffer.empty()) return Status::ok();
   if (!guarded_copy(buffer.data(), map_.data() + offset, buffer.size())) {
-    return Status::io_error(fmt::format(
-        "the cache file could not be read at [{}, {}) (a disk error, or the file was cut short)",
-        offset, offset + buffer.size()));
+    return unreadable(offset, offset + buffer.size());
   }
   return Status::ok();
+}
+
+Status BlockCache::unreadable(uint64_t offset, uint64_t end) {
+  return Status::io_error(fmt::format(
+      "the cache file could not be read at [{}, {}) (a disk error, or the file was cut short)",
+      offset, end));
 }
 
 bool BlockCache::mark_cached_unless_dropped(uint64_t offset, uint64_t end, uint64_t drops_seen) {
@@ -356,6 +368,7 @@ void BlockCache::drop(uint64_t offset, uint64_t end) {
   cached_.clear_range(offset / block_size_, block_end(end));
   struct stat st {};
   if (::fstat(fd_.get(), &st) == 0 && static_cast<uint64_t>(st.st_size) < size_) {
+    // Every block past the cut, the one it cuts included.
     cached_.clear_range(static_cast<uint64_t>(st.st_size) / block_size_, cached_.size());
   }
 }

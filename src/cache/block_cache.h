@@ -143,7 +143,11 @@ class BlockCache {
   // filesystem, punches the least recently used unpinned unit and tries
   // again; fails (naming the cause) once there is nothing left to punch.
   // A file found cut short after the write (a failing disk, a hand) loses
-  // every cached block (drop()) and gets its size back.
+  // every cached block (drop()) and gets its size back. (The file is one
+  // never-written page longer than the object, so that a write that extends
+  // a cut file never hides the cut: a write of the last block included.
+  // Between such a write and its check, a reader of a block before it may
+  // still copy the zeros of the cut: microseconds once per cut.)
   Status write(uint64_t offset, std::span<const std::byte> data);
 
   // The bytes [offset, offset + length) of the map, to be read only where
@@ -156,6 +160,12 @@ class BlockCache {
   // (blocks that are cached); kIoError if the file under the map failed.
   // Requires offset + buffer.size() <= size().
   Status copy_out(uint64_t offset, std::span<std::byte> buffer) const;
+  // The size of the cache file of an object of `size` (> 0) bytes: one page
+  // more, a guard never written (see write()).
+  static uint64_t file_size_for(uint64_t size);
+
+  // The error of a copy out of [offset, end) that met a failed file.
+  static Status unreadable(uint64_t offset, uint64_t end);
 
   // Forgets the blocks touching [offset, end), whose bytes could not be
   // read, and, if the file has been cut short, every block past its end

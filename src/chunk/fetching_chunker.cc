@@ -240,44 +240,12 @@ Result<size_t> FetchingChunker::read_at(std::span<std::byte> buffer, uint64_t of
   if (!size) return size.status();
   if (offset >= *size) return size_t{0};
   const uint64_t end = offset + std::min<uint64_t>(buffer.size(), *size - offset);
-  const std::span<std::byte> out = buffer.first(end - offset);
   note_read(offset, end);
   BlockCache* cache = context_.cache.load(std::memory_order_acquire);
-  // A cache file that fails under the copy (cut short, a disk error) loses
-  // the blocks read: they are dropped and fetched once more. Only a second
-  // failure reaches the caller.
-  Status failed;
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    {
-      Result<BlockCache::Pin> pin = fetch_pinned(offset, end);
-      if (!pin) return pin.status();
-      const uint64_t drops = cache->drops();
-      if (!cache->is_cached(offset, end)) {
-        // Dropped between the fetch and the look at drops(): fetch again.
-        failed = Status::io_error(fmt::format("{} [{}, +{}): the cache was dropped under the read",
-                                              context_.key, offset, out.size()));
-        continue;
-      }
-      failed = cache->copy_out(offset, out);
-      if (failed.is_ok() && cache->drops() == drops) {
-        pin->reset();
-        if (context_.options.drop_behind) cache->release(offset, end);
-        return out.size();
-      }
-    }
-    if (failed.is_ok()) {
-      // Dropped during the copy: what was copied may be the hole the drop
-      // left; read again.
-      failed = Status::io_error(fmt::format("{} [{}, +{}): the cache was dropped under the read",
-                                            context_.key, offset, out.size()));
-      continue;
-    }
-    failed = failed.with_context(context_.key);
-    log(LogLevel::kWarn, "{}; fetching it again", failed.to_string());
-    MutexLock lock(context_.mu);
-    cache->drop(offset, end);
-  }
-  return failed;
+  Result<size_t> read =
+      read_through_cache(*this, *cache, context_.key, buffer.first(end - offset), offset);
+  if (read && context_.options.drop_behind) cache->release(offset, end);
+  return read;
 }
 
 Result<size_t> FetchingChunker::write_range_to(ByteSink& sink, uint64_t offset, uint64_t length) {
@@ -288,44 +256,14 @@ Result<size_t> FetchingChunker::write_range_to(ByteSink& sink, uint64_t offset, 
   const uint64_t end = offset + std::min(length, *size - offset);
   note_read(offset, end);
   BlockCache* cache = context_.cache.load(std::memory_order_acquire);
-  uint64_t position = offset;  // written up to here
-  Status failed;
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    {
-      Result<BlockCache::Pin> pin = fetch_pinned(position, end);
-      if (!pin) return pin.status();
-      const uint64_t drops = cache->drops();
-      if (!cache->is_cached(position, end)) {
-        // Dropped between the fetch and the look at drops(): fetch again.
-        failed = Status::io_error(fmt::format("{} [{}, +{}): the cache was dropped under the read",
-                                              context_.key, position, end - position));
-        continue;
-      }
-      Result<size_t> written = sink.write_from_mapping(cache->slice(position, end - position));
-      if (!written) return written.status();  // the sink's own error names it
-      if (cache->drops() != drops) {
-        // What went out may be the hole a drop left, and cannot be taken
-        // back.
-        return Status::io_error(fmt::format(
-            "{}: the cache file could not be read at [{}, {}) (it was cut short under the write)",
-            context_.key, position, end));
-      }
-      position += *written;
-      if (position == end) {
-        pin->reset();
-        if (context_.options.drop_behind) cache->release(offset, end);
-        return end - offset;
-      }
-    }
-    failed =
-        Status::io_error(fmt::format("{}: the cache file could not be read at [{}, {}) (a disk "
-                                     "error, or the file was cut short)",
-                                     context_.key, position, end));
-    log(LogLevel::kWarn, "{}; fetching it again", failed.to_string());
-    MutexLock lock(context_.mu);
-    cache->drop(position, end);
-  }
-  return failed;
+  Result<size_t> written = write_through_cache(*this, *cache, context_.key, sink, offset, end);
+  if (written && context_.options.drop_behind) cache->release(offset, end);
+  return written;
+}
+
+void FetchingChunker::drop_lost(uint64_t offset, uint64_t end) {
+  MutexLock lock(context_.mu);
+  context_.cache.load(std::memory_order_acquire)->drop(offset, end);
 }
 
 Status FetchingChunker::write_to(ByteSink& sink) {

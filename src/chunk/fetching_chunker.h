@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 
+#include "chunk/cache_copy.h"
 #include "chunk/chunk_fetch.h"
 #include "chunk/chunker.h"
 #include "chunk/fetch_context.h"
@@ -14,7 +15,7 @@
 
 namespace lazyblock {
 
-class FetchingChunker final : public Chunker {
+class FetchingChunker final : public Chunker, private CachedRanges {
  public:
   FetchingChunker(std::shared_ptr<ObjectStore> store, std::string key, ChunkerOptions options);
   // Stops the fetches in flight and waits for them.
@@ -42,7 +43,8 @@ class FetchingChunker final : public Chunker {
   Status fetch_range(uint64_t offset, uint64_t end);
   // fetch_range, then a pin on the range once it is cached (a cache short
   // of space may give blocks back between the two: they are fetched again).
-  Result<BlockCache::Pin> fetch_pinned(uint64_t offset, uint64_t end);
+  Result<BlockCache::Pin> fetch_pinned(uint64_t offset, uint64_t end) override;
+  void drop_lost(uint64_t offset, uint64_t end) override;
   // What a read gets when its blocks keep being given back for space.
   Status evicted_status(uint64_t offset, uint64_t end) const;
   // Grows or resets the readahead window for a read of [offset, end), and

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include "cache/block_cache.h"
+#include "chunk/cache_copy.h"
 #include "common/file_io.h"
 #include "common/log.h"
 #include "common/mutex.h"
@@ -59,7 +60,7 @@ constexpr int kFetchAttempts = 4;
 constexpr uint64_t kStoredPiece = 128 * 1024;
 constexpr uint64_t kWritePiece = 256 * 1024;
 
-class FrameChunker final : public Chunker {
+class FrameChunker final : public Chunker, private CachedRanges {
  public:
   FrameChunker(std::shared_ptr<ObjectStore> store, std::string key, FrameGeometry table,
                ChunkerOptions options, std::unique_ptr<BlockCache> cache)
@@ -114,56 +115,19 @@ class FrameChunker final : public Chunker {
     const uint64_t size = table_.size();
     if (buffer.empty() || offset >= size) return size_t{0};
     const uint64_t end = offset + std::min<uint64_t>(buffer.size(), size - offset);
-    for (int attempt = 0;; ++attempt) {
-      Result<BlockCache::Pin> pin = fetch_pinned(offset, end);
-      if (!pin) return pin.status();
-      const Status copied = cache_->copy_out(offset, buffer.first(end - offset));
-      pin->reset();
-      if (copied.is_ok()) {
-        if (options_.drop_behind) cache_->release(offset, end);
-        return end - offset;
-      }
-      if (attempt > 0) return copied.with_context(key_);
-      // The cache file lost those bytes (truncated, or a failing disk): the
-      // frames are dropped and fetched again, once, as the plain chunker
-      // does and says.
-      log(LogLevel::kWarn, "{}; fetching it again", copied.with_context(key_).to_string());
-      for (size_t i = first_frame_from(offset);
-           i < table_.frames.size() && table_.frames[i].offset < end; ++i) {
-        cache_->drop(table_.frames[i].offset, table_.frames[i].offset + table_.frames[i].size);
-      }
-    }
+    Result<size_t> read =
+        read_through_cache(*this, *cache_, key_, buffer.first(end - offset), offset);
+    if (read && options_.drop_behind) cache_->release(offset, end);
+    return read;
   }
 
   Result<size_t> write_range_to(ByteSink& sink, uint64_t offset, uint64_t length) override {
     const uint64_t size = table_.size();
     if (length == 0 || offset >= size) return size_t{0};
     const uint64_t end = offset + std::min(length, size - offset);
-    uint64_t position = offset;  // written up to here
-    for (int attempt = 0;; ++attempt) {
-      Result<BlockCache::Pin> pin = fetch_pinned(position, end);
-      if (!pin) return pin.status();
-      Result<size_t> written = sink.write_from_mapping(cache_->slice(position, end - position));
-      pin->reset();
-      if (!written) return written.status();  // the sink's own error names it
-      position += *written;
-      if (position == end) {
-        if (options_.drop_behind) cache_->release(offset, end);
-        return end - offset;
-      }
-      const Status failed = Status::io_error(fmt::format(
-          "{}: the cache file could not be read at [{}, {}) (a disk error, or the file was cut "
-          "short)",
-          key_, position, end));
-      if (attempt > 0) return failed;
-      // The cache file lost those bytes: the frames not yet written are
-      // dropped and fetched again, once.
-      log(LogLevel::kWarn, "{}; fetching it again", failed.to_string());
-      for (size_t i = first_frame_from(position);
-           i < table_.frames.size() && table_.frames[i].offset < end; ++i) {
-        cache_->drop(table_.frames[i].offset, table_.frames[i].offset + table_.frames[i].size);
-      }
-    }
+    Result<size_t> written = write_through_cache(*this, *cache_, key_, sink, offset, end);
+    if (written && options_.drop_behind) cache_->release(offset, end);
+    return written;
   }
 
   void cancel() override {
@@ -238,7 +202,7 @@ class FrameChunker final : public Chunker {
 
   // fetch_range, then a pin on the range once it is cached (a cache short of
   // space may give blocks back between the two: they are fetched again).
-  Result<BlockCache::Pin> fetch_pinned(uint64_t offset, uint64_t end) {
+  Result<BlockCache::Pin> fetch_pinned(uint64_t offset, uint64_t end) override {
     for (int attempt = 0; attempt < kFetchAttempts; ++attempt) {
       if (!cache_->is_cached(offset, end)) {
         note_read(offset, end);
@@ -250,6 +214,14 @@ class FrameChunker final : public Chunker {
       if (cache_->is_cached(offset, end)) return pin;
     }
     return evicted_status(offset, end);
+  }
+
+  // Frames are what is fetched: the whole frames the lost bytes lie in.
+  void drop_lost(uint64_t offset, uint64_t end) override {
+    for (size_t i = first_frame_from(offset);
+         i < table_.frames.size() && table_.frames[i].offset < end; ++i) {
+      cache_->drop(table_.frames[i].offset, table_.frames[i].offset + table_.frames[i].size);
+    }
   }
 
   Status evicted_status(uint64_t offset, uint64_t end) const {

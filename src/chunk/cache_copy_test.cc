@@ -1,0 +1,173 @@
+#include "chunk/cache_copy.h"
+
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "testing/pattern.h"
+#include "testing/unnamed_files.h"
+#include "testing/vector_sink.h"
+
+namespace lazyblock {
+namespace {
+
+constexpr uint64_t kBlock = 4096;
+constexpr uint64_t kUnit = BlockCache::kUnitSize;
+constexpr uint64_t kSize = 3 * kUnit;
+constexpr uint32_t kSeed = 7;
+constexpr char kKey[] = "build/memfile";
+
+// The chunker's side, over a real cache: a fetch writes the pattern's bytes
+// of the blocks not cached, unless `fetches_write` is off: then it only
+// marks them, as a fetch into a file that keeps failing would leave them.
+class PatternRanges final : public CachedRanges {
+ public:
+  explicit PatternRanges(BlockCache& cache) : cache_(cache) {}
+
+  Result<BlockCache::Pin> fetch_pinned(uint64_t offset, uint64_t end) override {
+    BlockCache::Pin pin = cache_.pin(offset, end);
+    for (uint64_t block = offset / kBlock * kBlock; block < end; block += kBlock) {
+      if (cache_.is_cached(block, block + kBlock)) continue;
+      ++fetched_blocks;
+      if (fetches_write) {
+        const Status written = cache_.write(block, testing::make_pattern(kSeed, block, kBlock));
+        if (!written.is_ok()) return written;
+      }
+      cache_.mark_cached(block, block + kBlock);
+    }
+    return pin;
+  }
+
+  void drop_lost(uint64_t offset, uint64_t end) override {
+    lost.emplace_back(offset, end);
+    cache_.drop(offset, end);
+  }
+
+  bool fetches_write = true;
+  uint64_t fetched_blocks = 0;
+  std::vector<std::pair<uint64_t, uint64_t>> lost;
+
+ private:
+  BlockCache& cache_;
+};
+
+// A sink during whose first write the cache is dropped (as when a stream
+// finds the file cut short and drops everything).
+class DroppingSink final : public ByteSink {
+ public:
+  explicit DroppingSink(BlockCache& cache) : cache_(cache) {}
+  Status write(std::span<const std::byte> data) override {
+    if (!dropped_) cache_.drop(0, kBlock);
+    dropped_ = true;
+    bytes.insert(bytes.end(), data.begin(), data.end());
+    return Status::ok();
+  }
+  std::vector<std::byte> bytes;
+
+ private:
+  BlockCache& cache_;
+  bool dropped_ = false;
+};
+
+class CacheCopyTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto created = BlockCache::create(kSize, kBlock, ::testing::TempDir());
+    ASSERT_TRUE(created) << created.status().to_string();
+    cache_ = std::move(*created);
+    ranges_ = std::make_unique<PatternRanges>(*cache_);
+  }
+
+  // Caches everything, then cuts the cache's file to `length` bytes.
+  void fill_and_cut(uint64_t length) {
+    ASSERT_TRUE(ranges_->fetch_pinned(0, kSize));
+    const std::filesystem::path file =
+        testing::unnamed_file_of_size(::getpid(), BlockCache::file_size_for(kSize));
+    ASSERT_FALSE(file.empty());
+    ASSERT_EQ(::truncate(file.c_str(), static_cast<off_t>(length)), 0) << std::strerror(errno);
+  }
+
+  std::unique_ptr<BlockCache> cache_;
+  std::unique_ptr<PatternRanges> ranges_;
+};
+
+TEST_F(CacheCopyTest, ReadsAndWritesWhatIsFetched) {
+  std::vector<std::byte> buffer(kUnit);
+  Result<size_t> read = read_through_cache(*ranges_, *cache_, kKey, buffer, kUnit / 2);
+  ASSERT_TRUE(read) << read.status().to_string();
+  EXPECT_EQ(*read, kUnit);
+  EXPECT_EQ(testing::first_pattern_mismatch(kSeed, kUnit / 2, buffer), kUnit);
+  testing::VectorSink sink;
+  Result<size_t> written = write_through_cache(*ranges_, *cache_, kKey, sink, 0, kSize);
+  ASSERT_TRUE(written) << written.status().to_string();
+  EXPECT_EQ(*written, kSize);
+  EXPECT_EQ(testing::first_pattern_mismatch(kSeed, 0, sink.bytes), kSize);
+  EXPECT_EQ(ranges_->fetched_blocks, kSize / kBlock) << "a block fetched twice";
+  EXPECT_TRUE(ranges_->lost.empty());
+}
+
+// The bytes before the cut go out, the rest is fetched once more and follows.
+TEST_F(CacheCopyTest, AWriteFromACutFileFetchesTheRestOnceAndEndsByteExact) {
+  fill_and_cut(kUnit);
+  const uint64_t fetched = ranges_->fetched_blocks;
+  testing::VectorSink sink;
+  Result<size_t> written = write_through_cache(*ranges_, *cache_, kKey, sink, 0, kSize);
+  ASSERT_TRUE(written) << written.status().to_string();
+  EXPECT_EQ(*written, kSize);
+  EXPECT_EQ(testing::first_pattern_mismatch(kSeed, 0, sink.bytes), kSize);
+  ASSERT_EQ(ranges_->lost.size(), 1u);
+  EXPECT_EQ(ranges_->lost[0].first, kUnit) << "not dropped where the copy stopped";
+  EXPECT_GT(ranges_->fetched_blocks, fetched);
+}
+
+TEST_F(CacheCopyTest, AReadFromACutFileIsFetchedOnceMoreAndByteExact) {
+  fill_and_cut(kUnit);
+  std::vector<std::byte> buffer(kUnit);
+  Result<size_t> read = read_through_cache(*ranges_, *cache_, kKey, buffer, 2 * kUnit);
+  ASSERT_TRUE(read) << read.status().to_string();
+  EXPECT_EQ(testing::first_pattern_mismatch(kSeed, 2 * kUnit, buffer), kUnit);
+  EXPECT_EQ(ranges_->lost.size(), 1u);
+}
+
+// A second failure is the caller's: an I/O error naming the object and the
+// range, for a read and for a write.
+TEST_F(CacheCopyTest, ASecondFailureIsAnIoErrorNamingTheObjectAndTheRange) {
+  fill_and_cut(kUnit);
+  ranges_->fetches_write = false;
+  std::vector<std::byte> buffer(kBlock);
+  Result<size_t> read = read_through_cache(*ranges_, *cache_, kKey, buffer, 2 * kUnit);
+  ASSERT_FALSE(read);
+  EXPECT_EQ(read.status().code(), StatusCode::kIoError);
+  EXPECT_NE(read.status().message().find(kKey), std::string::npos) << read.status().to_string();
+  EXPECT_NE(read.status().message().find("could not be read at ["), std::string::npos)
+      << read.status().to_string();
+  testing::VectorSink sink;
+  Result<size_t> written = write_through_cache(*ranges_, *cache_, kKey, sink, 0, kSize);
+  ASSERT_FALSE(written);
+  EXPECT_EQ(written.status().code(), StatusCode::kIoError);
+  EXPECT_NE(written.status().message().find(kKey), std::string::npos)
+      << written.status().to_string();
+  EXPECT_EQ(sink.bytes.size(), kUnit) << "not the bytes before the cut, and only those";
+}
+
+// Bytes that went out to a sink cannot be taken back: a drop during the
+// write (they may be the hole it left) is an I/O error, not a retry.
+TEST_F(CacheCopyTest, ADropDuringAWriteIsAnIoError) {
+  DroppingSink sink(*cache_);
+  Result<size_t> written = write_through_cache(*ranges_, *cache_, kKey, sink, 0, kUnit);
+  ASSERT_FALSE(written);
+  EXPECT_EQ(written.status().code(), StatusCode::kIoError);
+  EXPECT_NE(written.status().message().find(kKey), std::string::npos)
+      << written.status().to_string();
+  EXPECT_EQ(sink.bytes.size(), kUnit) << "written again after the drop";
+}
+
+}  // namespace
+}  // namespace lazyblock
