@@ -2,11 +2,17 @@
 // byte-exact output.
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <sys/mount.h>
+#include <unistd.h>
+
+#include <cstdlib>
 #include <filesystem>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "common/units.h"
@@ -138,6 +144,50 @@ TEST_F(CliTest, FailedFetchLeavesNoOutputFile) {
     EXPECT_EQ(entry.path().filename().string().find(".out.partial"), std::string::npos)
         << "temporary file left behind: " << entry.path();
   }
+}
+
+// On a filesystem without unnamed files (O_TMPFILE), as FUSE and some NFS
+// are, -o writes a named temporary file beside the target instead: a copy
+// that succeeds replaces the old file, one that fails leaves it untouched,
+// and neither leaves the temporary file.
+TEST_F(CliTest, OutputToAFilesystemWithoutUnnamedFilesReplacesOrKeepsTheFileAndLeavesNoOther) {
+  const std::string expected = put_object("obj", 6 * kMiB);
+  const std::filesystem::path backing = dir_ / "backing";
+  const std::filesystem::path mounted = dir_ / "fuse";
+  std::filesystem::create_directories(backing);
+  std::filesystem::create_directories(mounted);
+  const std::string mount =
+      fmt::format("bindfs '{}' '{}' 2>&1", backing.string(), mounted.string());
+  ASSERT_EQ(std::system(mount.c_str()), 0) << "bindfs (scripts/install-deps) could not mount";
+  struct Unmount {
+    std::filesystem::path path;
+    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmount{mounted};
+  const std::filesystem::path output = mounted / "out";
+  {
+    // It is such a filesystem.
+    const int fd = ::open(mounted.c_str(), O_TMPFILE | O_WRONLY, 0600);
+    EXPECT_LT(fd, 0) << "this FUSE filesystem has unnamed files: the test proves nothing";
+    if (fd >= 0) ::close(fd);
+  }
+  const auto others = [&] {
+    std::vector<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator(mounted)) {
+      if (entry.path() != output) names.push_back(entry.path().filename().string());
+    }
+    return names;
+  };
+  Outcome copied =
+      run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "-o", output.string()});
+  ASSERT_EQ(copied.status, 0) << copied.err;
+  EXPECT_TRUE(slurp(output) == expected);
+  EXPECT_TRUE(others().empty()) << "left behind: " << others()[0];
+  // Every stream breaks after 1 MiB; without retries, the copy fails.
+  Outcome failed = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "--faults",
+                                        "fail-after=1MiB", "--retry", "0", "-o", output.string()});
+  EXPECT_EQ(failed.status, 1) << failed.err;
+  EXPECT_TRUE(slurp(output) == expected) << "the old file was touched";
+  EXPECT_TRUE(others().empty()) << "left behind: " << others()[0];
 }
 
 TEST_F(CliTest, StalledFetchEndsAtTheTimeout) {

@@ -25,8 +25,8 @@ Result<size_t> copy_with_one_refetch(CachedRanges& ranges, const BlockCache& cac
       const uint64_t drops = cache.drops();
       if (!cache.is_cached(position, end)) {
         // Dropped between the fetch and the look at drops(): fetch again.
-        failed = Status::io_error(fmt::format("{} [{}, {}): the cache was dropped under the read",
-                                              key, position, end));
+        failed = Status::io_error(
+            fmt::format("{} [{}, {}): the cache was dropped under the read", key, position, end));
         continue;
       }
       Result<size_t> copied = copy_from_map(position, end);
@@ -50,8 +50,7 @@ Result<size_t> copy_with_one_refetch(CachedRanges& ranges, const BlockCache& cac
 }  // namespace
 
 Result<size_t> read_through_cache(CachedRanges& ranges, const BlockCache& cache,
-                                  std::string_view key, std::span<std::byte> out,
-                                  uint64_t offset) {
+                                  std::string_view key, std::span<std::byte> out, uint64_t offset) {
   return copy_with_one_refetch(
       ranges, cache, key, offset, offset + out.size(), /*copy_again_after_a_drop=*/true,
       [&](uint64_t position, uint64_t end) -> Result<size_t> {
@@ -65,12 +64,11 @@ Result<size_t> read_through_cache(CachedRanges& ranges, const BlockCache& cache,
 Result<size_t> write_through_cache(CachedRanges& ranges, const BlockCache& cache,
                                    std::string_view key, ByteSink& sink, uint64_t offset,
                                    uint64_t end) {
-  return copy_with_one_refetch(ranges, cache, key, offset, end,
-                               /*copy_again_after_a_drop=*/false,
-                               [&](uint64_t position, uint64_t stop) {
-                                 return sink.write_from_mapping(
-                                     cache.slice(position, stop - position));
-                               });
+  return copy_with_one_refetch(
+      ranges, cache, key, offset, end,
+      /*copy_again_after_a_drop=*/false, [&](uint64_t position, uint64_t stop) {
+        return sink.write_from_mapping(cache.slice(position, stop - position));
+      });
 }
 
 }  // namespace lazyblock

@@ -39,8 +39,7 @@ class CachedRanges {
 // Copies [offset, offset + out.size()) of `key` (all of it cached once
 // fetched, inside the object) into `out`; returns out.size().
 Result<size_t> read_through_cache(CachedRanges& ranges, const BlockCache& cache,
-                                  std::string_view key, std::span<std::byte> out,
-                                  uint64_t offset);
+                                  std::string_view key, std::span<std::byte> out, uint64_t offset);
 
 // Writes [offset, end) of `key` (inside the object) to `sink` from the map;
 // returns end - offset.

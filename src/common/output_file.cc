@@ -37,6 +37,12 @@ std::filesystem::path directory_of(const std::filesystem::path& path) {
   return path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
 }
 
+// The name, without its unique tail, of the temporary file beside `target`
+// that becomes it: hidden, and saying what it is.
+std::string partial_name(const std::filesystem::path& target) {
+  return (directory_of(target) / fmt::format(".{}.partial", target.filename().string())).string();
+}
+
 }  // namespace
 
 mode_t current_umask() {
@@ -81,6 +87,15 @@ Result<std::unique_ptr<OutputFile>> OutputFile::open(const std::string& path) {
   const std::filesystem::path dir = directory_of(target);
   const mode_t mode = S_ISREG(st.st_mode) ? (st.st_mode & 07777) : (0666 & ~current_umask());
   UniqueFd fd(::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600));
+  std::filesystem::path named_temp;
+  // EOPNOTSUPP: the filesystem has no unnamed files (FUSE, some NFS);
+  // EISDIR, EINVAL: the kernel or the C library does not know the flag. A
+  // named temporary file beside the target stands in.
+  if (!fd && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+    std::string name = partial_name(target) + "-XXXXXX";
+    fd.reset(::mkostemp(name.data(), O_CLOEXEC));
+    if (fd) named_temp = name;
+  }
   if (!fd) {
     if (errno == ENOENT || errno == ENOTDIR) {
       return Status::invalid_argument(
@@ -88,17 +103,29 @@ Result<std::unique_ptr<OutputFile>> OutputFile::open(const std::string& path) {
     }
     return posix_error(fmt::format("create a file in {} for {}", dir.string(), path), errno);
   }
-  if (::fchmod(fd.get(), mode) != 0) return posix_error("set the mode of " + path, errno);
-  return std::unique_ptr<OutputFile>(new OutputFile(Kind::kNewFile, std::move(fd), path, target));
+  auto output = std::unique_ptr<OutputFile>(
+      new OutputFile(Kind::kNewFile, std::move(fd), path, target, std::move(named_temp)));
+  if (::fchmod(output->fd_.get(), mode) != 0) {
+    return posix_error("set the mode of " + path, errno);
+  }
+  return output;
 }
 
-OutputFile::OutputFile(Kind kind, UniqueFd fd, std::string name, std::filesystem::path target)
-    : kind_(kind), fd_(std::move(fd)), name_(std::move(name)), target_(std::move(target)) {
+OutputFile::OutputFile(Kind kind, UniqueFd fd, std::string name, std::filesystem::path target,
+                       std::filesystem::path named_temp)
+    : kind_(kind),
+      fd_(std::move(fd)),
+      name_(std::move(name)),
+      target_(std::move(target)),
+      named_temp_(std::move(named_temp)) {
   sink_ = std::make_unique<FdSink>(kind_ == Kind::kStdout ? STDOUT_FILENO : fd_.get(), name_);
 }
 
-// An unnamed file that is never linked vanishes with its descriptor.
-OutputFile::~OutputFile() = default;
+// An unnamed file that is never linked vanishes with its descriptor; a
+// named one is unlinked (unless commit() renamed it into place).
+OutputFile::~OutputFile() {
+  if (!named_temp_.empty()) ::unlink(named_temp_.c_str());
+}
 
 Status OutputFile::expect_size(uint64_t bytes) const {
   if (kind_ != Kind::kDevice) return Status::ok();
@@ -126,20 +153,23 @@ Status OutputFile::commit() {
       break;
   }
   if (::fsync(fd_.get()) != 0) return posix_error("flush " + name_, errno);
-  // Named beside the target (linkat cannot replace), then renamed over it.
-  const std::filesystem::path dir = directory_of(target_);
-  std::mt19937_64 rng{std::random_device{}()};
-  const std::filesystem::path temp =
-      dir / fmt::format(".{}.partial-{:016x}", target_.filename().string(), rng());
-  const std::string self = fmt::format("/proc/self/fd/{}", fd_.get());
-  if (::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, temp.c_str(), AT_SYMLINK_FOLLOW) != 0) {
-    return posix_error("name the new " + name_, errno);
+  std::filesystem::path temp = named_temp_;
+  if (temp.empty()) {
+    // Named beside the target (linkat cannot replace), then renamed over it.
+    std::mt19937_64 rng{std::random_device{}()};
+    temp = fmt::format("{}-{:016x}", partial_name(target_), rng());
+    const std::string self = fmt::format("/proc/self/fd/{}", fd_.get());
+    if (::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, temp.c_str(), AT_SYMLINK_FOLLOW) != 0) {
+      return posix_error("name the new " + name_, errno);
+    }
   }
   if (::rename(temp.c_str(), target_.c_str()) != 0) {
     const Status failed = posix_error("rename into " + name_, errno);
     ::unlink(temp.c_str());
+    named_temp_.clear();
     return failed;
   }
+  named_temp_.clear();  // it is the target now
   return sync_parent_directory(target_);
 }
 

@@ -6,7 +6,10 @@
 //       the same directory, synced, then named and renamed into place by
 //       commit(): a failed or killed command leaves the old file untouched
 //       and no partial file behind. An existing file's mode is kept; a new
-//       file gets 0666 less the umask, as cp gives it.
+//       file gets 0666 less the umask, as cp gives it. On a filesystem
+//       without unnamed files (FUSE, some NFS) the temporary file is named
+//       .NAME.partial-XXXXXX from the start: a failed command removes it, a
+//       killed one leaves it (the old file still untouched).
 //   a symlink                       followed: its target is written as above,
 //       and the link stays.
 //   a block device                  written in place, in order, never
@@ -55,12 +58,16 @@ class OutputFile {
 
  private:
   enum class Kind { kStdout, kNewFile, kDevice, kStream };
-  OutputFile(Kind kind, UniqueFd fd, std::string name, std::filesystem::path target);
+  OutputFile(Kind kind, UniqueFd fd, std::string name, std::filesystem::path target,
+             std::filesystem::path named_temp = {});
 
   const Kind kind_;
   UniqueFd fd_;
   const std::string name_;
   const std::filesystem::path target_;  // kNewFile: the file to replace
+  // kNewFile on a filesystem without unnamed files: the temporary file's
+  // name, until commit() renames it into place.
+  std::filesystem::path named_temp_;
   std::unique_ptr<FdSink> sink_;
 };
 
