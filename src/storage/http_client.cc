@@ -262,6 +262,17 @@ class HttpClient::Transfer final : public HttpResponse {
   // A piece of the body (at most CURL_MAX_WRITE_SIZE bytes): into the
   // waiting read's buffer as far as it goes, the rest into the spill buffer;
   // refused (the transfer pauses) when neither has room.
+  //
+  // The transfer pauses as soon as the read's buffer is full (or, with no
+  // read waiting, at the first byte): libcurl goes
+  // on receiving while the socket has bytes (within one
+  // curl_multi_perform), and every byte it receives past the buffer is
+  // copied twice, into the spill buffer, or into libcurl's own pause buffer
+  // once the spill is full, and from there into the next read's buffer.
+  // Pausing here stops it after the receive it is handing over, so only the
+  // rest of that one receive spills; when the socket holds a receive
+  // buffer's worth, which is when the reader is the slower side, each read
+  // takes exactly one receive, copied once.
   static size_t on_body(char* data, size_t, size_t size, void* self_pointer) {
     auto* self = static_cast<Transfer*>(self_pointer);
     const size_t room = self->target_.size() - self->target_filled_;
@@ -276,6 +287,13 @@ class HttpClient::Transfer final : public HttpResponse {
     if (direct > 0) {
       std::memcpy(self->target_.data() + self->target_filled_, bytes, direct);
       self->target_filled_ += direct;
+    }
+    if (self->target_filled_ == self->target_.size() && !self->paused_) {
+      // (This piece is consumed: libcurl hands over the rest of its
+      // receive, which spills, and then stops receiving.) Also when no read
+      // waits (body bytes that come with the headers).
+      self->paused_ = true;
+      curl_easy_pause(self->easy_, CURLPAUSE_RECV);
     }
     // Bytes are spilled only once the read's buffer is full, so they follow
     // its bytes in order.

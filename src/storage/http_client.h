@@ -4,11 +4,12 @@
 // Data flow: send() starts a transfer on a handle of its own and returns once
 // the response's status and headers are in; HttpResponse::read() then drives
 // libcurl, which writes body bytes straight into the reader's buffer (one
-// copy from libcurl's receive buffer, none in between). Bytes that arrive
-// when no read is waiting, or beyond its buffer, go to a small spill buffer
-// that the next read drains first; once that is full the transfer pauses
-// (TCP then holds the rest), so a slow reader never makes the client buffer
-// a whole chunk. Connections are kept
+// copy from libcurl's receive buffer, none in between). The transfer pauses
+// once that buffer is full (TCP then holds the rest), so that libcurl does
+// not go on receiving what would be copied twice; the rest of the receive
+// in hand (or body bytes that come with the headers) goes to a small spill
+// buffer that the next read drains first. A slow reader never makes the
+// client buffer a whole chunk. Connections are kept
 // alive: a transfer that ends cleanly returns its handles, connection and
 // all, to a pool the next transfer takes from, so consecutive ranges of an
 // object ride one connection. (libcurl's shared connection cache is not safe

@@ -98,6 +98,25 @@ TEST_F(HttpStoreTest, RangesAreByteExact) {
   EXPECT_EQ(*size, kObjectSize);
 }
 
+// Reads of every size, one after another on one response: a read that
+// fills its buffer pauses the transfer, the rest of that receive waits in
+// the spill buffer, and the next read takes it before the transfer goes on.
+TEST_F(HttpStoreTest, ReadsOfAnySizeGetEveryByteInOrder) {
+  auto reader = store_->open_range(kKey, 0, kObjectSize, IoContext{});
+  ASSERT_TRUE(reader) << reader.status().to_string();
+  const std::vector<size_t> sizes = {1, 7, 16384, 16385, 300000, 262144, 100, 1 << 20};
+  std::vector<std::byte> out;
+  std::vector<std::byte> buffer(1 << 20);
+  for (size_t i = 0;; ++i) {
+    Result<size_t> got = (*reader)->read(std::span(buffer).first(sizes[i % sizes.size()]));
+    ASSERT_TRUE(got) << got.status().to_string();
+    if (*got == 0) break;
+    out.insert(out.end(), buffer.begin(), buffer.begin() + static_cast<long>(*got));
+  }
+  ASSERT_EQ(out.size(), kObjectSize);
+  EXPECT_EQ(first_pattern_mismatch(kSeed, 0, out), out.size());
+}
+
 TEST_F(HttpStoreTest, ARangePastTheEndIsClippedOrRefused) {
   auto reader = store_->open_range(kKey, kObjectSize - 100, 4 * kMiB, IoContext{});
   ASSERT_TRUE(reader) << reader.status().to_string();
