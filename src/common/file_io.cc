@@ -54,12 +54,16 @@ std::filesystem::path temp_directory() {
   return tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
 }
 
+bool unnamed_files_unsupported(int error) {
+  // EOPNOTSUPP: the file system has no O_TMPFILE; EISDIR, EINVAL: the kernel
+  // or the C library does not know the flag.
+  return error == EOPNOTSUPP || error == EISDIR || error == EINVAL;
+}
+
 Result<UniqueFd> open_unnamed_file(const std::filesystem::path& dir, std::string_view what) {
   UniqueFd fd(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
   if (fd) return fd;
-  // EOPNOTSUPP: the file system has no O_TMPFILE; EISDIR, EINVAL: the kernel
-  // or the C library does not know the flag.
-  if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL) {
+  if (!unnamed_files_unsupported(errno)) {
     return posix_error(fmt::format("create {} in {}", what, dir.string()), errno);
   }
   std::string name = (dir / "lazyblock-tmp-XXXXXX").string();

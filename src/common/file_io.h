@@ -35,4 +35,9 @@ std::filesystem::path temp_directory();
 // FUSE file systems). `what` names the file in errors ("cache file").
 Result<UniqueFd> open_unnamed_file(const std::filesystem::path& dir, std::string_view what);
 
+// Whether an open(O_TMPFILE) that failed with `error` failed because
+// unnamed files cannot be had there (then a named file must stand in), not
+// because of the directory.
+bool unnamed_files_unsupported(int error);
+
 }  // namespace lazyblock

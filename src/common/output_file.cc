@@ -88,10 +88,9 @@ Result<std::unique_ptr<OutputFile>> OutputFile::open(const std::string& path) {
   const mode_t mode = S_ISREG(st.st_mode) ? (st.st_mode & 07777) : (0666 & ~current_umask());
   UniqueFd fd(::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600));
   std::filesystem::path named_temp;
-  // EOPNOTSUPP: the filesystem has no unnamed files (FUSE, some NFS);
-  // EISDIR, EINVAL: the kernel or the C library does not know the flag. A
-  // named temporary file beside the target stands in.
-  if (!fd && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+  // Where unnamed files cannot be had (FUSE, some NFS), a named temporary
+  // file beside the target stands in.
+  if (!fd && unnamed_files_unsupported(errno)) {
     std::string name = partial_name(target) + "-XXXXXX";
     fd.reset(::mkostemp(name.data(), O_CLOEXEC));
     if (fd) named_temp = name;
