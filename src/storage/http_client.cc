@@ -264,11 +264,11 @@ class HttpClient::Transfer final : public HttpResponse {
   // refused (the transfer pauses) when neither has room.
   //
   // The transfer pauses as soon as the read's buffer is full (or, with no
-  // read waiting, at the first byte): libcurl goes
-  // on receiving while the socket has bytes (within one
-  // curl_multi_perform), and every byte it receives past the buffer is
-  // copied twice, into the spill buffer, or into libcurl's own pause buffer
-  // once the spill is full, and from there into the next read's buffer.
+  // read waiting, at the first byte): libcurl goes on receiving while the
+  // socket has bytes (within one curl_multi_perform), and every byte it
+  // receives past the buffer is copied twice, into the spill buffer, or into
+  // libcurl's own pause buffer once the spill is full, and from there into
+  // the next read's buffer.
   // Pausing here stops it after the receive it is handing over, so only the
   // rest of that one receive spills; when the socket holds a receive
   // buffer's worth, which is when the reader is the slower side, each read
