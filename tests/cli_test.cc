@@ -6,10 +6,14 @@
 #include <sys/mount.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
@@ -188,6 +192,62 @@ TEST_F(CliTest, OutputToAFilesystemWithoutUnnamedFilesReplacesOrKeepsTheFileAndL
   EXPECT_EQ(failed.status, 1) << failed.err;
   EXPECT_TRUE(slurp(output) == expected) << "the old file was touched";
   EXPECT_TRUE(others().empty()) << "left behind: " << others()[0];
+}
+
+// kill -9 of `cat -o FILE` mid-copy on such a filesystem: FILE keeps its
+// old bytes, the named temporary file is what is left beside it (as the
+// README says), and the next run writes FILE whole.
+TEST_F(CliTest, ACatKilledMidCopyOnAFilesystemWithoutUnnamedFilesKeepsTheOldFile) {
+  const std::string expected = put_object("obj", 6 * kMiB);
+  const std::filesystem::path backing = dir_ / "backing";
+  const std::filesystem::path mounted = dir_ / "fuse";
+  std::filesystem::create_directories(backing);
+  std::filesystem::create_directories(mounted);
+  const std::string mount =
+      fmt::format("bindfs '{}' '{}' 2>&1", backing.string(), mounted.string());
+  ASSERT_EQ(std::system(mount.c_str()), 0) << "bindfs (scripts/install-deps) could not mount";
+  struct Unmount {
+    std::filesystem::path path;
+    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmount{mounted};
+  const std::filesystem::path output = mounted / "out";
+  const std::string old_bytes = "the user's own file\n";
+  {
+    std::ofstream old(output, std::ios::binary);
+    old << old_bytes;
+  }
+  const auto partials = [&] {
+    std::vector<std::filesystem::path> found;
+    for (const auto& entry : std::filesystem::directory_iterator(mounted)) {
+      if (entry.path().filename().string().rfind(".out.partial-", 0) == 0) {
+        found.push_back(entry.path());
+      }
+    }
+    return found;
+  };
+  // Slow (~0.6 s): killed once the temporary file has bytes.
+  Result<testing::ChildProcess> cat =
+      start_lazyblock({"cat", "--store", store_url_, "--key", "obj", "--simulate",
+                       "ttfb=5ms,bw=10MB/s", "--parallel", "1", "-o", output.string()});
+  ASSERT_TRUE(cat) << cat.status().to_string();
+  bool filling = false;
+  const auto started = std::chrono::steady_clock::now();
+  while (!filling && std::chrono::steady_clock::now() - started < std::chrono::seconds(20)) {
+    for (const std::filesystem::path& partial : partials()) {
+      std::error_code error;
+      if (std::filesystem::file_size(partial, error) > 0 && !error) filling = true;
+    }
+    if (!filling) std::this_thread::sleep_for(std::chrono::milliseconds(2));  // polling a file
+  }
+  EXPECT_EQ(cat->kill_hard(), 128 + SIGKILL);
+  ASSERT_TRUE(filling) << "no temporary file with bytes in it was seen";
+  EXPECT_EQ(slurp(output), old_bytes) << "the old file was touched";
+  EXPECT_EQ(partials().size(), 1u);
+  for (const std::filesystem::path& partial : partials()) std::filesystem::remove(partial);
+  Outcome again =
+      run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "-o", output.string()});
+  ASSERT_EQ(again.status, 0) << again.err;
+  EXPECT_TRUE(slurp(output) == expected);
 }
 
 TEST_F(CliTest, StalledFetchEndsAtTheTimeout) {
