@@ -9,4 +9,7 @@ namespace lazyblock {
 // sorted ascending; 0 if empty.
 double percentile(const std::vector<double>& sorted, double fraction);
 
+// User and system CPU time of this process so far, in seconds.
+double process_cpu_seconds();
+
 }  // namespace lazyblock

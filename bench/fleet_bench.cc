@@ -147,6 +147,7 @@ class Fleet {
     std::vector<std::vector<double>> disk_latencies(slots), memory_latencies(slots);
     std::vector<Status> failures(2 * slots, Status::ok());
     const auto start = Clock::now();
+    const double cpu_before = process_cpu_seconds();
     std::vector<std::thread> threads;
     for (int vm = 0; vm < vms; ++vm) {
       // This VM's orders of the working sets, dealt to its queue and its vCPUs.
@@ -202,6 +203,7 @@ class Fleet {
     FleetWave result;
     result.vms = vms;
     result.seconds = seconds_since(start);
+    result.cpu_seconds = process_cpu_seconds() - cpu_before;
     guests.clear();  // the VMs exit
     for (const std::unique_ptr<UffdServing>& server : servers) LB_RETURN_IF_ERROR(server->stop());
     result.disk = latency_figures(disk_latencies);
@@ -275,6 +277,7 @@ Result<FleetBenchReport> run_fleet_bench(const FleetBenchOptions& options) {
   LB_RETURN_IF_ERROR(fleet.set_up());
   FleetBenchReport report;
   report.options = options;
+  report.cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   report.limit_us = (std::chrono::duration<double>(options.profile.ttfb).count() +
                      static_cast<double>(kBlock) / options.profile.bytes_per_second) *
                     1e6;
@@ -327,6 +330,9 @@ SharingGoals sharing_goals(const FleetAccesses& single, const FleetAccesses& wav
 
 const char* met(bool yes) { return yes ? "met" : "NOT MET"; }
 
+// The cores a run kept busy on average.
+double cores_busy(const FleetWave& w) { return w.seconds > 0 ? w.cpu_seconds / w.seconds : 0; }
+
 }  // namespace
 
 std::string format_fleet_report(const FleetBenchReport& report) {
@@ -357,6 +363,15 @@ std::string format_fleet_report(const FleetBenchReport& report) {
   table("memory pages (faults served by UffdServers over the shared memfile Device)", "faults",
         [](const FleetWave& w) -> const FleetAccesses& { return w.memory; });
   out += fmt::format("limit: a cold read {:.0f} us (TTFB + 4 KiB/BW)\n", report.limit_us);
+  // What N VMs ask of the cores: N times what one VM alone kept busy. A
+  // fault is two context switches (the vCPU to the handler, the handler
+  // back), each waiting for a core when more is asked than there is.
+  const double cores_asked = o.vms * cores_busy(report.single);
+  out += fmt::format(
+      "cpu: one VM kept {:.2f} of {} cores busy ({:.2f} s of CPU in {:.2f} s), wave 1 {:.2f}, "
+      "wave 2 {:.2f}: {} VMs ask {:.1f} cores\n",
+      cores_busy(report.single), report.cores, report.single.cpu_seconds, report.single.seconds,
+      cores_busy(report.wave1), cores_busy(report.wave2), o.vms, cores_asked);
   const SharingGoals disk =
       sharing_goals(report.single.disk, report.wave1.disk, report.wave2.disk, true);
   const SharingGoals memory =
@@ -372,6 +387,12 @@ std::string format_fleet_report(const FleetBenchReport& report) {
       "the single VM's (<= {:.1f}x: {}); wave 2 fetched {} bytes (none: {})\n",
       memory.wave1_bytes_ratio, kWave1BytesGoal, met(memory.wave1_bytes), memory.wave1_p50_ratio,
       kWave1P50Goal, met(memory.wave1_p50), report.wave2.memory.upstream_bytes, met(memory.wave2));
+  if (!memory.wave1_p50 && cores_asked > report.cores) {
+    out += fmt::format(
+        "  (the waves ask {:.1f} cores of {}: each fault waits for a core twice, so memory's p50 "
+        "within {:.1f}x one VM's needs the {:.1f} cores per VM that one VM alone keeps busy)\n",
+        cores_asked, report.cores, kWave1P50Goal, cores_busy(report.single));
+  }
   return out;
 }
 
@@ -389,6 +410,7 @@ nlohmann::json fleet_report_json(const FleetBenchReport& report) {
     nlohmann::json out = accesses(w.disk, "reads");
     out["vms"] = w.vms;
     out["seconds"] = w.seconds;
+    out["cpu_seconds"] = w.cpu_seconds;
     out["memory"] = accesses(w.memory, "faults");
     return out;
   };
@@ -403,6 +425,7 @@ nlohmann::json fleet_report_json(const FleetBenchReport& report) {
           {"vms", report.options.vms},
           {"working_set", report.options.working_set},
           {"limit_us", report.limit_us},
+          {"cores", report.cores},
           {"single", wave(report.single)},
           {"wave1", wave(report.wave1)},
           {"wave2", wave(report.wave2)},

@@ -56,7 +56,8 @@ struct FleetAccesses {
 
 struct FleetWave {
   int vms = 0;
-  double seconds = 0;  // from the first VM's start to the last one's end
+  double seconds = 0;      // from the first VM's start to the last one's end
+  double cpu_seconds = 0;  // the process's, user + system, over those seconds
   FleetAccesses disk;
   FleetAccesses memory;
 };
@@ -64,6 +65,7 @@ struct FleetWave {
 struct FleetBenchReport {
   FleetBenchOptions options;
   double limit_us = 0;  // TTFB + 4 KiB / BW
+  int cores = 0;        // this machine's
   FleetWave single, wave1, wave2;
 };
 

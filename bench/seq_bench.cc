@@ -1,13 +1,13 @@
 #include "bench/seq_bench.h"
 
 #include <sys/prctl.h>
-#include <sys/resource.h>
 
 #include <fstream>
 #include <thread>
 
 #include <fmt/format.h>
 
+#include "bench/bench_util.h"
 #include "bench/compressed_object.h"
 #include "common/units.h"
 #include "storage/file_store.h"
@@ -59,16 +59,6 @@ Status write_object(const std::filesystem::path& path, uint64_t size) {
   out.close();
   if (!out) return Status::io_error("bench seq: cannot write the object to " + path.string());
   return Status::ok();
-}
-
-// User and system CPU time of this process so far.
-double process_cpu_seconds() {
-  rusage usage{};
-  ::getrusage(RUSAGE_SELF, &usage);
-  const auto seconds = [](const timeval& t) {
-    return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6;
-  };
-  return seconds(usage.ru_utime) + seconds(usage.ru_stime);
 }
 
 }  // namespace

@@ -695,7 +695,7 @@ TEST(BenchFleetTest, RunsAWaveAloneThenTwoOfSeveralVmsAndPrintsTheirRows) {
   Outcome table = run_lazyblock(scratch->path(), args);
   ASSERT_EQ(table.status, 0) << table.err;
   for (const char* row : {"single VM", "wave 1", "wave 2", "memory pages", "limit: a cold read",
-                          "goals, disk:", "goals, memory:"}) {
+                          "cpu: one VM kept", "goals, disk:", "goals, memory:"}) {
     EXPECT_NE(table.out.find(row), std::string::npos) << row << " in\n" << table.out;
   }
   std::vector<std::string> json_args = args;
@@ -718,6 +718,10 @@ TEST(BenchFleetTest, RunsAWaveAloneThenTwoOfSeveralVmsAndPrintsTheirRows) {
   EXPECT_GT(doc["single"]["memory"]["upstream_bytes"].get<uint64_t>(), 0u);
   EXPECT_EQ(doc["wave2"]["memory"]["upstream_requests"], 0);
   EXPECT_EQ(doc["goals"]["memory"]["wave2_met"], true);
+  // The CPU each run used, beside the cores there are (the memory goal's bound).
+  EXPECT_GT(doc["single"]["cpu_seconds"].get<double>(), 0.0);
+  EXPECT_GT(doc["wave1"]["cpu_seconds"].get<double>(), 0.0);
+  EXPECT_GE(doc["cores"].get<int>(), 1);
 }
 
 // Threads of a running process, from /proc/PID/task.

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -16,6 +17,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <span>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -55,6 +57,32 @@ constexpr std::chrono::milliseconds kMaxRetryDelay{10000};
 std::span<const std::byte> zeros(uint64_t length) {
   static const std::vector<std::byte> kZeros(2 * kMiB);
   return std::span(kZeros).first(length);
+}
+
+// The event threads of all servers in this process that may spin at once:
+// one core is left for the vCPUs and the fetches. With more VMs than cores,
+// threads that each spun after every event kept the cores busy looking for
+// events while the vCPUs that would raise them waited for a core.
+int spinners_allowed() {
+  static const int allowed =
+      static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) - 1;
+  return allowed;
+}
+std::atomic<int> spinning_event_threads{0};
+
+// Looks for an event in `fds` without sleeping, for up to kSpinAfterEvent
+// after `last_event`, if a spinning slot is free; 0 if none came.
+int spin_for_event(std::span<pollfd> fds, Clock::time_point last_event) {
+  if (spinning_event_threads.fetch_add(1, std::memory_order_relaxed) >= spinners_allowed()) {
+    spinning_event_threads.fetch_sub(1, std::memory_order_relaxed);
+    return 0;
+  }
+  int ready = 0;
+  while (ready == 0 && Clock::now() - last_event < kSpinAfterEvent) {
+    ready = ::poll(fds.data(), fds.size(), 0);
+  }
+  spinning_event_threads.fetch_sub(1, std::memory_order_relaxed);
+  return ready;
 }
 
 // Whether `fd` is a userfaultfd (an anonymous inode of that name).
@@ -279,10 +307,7 @@ Status UffdServer::Session::serve_events() {
     // Faults come in bursts (a vCPU touches page after page): for a moment
     // after one, look for the next without sleeping, which saves the
     // wake-up of a blocked thread on each.
-    int ready = 0;
-    while (Clock::now() - last_event < kSpinAfterEvent && ready == 0) {
-      ready = ::poll(fds, 3, 0);
-    }
+    int ready = spin_for_event(fds, last_event);
     // An install that failed with EAGAIN is retried after the events are
     // drained; but the kernel lets installs fail a moment longer, until the
     // thread whose REMOVE we read has run on, and no event tells us when:
