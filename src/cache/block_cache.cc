@@ -292,7 +292,11 @@ Status BlockCache::write(uint64_t offset, std::span<const std::byte> data) {
   const uint64_t start = offset;
   while (!data.empty()) {
     const uint64_t evictions_seen = evictions_.load(std::memory_order_relaxed);
-    const ssize_t put = ::pwrite(fd_.get(), data.data(), data.size(), static_cast<off_t>(offset));
+    ssize_t put = 0;
+    {
+      MutexLock lock(write_mu_);
+      put = ::pwrite(fd_.get(), data.data(), data.size(), static_cast<off_t>(offset));
+    }
     if (put > 0) {
       offset += static_cast<uint64_t>(put);
       data = data.subspan(static_cast<size_t>(put));

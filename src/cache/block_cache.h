@@ -219,6 +219,11 @@ class BlockCache {
   std::atomic<uint32_t> clock_{1};
   std::atomic<uint64_t> evictions_{0};
   Mutex evict_mu_;  // one eviction at a time
+  // One write(2) into the file at a time. The filesystem takes the file's
+  // lock for each anyway (ext4, xfs: buffered writes are exclusive), and
+  // its waiters spin while the writer copies; waiting here they sleep, and
+  // the core decodes or receives another fetch's bytes instead.
+  Mutex write_mu_;
   std::atomic<bool> punch_unsupported_{false};
 };
 
