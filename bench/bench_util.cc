@@ -1,9 +1,13 @@
 #include "bench/bench_util.h"
 
+#include <sys/mman.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <thread>
 
 namespace lazyblock {
 
@@ -20,6 +24,26 @@ double process_cpu_seconds() {
     return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6;
   };
   return seconds(usage.ru_utime) + seconds(usage.ru_stime);
+}
+
+double measure_new_memory(int threads, uint64_t bytes) {
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  const uint64_t each =
+      std::max<uint64_t>(page, bytes / static_cast<uint64_t>(threads) / page * page);
+  std::vector<std::thread> touchers;
+  const auto begin = std::chrono::steady_clock::now();
+  for (int t = 0; t < threads; ++t) {
+    touchers.emplace_back([each, page] {
+      void* map = ::mmap(nullptr, each, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (map == MAP_FAILED) return;
+      auto* bytes = static_cast<volatile char*>(map);
+      for (uint64_t at = 0; at < each; at += page) bytes[at] = 1;
+      ::munmap(map, each);
+    });
+  }
+  for (std::thread& toucher : touchers) toucher.join();
+  const std::chrono::duration<double> spent = std::chrono::steady_clock::now() - begin;
+  return static_cast<double>(each * static_cast<uint64_t>(threads)) / std::max(1e-9, spent.count());
 }
 
 }  // namespace lazyblock

@@ -97,6 +97,7 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
   // The cores' limit, measured in the same minutes as the timed pass (the
   // machine may be shared).
   double cores_limit = 0;
+  double new_memory = 0;
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   if (compressed) {
     constexpr uint64_t kMeasured = 128 * kMiB;
@@ -104,6 +105,7 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
         scratch->path() / "store" / kKey, *compressed, scratch->path(), cores, kMeasured);
     if (!measured) return measured.status();
     cores_limit = *measured;
+    new_memory = measure_new_memory(cores, kMeasured);
   }
 
   CountingSink counted;
@@ -140,15 +142,27 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
     report.cores = cores;
     report.decompress_limit_mb_per_s = report.cores * report.decompress_mb_per_s_per_core;
     report.cores_limit_mb_per_s = cores_limit / 1e6;
-    report.limit_mb_per_s = std::min(report.stream_limit_mb_per_s, report.cores_limit_mb_per_s);
+    report.new_memory_mb_per_s = new_memory / 1e6;
+    report.limit_mb_per_s = std::min(
+        {report.stream_limit_mb_per_s, report.cores_limit_mb_per_s, report.new_memory_mb_per_s});
   }
   return report;
 }
 
+namespace {
+
+// Which of a compressed pass's limits is the lowest.
+const char* binding_limit(const SeqBenchReport& report) {
+  if (report.limit_mb_per_s == report.stream_limit_mb_per_s) return "streams";
+  if (report.limit_mb_per_s == report.cores_limit_mb_per_s) return "cores";
+  return "new memory";
+}
+
+}  // namespace
+
 std::string format_seq_report(const SeqBenchReport& report) {
   const SeqBenchOptions& o = report.options;
   if (o.compressed) {
-    const bool streams_bind = report.stream_limit_mb_per_s <= report.cores_limit_mb_per_s;
     return fmt::format(
         "bench seq: cold write_to of a {} memory-like image stored as {} frames of 2 MiB "
         "({:.2f}x), profile {} ({}), {} streams\n"
@@ -156,16 +170,17 @@ std::string format_seq_report(const SeqBenchReport& report) {
         "{}), {} requests, {:.1f} MB fetched, {:.2f} s of CPU, output byte-exact\n"
         "limits: the streams' {:.0f} MB/s ({} x {:.0f} MB/s x {:.2f}); the cores' {:.0f} MB/s "
         "measured just before ({} threads decoding frames and writing them into a file at once; "
-        "decoding alone: {} x {:.0f} MB/s of {} per core = {:.0f} MB/s)\n",
+        "decoding alone: {} x {:.0f} MB/s of {} per core = {:.0f} MB/s), "
+        "and new memory's {:.0f} MB/s ({} threads touching 128 MiB of new pages: every byte "
+        "delivered lands in a new page of the cache file)\n",
         format_size(o.size), frame_codec_name(*o.compressed), report.ratio, o.profile_name,
         o.profile.to_string(), o.parallel, report.mb_per_s, report.seconds,
-        100 * report.mb_per_s / report.limit_mb_per_s, report.limit_mb_per_s,
-        streams_bind ? "streams" : "cores", report.requests,
-        static_cast<double>(report.bytes_fetched) / 1e6, report.cpu_seconds,
+        100 * report.mb_per_s / report.limit_mb_per_s, report.limit_mb_per_s, binding_limit(report),
+        report.requests, static_cast<double>(report.bytes_fetched) / 1e6, report.cpu_seconds,
         report.stream_limit_mb_per_s, o.parallel, o.profile.bytes_per_second / 1e6, report.ratio,
         report.cores_limit_mb_per_s, report.cores, report.cores,
         report.decompress_mb_per_s_per_core, frame_codec_name(*o.compressed),
-        report.decompress_limit_mb_per_s);
+        report.decompress_limit_mb_per_s, report.new_memory_mb_per_s, report.cores);
   }
   return fmt::format(
       "bench seq: cold write_to of a {} object, profile {} ({}), {} streams, {}\n"
@@ -193,8 +208,8 @@ nlohmann::json seq_report_json(const SeqBenchReport& report) {
     doc["cores"] = report.cores;
     doc["decompress_limit_mb_per_s"] = report.decompress_limit_mb_per_s;
     doc["cores_limit_mb_per_s"] = report.cores_limit_mb_per_s;
-    doc["binds"] =
-        report.stream_limit_mb_per_s <= report.cores_limit_mb_per_s ? "streams" : "cores";
+    doc["new_memory_mb_per_s"] = report.new_memory_mb_per_s;
+    doc["binds"] = binding_limit(report);
   }
   return doc;
 }

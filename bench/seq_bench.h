@@ -42,9 +42,12 @@ struct SeqBenchReport {
   int cores = 0;
   double decompress_limit_mb_per_s = 0;  // cores x one core's speed
   // What the cores delivered decoding frames and writing them into a file,
-  // all at once, just before the timed pass; limit_mb_per_s is the lower of
-  // this and stream_limit_mb_per_s.
+  // all at once, just before the timed pass.
   double cores_limit_mb_per_s = 0;
+  // How fast the cores got new pages just before (measure_new_memory): each
+  // delivered byte lands in a new page of the cache file. limit_mb_per_s is
+  // the lowest of this, cores_limit_mb_per_s and stream_limit_mb_per_s.
+  double new_memory_mb_per_s = 0;
 };
 
 Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options);

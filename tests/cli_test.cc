@@ -6,6 +6,7 @@
 #include <sys/mount.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -369,6 +370,27 @@ TEST_F(CliTest, BenchSeqJsonHasTheDocumentedShape) {
   EXPECT_GT(doc.at("mb_per_s").get<double>(), 0);
   // Every chunk fetched (split may cut a chunk into more streams).
   EXPECT_GE(doc.at("requests").get<uint64_t>(), 10u);
+}
+
+// Compressed: the limit is the lowest of the three it measures or derives,
+// and the pass names the one that binds.
+TEST_F(CliTest, BenchSeqCompressedJsonTakesTheLowestOfItsLimits) {
+  Outcome run = run_lazyblock(dir_, {"bench", "seq", "--profile", "ttfb=1ms,bw=100MB/s", "--size",
+                                     "24MiB", "--parallel", "2", "--compressed", "lz4", "--json"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  const nlohmann::json doc = nlohmann::json::parse(run.out);
+  EXPECT_EQ(doc.at("compressed"), "lz4");
+  const double streams = doc.at("stream_limit_mb_per_s").get<double>();
+  const double cores = doc.at("cores_limit_mb_per_s").get<double>();
+  const double memory = doc.at("new_memory_mb_per_s").get<double>();
+  EXPECT_DOUBLE_EQ(streams, 2 * 100.0 * doc.at("ratio").get<double>());
+  EXPECT_GT(cores, 0);
+  EXPECT_GT(memory, 0);
+  EXPECT_DOUBLE_EQ(doc.at("limit_mb_per_s").get<double>(), std::min({streams, cores, memory}));
+  const std::string binds = doc.at("binds");
+  const double bound = binds == "streams" ? streams : binds == "cores" ? cores : memory;
+  EXPECT_TRUE(binds == "streams" || binds == "cores" || binds == "new memory") << binds;
+  EXPECT_DOUBLE_EQ(bound, doc.at("limit_mb_per_s").get<double>());
 }
 
 TEST_F(CliTest, BenchFetchAgainstARealStore) {
