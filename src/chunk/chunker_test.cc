@@ -731,6 +731,24 @@ TEST_P(ReadaheadTest, ARandomReadEndsASequentialRun) {
   EXPECT_EQ(recorder_->chunks_opened(), (std::vector<uint64_t>{1, 5, 6}));
 }
 
+TEST_P(ReadaheadTest, InterleavedSequentialRunsEachReadAhead) {
+  put_object(32 * kChunk);
+  auto c = recorded_chunker(/*readahead=*/true);
+  // Two readers, one from chunk 0 and one from chunk 16, taking turns (as
+  // nbdcopy's threads copy their halves of a disk): each read continues its
+  // own run, so both windows grow past their first chunks.
+  for (uint64_t offset = 0; offset < 8 * 64 * kKiB; offset += 64 * kKiB) {
+    ASSERT_TRUE(read_and_check(*c, offset, 64 * kKiB).is_ok());
+    ASSERT_TRUE(read_and_check(*c, 16 * kChunk + offset, 64 * kKiB).is_ok());
+  }
+  wait_for_streams_to_end(*c);
+  const std::vector<uint64_t> opened = recorder_->chunks_opened();
+  EXPECT_TRUE(std::count(opened.begin(), opened.end(), 1)) << ::testing::PrintToString(opened);
+  EXPECT_TRUE(std::count(opened.begin(), opened.end(), 17)) << ::testing::PrintToString(opened);
+  EXPECT_EQ(std::adjacent_find(opened.begin(), opened.end()), opened.end())
+      << "a chunk fetched twice: " << ::testing::PrintToString(opened);
+}
+
 TEST_P(ReadaheadTest, PrefetchFetchesTheRangesAskedForWithoutWaiting) {
   put_object(8 * kChunk);
   auto c = recorded_chunker(/*readahead=*/false);

@@ -139,24 +139,34 @@ Result<uint64_t> FetchingChunker::learn_size(uint64_t offset) {
 
 void FetchingChunker::note_read(uint64_t offset, uint64_t end) {
   if (!context_.options.readahead) return;
-  const uint64_t previous_end = last_read_end_.load(std::memory_order_relaxed);
-  last_read_end_.store(end, std::memory_order_relaxed);
-  if (offset != previous_end) {
-    if (readahead_window_.load(std::memory_order_relaxed) != 0) {
-      readahead_window_.store(0, std::memory_order_relaxed);
+  SequentialRun* run = nullptr;
+  for (SequentialRun& candidate : runs_) {
+    if (candidate.end.load(std::memory_order_relaxed) == offset) {
+      run = &candidate;
+      break;
+    }
+  }
+  if (run == nullptr) {
+    // Not sequential to any run: perhaps the first read of a new one. (No
+    // read-modify-write: a hit costs a few nanoseconds more with one.)
+    const uint32_t slot = next_run_.load(std::memory_order_relaxed);
+    next_run_.store(slot + 1, std::memory_order_relaxed);
+    SequentialRun& fresh = runs_[slot % kSequentialRuns];
+    fresh.end.store(end, std::memory_order_relaxed);
+    if (fresh.window.load(std::memory_order_relaxed) != 0) {
+      fresh.window.store(0, std::memory_order_relaxed);
     }
     return;
   }
-  const uint64_t window = std::min(
-      std::max(kFirstReadaheadWindow, 2 * readahead_window_.load(std::memory_order_relaxed)),
-      max_readahead_window(context_.options));
-  readahead_window_.store(window, std::memory_order_relaxed);
+  run->end.store(end, std::memory_order_relaxed);
+  const uint64_t window =
+      std::min(std::max(kFirstReadaheadWindow, 2 * run->window.load(std::memory_order_relaxed)),
+               max_readahead_window(context_.options));
+  run->window.store(window, std::memory_order_relaxed);
   // Readahead starts whole chunks: the lock is needed only when the window's
   // end has moved into another chunk.
   const uint64_t until_chunk = (end + window - 1) / context_.options.chunk_size;
-  if (readahead_until_chunk_.exchange(until_chunk, std::memory_order_relaxed) == until_chunk) {
-    return;
-  }
+  if (run->until_chunk.exchange(until_chunk, std::memory_order_relaxed) == until_chunk) return;
   MutexLock lock(context_.mu);
   context_.read_ahead_locked(end, end + window);
 }

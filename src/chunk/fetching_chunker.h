@@ -2,6 +2,7 @@
 // See chunker.h for the behaviour and chunk_fetch.h for the streams.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <memory>
 #include <optional>
@@ -47,19 +48,28 @@ class FetchingChunker final : public Chunker, private CachedRanges {
   void drop_lost(uint64_t offset, uint64_t end) override;
   // What a read gets when its blocks keep being given back for space.
   Status evicted_status(uint64_t offset, uint64_t end) const;
-  // Grows or resets the readahead window for a read of [offset, end), and
-  // reads ahead if the window has moved into a chunk not yet asked for.
+  // Grows the readahead window of the run that a read of [offset, end)
+  // continues (or starts a run, in place of the oldest), and reads ahead if
+  // the window has moved into a chunk not yet asked for.
   void note_read(uint64_t offset, uint64_t end);
   // Caches the object's size from stat() (one round trip, no data).
   Result<uint64_t> stat_size();
 
   mutable FetchContext context_;
-  // Sequential-read detection; read and written without a lock, so that a
-  // hit stays lock-free (a lost update only delays or resets readahead).
-  std::atomic<uint64_t> last_read_end_{UINT64_MAX};
-  std::atomic<uint64_t> readahead_window_{0};                // 0: the last read was not sequential
-  std::atomic<uint64_t> readahead_until_chunk_{UINT64_MAX};  // the last window's end chunk
-  TaskGroup tasks_;  // the streams' threads; declared last, so waited for first
+  // A run of sequential reads: each read starting where the last ended
+  // grows its window. Read and written without a lock, so that a hit stays
+  // lock-free (a lost update only delays or resets readahead).
+  struct SequentialRun {
+    std::atomic<uint64_t> end{UINT64_MAX};          // where its next read would start
+    std::atomic<uint64_t> window{0};                // 0: one read so far
+    std::atomic<uint64_t> until_chunk{UINT64_MAX};  // its window's end chunk
+  };
+  // Runs followed at once: readers of several regions (nbdcopy's threads,
+  // a guest's files) each keep their readahead when their reads interleave.
+  static constexpr size_t kSequentialRuns = 4;
+  std::array<SequentialRun, kSequentialRuns> runs_;
+  std::atomic<uint32_t> next_run_{0};  // the slot a new run takes (round robin)
+  TaskGroup tasks_;                    // the streams' threads; declared last, so waited for first
 };
 
 }  // namespace lazyblock
