@@ -5,9 +5,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <thread>
+
+#include <fmt/format.h>
 
 namespace lazyblock {
 
@@ -26,16 +29,20 @@ double process_cpu_seconds() {
   return seconds(usage.ru_utime) + seconds(usage.ru_stime);
 }
 
-double measure_new_memory(int threads, uint64_t bytes) {
+Result<double> measure_new_memory(int threads, uint64_t bytes) {
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   const uint64_t each =
       std::max<uint64_t>(page, bytes / static_cast<uint64_t>(threads) / page * page);
+  std::atomic<bool> unmapped{false};
   std::vector<std::thread> touchers;
   const auto begin = std::chrono::steady_clock::now();
   for (int t = 0; t < threads; ++t) {
-    touchers.emplace_back([each, page] {
+    touchers.emplace_back([each, page, &unmapped] {
       void* map = ::mmap(nullptr, each, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (map == MAP_FAILED) return;
+      if (map == MAP_FAILED) {
+        unmapped.store(true, std::memory_order_relaxed);
+        return;
+      }
       auto* bytes = static_cast<volatile char*>(map);
       for (uint64_t at = 0; at < each; at += page) bytes[at] = 1;
       ::munmap(map, each);
@@ -43,6 +50,10 @@ double measure_new_memory(int threads, uint64_t bytes) {
   }
   for (std::thread& toucher : touchers) toucher.join();
   const std::chrono::duration<double> spent = std::chrono::steady_clock::now() - begin;
+  if (unmapped.load()) {
+    return Status::io_error(
+        fmt::format("bench: could not map {} bytes of new memory to measure its rate", each));
+  }
   return static_cast<double>(each * static_cast<uint64_t>(threads)) / std::max(1e-9, spent.count());
 }
 

@@ -19,6 +19,8 @@ namespace {
 
 constexpr uint64_t kPatternSeed = 5;
 const std::string kKey = "bench/seq";
+// How much the cores' and new memory's limits are measured on.
+constexpr uint64_t kLimitProbe = 128 * kMiB;
 
 // Counts what it is given; the timed pass keeps the sink out of the figure.
 class CountingSink final : public ByteSink {
@@ -61,6 +63,13 @@ Status write_object(const std::filesystem::path& path, uint64_t size) {
   return Status::ok();
 }
 
+// Which of a compressed pass's limits is the lowest.
+const char* binding_limit(const SeqBenchReport& report) {
+  if (report.limit_mb_per_s == report.stream_limit_mb_per_s) return "streams";
+  if (report.limit_mb_per_s == report.cores_limit_mb_per_s) return "cores";
+  return "new memory";
+}
+
 }  // namespace
 
 Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
@@ -100,12 +109,13 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
   double new_memory = 0;
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   if (compressed) {
-    constexpr uint64_t kMeasured = 128 * kMiB;
     Result<double> measured = measure_decode_and_cache(
-        scratch->path() / "store" / kKey, *compressed, scratch->path(), cores, kMeasured);
+        scratch->path() / "store" / kKey, *compressed, scratch->path(), cores, kLimitProbe);
     if (!measured) return measured.status();
     cores_limit = *measured;
-    new_memory = measure_new_memory(cores, kMeasured);
+    Result<double> touched = measure_new_memory(cores, kLimitProbe);
+    if (!touched) return touched.status();
+    new_memory = *touched;
   }
 
   CountingSink counted;
@@ -149,17 +159,6 @@ Result<SeqBenchReport> run_seq_bench(const SeqBenchOptions& options) {
   return report;
 }
 
-namespace {
-
-// Which of a compressed pass's limits is the lowest.
-const char* binding_limit(const SeqBenchReport& report) {
-  if (report.limit_mb_per_s == report.stream_limit_mb_per_s) return "streams";
-  if (report.limit_mb_per_s == report.cores_limit_mb_per_s) return "cores";
-  return "new memory";
-}
-
-}  // namespace
-
 std::string format_seq_report(const SeqBenchReport& report) {
   const SeqBenchOptions& o = report.options;
   if (o.compressed) {
@@ -171,7 +170,7 @@ std::string format_seq_report(const SeqBenchReport& report) {
         "limits: the streams' {:.0f} MB/s ({} x {:.0f} MB/s x {:.2f}); the cores' {:.0f} MB/s "
         "measured just before ({} threads decoding frames and writing them into a file at once; "
         "decoding alone: {} x {:.0f} MB/s of {} per core = {:.0f} MB/s), "
-        "and new memory's {:.0f} MB/s ({} threads touching 128 MiB of new pages: every byte "
+        "and new memory's {:.0f} MB/s ({} threads touching {} of new pages: every byte "
         "delivered lands in a new page of the cache file)\n",
         format_size(o.size), frame_codec_name(*o.compressed), report.ratio, o.profile_name,
         o.profile.to_string(), o.parallel, report.mb_per_s, report.seconds,
@@ -180,7 +179,8 @@ std::string format_seq_report(const SeqBenchReport& report) {
         report.stream_limit_mb_per_s, o.parallel, o.profile.bytes_per_second / 1e6, report.ratio,
         report.cores_limit_mb_per_s, report.cores, report.cores,
         report.decompress_mb_per_s_per_core, frame_codec_name(*o.compressed),
-        report.decompress_limit_mb_per_s, report.new_memory_mb_per_s, report.cores);
+        report.decompress_limit_mb_per_s, report.new_memory_mb_per_s, report.cores,
+        format_size(kLimitProbe));
   }
   return fmt::format(
       "bench seq: cold write_to of a {} object, profile {} ({}), {} streams, {}\n"
