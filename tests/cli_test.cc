@@ -91,10 +91,13 @@ TEST_F(CliTest, TransientFailuresAreRetriedAndStreamsResumed) {
   const std::string expected = put_object("obj", 6 * kMiB + 3);
   // Every stream breaks after 1 MiB: each retry resumes where the last
   // broke, and makes progress.
-  Outcome run = run_lazyblock(
-      dir_, {"cat", "--store", store_url_, "--key", "obj", "--faults", "fail-after=1MiB"});
-  ASSERT_EQ(run.status, 0) << run.err;
-  EXPECT_TRUE(run.out == expected);
+  // Through a chunker, and as one stream with no cache (--parallel 1).
+  for (const char* parallel : {"8", "1"}) {
+    Outcome run = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "--faults",
+                                       "fail-after=1MiB", "--parallel", parallel});
+    ASSERT_EQ(run.status, 0) << parallel << ": " << run.err;
+    EXPECT_TRUE(run.out == expected) << parallel;
+  }
   Outcome no_retry = run_lazyblock(dir_, {"cat", "--store", store_url_, "--key", "obj", "--faults",
                                           "fail-after=1MiB", "--retry", "0"});
   EXPECT_EQ(no_retry.status, 1);

@@ -161,11 +161,14 @@ TEST_F(HttpCliTest, EveryMisbehaviourIsAnErrorNamingTheKeyAndLeavesNoFile) {
         Misbehaviour{"/truncated", "b1/rootfs.ext4"}, Misbehaviour{"/status/503", "HTTP 503"},
         Misbehaviour{"/status/403", "access denied"}, Misbehaviour{"/stall", "deadline"},
         Misbehaviour{"/slow", "deadline"}}) {
-    Outcome run = cat(m.prefix, {"--timeout", "1s", "--retry", "1"});
-    EXPECT_EQ(run.status, 1) << m.prefix << ": " << run.err;
-    expect_one_error_naming_once(run.err, server_->url() + m.prefix, kKey);
-    EXPECT_NE(run.err.find(m.cause), std::string::npos) << m.prefix << ": " << run.err;
-    EXPECT_FALSE(std::filesystem::exists(dir_ / "out")) << m.prefix;
+    // Through a chunker, and as one stream with no cache (--parallel 1).
+    for (const char* parallel : {"8", "1"}) {
+      Outcome run = cat(m.prefix, {"--timeout", "1s", "--retry", "1", "--parallel", parallel});
+      EXPECT_EQ(run.status, 1) << m.prefix << " " << parallel << ": " << run.err;
+      expect_one_error_naming_once(run.err, server_->url() + m.prefix, kKey);
+      EXPECT_NE(run.err.find(m.cause), std::string::npos) << m.prefix << ": " << run.err;
+      EXPECT_FALSE(std::filesystem::exists(dir_ / "out")) << m.prefix;
+    }
   }
   Outcome missing = run_lazyblock(dir_, {"cat", "--store", server_->url(), "--key", "nope"});
   EXPECT_EQ(missing.status, 1);

@@ -32,26 +32,35 @@ int run_cat(const CatFlags& flags) {
   if (!stack) return report_failure(stack.status());
   Result<std::shared_ptr<ObjectStore>> store = open_store(flags.store.store, *stack);
   if (!store) return report_failure(store.status());
-  Result<std::unique_ptr<Chunker>> chunker =
-      make_chunker(*store, flags.key, std::nullopt, *options);
-  if (!chunker) return report_failure(chunker.status());
-
   Status status;
   Progress progress("cat " + flags.key, 0);
   ProgressSink counted((*output)->sink(), progress);
   if ((*output)->is_block_device()) {
     // Only a device needs the size before the first byte (a stat more).
-    Result<uint64_t> size = (*chunker)->size();
+    Result<uint64_t> size =
+        (*store)->stat(flags.key, IoContext{Clock::now() + options->fetch_timeout, {}});
     status = size ? (*output)->expect_size(*size) : size.status();
   }
-  if (status.is_ok()) {
-    status = stream_in_order(source_of(**chunker), counted, *options);
+  uint64_t bytes = 0, requests = 0;
+  if (status.is_ok() && options->parallel == 1) {
+    // One stream: nothing is fetched ahead of the writer, so nothing needs
+    // a cache.
+    Result<StreamedObject> streamed = stream_object(**store, flags.key, *options, counted);
+    status = streamed.status();
+    if (streamed) bytes = streamed->bytes, requests = streamed->requests;
+  } else if (status.is_ok()) {
+    Result<std::unique_ptr<Chunker>> chunker =
+        make_chunker(*store, flags.key, std::nullopt, *options);
+    status = chunker.status();
+    if (chunker) {
+      status = stream_in_order(source_of(**chunker), counted, *options);
+      bytes = (*chunker)->stats().bytes, requests = (*chunker)->stats().requests;
+    }
   }
   if (status.is_ok()) status = (*output)->commit();
   // The errors name the store, the key and the range, or the output file.
   if (!status.is_ok()) return report_failure(status);
-  const ChunkerStats stats = (*chunker)->stats();
-  log(LogLevel::kInfo, "cat {}: {} bytes in {} requests", flags.key, stats.bytes, stats.requests);
+  log(LogLevel::kInfo, "cat {}: {} bytes in {} requests", flags.key, bytes, requests);
   return 0;
 }
 

@@ -1,6 +1,7 @@
 #include "cli/stream_copy.h"
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include <fmt/format.h>
@@ -56,6 +57,64 @@ Status stream_in_order(const OrderedSource& source, ByteSink& sink, const Chunke
           fmt::format("the source ended at {}, before its size {}", position, *source.size));
     }
   }
+}
+
+Result<StreamedObject> stream_object(ObjectStore& store, const std::string& key,
+                                     const ChunkerOptions& options, ByteSink& sink) {
+  // The store's reader hands over what one receive brought (an HTTP
+  // store's at most 256 KiB): a batch this size takes all of it.
+  constexpr size_t kBatch = 256 * 1024;
+  std::vector<std::byte> batch(kBatch);
+  StreamedObject streamed;
+  std::optional<ObjectInfo> object;  // from the first range's answer
+  for (uint64_t position = 0; !object || position < object->size;) {
+    const IoContext io{Clock::now() + options.fetch_timeout, {}};
+    // Past the first range, the size is known: a range asks for no more
+    // than the object holds, as a chunker's do.
+    const uint64_t asked =
+        object ? std::min(options.chunk_size, object->size - position) : options.chunk_size;
+    Result<std::unique_ptr<RangeReader>> opened = store.open_range(key, position, asked, io);
+    ++streamed.requests;
+    // The store's errors name the store, the key and the range already.
+    if (!opened) return opened.status();
+    RangeReader& reader = **opened;
+    const std::string name =
+        fmt::format("{}: read {} [{}, {})", store.location(), key, position, position + asked);
+    const ObjectInfo answered{reader.object_size(), reader.object_version()};
+    if (!object) {
+      object = answered;
+    } else if (answered != *object) {
+      return Status::corruption(fmt::format(
+          "{}: the object changed during the copy (size {}, version '{}'; before: {}, '{}')", name,
+          answered.size, answered.version, object->size, object->version));
+    }
+    const uint64_t promised = std::min(options.chunk_size, object->size - position);
+    if (reader.range_length() != promised) {
+      return Status::corruption(fmt::format("{}: the store promised {} bytes, expected {}", name,
+                                            reader.range_length(), promised));
+    }
+    for (uint64_t left = promised; left > 0;) {
+      Result<size_t> got = reader.read(std::span(batch).first(std::min<uint64_t>(kBatch, left)));
+      if (!got) return got.status();
+      if (*got == 0) {
+        return Status::corruption(fmt::format("{}: the stream ended after {} of {} bytes", name,
+                                              promised - left, promised));
+      }
+      LB_RETURN_IF_ERROR(sink.write(std::span(batch).first(*got)));
+      left -= *got;
+      position += *got;
+      streamed.bytes += *got;
+    }
+    // A stream that goes on past what it promised is not this range's.
+    std::byte extra;
+    Result<size_t> more = reader.read(std::span(&extra, 1));
+    if (!more) return more.status();
+    if (*more != 0) {
+      return Status::corruption(
+          fmt::format("{}: the stream sent more than the {} bytes promised", name, promised));
+    }
+  }
+  return streamed;
 }
 
 }  // namespace lazyblock::cli

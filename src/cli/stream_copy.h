@@ -24,6 +24,7 @@
 #include "chunk/chunker.h"
 #include "common/byte_sink.h"
 #include "common/status.h"
+#include "storage/object_store.h"
 
 namespace lazyblock::cli {
 
@@ -85,5 +86,23 @@ void prepare_for_streaming(ChunkerOptions& options);
 // `sink` in order: a chunk at a time (a chunk is written once it is wholly
 // cached), with one chunk per stream (--parallel) asked for ahead.
 Status stream_in_order(const OrderedSource& source, ByteSink& sink, const ChunkerOptions& options);
+
+// What stream_object did, for the log.
+struct StreamedObject {
+  uint64_t bytes = 0;
+  uint64_t requests = 0;
+};
+
+// Copies the whole object at `key` to `sink` as one stream with no cache:
+// what `cat --parallel 1` does. With nothing fetched ahead of the writer,
+// a cache would only cost a copy into new page-cache memory and a
+// copy out of it; here each batch goes from the store's reader straight to
+// the sink. One range request per chunk, each with the fetch deadline
+// (--timeout is per chunk fetch, as through a chunker). The object must keep
+// its size and version from range to range, and each range must bring
+// exactly the bytes it promised: else kCorruption, naming the store and the
+// key.
+Result<StreamedObject> stream_object(ObjectStore& store, const std::string& key,
+                                     const ChunkerOptions& options, ByteSink& sink);
 
 }  // namespace lazyblock::cli
