@@ -12,10 +12,12 @@
 // byte of its block is in the map, so a reader that sees it (acquire) sees the
 // bytes. A bit is cleared only when its bytes are found lost (drop()).
 //
-// The map may fail under a reader (the file cut short, a disk error): that
-// raises SIGBUS. Copies out of the map go through copy_out(), which turns
-// it into an error; the caller then drops the blocks, which are fetched
-// again. (UFFDIO_COPY from such a page fails with EFAULT instead.)
+// The file may fail under a reader (cut short, a disk error). Copies into a
+// buffer go through copy_out(), which reads the file with pread (no page
+// table to fill in, which is costly on a VM) and turns a short read or an
+// error into kIoError; the caller then drops the blocks, which are fetched
+// again. A reader of slice() meets the failure as SIGBUS (sinks copy from
+// it with guarded_copy; UFFDIO_COPY from such a page fails with EFAULT).
 //
 // The file is unnamed (O_TMPFILE, or unlinked at once) in the directory given,
 // so nothing is left behind by a crash; its pages are allocated only as blocks
@@ -156,8 +158,8 @@ class BlockCache {
     return {map_.data() + offset, length};
   }
 
-  // Copies [offset, offset + buffer.size()) of the map into `buffer`
-  // (blocks that are cached); kIoError if the file under the map failed.
+  // Reads [offset, offset + buffer.size()) of the file into `buffer`
+  // (blocks that are cached); kIoError if the file failed or ends early.
   // Requires offset + buffer.size() <= size().
   Status copy_out(uint64_t offset, std::span<std::byte> buffer) const;
   // The size of the cache file of an object of `size` (> 0) bytes: one page

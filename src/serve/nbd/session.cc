@@ -19,6 +19,9 @@ constexpr uint32_t kMaxOptionBytes = 64 * 1024;
 // A write's payload buffer grows by this much as its bytes arrive, so that
 // a client announcing 32 MiB and sending less costs no 32 MiB.
 constexpr size_t kPayloadStep = 64 * 1024;
+// Reads up to this size use their worker's kept buffer; larger ones (up to
+// kMaxBlock) get one of their own.
+constexpr uint32_t kKeptReadBuffer = 1024 * 1024;
 
 // The NBD error for a failed request: a full disk is ENOSPC (the guest's
 // file system sees a full disk, not a broken one).
@@ -342,10 +345,17 @@ void Session::handle(const Request& request, std::span<const std::byte> payload)
   Status status;
   switch (request.type) {
     case kCmdRead: {
-      // Not zeroed first: the read fills it whole or fails.
-      const std::unique_ptr<std::byte[]> buffer =
-          std::make_unique_for_overwrite<std::byte[]>(request.length);
-      const std::span<std::byte> data(buffer.get(), request.length);
+      // A worker keeps its read buffer: a new one per read is new memory each
+      // time, whose first touch costs ~14 us a page on a VM. (Not zeroed
+      // first: the read fills it whole or fails.)
+      thread_local std::unique_ptr<std::byte[]> kept;
+      std::unique_ptr<std::byte[]> once;
+      if (request.length > kKeptReadBuffer) {
+        once = std::make_unique_for_overwrite<std::byte[]>(request.length);
+      } else if (!kept) {
+        kept = std::make_unique_for_overwrite<std::byte[]>(kKeptReadBuffer);
+      }
+      const std::span<std::byte> data(once ? once.get() : kept.get(), request.length);
       Result<size_t> got = disk_.read(data, request.offset);
       if (got && *got != data.size()) got = Status::corruption("short read");
       if (!got) {
