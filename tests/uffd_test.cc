@@ -531,10 +531,8 @@ TEST_P(UffdTest, ACacheFileCutShortUnderTheHandlerIsFetchedAgain) {
   const std::vector<uint64_t> wrong = touch_all((*vm)->memory(0), kMemfileSize, kPage, want, 2, 2);
   EXPECT_TRUE(wrong.empty()) << wrong.size() << " pages wrong, the first at " << wrong[0];
   ASSERT_TRUE(server.running()) << slurp(dir_ / "server.log");
-  // The cut was met (UFFDIO_COPY fails with EFAULT there), not missed; and
-  // the chunker saw it: either one warns as it fetches the lost bytes again.
-  EXPECT_NE(slurp(dir_ / "server.log").find("the source could not be read"), std::string::npos)
-      << slurp(dir_ / "server.log");
+  // The cut was met (a copy out of the cache reads short there), not
+  // missed: the chunker warns as it fetches the lost bytes again.
   EXPECT_NE(slurp(dir_ / "server.log").find("the cache file could not be read"), std::string::npos)
       << slurp(dir_ / "server.log");
   EXPECT_EQ(server.stop(), 0) << slurp(dir_ / "server.log");

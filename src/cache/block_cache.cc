@@ -289,6 +289,11 @@ bool BlockCache::evict_one(uint64_t busy, uint64_t evictions_seen) {
 Status BlockCache::write(uint64_t offset, std::span<const std::byte> data) {
   const uint64_t asked = data.size();
   const uint64_t start = offset;
+  // A write past the end of a cut file would extend it with holes, where a
+  // block whose cut no reader has met yet reads as zeros: the cut is found
+  // (and every block dropped) first, so that a reader that copies those
+  // zeros sees drops() change.
+  check_not_cut();
   while (!data.empty()) {
     const uint64_t evictions_seen = evictions_.load(std::memory_order_relaxed);
     ssize_t put = 0;
@@ -377,13 +382,15 @@ bool BlockCache::mark_cached_unless_dropped(uint64_t offset, uint64_t end, uint6
 
 void BlockCache::drop(uint64_t offset, uint64_t end) {
   MutexLock lock(drop_mu_);
-  drops_.fetch_add(1, std::memory_order_seq_cst);
   cached_.clear_range(offset / block_size_, block_end(end));
   struct stat st {};
   if (::fstat(fd_.get(), &st) == 0 && static_cast<uint64_t>(st.st_size) < size_) {
     // Every block past the cut, the one it cuts included.
     cached_.clear_range(static_cast<uint64_t>(st.st_size) / block_size_, cached_.size());
   }
+  // Counted after the bits are cleared: a reader that sees the new count
+  // (and so no change across its copy) sees the bits cleared too.
+  drops_.fetch_add(1, std::memory_order_seq_cst);
 }
 
 uint64_t BlockCache::cached_bytes() const {

@@ -144,12 +144,14 @@ class BlockCache {
   // the caller). Requires offset + data.size() <= size(). On a full
   // filesystem, punches the least recently used unpinned unit and tries
   // again; fails (naming the cause) once there is nothing left to punch.
-  // A file found cut short after the write (a failing disk, a hand) loses
-  // every cached block (drop()) and gets its size back. (The file is one
+  // A file found cut short (a failing disk, a hand), before the write or
+  // after it, loses every cached block (drop()) and gets its size back. The
+  // check before keeps a write from extending a cut file over blocks still
+  // marked cached, which would read as zeros: a reader that copies such
+  // zeros always sees drops() change across its copy. (The file is one
   // never-written page longer than the object, so that a write that extends
-  // a cut file never hides the cut: a write of the last block included.
-  // Between such a write and its check, a reader of a block before it may
-  // still copy the zeros of the cut: microseconds once per cut.)
+  // a file cut under it never hides the cut: a write of the last block
+  // included.)
   Status write(uint64_t offset, std::span<const std::byte> data);
 
   // The bytes [offset, offset + length) of the map, to be read only where

@@ -61,6 +61,14 @@ Result<size_t> read_through_cache(CachedRanges& ranges, const BlockCache& cache,
       });
 }
 
+bool copy_if_cached(const BlockCache& cache, std::span<std::byte> out, uint64_t offset) {
+  const uint64_t end = offset + out.size();
+  const BlockCache::Pin pin = cache.pin(offset, end);
+  const uint64_t drops = cache.drops();
+  return cache.is_cached(offset, end) && cache.copy_out(offset, out).is_ok() &&
+         cache.drops() == drops;
+}
+
 Result<size_t> write_through_cache(CachedRanges& ranges, const BlockCache& cache,
                                    std::string_view key, ByteSink& sink, uint64_t offset,
                                    uint64_t end) {

@@ -41,6 +41,13 @@ class CachedRanges {
 Result<size_t> read_through_cache(CachedRanges& ranges, const BlockCache& cache,
                                   std::string_view key, std::span<std::byte> out, uint64_t offset);
 
+// Copies [offset, offset + out.size()) (inside the object) into `out` if
+// every block of it is cached now and the copy reads back whole with no
+// drop meanwhile; false otherwise. Never fetches, never waits but for a
+// punch in progress: a page fault's fast path, whose copy, once installed
+// in a VM, cannot be taken back.
+bool copy_if_cached(const BlockCache& cache, std::span<std::byte> out, uint64_t offset);
+
 // Writes [offset, end) of `key` (inside the object) to `sink` from the map;
 // returns end - offset.
 Result<size_t> write_through_cache(CachedRanges& ranges, const BlockCache& cache,

@@ -4,10 +4,12 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <memory>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -167,6 +169,65 @@ TEST_F(CacheCopyTest, ADropDuringAWriteIsAnIoError) {
   EXPECT_NE(written.status().message().find(kKey), std::string::npos)
       << written.status().to_string();
   EXPECT_EQ(sink.bytes.size(), kUnit) << "written again after the drop";
+}
+
+TEST_F(CacheCopyTest, CopyIfCachedCopiesWhatIsCachedAndNothingElse) {
+  std::vector<std::byte> buffer(2 * kBlock);
+  EXPECT_FALSE(copy_if_cached(*cache_, buffer, kUnit)) << "nothing is cached yet";
+  EXPECT_EQ(ranges_->fetched_blocks, 0u) << "it fetched";
+  ASSERT_TRUE(ranges_->fetch_pinned(kUnit, kUnit + kBlock));
+  EXPECT_FALSE(copy_if_cached(*cache_, buffer, kUnit)) << "half of it is cached";
+  ASSERT_TRUE(ranges_->fetch_pinned(kUnit, kUnit + 2 * kBlock));
+  ASSERT_TRUE(copy_if_cached(*cache_, buffer, kUnit));
+  EXPECT_EQ(testing::first_pattern_mismatch(kSeed, kUnit, buffer), buffer.size());
+  fill_and_cut(kUnit);
+  EXPECT_FALSE(copy_if_cached(*cache_, buffer, 2 * kUnit)) << "past the cut";
+  ASSERT_TRUE(copy_if_cached(*cache_, buffer, kUnit - 2 * kBlock)) << "before the cut";
+  EXPECT_EQ(testing::first_pattern_mismatch(kSeed, kUnit - 2 * kBlock, buffer), buffer.size());
+}
+
+// A cache file cut short, then extended again by a fetch's write past the
+// cut before any reader met the cut: the blocks in between read as zeros,
+// their bits still set. A reader copying them meanwhile (a page fault's
+// fast path, which installs what it copies into a VM for good) must get
+// either no copy or the right bytes, never those zeros. Each round races
+// one reader against that write; the interleavings differ from round to
+// round.
+TEST(CacheCopyRaceTest, CopyIfCachedNeverCopiesTheZerosOfACutFileExtendedAgain) {
+  constexpr uint64_t kSmall = 1024 * 1024;
+  constexpr uint64_t kLast = kSmall - kBlock;
+  auto created = BlockCache::create(kSmall, kBlock, ::testing::TempDir());
+  ASSERT_TRUE(created) << created.status().to_string();
+  BlockCache& cache = **created;
+  PatternRanges ranges(cache);
+  const std::filesystem::path file =
+      testing::unnamed_file_of_size(::getpid(), BlockCache::file_size_for(kSmall));
+  ASSERT_FALSE(file.empty());
+  uint64_t copies = 0;
+  uint64_t wrong = 0;
+  for (int round = 0; round < 200 && wrong == 0; ++round) {
+    cache.drop(0, kSmall);
+    ASSERT_TRUE(ranges.fetch_pinned(0, kLast)) << "round " << round;  // all but the last block
+    ASSERT_EQ(::truncate(file.c_str(), static_cast<off_t>(kBlock)), 0) << std::strerror(errno);
+    std::atomic<bool> reading{false};
+    std::atomic<bool> written{false};
+    std::thread reader([&] {
+      std::vector<std::byte> buffer(kBlock);
+      reading.store(true);
+      for (uint64_t block = 1; !written.load() || block % 8 != 0; ++block) {
+        const uint64_t offset = (block % (kLast / kBlock - 1) + 1) * kBlock;
+        if (!copy_if_cached(cache, buffer, offset)) continue;
+        ++copies;
+        if (testing::first_pattern_mismatch(kSeed, offset, buffer) != kBlock) ++wrong;
+      }
+    });
+    while (!reading.load()) std::this_thread::yield();
+    const Status status = cache.write(kLast, testing::make_pattern(kSeed, kLast, kBlock));
+    written.store(true);
+    reader.join();
+    ASSERT_TRUE(status.is_ok()) << status.to_string();
+  }
+  EXPECT_EQ(wrong, 0u) << "of " << copies << " copies";
 }
 
 }  // namespace

@@ -244,6 +244,14 @@ std::optional<std::span<const std::byte>> FetchingChunker::cached_slice(uint64_t
   return cache->slice(offset, end - offset);
 }
 
+bool FetchingChunker::read_cached(std::span<std::byte> buffer, uint64_t offset) {
+  const BlockCache* cache = context_.cache.load(std::memory_order_acquire);
+  if (cache == nullptr || offset > cache->size() || buffer.size() > cache->size() - offset) {
+    return false;
+  }
+  return copy_if_cached(*cache, buffer, offset);
+}
+
 Result<size_t> FetchingChunker::read_at(std::span<std::byte> buffer, uint64_t offset) {
   if (buffer.empty()) return size_t{0};
   Result<uint64_t> size = learn_size(offset);

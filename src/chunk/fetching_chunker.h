@@ -28,6 +28,7 @@ class FetchingChunker final : public Chunker, private CachedRanges {
   Result<uint64_t> size() override;
   Result<std::span<const std::byte>> slice(uint64_t offset, uint64_t length) override;
   std::optional<std::span<const std::byte>> cached_slice(uint64_t offset, uint64_t length) override;
+  bool read_cached(std::span<std::byte> buffer, uint64_t offset) override;
   Result<size_t> read_at(std::span<std::byte> buffer, uint64_t offset) override;
   Result<size_t> write_range_to(ByteSink& sink, uint64_t offset, uint64_t length) override;
   Status write_to(ByteSink& sink) override;

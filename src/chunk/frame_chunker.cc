@@ -111,6 +111,12 @@ class FrameChunker final : public Chunker, private CachedRanges {
     return cache_->slice(offset, end - offset);
   }
 
+  bool read_cached(std::span<std::byte> buffer, uint64_t offset) override {
+    const uint64_t size = table_.size();
+    if (offset > size || buffer.size() > size - offset) return false;
+    return copy_if_cached(*cache_, buffer, offset);
+  }
+
   Result<size_t> read_at(std::span<std::byte> buffer, uint64_t offset) override {
     const uint64_t size = table_.size();
     if (buffer.empty() || offset >= size) return size_t{0};

@@ -48,6 +48,9 @@ class MeteredDisk final : public image::Disk {
                                                            uint64_t length) override {
     return disk_.cached_view(offset, length);
   }
+  bool do_read_cached(std::span<std::byte> buffer, uint64_t offset) override {
+    return disk_.read_cached(buffer, offset);
+  }
   bool do_is_zero(uint64_t offset, uint64_t length) override {
     return disk_.is_zero(offset, length);
   }

@@ -292,6 +292,24 @@ std::optional<std::span<const std::byte>> Device::do_cached_view(uint64_t offset
   return bytes;
 }
 
+bool Device::do_read_cached(std::span<std::byte> buffer, uint64_t offset) {
+  const uint64_t end = offset + buffer.size();
+  for (uint64_t position = offset; position < end;) {
+    const Extent& extent = extent_at(position);
+    const uint64_t piece_end = std::min(end, extent.end);
+    const std::span<std::byte> piece = buffer.subspan(position - offset, piece_end - position);
+    if (extent.source == nullptr) {
+      std::memset(piece.data(), 0, piece.size());
+    } else if (extent.source->chunker == nullptr ||
+               !extent.source->chunker->read_cached(
+                   piece, extent.storage_offset + (position - extent.begin))) {
+      return false;
+    }
+    position = piece_end;
+  }
+  return true;
+}
+
 bool Device::do_is_zero(uint64_t offset, uint64_t length) {
   const uint64_t end = offset + length;
   for (uint64_t position = offset; position < end;) {

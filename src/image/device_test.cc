@@ -115,6 +115,25 @@ TEST_F(DeviceTest, ReadsSplitAlongTheMappings) {
   }
 }
 
+// read_cached copies what is here now, across mappings and zeros too, and
+// fetches nothing: a range not yet read is refused until a read brings it.
+TEST_F(DeviceTest, ReadCachedCopiesOnlyWhatIsHereAcrossMappings) {
+  auto device = open();
+  ASSERT_TRUE(device);
+  // The child's last block, the zero mapping, the parent's first block.
+  const uint64_t offset = 1 * kMiB - kBlock;
+  std::vector<std::byte> buffer(1 * kMiB + 2 * kBlock);
+  EXPECT_FALSE(device->read_cached(buffer, offset)) << "nothing was read yet";
+  EXPECT_FALSE(device->read_cached(buffer, header_.size - kBlock)) << "past the end";
+  std::vector<std::byte> read(buffer.size());
+  ASSERT_TRUE(device->read(read, offset));
+  ASSERT_TRUE(device->read_cached(buffer, offset));
+  EXPECT_EQ(std::memcmp(buffer.data(), expected_.data() + offset, buffer.size()), 0);
+  std::vector<std::byte> zeros(kBlock, std::byte{1});
+  ASSERT_TRUE(device->read_cached(zeros, 1 * kMiB + kBlock)) << "a zero mapping needs no fetch";
+  EXPECT_EQ(std::count(zeros.begin(), zeros.end(), std::byte{0}), static_cast<long>(kBlock));
+}
+
 TEST_F(DeviceTest, ViewsWithinOneMappingAndNoneAcross) {
   auto device = open();
   ASSERT_TRUE(device);

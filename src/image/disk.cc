@@ -42,6 +42,11 @@ std::optional<std::span<const std::byte>> Disk::cached_view(uint64_t offset, uin
   return do_cached_view(offset, clipped_end(offset, length, size_) - offset);
 }
 
+bool Disk::read_cached(std::span<std::byte> buffer, uint64_t offset) {
+  if (offset > size_ || buffer.size() > size_ - offset) return false;
+  return buffer.empty() || do_read_cached(buffer, offset);
+}
+
 bool Disk::is_zero(uint64_t offset, uint64_t length) {
   if (offset >= size_ || length == 0) return true;
   return do_is_zero(offset, clipped_end(offset, length, size_) - offset);

@@ -57,6 +57,13 @@ class Disk {
   // The view if it exists and its bytes are here now, else nullopt: never
   // waits, never fetches, takes no lock (a page fault's fast path).
   std::optional<std::span<const std::byte>> cached_view(uint64_t offset, uint64_t length);
+  // Copies [offset, offset + buffer.size()) into `buffer` if it lies within
+  // the disk and every byte is here now (zeros, or cached and read back
+  // with no drop of its cache meanwhile); false otherwise. Never fetches,
+  // takes no lock: a page fault's fast path, whose bytes go into a VM and
+  // cannot be taken back (a view of a cache file cut short under it may
+  // read as zeros; this copy never does).
+  bool read_cached(std::span<std::byte> buffer, uint64_t offset);
   // Whether every byte of the range (clipped) is known to read as zeros
   // without a fetch. Takes no lock.
   bool is_zero(uint64_t offset, uint64_t length);
@@ -98,6 +105,7 @@ class Disk {
                                                                     uint64_t length) = 0;
   virtual std::optional<std::span<const std::byte>> do_cached_view(uint64_t offset,
                                                                    uint64_t length) = 0;
+  virtual bool do_read_cached(std::span<std::byte> buffer, uint64_t offset) = 0;
   virtual bool do_is_zero(uint64_t offset, uint64_t length) = 0;
   virtual void do_prefetch(uint64_t offset, uint64_t length) = 0;
   // Appends the extents of the range to `out`.

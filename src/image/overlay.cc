@@ -179,6 +179,10 @@ std::optional<std::span<const std::byte>> Overlay::do_cached_view(uint64_t offse
   return device_.cached_view(offset, length);
 }
 
+bool Overlay::do_read_cached(std::span<std::byte> buffer, uint64_t offset) {
+  return all_on_device(offset, buffer.size()) && device_.read_cached(buffer, offset);
+}
+
 bool Overlay::do_is_zero(uint64_t offset, uint64_t length) {
   return all_on_device(offset, length) && device_.is_zero(offset, length);
 }

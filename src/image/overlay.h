@@ -81,6 +81,7 @@ class Overlay final : public Disk {
                                                             uint64_t length) override;
   std::optional<std::span<const std::byte>> do_cached_view(uint64_t offset,
                                                            uint64_t length) override;
+  bool do_read_cached(std::span<std::byte> buffer, uint64_t offset) override;
   bool do_is_zero(uint64_t offset, uint64_t length) override;
   void do_prefetch(uint64_t offset, uint64_t length) override;
   Status do_extents(uint64_t offset, uint64_t length, std::vector<DiskExtent>& out) override;

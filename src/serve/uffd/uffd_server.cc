@@ -59,6 +59,18 @@ std::span<const std::byte> zeros(uint64_t length) {
   return std::span(kZeros).first(length);
 }
 
+// The calling thread's buffer for the bytes it installs next, `size` bytes
+// of it. Pages are copied out of the cache into it, never installed from
+// the cache's map: a copy can be checked before it goes into the VM (see
+// Disk::read_cached), a view of a cache file cut short may be its zeros.
+// Kept, not made per fault, which would cost its first-touch faults each
+// time.
+std::span<std::byte> thread_buffer(uint64_t size) {
+  thread_local std::vector<std::byte> buffer;
+  if (buffer.size() < size) buffer.resize(size);
+  return std::span(buffer).first(size);
+}
+
 // The event threads of all servers in this process that may spin at once:
 // one core is left for the vCPUs and the fetches. With more VMs than cores,
 // threads that each spun after every event kept the cores busy looking for
@@ -116,9 +128,7 @@ class UffdServer::Session {
     bool huge;
     std::chrono::steady_clock::time_point faulted{};  // for the observer's latency
   };
-  // kUnreadable: the source could not be read (EFAULT: the cache file
-  // failed under its map); the page is read again through a copy.
-  enum class Install { kInstalled, kExisted, kAgain, kNoTarget, kUnreadable, kFailed };
+  enum class Install { kInstalled, kExisted, kAgain, kNoTarget, kFailed };
 
   Status receive_mappings();
   Status serve_events();
@@ -485,9 +495,9 @@ UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address,
       server_.counters_.served_zero.fetch_add(1);
       observe(ServeObserver::FaultOutcome::kZero, faulted);
     }
-  } else if (std::optional<std::span<const std::byte>> bytes =
-                 memfile.cached_view(page->offset, page->size);
-             bytes && (result = copy(*page, *bytes)) != Install::kUnreadable) {
+  } else if (const std::span<std::byte> bytes = thread_buffer(page->size);
+             memfile.read_cached(bytes, page->offset)) {
+    result = copy(*page, bytes);
     if (result != Install::kAgain) {
       server_.counters_.served_cached.fetch_add(1);
       observe(ServeObserver::FaultOutcome::kCached, faulted);
@@ -512,37 +522,24 @@ UffdServer::Session::Install UffdServer::Session::handle_fault(uint64_t address,
 }
 
 void UffdServer::Session::fetch_and_install(Page page) {
-  image::Disk& memfile = server_.memfile_;
-  // The page in place, or, where it is not contiguous (a huge page over
-  // diff layers), assembled in the bounce buffer.
-  std::vector<std::byte> bounce;
-  Result<std::span<const std::byte>> bytes = memfile.view_or_read(page.offset, page.size, bounce);
-  Install result = Install::kFailed;
-  if (bytes) result = copy(page, *bytes);
-  if (result == Install::kUnreadable) {
-    // The cache file failed under its map: read copies through a guard,
-    // drops what it cannot read and fetches it again.
-    bounce.resize(page.size);
-    Result<size_t> got = memfile.read(bounce, page.offset);
-    if (got) {
-      result = copy(page, bounce);
-    } else {
-      bytes = Result<std::span<const std::byte>>(got.status());
-    }
-  }
-  if (bytes && result != Install::kAgain) {
+  // read() fetches what is missing, and fetches again what it finds lost
+  // (a cache file cut short, a disk error) rather than copy its holes.
+  const std::span<std::byte> bytes = thread_buffer(page.size);
+  const Result<size_t> got = server_.memfile_.read(bytes, page.offset);
+  const Install result = got ? copy(page, bytes) : Install::kFailed;
+  if (got && result != Install::kAgain) {
     server_.counters_.served_fetched.fetch_add(1);
     observe(ServeObserver::FaultOutcome::kFetched, page.faulted);
   }
   MutexLock lock(mu_);
-  if (!bytes && !stopping_) {
+  if (!got && !stopping_) {
     // The vCPU must not see wrong bytes: it waits while the event thread
     // tries again later, with this worker free for other faults meanwhile
     // (a broken object must not hold up every VM of the host).
     auto [delay, first] = retry_delay_.try_emplace(page.address, kFirstRetryDelay);
     log(LogLevel::kError,
         "serve uffd: page at {:#x} (memfile [{}, +{})): {}; trying again in {} ms", page.address,
-        page.offset, page.size, bytes.status().to_string(), delay->second.count());
+        page.offset, page.size, got.status().to_string(), delay->second.count());
     retry_due_.emplace(Clock::now() + delay->second, page.address);
     delay->second = std::min(2 * delay->second, kMaxRetryDelay);
     wake_events();
@@ -616,18 +613,9 @@ void UffdServer::Session::prefetch_range(const GuestRegion& region, uint64_t beg
   if (zero && region.huge()) {
     bytes = zeros(end - begin);
   } else if (!zero) {
-    Result<std::optional<std::span<const std::byte>>> view = memfile.view(begin, end - begin);
-    if (!view) return;  // a fault there will fetch (and report) it again
-    if (!*view) {
-      // Not contiguous (data and zeros, or two layers): page by page; a
-      // single page across layers is left to its fault, which assembles it.
-      if (end - begin == region.page_size) return;
-      for (uint64_t page = begin; page < end; page += region.page_size) {
-        prefetch_range(region, page, page + region.page_size);
-      }
-      return;
-    }
-    bytes = **view;
+    const std::span<std::byte> buffer = thread_buffer(end - begin);
+    if (!memfile.read(buffer, begin)) return;  // a fault there will fetch (and report) it again
+    bytes = buffer;
   }
   // One ioctl installs the whole range, stopping short at a page already
   // there (a vCPU got to it first: skip it) or at a queued event (drain).
@@ -713,14 +701,8 @@ UffdServer::Session::Install UffdServer::Session::result_of(int error, const Pag
       return Install::kExisted;  // installed by someone else first
     case EAGAIN:
       return Install::kAgain;  // an event is queued: drain, then retry
-    case EFAULT:
-      log(LogLevel::kWarn,
-          "serve uffd: {} of page {:#x}: the source could not be read; "
-          "reading it again",
-          what, page.address);
-      return Install::kUnreadable;
-    case ENOENT:  // unregistered (removed) or unmapped
-    case ESRCH:   // the VM's memory is gone
+    case ENOENT:               // unregistered (removed) or unmapped
+    case ESRCH:                // the VM's memory is gone
       return Install::kNoTarget;
     default:
       log(LogLevel::kError, "serve uffd: {} of page {:#x}: {}", what, page.address,

@@ -12,8 +12,10 @@
 // It drains every queued event before serving faults (while a REMOVE event
 // is queued, installing fails with EAGAIN). A fault whose page is cached, or
 // lies in a nil (zero) range of the header, is served at once on that thread
-// (UFFDIO_COPY from the cache map, UFFDIO_ZEROPAGE); any other goes to a
-// worker, which waits for the chunker to fetch the bytes, then copies them.
+// (UFFDIO_ZEROPAGE, or UFFDIO_COPY from a copy the cache checked: never from
+// its map, whose pages read as zeros where its file was cut short); any
+// other goes to a worker, which waits for the chunker to fetch the bytes,
+// then copies them.
 // Several vCPUs' faults are thus fetched concurrently; a page faulted twice
 // while in flight is fetched once, and EEXIST (someone installed it first)
 // counts as served. A REMOVE event (the balloon, MADV_DONTNEED) unregisters
