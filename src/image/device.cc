@@ -238,7 +238,9 @@ Status Device::short_data_file(const Extent& extent, uint64_t stored_end,
                   data_key(extent.source->build, name_), stored_end, device_end));
 }
 
-Status Device::do_read(std::span<std::byte> buffer, uint64_t offset) {
+template <typename CopyStored>
+bool Device::copy_pieces(std::span<std::byte> buffer, uint64_t offset,
+                         CopyStored copy_stored) const {
   const uint64_t end = offset + buffer.size();
   for (uint64_t position = offset; position < end;) {
     const Extent& extent = extent_at(position);
@@ -246,17 +248,33 @@ Status Device::do_read(std::span<std::byte> buffer, uint64_t offset) {
     const std::span<std::byte> piece = buffer.subspan(position - offset, piece_end - position);
     if (extent.source == nullptr) {
       std::memset(piece.data(), 0, piece.size());
-    } else {
-      Result<Chunker*> chunker = chunker_of(*extent.source);
-      if (!chunker) return chunker.status();
-      const uint64_t stored_at = extent.storage_offset + (position - extent.begin);
-      Result<size_t> got = (*chunker)->read_at(piece, stored_at);
-      if (!got) return got.status();
-      if (*got != piece.size()) return short_data_file(extent, stored_at + piece.size(), piece_end);
+    } else if (!copy_stored(extent, piece, position)) {
+      return false;
     }
     position = piece_end;
   }
-  return Status::ok();
+  return true;
+}
+
+Status Device::do_read(std::span<std::byte> buffer, uint64_t offset) {
+  Status failed = Status::ok();
+  copy_pieces(
+      buffer, offset, [&](const Extent& extent, std::span<std::byte> piece, uint64_t position) {
+        Result<Chunker*> chunker = chunker_of(*extent.source);
+        if (!chunker) {
+          failed = chunker.status();
+          return false;
+        }
+        const uint64_t stored_at = extent.storage_offset + (position - extent.begin);
+        Result<size_t> got = (*chunker)->read_at(piece, stored_at);
+        if (!got) {
+          failed = got.status();
+        } else if (*got != piece.size()) {
+          failed = short_data_file(extent, stored_at + piece.size(), position + piece.size());
+        }
+        return failed.is_ok();
+      });
+  return failed;
 }
 
 Result<std::optional<std::span<const std::byte>>> Device::do_view(uint64_t offset,
@@ -293,21 +311,12 @@ std::optional<std::span<const std::byte>> Device::do_cached_view(uint64_t offset
 }
 
 bool Device::do_read_cached(std::span<std::byte> buffer, uint64_t offset) {
-  const uint64_t end = offset + buffer.size();
-  for (uint64_t position = offset; position < end;) {
-    const Extent& extent = extent_at(position);
-    const uint64_t piece_end = std::min(end, extent.end);
-    const std::span<std::byte> piece = buffer.subspan(position - offset, piece_end - position);
-    if (extent.source == nullptr) {
-      std::memset(piece.data(), 0, piece.size());
-    } else if (extent.source->chunker == nullptr ||
-               !extent.source->chunker->read_cached(
-                   piece, extent.storage_offset + (position - extent.begin))) {
-      return false;
-    }
-    position = piece_end;
-  }
-  return true;
+  return copy_pieces(buffer, offset,
+                     [](const Extent& extent, std::span<std::byte> piece, uint64_t position) {
+                       return extent.source->chunker != nullptr &&
+                              extent.source->chunker->read_cached(
+                                  piece, extent.storage_offset + (position - extent.begin));
+                     });
 }
 
 bool Device::do_is_zero(uint64_t offset, uint64_t length) {

@@ -114,6 +114,12 @@ class Device final : public Disk {
   // The source's chunker, or its error.
   Result<Chunker*> chunker_of(const Source& source) const;
   Status short_data_file(const Extent& extent, uint64_t stored_end, uint64_t device_end) const;
+  // Splits [offset, offset + buffer.size()) along the extents: zeros are
+  // filled in here, each piece stored in a data file goes to
+  // `copy_stored(extent, piece, position)`, which returns false to stop.
+  // Whether every piece was copied.
+  template <typename CopyStored>
+  bool copy_pieces(std::span<std::byte> buffer, uint64_t offset, CopyStored copy_stored) const;
 
   Status do_read(std::span<std::byte> buffer, uint64_t offset) override;
   Result<std::optional<std::span<const std::byte>>> do_view(uint64_t offset,
