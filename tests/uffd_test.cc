@@ -457,17 +457,18 @@ TEST_P(UffdTest, SigtermCancelsFetchesInFlight) {
   Result<std::unique_ptr<FirecrackerStandIn>> vm =
       FirecrackerStandIn::restore(socket(), {{4 * kMiB, 4 * kMiB, false}});
   ASSERT_TRUE(vm) << vm.status().to_string();
-  const std::byte* page = (*vm)->memory(0) + 2 * kPage;  // not a zero page
-  std::thread vcpu([page] { (void)*reinterpret_cast<const volatile std::byte*>(page); });
   // The fault's fetch is under way once its first bytes reach the cache; a
   // compressed build's frame reaches it only whole and verified, so there
-  // once the handler holds the data file open for the frame's stream.
+  // once the handler holds the data file open for the frame's stream
+  // (looked at before the vCPU runs: after, its fault may have opened it).
   const std::filesystem::path data_file = dir_ / "store" / data_key_;
   const auto fetching = [&] {
     return GetParam() == image::Codec::kNone ? unnamed_file_blocks(server.pid()) > 0
                                              : holds_open(server.pid(), data_file);
   };
   EXPECT_FALSE(holds_open(server.pid(), data_file)) << "a stream before the fault";
+  const std::byte* page = (*vm)->memory(0) + 2 * kPage;  // not a zero page
+  std::thread vcpu([page] { (void)*reinterpret_cast<const volatile std::byte*>(page); });
   const auto asked = std::chrono::steady_clock::now();
   while (!fetching() && server.running() &&
          std::chrono::steady_clock::now() - asked < std::chrono::seconds(10)) {
