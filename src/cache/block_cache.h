@@ -148,7 +148,10 @@ class BlockCache {
   // after it, loses every cached block (drop()) and gets its size back. The
   // check before keeps a write from extending a cut file over blocks still
   // marked cached, which would read as zeros: a reader that copies such
-  // zeros always sees drops() change across its copy. (The file is one
+  // zeros sees drops() change across its copy. A window is left: a cut
+  // that lands between the check before and the pwrite is found only by
+  // the check after, and a reader copying in between keeps the zeros
+  // (seen once, as wrong bytes from `cat`, in SpaceTest). (The file is one
   // never-written page longer than the object, so that a write that extends
   // a file cut under it never hides the cut: a write of the last block
   // included.)

@@ -113,8 +113,9 @@ class Chunker {
   // inside the object, every block of it is cached now, and no drop of the
   // cache came during the copy; false otherwise (nothing is fetched). Never
   // waits but for a punch in progress, takes no lock. A page-fault
-  // handler's fast path: unlike a view, a copy checked this way is never
-  // the hole of a cache file cut short under it.
+  // handler's fast path: unlike a view, a copy checked this way is not
+  // the hole of a cache file cut short under it (save in the window that
+  // BlockCache::write describes).
   virtual bool read_cached(std::span<std::byte> buffer, uint64_t offset) = 0;
 
   // Copies [offset, offset + buffer.size()) clipped to the object's end into
