@@ -287,13 +287,23 @@ bool BlockCache::evict_one(uint64_t busy, uint64_t evictions_seen) {
 }
 
 Status BlockCache::write(uint64_t offset, std::span<const std::byte> data) {
-  const uint64_t asked = data.size();
-  const uint64_t start = offset;
   // A write past the end of a cut file would extend it with holes, where a
   // block whose cut no reader has met yet reads as zeros: the cut is found
   // (and every block dropped) first, so that a reader that copies those
-  // zeros sees drops() change.
+  // zeros sees drops() change. A cut after this check is extended over all
+  // the same: until the check after has dropped, the count of writes under
+  // way tells readers to look at the file's size (copy_holds).
+  writes_under_way_.fetch_add(1, std::memory_order_seq_cst);
   check_not_cut();
+  Status written = write_all(offset, data);
+  check_not_cut();
+  writes_under_way_.fetch_sub(1, std::memory_order_seq_cst);
+  return written;
+}
+
+Status BlockCache::write_all(uint64_t offset, std::span<const std::byte> data) {
+  const uint64_t asked = data.size();
+  const uint64_t start = offset;
   while (!data.empty()) {
     const uint64_t evictions_seen = evictions_.load(std::memory_order_relaxed);
     ssize_t put = 0;
@@ -317,8 +327,27 @@ Status BlockCache::write(uint64_t offset, std::span<const std::byte> data) {
                                        : ""),
                        error);
   }
-  check_not_cut();
   return Status::ok();
+}
+
+bool BlockCache::copy_holds(uint64_t drops_seen) const {
+  // A write whose pwrite extended a cut file drops everything before it
+  // counts itself out, and the size is restored only after a drop: a
+  // reader that sees no write under way, or a file of full size, sees that
+  // drop in drops() too. Every write under way makes its check after, so
+  // the wait is one check's length.
+  for (;;) {
+    if (drops() != drops_seen) return false;
+    if (writes_under_way_.load(std::memory_order_seq_cst) == 0 || !file_is_short()) {
+      return drops() == drops_seen;
+    }
+    std::this_thread::yield();
+  }
+}
+
+bool BlockCache::file_is_short() const {
+  struct stat st {};
+  return ::fstat(fd_.get(), &st) == 0 && static_cast<uint64_t>(st.st_size) < file_size_for(size_);
 }
 
 void BlockCache::check_not_cut() {

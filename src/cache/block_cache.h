@@ -147,14 +147,13 @@ class BlockCache {
   // A file found cut short (a failing disk, a hand), before the write or
   // after it, loses every cached block (drop()) and gets its size back. The
   // check before keeps a write from extending a cut file over blocks still
-  // marked cached, which would read as zeros: a reader that copies such
-  // zeros sees drops() change across its copy. A window is left: a cut
-  // that lands between the check before and the pwrite is found only by
-  // the check after, and a reader copying in between keeps the zeros
-  // (seen once, as wrong bytes from `cat`, in SpaceTest). (The file is one
-  // never-written page longer than the object, so that a write that extends
-  // a file cut under it never hides the cut: a write of the last block
-  // included.)
+  // marked cached, which would read as zeros; a cut that lands after that
+  // check, before the pwrite, is extended over all the same, and found by
+  // the check after. A reader that copies those zeros meanwhile learns it
+  // from copy_holds(): the write is still under way and the file short.
+  // (The file is one never-written page longer than the object, so that a
+  // write that extends a file cut under it never hides the cut: a write of
+  // the last block included.)
   Status write(uint64_t offset, std::span<const std::byte> data);
 
   // The bytes [offset, offset + length) of the map, to be read only where
@@ -181,9 +180,16 @@ class BlockCache {
   // Counted in drops(). Writers whose bytes it may have taken mark them
   // with mark_cached_unless_dropped() (see FetchStream).
   void drop(uint64_t offset, uint64_t end);
-  // How many drops there have been: a reader that sees it change across its
-  // copy cannot trust what it copied.
+  // How many drops there have been: a reader notes it before its copy and
+  // passes it to copy_holds() after.
   uint64_t drops() const { return drops_.load(std::memory_order_seq_cst); }
+  // Whether a copy of cached blocks, made since drops() was `drops_seen`,
+  // can be trusted: no drop since. A write under way over a file that is
+  // short may have extended it, cut under it, with holes that the copy
+  // read as zeros: its check after drops everything, and this waits for
+  // that (one fstat and a drop) before it answers. Costs an fstat only
+  // while a write is under way.
+  bool copy_holds(uint64_t drops_seen) const;
 
   // How many bytes of the object are cached.
   uint64_t cached_bytes() const;
@@ -207,9 +213,15 @@ class BlockCache {
   // other than `busy`; false if there is none (or punching is unsupported).
   // True at once if another eviction came after `evictions_seen`.
   bool evict_one(uint64_t busy, uint64_t evictions_seen);
-  // Called after a write: if the file is shorter than size_, every cached
+  // write() between its checks: pwrite until all of `data` is written,
+  // punching a unit on a full filesystem.
+  Status write_all(uint64_t offset, std::span<const std::byte> data);
+  // Called around a write: if the file is shorter than size_, every cached
   // block is suspect (drop()) and the size is restored.
   void check_not_cut();
+  // Whether the file is shorter than file_size_for(size_): it was cut and
+  // its size not yet restored.
+  bool file_is_short() const;
 
   const uint64_t size_;
   const uint64_t block_size_;
@@ -218,6 +230,8 @@ class BlockCache {
   const MappedRegion map_;  // size_ bytes, or nothing for an empty object
   AtomicBitmap cached_;
   std::atomic<uint64_t> drops_{0};
+  // Writes between their check before and their check after (see write()).
+  std::atomic<uint32_t> writes_under_way_{0};
   Mutex drop_mu_;  // makes drop() and mark_cached_unless_dropped() exclusive
   // Shared with threads' holds, which may outlive the cache.
   const std::shared_ptr<Units> units_;

@@ -31,7 +31,7 @@ Result<size_t> copy_with_one_refetch(CachedRanges& ranges, const BlockCache& cac
       }
       Result<size_t> copied = copy_from_map(position, end);
       if (!copied) return copied.status();  // the sink's own error names it
-      if (cache.drops() != drops) {
+      if (!cache.copy_holds(drops)) {
         // What was copied may be the hole a drop left.
         failed = BlockCache::unreadable(position, end).with_context(key);
         if (!copy_again_after_a_drop) return failed;
@@ -66,7 +66,7 @@ bool copy_if_cached(const BlockCache& cache, std::span<std::byte> out, uint64_t 
   const BlockCache::Pin pin = cache.pin(offset, end);
   const uint64_t drops = cache.drops();
   return cache.is_cached(offset, end) && cache.copy_out(offset, out).is_ok() &&
-         cache.drops() == drops;
+         cache.copy_holds(drops);
 }
 
 Result<size_t> write_through_cache(CachedRanges& ranges, const BlockCache& cache,

@@ -2,8 +2,10 @@
 // read_at and write_range_to (chunker.h gives the contract).
 //
 // Fetch what is missing and pin it, note the cache's drops, copy straight
-// from the map, and look at the drops again: a drop during the copy means
-// the bytes copied may be the hole a cut file left. A buffer is then copied
+// from the map, and ask the cache whether the copy holds
+// (BlockCache::copy_holds): a drop during the copy, or a write under way
+// over a cut file, means the bytes copied may be the hole a cut file left.
+// A buffer is then copied
 // again; bytes already written to a sink cannot be taken back, so that is an
 // I/O error. A map that faults under the copy (a disk error, a file cut
 // short) loses the blocks not yet copied: they are dropped, fetched once more
@@ -42,10 +44,10 @@ Result<size_t> read_through_cache(CachedRanges& ranges, const BlockCache& cache,
                                   std::string_view key, std::span<std::byte> out, uint64_t offset);
 
 // Copies [offset, offset + out.size()) (inside the object) into `out` if
-// every block of it is cached now and the copy reads back whole with no
-// drop meanwhile; false otherwise. Never fetches, never waits but for a
-// punch in progress: a page fault's fast path, whose copy, once installed
-// in a VM, cannot be taken back.
+// every block of it is cached now and the copy reads back whole and holds;
+// false otherwise. Never fetches, never waits but for a punch in progress
+// or the check of a write over a cut file: a page fault's fast path, whose
+// copy, once installed in a VM, cannot be taken back.
 bool copy_if_cached(const BlockCache& cache, std::span<std::byte> out, uint64_t offset);
 
 // Writes [offset, end) of `key` (inside the object) to `sink` from the map;

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -228,6 +229,72 @@ TEST(CacheCopyRaceTest, CopyIfCachedNeverCopiesTheZerosOfACutFileExtendedAgain) 
     ASSERT_TRUE(status.is_ok()) << status.to_string();
   }
   EXPECT_EQ(wrong, 0u) << "of " << copies << " copies";
+}
+
+// The cut lands while a write is under way, after its check before: the
+// pwrite then extends the cut file over blocks still marked cached, whose
+// holes read as zeros until the write's check after drops them. Each round
+// caches every block but the last, then writes that one over and over
+// while another thread cuts the file once, at a moment that varies, and at
+// once copies the cached blocks: a copy that reads true is the pattern.
+TEST(CacheCopyRaceTest, CopyIfCachedNeverCopiesZerosWhenTheCutLandsDuringAWrite) {
+  constexpr uint64_t kSmall = 256 * 1024;
+  constexpr uint64_t kLast = kSmall - kBlock;
+  constexpr int kRounds = 500;
+  auto created = BlockCache::create(kSmall, kBlock, ::testing::TempDir());
+  ASSERT_TRUE(created) << created.status().to_string();
+  BlockCache& cache = **created;
+  PatternRanges ranges(cache);
+  const std::filesystem::path file =
+      testing::unnamed_file_of_size(::getpid(), BlockCache::file_size_for(kSmall));
+  ASSERT_FALSE(file.empty());
+  const std::vector<std::byte> last = testing::make_pattern(kSeed, kLast, kBlock);
+  uint64_t copies = 0;
+  uint64_t wrong = 0;
+  int bad_rounds = 0;
+  for (int round = 0; round < kRounds; ++round) {
+    const uint64_t wrong_before = wrong;
+    cache.drop(0, kSmall);
+    ASSERT_TRUE(ranges.fetch_pinned(0, kLast)) << "round " << round;
+    const uint64_t drops = cache.drops();
+    std::atomic<bool> writing{false};
+    std::atomic<bool> done{false};
+    std::atomic<int> cut_error{0};
+    std::thread cutter([&] {
+      while (!writing.load()) std::this_thread::yield();
+      // 0 to 20 us into the writes, a different while each round, so that
+      // the cut lands at every point of their loop.
+      const auto cut_at =
+          std::chrono::steady_clock::now() + std::chrono::nanoseconds((round * 7919) % 20000);
+      while (std::chrono::steady_clock::now() < cut_at) {
+      }
+      if (::truncate(file.c_str(), static_cast<off_t>(kBlock)) != 0) {
+        cut_error.store(errno);
+        return;
+      }
+      std::vector<std::byte> buffer(kBlock);
+      for (uint64_t block = 0; !done.load(); ++block) {
+        const uint64_t offset = (block % (kLast / kBlock - 1) + 1) * kBlock;
+        if (!copy_if_cached(cache, buffer, offset)) continue;
+        ++copies;
+        if (testing::first_pattern_mismatch(kSeed, offset, buffer) != kBlock) ++wrong;
+      }
+    });
+    writing.store(true);
+    // Until the cut is found (and a little after, for the drop to land).
+    Status status;
+    for (int after = 0; after < 4 && status.is_ok() && cut_error.load() == 0;) {
+      status = cache.write(kLast, last);
+      if (cache.drops() != drops) ++after;
+    }
+    done.store(true);
+    cutter.join();
+    ASSERT_TRUE(status.is_ok()) << status.to_string();
+    ASSERT_EQ(cut_error.load(), 0) << std::strerror(cut_error.load());
+    if (wrong != wrong_before) ++bad_rounds;
+  }
+  EXPECT_EQ(wrong, 0u) << "of " << copies << " copies; in " << bad_rounds << " of " << kRounds
+                       << " rounds";
 }
 
 }  // namespace

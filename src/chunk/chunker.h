@@ -110,12 +110,11 @@ class Chunker {
   virtual std::optional<std::span<const std::byte>> cached_slice(uint64_t offset,
                                                                  uint64_t length) = 0;
   // Copies [offset, offset + buffer.size()) into `buffer` if the range lies
-  // inside the object, every block of it is cached now, and no drop of the
-  // cache came during the copy; false otherwise (nothing is fetched). Never
-  // waits but for a punch in progress, takes no lock. A page-fault
-  // handler's fast path: unlike a view, a copy checked this way is not
-  // the hole of a cache file cut short under it (save in the window that
-  // BlockCache::write describes).
+  // inside the object, every block of it is cached now, and the copy holds
+  // (BlockCache::copy_holds); false otherwise (nothing is fetched). Never
+  // waits but for a punch or a write's check after a cut, takes no lock. A
+  // page-fault handler's fast path: unlike a view, a copy checked this way
+  // is never the hole of a cache file cut short under it.
   virtual bool read_cached(std::span<std::byte> buffer, uint64_t offset) = 0;
 
   // Copies [offset, offset + buffer.size()) clipped to the object's end into

@@ -62,8 +62,7 @@ class Disk {
   // with no drop of its cache meanwhile); false otherwise. Never fetches,
   // takes no lock: a page fault's fast path, whose bytes go into a VM and
   // cannot be taken back (a view of a cache file cut short under it may
-  // read as zeros; this copy is checked for that, save in the window that
-  // BlockCache::write describes).
+  // read as zeros; this copy is checked for that).
   bool read_cached(std::span<std::byte> buffer, uint64_t offset);
   // Whether every byte of the range (clipped) is known to read as zeros
   // without a fetch. Takes no lock.
