@@ -81,24 +81,27 @@ class DroppingSink final : public ByteSink {
 
 class CacheCopyTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    auto created = BlockCache::create(kSize, kBlock, ::testing::TempDir());
+  void SetUp() override { open(kSize); }
+
+  // A cache of `size` bytes, its fetches, and its file, for a test to cut.
+  void open(uint64_t size) {
+    auto created = BlockCache::create(size, kBlock, ::testing::TempDir());
     ASSERT_TRUE(created) << created.status().to_string();
-    cache_ = std::move(*created);
+    cache_ = std::move(created).value();
     ranges_ = std::make_unique<PatternRanges>(*cache_);
+    file_ = testing::unnamed_file_of_size(::getpid(), BlockCache::file_size_for(size));
+    ASSERT_FALSE(file_.empty());
   }
 
   // Caches everything, then cuts the cache's file to `length` bytes.
   void fill_and_cut(uint64_t length) {
     ASSERT_TRUE(ranges_->fetch_pinned(0, kSize));
-    const std::filesystem::path file =
-        testing::unnamed_file_of_size(::getpid(), BlockCache::file_size_for(kSize));
-    ASSERT_FALSE(file.empty());
-    ASSERT_EQ(::truncate(file.c_str(), static_cast<off_t>(length)), 0) << std::strerror(errno);
+    ASSERT_EQ(::truncate(file_.c_str(), static_cast<off_t>(length)), 0) << std::strerror(errno);
   }
 
   std::unique_ptr<BlockCache> cache_;
   std::unique_ptr<PatternRanges> ranges_;
+  std::filesystem::path file_;
 };
 
 TEST_F(CacheCopyTest, ReadsAndWritesWhatIsFetched) {
@@ -187,6 +190,12 @@ TEST_F(CacheCopyTest, CopyIfCachedCopiesWhatIsCachedAndNothingElse) {
   EXPECT_EQ(testing::first_pattern_mismatch(kSeed, kUnit - 2 * kBlock, buffer), buffer.size());
 }
 
+// Each race opens a cache of its own size.
+class CacheCopyRaceTest : public CacheCopyTest {
+ protected:
+  void SetUp() override {}
+};
+
 // A cache file cut short, then extended again by a fetch's write past the
 // cut before any reader met the cut: the blocks in between read as zeros,
 // their bits still set. A reader copying them meanwhile (a page fault's
@@ -194,22 +203,18 @@ TEST_F(CacheCopyTest, CopyIfCachedCopiesWhatIsCachedAndNothingElse) {
 // either no copy or the right bytes, never those zeros. Each round races
 // one reader against that write; the interleavings differ from round to
 // round.
-TEST(CacheCopyRaceTest, CopyIfCachedNeverCopiesTheZerosOfACutFileExtendedAgain) {
+TEST_F(CacheCopyRaceTest, CopyIfCachedNeverCopiesTheZerosOfACutFileExtendedAgain) {
   constexpr uint64_t kSmall = 1024 * 1024;
   constexpr uint64_t kLast = kSmall - kBlock;
-  auto created = BlockCache::create(kSmall, kBlock, ::testing::TempDir());
-  ASSERT_TRUE(created) << created.status().to_string();
-  BlockCache& cache = **created;
-  PatternRanges ranges(cache);
-  const std::filesystem::path file =
-      testing::unnamed_file_of_size(::getpid(), BlockCache::file_size_for(kSmall));
-  ASSERT_FALSE(file.empty());
+  ASSERT_NO_FATAL_FAILURE(open(kSmall));
+  BlockCache& cache = *cache_;
+  PatternRanges& ranges = *ranges_;
   uint64_t copies = 0;
   uint64_t wrong = 0;
   for (int round = 0; round < 200 && wrong == 0; ++round) {
     cache.drop(0, kSmall);
     ASSERT_TRUE(ranges.fetch_pinned(0, kLast)) << "round " << round;  // all but the last block
-    ASSERT_EQ(::truncate(file.c_str(), static_cast<off_t>(kBlock)), 0) << std::strerror(errno);
+    ASSERT_EQ(::truncate(file_.c_str(), static_cast<off_t>(kBlock)), 0) << std::strerror(errno);
     std::atomic<bool> reading{false};
     std::atomic<bool> written{false};
     std::thread reader([&] {
@@ -237,17 +242,13 @@ TEST(CacheCopyRaceTest, CopyIfCachedNeverCopiesTheZerosOfACutFileExtendedAgain) 
 // caches every block but the last, then writes that one over and over
 // while another thread cuts the file once, at a moment that varies, and at
 // once copies the cached blocks: a copy that reads true is the pattern.
-TEST(CacheCopyRaceTest, CopyIfCachedNeverCopiesZerosWhenTheCutLandsDuringAWrite) {
+TEST_F(CacheCopyRaceTest, CopyIfCachedNeverCopiesZerosWhenTheCutLandsDuringAWrite) {
   constexpr uint64_t kSmall = 256 * 1024;
   constexpr uint64_t kLast = kSmall - kBlock;
   constexpr int kRounds = 500;
-  auto created = BlockCache::create(kSmall, kBlock, ::testing::TempDir());
-  ASSERT_TRUE(created) << created.status().to_string();
-  BlockCache& cache = **created;
-  PatternRanges ranges(cache);
-  const std::filesystem::path file =
-      testing::unnamed_file_of_size(::getpid(), BlockCache::file_size_for(kSmall));
-  ASSERT_FALSE(file.empty());
+  ASSERT_NO_FATAL_FAILURE(open(kSmall));
+  BlockCache& cache = *cache_;
+  PatternRanges& ranges = *ranges_;
   const std::vector<std::byte> last = testing::make_pattern(kSeed, kLast, kBlock);
   uint64_t copies = 0;
   uint64_t wrong = 0;
@@ -268,7 +269,7 @@ TEST(CacheCopyRaceTest, CopyIfCachedNeverCopiesZerosWhenTheCutLandsDuringAWrite)
           std::chrono::steady_clock::now() + std::chrono::nanoseconds((round * 7919) % 20000);
       while (std::chrono::steady_clock::now() < cut_at) {
       }
-      if (::truncate(file.c_str(), static_cast<off_t>(kBlock)) != 0) {
+      if (::truncate(file_.c_str(), static_cast<off_t>(kBlock)) != 0) {
         cut_error.store(errno);
         return;
       }
