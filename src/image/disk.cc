@@ -26,17 +26,6 @@ Result<std::optional<std::span<const std::byte>>> Disk::view(uint64_t offset, ui
   return do_view(offset, clipped_end(offset, length, size_) - offset);
 }
 
-Result<std::span<const std::byte>> Disk::view_or_read(uint64_t offset, uint64_t length,
-                                                      std::vector<std::byte>& scratch) {
-  Result<std::optional<std::span<const std::byte>>> in_place = view(offset, length);
-  if (!in_place) return in_place.status();
-  if (*in_place) return **in_place;
-  scratch.resize(clipped_end(offset, length, size_) - offset);
-  Result<size_t> got = read(scratch, offset);
-  if (!got) return got.status();
-  return std::span<const std::byte>(scratch);
-}
-
 std::optional<std::span<const std::byte>> Disk::cached_view(uint64_t offset, uint64_t length) {
   if (offset >= size_ || length == 0) return std::span<const std::byte>();
   return do_cached_view(offset, clipped_end(offset, length, size_) - offset);
@@ -82,9 +71,12 @@ Status Disk::write_to(ByteSink& sink) {
         LB_RETURN_IF_ERROR(sink.write_zeros(piece.length));
         continue;
       }
-      Result<std::span<const std::byte>> bytes = view_or_read(piece.offset, piece.length, scratch);
-      if (!bytes) return bytes.status();
-      LB_RETURN_IF_ERROR(sink.write(*bytes));
+      // Copied, not a view: a copy out of a cache is checked against a
+      // file cut under it, whose holes a view would pass on as zeros.
+      scratch.resize(piece.length);
+      Result<size_t> got = read(scratch, piece.offset);
+      if (!got) return got.status();
+      LB_RETURN_IF_ERROR(sink.write(std::span<const std::byte>(scratch).first(*got)));
     }
     position = pieces->back().offset + pieces->back().length;
   }

@@ -10,7 +10,9 @@
 // Views: view() and cached_view() give the bytes in place when they are
 // contiguous (one extent of a build's data file, or zeros); a range that is
 // not (it crosses extents, or lies in an overlay's file) has no view, which
-// is not an error: read() copies it, and view_or_read() picks for the caller.
+// is not an error: read() copies it. A view of a cache is not checked
+// against a cache file cut under it (its holes read as zeros): what goes
+// out of the process, or into a VM, is copied with read() or read_cached().
 #pragma once
 
 #include <cstdint>
@@ -51,9 +53,6 @@ class Disk {
   // valid for the disk's lifetime, waiting for a fetch if need be; nullopt
   // if they are not contiguous (see above).
   Result<std::optional<std::span<const std::byte>>> view(uint64_t offset, uint64_t length);
-  // view(), else the bytes read into `scratch` (resized to fit).
-  Result<std::span<const std::byte>> view_or_read(uint64_t offset, uint64_t length,
-                                                  std::vector<std::byte>& scratch);
   // The view if it exists and its bytes are here now, else nullopt: never
   // waits, never fetches, takes no lock (a page fault's fast path).
   std::optional<std::span<const std::byte>> cached_view(uint64_t offset, uint64_t length);
@@ -74,7 +73,8 @@ class Disk {
   // Neighbours may be of one kind (each stored piece is its own extent).
   Result<std::vector<DiskExtent>> extents(uint64_t offset, uint64_t length);
   // Writes the whole disk to `sink` in order, zero extents as write_zeros,
-  // asking for the bytes ahead of the writer as it goes.
+  // asking for the bytes ahead of the writer as it goes; each piece is
+  // copied with read() first.
   Status write_to(ByteSink& sink);
 
   // A writable disk only (kInvalidArgument otherwise, or for a range that
