@@ -338,23 +338,24 @@ bool BlockCache::copy_holds(uint64_t drops_seen) const {
   // the wait is one check's length.
   for (;;) {
     if (drops() != drops_seen) return false;
-    if (writes_under_way_.load(std::memory_order_seq_cst) == 0 || !file_is_short()) {
+    if (writes_under_way_.load(std::memory_order_seq_cst) == 0 || !cut_size()) {
       return drops() == drops_seen;
     }
     std::this_thread::yield();
   }
 }
 
-bool BlockCache::file_is_short() const {
+std::optional<uint64_t> BlockCache::cut_size() const {
   struct stat st {};
-  return ::fstat(fd_.get(), &st) == 0 && static_cast<uint64_t>(st.st_size) < file_size_for(size_);
+  if (::fstat(fd_.get(), &st) != 0) return std::nullopt;
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (size >= file_size_for(size_)) return std::nullopt;
+  return size;
 }
 
 void BlockCache::check_not_cut() {
-  struct stat st {};
-  if (::fstat(fd_.get(), &st) != 0 || static_cast<uint64_t>(st.st_size) >= file_size_for(size_)) {
-    return;
-  }
+  const std::optional<uint64_t> cut = cut_size();
+  if (!cut) return;
   // The file was cut short (and perhaps extended again by writes since, so
   // that a lost block reads as zeros rather than faulting): nothing cached
   // can be trusted. No write of ours reaches the guard page, so a file that
@@ -362,7 +363,7 @@ void BlockCache::check_not_cut() {
   log(LogLevel::kWarn,
       "the cache file was cut short to {} bytes: every cached block is "
       "fetched again",
-      st.st_size);
+      *cut);
   drop(0, size_);
   if (::ftruncate(fd_.get(), static_cast<off_t>(file_size_for(size_))) != 0) {
     log(LogLevel::kWarn, "cannot restore the cache file's size: {}", std::strerror(errno));
@@ -412,10 +413,9 @@ bool BlockCache::mark_cached_unless_dropped(uint64_t offset, uint64_t end, uint6
 void BlockCache::drop(uint64_t offset, uint64_t end) {
   MutexLock lock(drop_mu_);
   cached_.clear_range(offset / block_size_, block_end(end));
-  struct stat st {};
-  if (::fstat(fd_.get(), &st) == 0 && static_cast<uint64_t>(st.st_size) < size_) {
+  if (const std::optional<uint64_t> cut = cut_size(); cut && *cut < size_) {
     // Every block past the cut, the one it cuts included.
-    cached_.clear_range(static_cast<uint64_t>(st.st_size) / block_size_, cached_.size());
+    cached_.clear_range(*cut / block_size_, cached_.size());
   }
   // Counted after the bits are cleared: a reader that sees the new count
   // (and so no change across its copy) sees the bits cleared too.

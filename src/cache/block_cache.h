@@ -53,6 +53,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <span>
 
 #include "common/atomic_bitmap.h"
@@ -219,9 +220,9 @@ class BlockCache {
   // Called around a write: if the file is shorter than size_, every cached
   // block is suspect (drop()) and the size is restored.
   void check_not_cut();
-  // Whether the file is shorter than file_size_for(size_): it was cut and
-  // its size not yet restored.
-  bool file_is_short() const;
+  // The file's size if it is shorter than file_size_for(size_) (it was cut
+  // and its size not yet restored), else nullopt (nor if fstat fails).
+  std::optional<uint64_t> cut_size() const;
 
   const uint64_t size_;
   const uint64_t block_size_;
